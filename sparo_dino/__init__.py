@@ -1,0 +1,1 @@
+"""DINO self-supervised training with a SPARO read-out: everything behind the top-level entry points."""

@@ -1,0 +1,101 @@
+"""Process-group setup and the few collectives the trainer and evaluators need.
+
+One code path serves a single process (no process group at all), torchrun (env:// rendezvous from RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and SLURM through submitit (the launcher exports the same
+variables with submitit's TorchDistributedEnvironment, so no shared folder is needed for the rendezvous).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> DistInfo:
+    """Join the process group described by the environment, or run alone when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, _pick_device(local_rank))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1 or "RANK" not in os.environ:
+        return DistInfo(0, 1, 0, _pick_device(0))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = _pick_device(local_rank)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        kwargs["device_id"] = device  # binds the communicator to this GPU and avoids a barrier hang at start
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place; the identity when running alone."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors of all ranks along dim 0, in rank order."""
+    if not is_dist():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_dist():
+        return [obj]
+    parts: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def cleanup() -> None:
+    """Destroy the process group so the job exits instead of hanging in NCCL teardown."""
+    if is_dist():
+        dist.destroy_process_group()
