@@ -1,0 +1,18 @@
+# Two commands for a fresh machine: `make demo` (install + train/evaluate on Fashion-MNIST) and `make test`.
+PYTHON ?= python3
+PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
+
+.PHONY: install data test demo
+
+install:
+	$(PIP_INSTALL) -e ".[test]"
+
+# Real Fashion-MNIST IDX files from Debian; skipped quietly where apt is unavailable (the demo then downloads).
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || \
+		echo "note: could not install dataset-fashion-mnist; tests on the real files will be skipped"; \
+	fi
+
+test: install data
+	$(PYTHON) -m pytest -q tests

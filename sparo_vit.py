@@ -1,0 +1,343 @@
+"""SPARO read-out and the ViT backbones it sits on (paper Sec. 3.2, 3.4, Appendix A).
+
+A SPARO backbone is a timm VisionTransformer whose last block is replaced by L single-head attentions with
+learned queries; its encoding is the concatenation of the L slot outputs, left unnormalized because k-NN and the
+linear probe consume it as is. Baselines (`vit_tiny|small|base`) keep all blocks and return the final-norm CLS
+token, as official DINO does. The DINO head and the multi-crop wrapper live here too, so one file holds every
+module whose parameter names end up in checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+
+class SPARO(nn.Module):
+    """L single-head attentions with learned queries over all tokens (paper eq. 1).
+
+    Slot l computes y_l = W K_g H^T softmax(H K_g^T q_l / sqrt(D)) with g = l // group_size: the key projection is
+    also the value projection, and W is shared by all slots. `key` rows are group-major, so rows
+    [j*attn_dim:(j+1)*attn_dim] are key group j.
+    """
+
+    def __init__(self, embed_dim: int, num_slots: int = 64, slot_dim: int = 64, attn_dim: int = 64,
+                 group_size: int = 1) -> None:
+        super().__init__()
+        if min(embed_dim, num_slots, slot_dim, attn_dim, group_size) < 1:
+            raise ValueError("SPARO sizes must be positive: "
+                             f"embed_dim={embed_dim} num_slots={num_slots} slot_dim={slot_dim} "
+                             f"attn_dim={attn_dim} group_size={group_size}")
+        if num_slots % group_size:
+            raise ValueError(f"num_slots ({num_slots}) must be a multiple of group_size ({group_size})")
+        self.num_slots, self.slot_dim, self.attn_dim, self.group_size = num_slots, slot_dim, attn_dim, group_size
+        self.num_groups = num_slots // group_size
+        self.query = nn.Parameter(torch.empty(num_slots, attn_dim))
+        self.key = nn.Linear(embed_dim, self.num_groups * attn_dim)
+        self.proj = nn.Linear(attn_dim, slot_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Appendix A: queries ~ N(0, 1), xavier-uniform keys with zero bias, zero bias for W."""
+        nn.init.normal_(self.query, mean=0.0, std=1.0)
+        nn.init.xavier_uniform_(self.key.weight)
+        nn.init.zeros_(self.key.bias)
+        nn.init.zeros_(self.proj.bias)
+
+    def _keys_and_queries(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (B, G, N, D) and queries (B, G, g, D): the g slots of a group attend as one query sequence, so
+        the group_size-fold expansion of the keys is never built."""
+        batch, num_tokens, _ = tokens.shape
+        keys = self.key(tokens).view(batch, num_tokens, self.num_groups, self.attn_dim).transpose(1, 2)
+        queries = self.query.to(keys.dtype).view(1, self.num_groups, self.group_size, self.attn_dim)
+        return keys, queries.expand(batch, -1, -1, -1)
+
+    def forward(self, tokens: torch.Tensor, return_attention: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, embed_dim) -> slots (B, L, V); with return_attention also the weights (B, L, N)."""
+        if tokens.dim() != 3:
+            raise ValueError(f"SPARO expects tokens of shape (B, N, embed_dim), got {tuple(tokens.shape)}")
+        keys, queries = self._keys_and_queries(tokens)
+        batch = tokens.shape[0]
+        if return_attention:
+            scores = queries @ keys.transpose(-2, -1) / math.sqrt(self.attn_dim)
+            attention = scores.softmax(dim=-1)
+            mixed = attention @ keys
+            slots = self.proj(mixed.reshape(batch, self.num_slots, self.attn_dim))
+            return slots, attention.reshape(batch, self.num_slots, -1)
+        mixed = F.scaled_dot_product_attention(queries, keys, keys)
+        return self.proj(mixed.reshape(batch, self.num_slots, self.attn_dim))
+
+
+@dataclass(frozen=True)
+class _ArchSpec:
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+_SIZES = {
+    "vit_tiny": _ArchSpec(192, 12, 3),
+    "vit_small": _ArchSpec(384, 12, 6),
+    "vit_base": _ArchSpec(768, 12, 12),
+}
+ARCHS: tuple[str, ...] = tuple(list(_SIZES) + [f"{name}_sparo" for name in _SIZES])
+SPARO_OPTIONS: tuple[str, ...] = ("num_slots", "slot_dim", "attn_dim", "group_size")
+_SPARO_DEFAULTS = {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size": 1}
+
+
+def is_sparo_arch(arch: str) -> bool:
+    return arch.endswith("_sparo")
+
+
+class DinoVisionTransformer(VisionTransformer):
+    """timm's ViT (fused SDPA attention, drop-path, grad checkpointing, any input size) with a DINO read-out.
+
+    `forward(images)` returns the encoding: the final-norm CLS token for baselines, the flattened SPARO slots
+    (computed on all final-norm tokens, CLS included) when `sparo` is set.
+    """
+
+    def __init__(self, *, embed_dim: int, depth: int, num_heads: int, patch_size: int, img_size: int,
+                 drop_path_rate: float, sparo: dict[str, int] | None) -> None:
+        super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                         depth=depth - 1 if sparo else depth, num_heads=num_heads, mlp_ratio=4.0,
+                         qkv_bias=True, num_classes=0, global_pool="token", dynamic_img_size=True,
+                         drop_path_rate=drop_path_rate)
+        trunc_normal_(self.cls_token, std=0.02)  # official DINO init (timm uses 1e-6)
+        self.sparo = SPARO(embed_dim, **sparo) if sparo else None
+        self.num_features = (sparo["num_slots"] * sparo["slot_dim"] if sparo else embed_dim)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """All tokens after the trunk and the final LayerNorm, (B, 1 + h*w, embed_dim)."""
+        patch = self.patch_embed.patch_size
+        if images.shape[-2] % patch[0] or images.shape[-1] % patch[1]:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the patch size {patch}")
+        return self.forward_features(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens(images)
+        if self.sparo is None:
+            return tokens[:, 0]
+        return self.sparo(tokens).flatten(1)
+
+    def intermediate_cls(self, images: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """Final-norm CLS of the last n blocks (the baseline linear-probe features of official DINO)."""
+        if not 1 <= n <= len(self.blocks):
+            raise ValueError(f"n must be in [1, {len(self.blocks)}], got {n}")
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index >= len(self.blocks) - n:
+                outputs.append(self.norm(x)[:, 0])
+        return outputs
+
+
+def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0,
+                   grad_checkpointing: bool = False, **sparo_options: int) -> DinoVisionTransformer:
+    """Build a baseline or SPARO backbone by name.
+
+    SPARO options (num_slots, slot_dim, attn_dim, group_size) default to L = V = D = 64, g = 1; giving them to a
+    baseline arch is an error, since they would silently do nothing.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+    unknown = sorted(set(sparo_options) - set(SPARO_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown backbone option(s) {', '.join(unknown)}; SPARO options: {', '.join(SPARO_OPTIONS)}")
+    if is_sparo_arch(arch):
+        sparo: dict[str, int] | None = {**_SPARO_DEFAULTS, **{k: int(v) for k, v in sparo_options.items()}}
+    elif sparo_options:
+        raise ValueError(f"SPARO options {', '.join(sorted(sparo_options))} given to baseline arch {arch!r}; "
+                         f"use {arch}_sparo")
+    else:
+        sparo = None
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+    spec = _SIZES[arch.removesuffix("_sparo")]
+    model = DinoVisionTransformer(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
+                                  patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
+                                  sparo=sparo)
+    model.set_grad_checkpointing(grad_checkpointing)
+    return model
+
+
+def backbone_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The build_backbone arguments held in a flat run config (CLI flags or a checkpoint's `config`).
+
+    Training and evaluation both build backbones from configs; this keeps the SPARO-only options away from
+    baseline archs in one place.
+    """
+    kwargs: dict[str, Any] = {"arch": config["arch"]}
+    for key in ("patch_size", "img_size", "drop_path_rate", "grad_checkpointing"):
+        if config.get(key) is not None:
+            kwargs[key] = config[key]
+    if is_sparo_arch(config["arch"]):
+        kwargs.update({key: config[key] for key in SPARO_OPTIONS if config.get(key) is not None})
+    return kwargs
+
+
+def _register(arch: str) -> None:
+    def create(pretrained: bool = False, **kwargs: Any) -> DinoVisionTransformer:
+        if pretrained:
+            raise ValueError(f"no pretrained weights are published for {arch}; "
+                             "load a file with sparo_vit.load_pretrained_trunk")
+        kwargs.pop("pretrained_cfg", None)
+        kwargs.pop("pretrained_cfg_overlay", None)
+        kwargs.pop("cache_dir", None)
+        return build_backbone(arch, **kwargs)
+
+    create.__name__ = arch
+    create.__qualname__ = arch
+    create.__module__ = __name__
+    register_model(create)
+
+
+for _arch in ARCHS:
+    if is_sparo_arch(_arch):
+        _register(_arch)
+
+
+class DINOHead(nn.Module):
+    """The official DINO projection head: MLP -> L2-normalize -> weight-normalized linear to out_dim.
+
+    Uses torch's parametrization weight norm (the old nn.utils.weight_norm is deprecated); with norm_last_layer
+    the magnitude is fixed at 1, which the official recipe relies on for stability.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256) -> None:
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = []
+            dims = [in_dim] + [hidden_dim] * (nlayers - 1)
+            for d_in, d_out in zip(dims[:-1], dims[1:]):
+                layers.append(nn.Linear(d_in, d_out))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(d_out))
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        for module in self.mlp.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        magnitude = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            magnitude.fill_(1.0)
+        magnitude.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone once per run of same-resolution crops, head once on everything (official DINO batching)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        encodings, start = [], 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            encodings.append(self.backbone(torch.cat(list(crops[start:end]))))
+            start = end
+        return self.head(torch.cat(encodings))
+
+
+@torch.no_grad()
+def slot_attention_maps(backbone: DinoVisionTransformer, images: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slot attention over patch tokens as (B, L, h, w), and the share each slot puts on CLS as (B, L).
+
+    Maps are not renormalized after dropping CLS, so a slot that mostly reads CLS shows a faint map.
+    """
+    if getattr(backbone, "sparo", None) is None:
+        raise ValueError("slot attention maps need a SPARO backbone (an arch ending in _sparo)")
+    tokens = backbone.tokens(images)
+    _, attention = backbone.sparo(tokens, return_attention=True)
+    prefix = backbone.num_prefix_tokens
+    grid_h = images.shape[-2] // backbone.patch_embed.patch_size[0]
+    grid_w = images.shape[-1] // backbone.patch_embed.patch_size[1]
+    maps = attention[:, :, prefix:].reshape(attention.shape[0], attention.shape[1], grid_h, grid_w)
+    return maps, attention[:, :, :prefix].sum(dim=-1)
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # official DINO full checkpoints pickle an argparse Namespace
+        warnings.warn(f"{path} is not loadable with weights_only=True; loading it with weights_only=False "
+                      "because you named this file explicitly", stacklevel=3)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def load_pretrained_trunk(backbone: DinoVisionTransformer, source: str | Mapping[str, torch.Tensor]) -> list[str]:
+    """Initialize a backbone from a timm or official-DINO ViT state dict (or a file holding one).
+
+    For a SPARO backbone all blocks but the last go into the trunk and the last block is dropped, which is how
+    the paper suggests placing SPARO on a pre-trained model; the SPARO read-out keeps its fresh init. Returns the
+    names of the parameters that were not in the source (the read-out for SPARO archs).
+    """
+    state = _read_state_dict(source) if isinstance(source, str) else dict(source)
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            key = key.removeprefix(prefix)
+        if key.startswith(("head.", "fc_norm.", "last_layer", "mlp.")):
+            continue
+        cleaned[key] = value
+    if "pos_embed" in cleaned and cleaned["pos_embed"].shape != backbone.pos_embed.shape:
+        old_tokens = cleaned["pos_embed"].shape[1] - backbone.num_prefix_tokens
+        old_side = int(math.isqrt(old_tokens))
+        cleaned["pos_embed"] = resample_abs_pos_embed(
+            cleaned["pos_embed"], new_size=list(backbone.patch_embed.grid_size), old_size=[old_side, old_side],
+            num_prefix_tokens=backbone.num_prefix_tokens)
+    depth = len(backbone.blocks)
+    cleaned = {k: v for k, v in cleaned.items()
+               if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
+    own = backbone.state_dict()
+    for key, value in cleaned.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(f"pretrained weights do not fit this backbone: {key} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(own[key].shape)} (another arch or patch size?)")
+    missing, unexpected = backbone.load_state_dict(cleaned, strict=False)
+    if unexpected:
+        raise ValueError(f"pretrained weights hold keys this backbone lacks: {', '.join(sorted(unexpected)[:5])}")
+    trunk_missing = [k for k in missing if not k.startswith("sparo.")]
+    if trunk_missing:
+        raise ValueError(f"pretrained weights lack trunk keys: {', '.join(sorted(trunk_missing)[:5])}")
+    return list(missing)
