@@ -1,0 +1,174 @@
+"""Shared feature extraction: reading weights, resolving the architecture, feature kinds, exact DDP gathering."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import Dataset
+
+import sparo_vit
+from sparo_dino import distributed, features, linear_probe
+
+SPARO_TINY = {"arch": "vit_tiny_sparo", "patch_size": 8, "img_size": 32, "num_slots": 4, "slot_dim": 16,
+              "attn_dim": 16, "group_size": 1}
+
+
+def flags(**given):
+    """A namespace with every model flag unset unless given."""
+    values = {key: None for key in features.MODEL_KEYS}
+    values.update(given)
+    return SimpleNamespace(**values)
+
+
+def training_checkpoint(backbone, config, student_prefix="module."):
+    """The documented checkpoint layout: teacher/student with backbone./head. prefixes and a plain config."""
+    def network(prefix):
+        state = {f"{prefix}backbone.{k}": v for k, v in backbone.state_dict().items()}
+        state[f"{prefix}head.last_layer.weight"] = torch.zeros(3, 3)
+        return state
+    return {"teacher": network(""), "student": network(student_prefix), "config": dict(config), "epoch": 1}
+
+
+def test_read_weights_takes_the_named_network_and_its_config(tmp_path):
+    backbone = sparo_vit.build_backbone(**SPARO_TINY)
+    path = tmp_path / "checkpoint0003.pth"
+    torch.save(training_checkpoint(backbone, {**SPARO_TINY, "lr": 0.1}), path)
+    for key in ("teacher", "student"):
+        weights = features.read_weights(str(path), key)
+        assert set(weights.state_dict) == set(backbone.state_dict())
+        assert weights.config["num_slots"] == 4
+        assert weights.tag == f"checkpoint0003_{key}"
+
+
+def test_plain_state_dict_and_missing_network(tmp_path):
+    backbone = sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32)
+    path = tmp_path / "weights.pth"
+    torch.save(backbone.state_dict(), path)
+    weights = features.read_weights(str(path))
+    assert weights.config is None and weights.tag == "weights"
+    torch.save({"student": {"backbone.x": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match="no 'teacher' network"):
+        features.read_weights(str(path), "teacher")
+
+
+def test_official_pickled_checkpoint_loads_with_a_warning(tmp_path):
+    backbone = sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32)
+    path = tmp_path / "official.pth"
+    args = argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=65536)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}, "args": args}, path)
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        weights = features.read_weights(str(path))
+    assert weights.config["arch"] == "vit_tiny"
+    options = features.resolve_model_options(flags(img_size=32), weights.config)
+    assert options == {"arch": "vit_tiny", "patch_size": 8, "img_size": 32}
+
+
+def test_config_wins_and_contradicting_flags_fail():
+    assert features.resolve_model_options(flags(), SPARO_TINY) == SPARO_TINY
+    assert features.resolve_model_options(flags(patch_size=8, num_slots=4), SPARO_TINY) == SPARO_TINY
+    with pytest.raises(ValueError, match="--patch_size 16 conflicts"):
+        features.resolve_model_options(flags(patch_size=16), SPARO_TINY)
+    with pytest.raises(ValueError, match="--num_slots 8 conflicts"):
+        features.resolve_model_options(flags(num_slots=8), SPARO_TINY)
+
+
+def test_plain_state_dicts_need_arch_flags_and_baselines_reject_sparo_flags():
+    with pytest.raises(ValueError, match="--arch and --patch_size required"):
+        features.resolve_model_options(flags(), None)
+    assert features.resolve_model_options(flags(arch="vit_small", patch_size=16), None) == {
+        "arch": "vit_small", "patch_size": 16}
+    with pytest.raises(ValueError, match="--num_slots apply only to \\*_sparo"):
+        features.resolve_model_options(flags(arch="vit_small", patch_size=16, num_slots=8), None)
+
+
+def test_weights_of_another_model_are_refused():
+    backbone = sparo_vit.build_backbone(**SPARO_TINY)
+    other = {**SPARO_TINY, "num_slots": 8}
+    with pytest.raises(ValueError, match="sparo.query has shape"):
+        features.build_frozen_backbone(other, backbone.state_dict(), "x.pth")
+    with pytest.raises(ValueError, match="do not fit vit_tiny"):
+        features.build_frozen_backbone({"arch": "vit_tiny", "patch_size": 8, "img_size": 32},
+                                       backbone.state_dict(), "x.pth")
+
+
+def test_feature_kinds_match_the_backbone_outputs():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    sparo = sparo_vit.build_backbone(**SPARO_TINY).eval()
+    assert features.feature_kind("vit_tiny_sparo", 4, True) == "sparo_encoding"
+    torch.testing.assert_close(features.feature_function(sparo, "sparo_encoding")(images), sparo(images))
+    base = sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
+    torch.testing.assert_close(features.feature_function(base, "cls_last1")(images), base(images))
+    last4 = features.feature_function(base, features.feature_kind("vit_tiny", 4))(images)
+    assert last4.shape == (2, 4 * 192)
+    torch.testing.assert_close(last4[:, -192:], base(images))  # the last block's final-norm CLS
+    pooled = features.feature_function(base, "cls_last1_avgpool")(images)
+    torch.testing.assert_close(pooled[:, 192:], base.tokens(images)[:, 1:].mean(1))
+
+
+def test_shard_sampler_partitions_the_dataset():
+    shards = [list(features.ShardSampler(10, rank, 4)) for rank in range(4)]
+    assert sorted(sum(shards, [])) == list(range(10))
+    assert [len(shard) for shard in shards] == [3, 3, 2, 2]
+
+
+class IndexDataset(Dataset):
+    """Sample i is a 2-vector (i, -i) with label i % 3, so gathered rows reveal their origin."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        return torch.tensor([float(index), -float(index)]), index % 3
+
+
+def _gather_worker(rank: int, world: int, port: int, size: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = distributed.init_distributed("gloo")
+    features._GATHER_ROWS = 2  # several gather rounds even on tiny data
+    try:
+        result = features.extract_features(lambda x: x, IndexDataset(size), batch_size=2, num_workers=0,
+                                           device=info.device)
+        torch.manual_seed(0)  # the same classifier on every rank
+        classifier = linear_probe.LinearClassifier(2, 3)
+        shard = features.ShardSampler(size, rank, world)
+        batches = [(torch.stack([IndexDataset(size)[i][0] for i in shard.indices]),
+                    torch.tensor([i % 3 for i in shard.indices]))] if len(shard) else []
+        metrics = linear_probe.evaluate(classifier, batches, lambda x: x, 3, info.device, reduce=True)
+        torch.save({"result": result, "metrics": metrics}, f"{out}.{rank}")
+    finally:
+        distributed.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("size", [7, 1])
+def test_uneven_ddp_extraction_gathers_every_sample_once_in_order(tmp_path, size):
+    out = str(tmp_path / "gathered")
+    mp.spawn(_gather_worker, args=(2, _free_port(), size, out), nprocs=2, join=True)
+    main, other = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert other["result"] is None  # only the main process keeps the features
+    gathered, labels = main["result"]
+    expected = torch.arange(size, dtype=torch.float32)
+    torch.testing.assert_close(gathered, torch.stack([expected, -expected], dim=1))
+    assert labels.tolist() == [i % 3 for i in range(size)]
+    # validation counts summed over disjoint shards equal a single-process evaluation
+    torch.manual_seed(0)
+    classifier = linear_probe.LinearClassifier(2, 3)
+    alone = linear_probe.evaluate(classifier, [(gathered, labels)], lambda x: x, 3, torch.device("cpu"), False)
+    assert main["metrics"] == pytest.approx(alone)
+    assert other["metrics"] == pytest.approx(alone)
