@@ -1,0 +1,121 @@
+"""Checkpoint files that survive crashes and load with torch.load(weights_only=True).
+
+A checkpoint is written to a temporary file in the same folder, fsynced and renamed over the target, so a kill
+during the write leaves the previous checkpoint intact. Everything in it is plain data (state dicts, a config
+dict, RNG states as tensors and ints), so it loads with torch >= 2.6's safe default instead of failing on a
+pickled argparse Namespace like the official DINO checkpoints.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from sparo_dino import distributed
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupt, truncated, or of another model."""
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str) -> None:
+    """Write `state` to `path` atomically (temporary file + fsync + rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def _is_weights_only_refusal(error: Exception) -> bool:
+    return isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower()
+
+
+def load_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict on CPU, or raise a one-line CheckpointError saying what is wrong with the file.
+
+    `allow_pickle` permits files that need weights_only=False (official DINO checkpoints pickle a Namespace);
+    only pass it for a file the user named explicitly, since unpickling can run arbitrary code.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
+        if not _is_weights_only_refusal(error):
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason})") from error
+        if not allow_pickle:
+            raise CheckpointError(f"checkpoint {path} holds pickled Python objects (an official DINO checkpoint?); "
+                                  "name it with --resume to load it with weights_only=False") from error
+        warnings.warn(f"loading {path} with weights_only=False because you named it explicitly", stacklevel=2)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as retry_error:
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({retry_error})") from retry_error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """RNG states of all ranks as plain tensors and ints.
+
+    Torch (and CUDA) generators differ per rank (drop-path draws), so they are gathered into one row per rank;
+    numpy and Python states are the same code path on every rank and kept from this rank. Collective: call on
+    every rank.
+    """
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    rng: dict[str, Any] = {
+        "torch": _gather_rows(torch.get_rng_state(), device),
+        "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+        "numpy_has_gauss": int(numpy_state[3]),
+        "numpy_cached_gauss": float(numpy_state[4]),
+        "python_version": int(python_state[0]),
+        "python_state": torch.tensor(python_state[1], dtype=torch.int64),
+        "python_gauss_next": python_state[2],
+    }
+    if device.type == "cuda":
+        rng["cuda"] = _gather_rows(torch.cuda.get_rng_state(device), device)
+    return rng
+
+
+def _gather_rows(state: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return distributed.all_gather_tensor(state.to(device)[None]).cpu()
+
+
+def restore_rng_state(rng: Mapping[str, Any], rank: int, device: torch.device) -> bool:
+    """Restore the states saved by `capture_rng_state`; returns False (nothing restored for torch) when the
+    checkpoint was written by fewer ranks than this run has, since those ranks have no saved stream."""
+    np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), int(rng["numpy_pos"]),
+                         int(rng["numpy_has_gauss"]), float(rng["numpy_cached_gauss"])))
+    random.setstate((int(rng["python_version"]), tuple(int(v) for v in rng["python_state"].tolist()),
+                    rng["python_gauss_next"]))
+    if rank >= rng["torch"].shape[0]:
+        return False
+    torch.set_rng_state(rng["torch"][rank].clone())
+    if device.type == "cuda" and "cuda" in rng and rank < rng["cuda"].shape[0]:
+        torch.cuda.set_rng_state(rng["cuda"][rank].clone(), device)
+    return True
