@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import sparo_vit
-from sparo_dino import distributed
+from sparo_dino import augmentation, datasets, distributed
 from sparo_dino.checkpoint import CheckpointError, load_checkpoint
 
 MODEL_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size") + sparo_vit.SPARO_OPTIONS
@@ -33,8 +33,6 @@ _GATHER_ROWS = 4096
 
 def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags every evaluation shares: weights, architecture, data, preprocessing, caching, output."""
-    from sparo_dino.datasets import DATASETS
-
     group = parser.add_argument_group("weights and architecture")
     group.add_argument("--pretrained_weights", type=str, default=None,
                        help="training checkpoint (with teacher/student/config) or a plain backbone state dict")
@@ -50,7 +48,7 @@ def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         group.add_argument(f"--{option}", type=int, default=None,
                            help="SPARO option, read from the checkpoint's config (default 64 / 1 for a plain state dict)")
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", type=str, default="imagefolder", choices=DATASETS)
+    group.add_argument("--dataset", type=str, default="imagefolder", choices=datasets.DATASETS)
     group.add_argument("--data_path", type=str, default=None,
                        help="folder with train/ and val/ (imagefolder) or the Fashion-MNIST IDX files")
     group.add_argument("--resize_size", type=int, default=256, help="Resize of the evaluation view")
@@ -274,15 +272,13 @@ def data_path(args: argparse.Namespace) -> str:
     if args.data_path is not None:
         return args.data_path
     if args.dataset == "fashion_mnist":
-        from sparo_dino.datasets import FASHION_MNIST_DIR
-        return FASHION_MNIST_DIR
+        return datasets.FASHION_MNIST_DIR
     raise ValueError("--data_path is required for --dataset imagefolder (a folder holding train/ and val/)")
 
 
 def build_split(args: argparse.Namespace, split: str, transform: Callable | None):
     """The train or val split of --dataset (Fashion-MNIST's val is its test set)."""
-    from sparo_dino.datasets import build_dataset
-    return build_dataset(args.dataset, data_path(args), split=split, transform=transform)
+    return datasets.build_dataset(args.dataset, data_path(args), split=split, transform=transform)
 
 
 @dataclass
@@ -338,13 +334,11 @@ def compute_features(args: argparse.Namespace, device: torch.device,
             raise ValueError(f"features in {args.load_features} are {cached.meta['kind']!r}, "
                              f"this evaluation needs {expected!r}")
         return cached
-    from sparo_dino.augmentation import eval_transform
-
     backbone, options, tag = load_backbone(args)
     backbone.to(device)
     kind = kind_for(options["arch"])
     fn = feature_function(backbone, kind)
-    transform = eval_transform(args.resize_size, args.crop_size)
+    transform = augmentation.eval_transform(args.resize_size, args.crop_size)
     results, classes = {}, None
     for split in SPLITS:
         dataset = build_split(args, split, transform)
@@ -375,5 +369,5 @@ def run_cli(main: Callable[[], Any]) -> None:
     """Run an evaluation entry point; bad input ends with one line naming the problem instead of a traceback."""
     try:
         main()
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError, datasets.BadImageError) as error:
         sys.exit(f"error: {error}")

@@ -1,0 +1,135 @@
+"""Weighted k-NN evaluation of a DINO (+SPARO) backbone, with per-slot analysis of SPARO encodings.
+
+    python -m torch.distributed.run --nproc_per_node=8 eval_knn.py --pretrained_weights out/checkpoint.pth \
+        --data_path /imagenet
+
+Features: the teacher's SPARO encoding (unnormalized; L2-normalized as a whole for the cosine search) or the
+final-norm CLS of a baseline, from the official Resize 256 / CenterCrop 224 view. Scores: exp(sim / T) votes of the
+k nearest train samples (T = 0.07). Prints one line per k, `20-NN classifier result: Top1: X, Top5: Y`, and writes
+knn_<checkpoint>.json to --output_dir (default: the checkpoint's folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+import sparo_vit
+from sparo_dino import config, distributed, features, knn, provenance
+from sparo_dino.knn import weighted_knn  # noqa: F401  (public API: eval_knn.weighted_knn)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    features.add_feature_args(parser)
+    group = parser.add_argument_group("k-NN")
+    group.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
+    group.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
+    group.add_argument("--knn_backend", type=str, default="auto", choices=knn.BACKENDS,
+                       help="exact search: faiss when installed (GPU index when faiss sees a GPU), else torch")
+    group = parser.add_argument_group("SPARO slot analysis")
+    group.add_argument("--per_slot", action="store_true", help="k-NN top-1 of each slot used alone")
+    group.add_argument("--select_slots", type=int, default=None,
+                       help="keep the N slots with the best k-NN top-1 on a held-out part of the train set")
+    group.add_argument("--holdout_fraction", type=float, default=0.1,
+                       help="share of the train set held out to rank slots (never the test set)")
+    group.add_argument("--slot_knn", type=int, default=20, help="k of the per-slot analysis and slot ranking")
+    group.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    return parser
+
+
+def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
+    """arch -> feature kind; checked before any forward pass so a slot analysis of a baseline fails at once."""
+    def kind_for(arch: str) -> str:
+        if (args.per_slot or args.select_slots) and not sparo_vit.is_sparo_arch(arch):
+            raise ValueError(f"--per_slot and --select_slots need a *_sparo arch, not {arch}")
+        return features.feature_kind(arch)
+    return kind_for
+
+
+def _accuracies(scores: dict[int, torch.Tensor], labels: torch.Tensor) -> dict[str, dict[str, float]]:
+    results = {}
+    for k, class_scores in scores.items():
+        top1, top5 = knn.topk_accuracy(class_scores, labels)
+        results[str(k)] = {"top1": top1, "top5": top5}
+    return results
+
+
+def run_knn(data: features.FeatureSet, args: argparse.Namespace, device: torch.device | None = None
+            ) -> dict[str, Any]:
+    """All k-NN numbers of one evaluation as a JSON-ready dict (accuracies in percent)."""
+    backend = knn.resolve_backend(args.knn_backend)
+    move = (lambda t: t.to(device)) if backend == "torch" and device is not None else (lambda t: t)
+    train, val = move(data.train_features), move(data.val_features)
+    train_labels, val_labels = data.train_labels, data.val_labels
+    num_classes = data.num_classes
+    scores = knn.knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend)
+    results: dict[str, Any] = {"knn": _accuracies(scores, val_labels), "num_train": len(train_labels),
+                               "num_test": len(val_labels), "num_classes": num_classes,
+                               "temperature": args.temperature, "backend": backend, "meta": data.meta}
+    if not (args.per_slot or args.select_slots):
+        return results
+    num_slots = data.meta["options"]["num_slots"]
+    if args.per_slot:
+        results["per_slot"] = {"k": args.slot_knn, "top1": knn.per_slot_top1(
+            train, train_labels, val, val_labels, num_slots, num_classes, args.slot_knn, args.temperature, backend)}
+    if args.select_slots:
+        slots, holdout_top1 = knn.select_slots(train, train_labels, num_slots, args.select_slots, num_classes,
+                                               args.holdout_fraction, args.slot_knn, args.temperature, args.seed,
+                                               backend)
+        kept = knn.knn_scores(knn.keep_slots(train, num_slots, slots), train_labels,
+                              knn.keep_slots(val, num_slots, slots), num_classes, args.nb_knn, args.temperature,
+                              backend)
+        results["selected_slots"] = {"slots": slots, "holdout_fraction": args.holdout_fraction,
+                                     "seed": args.seed, "k": args.slot_knn, "holdout_top1": holdout_top1,
+                                     "knn": _accuracies(kept, val_labels)}
+    return results
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The official one-line-per-k summary, then the slot analysis."""
+    lines = [f"{k}-NN classifier result: Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}"
+             for k, acc in results["knn"].items()]
+    if "per_slot" in results:
+        k, top1 = results["per_slot"]["k"], results["per_slot"]["top1"]
+        lines += [f"slot {slot} {k}-NN Top1: {acc:.2f}" for slot, acc in enumerate(top1)]
+        best = max(range(len(top1)), key=top1.__getitem__)
+        lines.append(f"per-slot {k}-NN Top1: best {top1[best]:.2f} (slot {best}), "
+                     f"mean {sum(top1) / len(top1):.2f}, worst {min(top1):.2f}")
+    if "selected_slots" in results:
+        selected = results["selected_slots"]
+        lines.append(f"selected slots (best first on a {selected['holdout_fraction']:g} train hold-out): "
+                     f"{selected['slots']}")
+        lines += [f"{k}-NN classifier result with {len(selected['slots'])} selected slots: "
+                  f"Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}" for k, acc in selected["knn"].items()]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    args = config.parse_args(build_parser(), argv)
+    info = distributed.init_distributed()
+    try:
+        data = features.compute_features(args, info.device, kind_resolver(args))
+        if data is None:  # features live on the main process only
+            return None
+        results = run_knn(data, args, info.device)
+        results["provenance"] = provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})
+        for line in summary_lines(results):
+            print(line, flush=True)
+        output_dir = features.default_output_dir(args)
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, f"knn_{data.meta['tag']}.json")
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"results written to {path}", flush=True)
+        return results
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    features.run_cli(main)

@@ -1,0 +1,125 @@
+"""eval_knn.py end to end on generated images: accuracy, summary lines, JSON, caching, slot analysis, bad input."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import eval_knn
+import sparo_vit
+from sparo_dino import features
+from test_features import SPARO_TINY, training_checkpoint
+
+SUMMARY = re.compile(r"^(\d+)-NN classifier result: Top1: ([\d.]+), Top5: ([\d.]+)$", re.M)
+SMALL_IMAGES = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_checkpoint(folder, options, seed=0):
+    """A training checkpoint in the documented format around a freshly initialised backbone."""
+    torch.manual_seed(seed)
+    backbone = sparo_vit.build_backbone(**options)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "checkpoint.pth")
+    torch.save(training_checkpoint(backbone, {**options, "drop_path_rate": 0.1, "out_dim": 3}), path)
+    return path
+
+
+@pytest.fixture
+def sparo_checkpoint(tmp_path):
+    return write_checkpoint(tmp_path / "run", SPARO_TINY)
+
+
+def test_knn_on_separable_images_with_slot_analysis(image_folder, sparo_checkpoint, capsys):
+    results = eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
+                             "--nb_knn", "1", "5", "20", "100", "--per_slot", "--select_slots", "2",
+                             "--holdout_fraction", "0.25", "--slot_knn", "5"])
+    out = capsys.readouterr().out
+    printed = {int(k): (float(top1), float(top5)) for k, top1, top5 in SUMMARY.findall(out)}
+    assert sorted(printed) == [1, 5, 20, 100]  # k=100 > 24 train images is clipped, not a crash
+    assert printed[5][0] >= 90.0, out
+    assert all(top5 == 100.0 for _, top5 in printed.values())  # 3 classes: top-5 is top-3
+    assert results["num_classes"] == 3 and results["num_train"] == 24 and results["num_test"] == 24
+    assert len(results["per_slot"]["top1"]) == 4
+    assert len(results["selected_slots"]["slots"]) == 2
+    assert "5-NN classifier result with 2 selected slots: Top1: " in out
+    saved = json.loads(open(os.path.join(os.path.dirname(sparo_checkpoint), "knn_checkpoint_teacher.json")).read())
+    assert saved["knn"]["5"]["top1"] == pytest.approx(printed[5][0], abs=0.01)
+    assert saved["meta"]["kind"] == "sparo_encoding" and saved["provenance"]["config"]["per_slot"] is True
+
+
+def test_knn_baseline_arch_uses_final_norm_cls(image_folder, tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "base", {"arch": "vit_tiny", "patch_size": 8, "img_size": 32})
+    results = eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
+                             "--nb_knn", "5", "--output_dir", str(tmp_path / "out")])
+    assert results["meta"]["kind"] == "cls_last1"
+    assert results["knn"]["5"]["top1"] >= 90.0
+    assert os.path.isfile(tmp_path / "out" / "knn_checkpoint_teacher.json")
+    with pytest.raises(ValueError, match="need a \\*_sparo arch"):
+        eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
+                       "--per_slot", "--output_dir", str(tmp_path / "out")])
+
+
+def test_cached_features_give_the_same_result_and_keep_the_test_set_out_of_slot_selection(
+        image_folder, sparo_checkpoint, tmp_path):
+    cache = str(tmp_path / "cache")
+    flags = ["--nb_knn", "5", "--select_slots", "2", "--holdout_fraction", "0.25", "--slot_knn", "5"]
+    first = eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
+                           "--dump_features", cache, *flags])
+    again = eval_knn.main(["--load_features", cache, *flags])  # no weights, no images needed
+    assert again["knn"] == first["knn"] and again["selected_slots"] == first["selected_slots"]
+    assert os.path.isfile(os.path.join(cache, "knn_checkpoint_teacher.json"))  # default output: the cache folder
+
+    data = features.load_features(cache)
+    args = eval_knn.build_parser().parse_args(flags)
+    data.val_features = torch.randn_like(data.val_features) * 1e3  # a different test set...
+    data.val_labels = data.val_labels.flip(0)
+    scrambled = eval_knn.run_knn(data, args)
+    assert scrambled["selected_slots"]["slots"] == first["selected_slots"]["slots"]  # ...selects the same slots
+    assert scrambled["selected_slots"]["holdout_top1"] == first["selected_slots"]["holdout_top1"]
+
+    with pytest.raises(ValueError, match="--num_slots 8 conflicts"):
+        eval_knn.main(["--load_features", cache, "--num_slots", "8"])
+
+
+def write_idx(path, array):
+    """IDX ubyte file: two zero bytes, type 0x08, ndim, big-endian int32 dims, then the raw bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_knn_on_fashion_mnist_files_with_small_images(tmp_path, sparo_checkpoint):
+    rng = np.random.default_rng(0)
+    for prefix, size in (("train", 30), ("t10k", 12)):
+        labels = np.arange(size) % 3
+        images = rng.integers(0, 40, size=(size, 28, 28))
+        for index, label in enumerate(labels):  # class = which horizontal band is bright
+            images[index, 9 * label:9 * label + 9] += 200
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    results = eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--dataset", "fashion_mnist",
+                             "--data_path", str(tmp_path), *SMALL_IMAGES, "--nb_knn", "5"])
+    assert results["num_train"] == 30 and results["num_test"] == 12
+    assert results["num_classes"] == 10  # the dataset's classes, even when some have no samples here
+    assert results["knn"]["5"]["top1"] >= 90.0
+
+
+def test_architecture_flags_contradicting_the_checkpoint_are_an_error(image_folder, sparo_checkpoint):
+    with pytest.raises(ValueError, match="--patch_size 16 conflicts with the checkpoint's config"):
+        eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
+                       "--patch_size", "16"])
+
+
+def test_bad_input_ends_with_one_error_line(tmp_path):
+    result = subprocess.run([sys.executable, "eval_knn.py", "--pretrained_weights", str(tmp_path / "missing.pth"),
+                             "--data_path", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.pth'}"]

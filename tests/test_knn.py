@@ -1,0 +1,141 @@
+"""The weighted k-NN protocol against a brute-force reference, backend agreement, and slot analysis rules."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import eval_knn
+from sparo_dino import knn
+
+
+def brute_force_scores(train, train_labels, test, num_classes, k, temperature):
+    """Independent reference: python loops over pairs, cosine, sort, exp(sim / T) per class."""
+    scores = []
+    for query in test.tolist():
+        qn = math.sqrt(sum(v * v for v in query))
+        sims = []
+        for row, label in zip(train.tolist(), train_labels.tolist()):
+            rn = math.sqrt(sum(v * v for v in row))
+            sims.append((sum(a * b for a, b in zip(query, row)) / (qn * rn), label))
+        sims.sort(key=lambda pair: -pair[0])
+        votes = [0.0] * num_classes
+        for sim, label in sims[:k]:
+            votes[label] += math.exp(sim / temperature)
+        scores.append(votes)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def random_problem(num_train=60, num_test=17, dim=12, num_classes=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    train = torch.randn(num_train, dim, generator=gen) * 3
+    test = torch.randn(num_test, dim, generator=gen)
+    labels = torch.randint(num_classes, (num_train,), generator=gen)
+    return train, labels, test
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_weighted_knn_matches_brute_force(backend, k):
+    train, labels, test = random_problem()
+    expected = brute_force_scores(train, labels, test, 4, k, 0.07)
+    got = eval_knn.weighted_knn(train, labels, test, num_classes=4, k=k, temperature=0.07, backend=backend)
+    assert got.shape == (17, 4)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_faiss_equals_torch_on_larger_problem():
+    train, labels, test = random_problem(num_train=3000, num_test=400, dim=64, num_classes=10, seed=1)
+    for_faiss = knn.knn_scores(train, labels, test, 10, [10, 20, 100, 200], 0.07, backend="faiss")
+    for_torch = knn.knn_scores(train, labels, test, 10, [10, 20, 100, 200], 0.07, backend="torch")
+    for k in for_torch:
+        torch.testing.assert_close(for_faiss[k], for_torch[k], rtol=1e-4, atol=1e-5)
+        assert torch.equal(for_faiss[k].argmax(1), for_torch[k].argmax(1))
+
+
+def test_default_arguments_are_the_dino_protocol():
+    train, labels, test = random_problem()
+    torch.testing.assert_close(eval_knn.weighted_knn(train, labels, test, 4),
+                               brute_force_scores(train, labels, test, 4, 20, 0.07).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_k_larger_than_train_set_is_clipped():
+    train, labels, test = random_problem(num_train=7)
+    clipped = knn.weighted_knn(train, labels, test, 4, k=200, backend="torch")
+    torch.testing.assert_close(clipped, knn.weighted_knn(train, labels, test, 4, k=7, backend="torch"))
+
+
+def test_features_are_normalized_inside():
+    train, labels, test = random_problem()
+    scaled = train * torch.rand(train.shape[0], 1) * 100
+    torch.testing.assert_close(knn.weighted_knn(scaled, labels, test, 4, backend="torch"),
+                               knn.weighted_knn(train, labels, test, 4, backend="torch"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_tiny_and_empty_test_sets(backend):
+    train, labels, test = random_problem()
+    assert knn.weighted_knn(train, labels, test[:1], 4, backend=backend).shape == (1, 4)
+    assert knn.weighted_knn(train, labels, test[:0], 4, backend=backend).shape == (0, 4)
+
+
+def test_topk_accuracy_clips_top5_to_number_of_classes():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.4, 0.1], [0.2, 0.3, 0.5]])
+    top1, top5 = knn.topk_accuracy(scores, torch.tensor([1, 1, 0]))
+    assert top1 == pytest.approx(100 / 3)
+    assert top5 == 100.0
+
+
+def test_bad_inputs_raise_clear_errors():
+    train, labels, test = random_problem()
+    with pytest.raises(ValueError, match="labels must lie in"):
+        knn.weighted_knn(train, labels, test, num_classes=2)
+    with pytest.raises(ValueError, match="dim"):
+        knn.weighted_knn(train, labels, test[:, :5], 4)
+    with pytest.raises(ValueError, match="backend"):
+        knn.weighted_knn(train, labels, test, 4, backend="annoy")
+
+
+def slot_features(informative_slot, num, num_slots=4, slot_dim=3, num_classes=3, seed=0):
+    """Features whose `informative_slot` holds a class prototype plus noise; every other slot is pure noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num) % num_classes
+    features = torch.randn(num, num_slots, slot_dim, generator=gen)
+    prototypes = torch.eye(slot_dim)[:num_classes] * 10
+    features[:, informative_slot] += prototypes[labels]
+    return features.reshape(num, -1), labels
+
+
+def test_per_slot_accuracy_finds_the_informative_slot():
+    train, train_labels = slot_features(2, 90, seed=0)
+    test, test_labels = slot_features(2, 30, seed=1)
+    accuracies = knn.per_slot_top1(train, train_labels, test, test_labels, num_slots=4, num_classes=3, k=5,
+                                   backend="torch")
+    assert accuracies[2] == 100.0
+    assert max(accuracies[:2] + accuracies[3:]) < 80.0
+
+
+def test_slot_selection_uses_the_train_holdout_only():
+    # select_slots accepts no test data at all; the pipeline test in test_eval_knn.py shows the test set is unused.
+    train, train_labels = slot_features(1, 120, seed=0)
+    selected, holdout_accuracies = knn.select_slots(train, train_labels, num_slots=4, num_select=1, num_classes=3,
+                                                    holdout_fraction=0.25, k=5, backend="torch")
+    assert selected == [1]
+    assert holdout_accuracies[1] == max(holdout_accuracies) and len(holdout_accuracies) == 4
+
+
+def test_holdout_split_is_a_reproducible_partition():
+    fit, holdout = knn.holdout_split(50, 0.2, seed=3)
+    assert len(holdout) == 10 and len(fit) == 40
+    assert sorted(torch.cat([fit, holdout]).tolist()) == list(range(50))
+    again = knn.holdout_split(50, 0.2, seed=3)
+    assert torch.equal(fit, again[0]) and torch.equal(holdout, again[1])
+    with pytest.raises(ValueError, match="empty"):
+        knn.holdout_split(3, 0.1)
+
+
+def test_keep_slots_takes_whole_slot_blocks():
+    features = torch.arange(24.0).reshape(2, 12)  # 4 slots of dim 3
+    kept = knn.keep_slots(features, 4, [2, 0])
+    assert kept.tolist() == [[6, 7, 8, 0, 1, 2], [18, 19, 20, 12, 13, 14]]
