@@ -1,0 +1,147 @@
+"""Linear classifier on frozen features: the official DINO protocol and a fast mode on cached features.
+
+One training loop serves both modes; they differ only in what a batch holds. The official protocol feeds
+RandomResizedCrop + flip images through the frozen backbone every step (SGD momentum 0.9, weight decay 0, cosine
+schedule over the epochs, lr scaled by total batch / 256). The fast mode trains the same classifier with the same
+optimizer on features extracted once from the centre crop, so it has no augmentation and is labelled as such
+everywhere its numbers appear. Every epoch ends with an atomic checkpoint, so an interrupted probe resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparo_dino import distributed
+from sparo_dino.checkpoint import load_checkpoint, save_checkpoint
+
+PROTOCOLS = {
+    "official": "official protocol",
+    "fast": "FAST MODE: cached centre-crop features, no augmentation; not the official protocol",
+}
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class LinearClassifier(nn.Module):
+    """A linear layer initialised as official DINO (weights N(0, 0.01), zero bias)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.normal_(self.linear.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features.flatten(1))
+
+
+def scaled_lr(lr: float, total_batch_size: int) -> float:
+    """The official linear rule: lr x total batch / 256."""
+    return lr * total_batch_size / 256.0
+
+
+def train_epoch(classifier: nn.Module, batches: Batches, featurize: Callable[[torch.Tensor], torch.Tensor],
+                optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+    """One pass of SGD on the classifier; the featurizer runs without gradients (the backbone is frozen)."""
+    classifier.train()
+    total_loss, count = torch.zeros((), device=device), 0
+    for inputs, labels in batches:
+        labels = labels.to(device, non_blocking=True)
+        with torch.no_grad():
+            feats = featurize(inputs.to(device, non_blocking=True))
+        loss = F.cross_entropy(classifier(feats), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach() * len(labels)
+        count += len(labels)
+    return total_loss.item() / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(classifier: nn.Module, batches: Batches, featurize: Callable[[torch.Tensor], torch.Tensor],
+             num_classes: int, device: torch.device, reduce: bool) -> dict[str, float]:
+    """Top-1/top-5 (top-min(5, classes)) in percent and mean loss; `reduce` sums the counts of all ranks, which is
+    exact when each rank saw a disjoint shard (features.ShardSampler)."""
+    classifier.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, samples
+    for inputs, labels in batches:
+        labels = labels.to(device, non_blocking=True)
+        logits = classifier(featurize(inputs.to(device, non_blocking=True)))
+        top = logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]
+        sums[0] += top[:, 0].sum()
+        sums[1] += top.any(dim=1).sum()
+        sums[2] += F.cross_entropy(logits.double(), labels, reduction="sum")
+        sums[3] += len(labels)
+    if reduce:
+        distributed.all_reduce_sum_(sums)
+    correct1, correct5, loss, samples = sums.tolist()
+    if samples == 0:
+        raise ValueError("the validation set is empty")
+    return {"top1": 100.0 * correct1 / samples, "top5": 100.0 * correct5 / samples, "loss": loss / samples}
+
+
+def _resume(path: str, run: dict[str, Any], classifier: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, dict[str, Any] | None]:
+    """Restore a previous probe of the same run from `path`; (next epoch, best validation result so far)."""
+    if not os.path.isfile(path):
+        return 0, None
+    state = load_checkpoint(path)
+    if state.get("run") != run:
+        raise ValueError(f"{path} belongs to another linear probe ({state.get('run')}); "
+                         f"this one is {run}; use another --output_dir")
+    classifier.load_state_dict(state["classifier"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if distributed.is_main_process():
+        print(f"resumed linear probe from {path} after epoch {state['epoch']}", flush=True)
+    return state["epoch"], state["best"]
+
+
+def fit(classifier: nn.Module, train_batches: Callable[[int], Batches], val_batches: Callable[[], Batches],
+        featurize: Callable[[torch.Tensor], torch.Tensor], *, num_classes: int, epochs: int, lr: float,
+        val_freq: int, output_dir: str, run: dict[str, Any], device: torch.device, reduce: bool,
+        model: nn.Module | None = None) -> dict[str, Any]:
+    """Train `classifier` for `epochs` with the official optimizer and schedule; resume from and checkpoint to
+    output_dir/checkpoint_linear.pth, append one JSON line per epoch to output_dir/log_linear.txt, and return the final and
+    best validation results. `model` is what gets optimized (e.g. the DDP wrapper of `classifier`)."""
+    model = model or classifier
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0.0)
+    checkpoint_path = os.path.join(output_dir, "checkpoint_linear.pth")
+    start, best = _resume(checkpoint_path, run, classifier, optimizer, scheduler)
+    last = None
+    for epoch in range(start, epochs):
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_epoch(model, train_batches(epoch), featurize, optimizer, device)
+        scheduler.step()
+        record: dict[str, Any] = {"epoch": epoch, "lr": epoch_lr, "train_loss": train_loss}
+        if (epoch + 1) % val_freq == 0 or epoch + 1 == epochs:
+            last = evaluate(classifier, val_batches(), featurize, num_classes, device, reduce)
+            if best is None or last["top1"] > best["top1"]:
+                best = {**last, "epoch": epoch}
+            record.update({f"val_{key}": value for key, value in last.items()}, best_top1=best["top1"])
+        if distributed.is_main_process():
+            save_checkpoint({"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best, "run": run},
+                            checkpoint_path)
+            with open(os.path.join(output_dir, "log_linear.txt"), "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+    if last is None:  # resumed after the last epoch: evaluate the restored classifier
+        last = evaluate(classifier, val_batches(), featurize, num_classes, device, reduce)
+    return {"final": last, "best": best}
+
+
+def tensor_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                   generator: torch.Generator | None = None) -> Batches:
+    """Mini-batches of in-memory features, shuffled when a generator is given (the fast mode's data loader)."""
+    order = (torch.randperm(len(labels), generator=generator) if generator is not None
+             else torch.arange(len(labels)))
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        yield features[index], labels[index]
