@@ -71,9 +71,9 @@ def run_official(args: argparse.Namespace, info: distributed.DistInfo) -> tuple[
     kind = kind_resolver(args)(options["arch"])
     featurize = features.feature_function(backbone, kind)
     # Augmentation seeded per (seed, epoch, sample): a resumed probe sees the crops it would have seen.
-    train_set = augmentation.SeededDataset(
-        features.build_split(args, "train", augmentation.linear_train_transform(args.crop_size)), args.seed)
-    val_set = features.build_split(args, "val", augmentation.eval_transform(args.resize_size, args.crop_size))
+    train_set, val_set = features.build_splits(args, augmentation.linear_train_transform(args.crop_size),
+                                               augmentation.eval_transform(args.resize_size, args.crop_size))
+    train_set = augmentation.SeededDataset(train_set, args.seed)
     with torch.no_grad():
         dim = featurize(torch.zeros(1, 3, args.crop_size, args.crop_size, device=info.device)).shape[1]
     torch.manual_seed(args.seed)

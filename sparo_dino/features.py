@@ -276,9 +276,21 @@ def data_path(args: argparse.Namespace) -> str:
     raise ValueError("--data_path is required for --dataset imagefolder (a folder holding train/ and val/)")
 
 
-def build_split(args: argparse.Namespace, split: str, transform: Callable | None):
-    """The train or val split of --dataset (Fashion-MNIST's val is its test set)."""
-    return datasets.build_dataset(args.dataset, data_path(args), split=split, transform=transform)
+def build_splits(args: argparse.Namespace, train_transform: Callable, val_transform: Callable
+                 ) -> tuple[Dataset, Dataset]:
+    """Train and val of --dataset (Fashion-MNIST's val is its test set), with the same classes.
+
+    ImageFolder numbers the class folders of each split on its own, so a val/ missing a class folder would shift
+    every later label; that is an error rather than a silently wrong accuracy."""
+    path = data_path(args)
+    train = datasets.build_dataset(args.dataset, path, split="train", transform=train_transform)
+    val = datasets.build_dataset(args.dataset, path, split="val", transform=val_transform)
+    if list(train.classes) != list(val.classes):
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise ValueError(f"train and val splits of {path} have different classes (only in train: {only_train[:5]}, "
+                         f"only in val: {only_val[:5]}); labels would not match")
+    return train, val
 
 
 @dataclass
@@ -339,18 +351,15 @@ def compute_features(args: argparse.Namespace, device: torch.device,
     kind = kind_for(options["arch"])
     fn = feature_function(backbone, kind)
     transform = augmentation.eval_transform(args.resize_size, args.crop_size)
-    results, classes = {}, None
-    for split in SPLITS:
-        dataset = build_split(args, split, transform)
-        classes = classes or list(dataset.classes)
-        results[split] = extract_features(fn, dataset, args.batch_size_per_gpu, args.num_workers, device,
-                                          name=f"{split} features")
+    splits = dict(zip(SPLITS, build_splits(args, transform, transform)))
+    results = {split: extract_features(fn, dataset, args.batch_size_per_gpu, args.num_workers, device,
+                                       name=f"{split} features") for split, dataset in splits.items()}
     if not distributed.is_main_process():
         return None
     meta = {"kind": kind, "options": options, "tag": tag, "source": os.path.abspath(args.pretrained_weights),
             "checkpoint_key": args.checkpoint_key, "dataset": args.dataset,
             "resize_size": args.resize_size, "crop_size": args.crop_size}
-    features = FeatureSet(*results["train"], *results["val"], classes, meta)
+    features = FeatureSet(*results["train"], *results["val"], list(splits["train"].classes), meta)
     if args.dump_features is not None:
         save_features(features, args.dump_features)
     return features

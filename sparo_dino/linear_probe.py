@@ -45,10 +45,11 @@ def scaled_lr(lr: float, total_batch_size: int) -> float:
 
 
 def train_epoch(classifier: nn.Module, batches: Batches, featurize: Callable[[torch.Tensor], torch.Tensor],
-                optimizer: torch.optim.Optimizer, device: torch.device) -> float:
-    """One pass of SGD on the classifier; the featurizer runs without gradients (the backbone is frozen)."""
+                optimizer: torch.optim.Optimizer, device: torch.device, reduce: bool) -> float:
+    """One pass of SGD on the classifier, returning the mean loss (over all ranks with `reduce`); the featurizer
+    runs without gradients (the backbone is frozen)."""
     classifier.train()
-    total_loss, count = torch.zeros((), device=device), 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, samples
     for inputs, labels in batches:
         labels = labels.to(device, non_blocking=True)
         with torch.no_grad():
@@ -57,9 +58,12 @@ def train_epoch(classifier: nn.Module, batches: Batches, featurize: Callable[[to
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.detach() * len(labels)
-        count += len(labels)
-    return total_loss.item() / max(count, 1)
+        sums[0] += loss.detach() * len(labels)
+        sums[1] += len(labels)
+    if reduce:
+        distributed.all_reduce_sum_(sums)
+    loss_sum, samples = sums.tolist()
+    return loss_sum / max(samples, 1.0)
 
 
 @torch.no_grad()
@@ -117,7 +121,7 @@ def fit(classifier: nn.Module, train_batches: Callable[[int], Batches], val_batc
     last = None
     for epoch in range(start, epochs):
         epoch_lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_epoch(model, train_batches(epoch), featurize, optimizer, device)
+        train_loss = train_epoch(model, train_batches(epoch), featurize, optimizer, device, reduce)
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch, "lr": epoch_lr, "train_loss": train_loss}
         if (epoch + 1) % val_freq == 0 or epoch + 1 == epochs:

@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +117,12 @@ def test_architecture_flags_contradicting_the_checkpoint_are_an_error(image_fold
     with pytest.raises(ValueError, match="--patch_size 16 conflicts with the checkpoint's config"):
         eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
                        "--patch_size", "16"])
+
+
+def test_val_split_with_other_classes_is_an_error(image_folder, sparo_checkpoint):
+    shutil.rmtree(os.path.join(image_folder, "val", "class_1"))  # ImageFolder would renumber class_2 as 1
+    with pytest.raises(ValueError, match=r"only in train: \['class_1'\]"):
+        eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES])
 
 
 def test_bad_input_ends_with_one_error_line(tmp_path):
