@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     """arch -> feature kind; checked before any forward pass so a slot analysis of a baseline fails at once."""
     def kind_for(arch: str) -> str:
-        if (args.per_slot or args.select_slots) and not sparo_vit.is_sparo_arch(arch):
+        if (args.per_slot or args.select_slots is not None) and not sparo_vit.is_sparo_arch(arch):
             raise ValueError(f"--per_slot and --select_slots need a *_sparo arch, not {arch}")
         return features.feature_kind(arch)
     return kind_for
@@ -71,13 +71,13 @@ def run_knn(data: features.FeatureSet, args: argparse.Namespace, device: torch.d
     results: dict[str, Any] = {"knn": _accuracies(scores, val_labels), "num_train": len(train_labels),
                                "num_test": len(val_labels), "num_classes": num_classes,
                                "temperature": args.temperature, "backend": backend, "meta": data.meta}
-    if not (args.per_slot or args.select_slots):
+    if not args.per_slot and args.select_slots is None:
         return results
     num_slots = data.meta["options"]["num_slots"]
     if args.per_slot:
         results["per_slot"] = {"k": args.slot_knn, "top1": knn.per_slot_top1(
             train, train_labels, val, val_labels, num_slots, num_classes, args.slot_knn, args.temperature, backend)}
-    if args.select_slots:
+    if args.select_slots is not None:
         slots, holdout_top1 = knn.select_slots(train, train_labels, num_slots, args.select_slots, num_classes,
                                                args.holdout_fraction, args.slot_knn, args.temperature, args.seed,
                                                backend)
@@ -111,6 +111,10 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = config.parse_args(build_parser(), argv)
+    if min(args.nb_knn) < 1 or args.slot_knn < 1 or args.temperature <= 0:
+        raise ValueError("--nb_knn and --slot_knn must be >= 1 and --temperature > 0")
+    if args.select_slots is not None and args.select_slots < 1:
+        raise ValueError(f"--select_slots must be >= 1, got {args.select_slots}")
     info = distributed.init_distributed()
     try:
         data = features.compute_features(args, info.device, kind_resolver(args))
