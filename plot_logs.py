@@ -1,0 +1,89 @@
+"""Training curves of one or more runs in one PNG, to compare DINO and DINO+SPARO side by side.
+
+    python plot_logs.py out/dino out/dino_sparo --output curves.png [--keys train_loss knn_top1]
+
+Reads each run's log.txt (one JSON object per epoch, written by main_dino.py) and draws one panel per metric,
+one line per run. Without --keys it draws every numeric metric that any of the runs logged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on clusters or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+LOG_NAME = "log.txt"
+
+
+def read_log(run_dir: str) -> list[dict[str, float]]:
+    """The epoch records of a run; a line cut short by a kill mid-write is skipped, not fatal."""
+    path = os.path.join(run_dir, LOG_NAME) if os.path.isdir(run_dir) else run_dir
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {LOG_NAME} in {run_dir}")
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no epoch records yet")
+    return records
+
+
+def numeric_keys(runs: dict[str, list[dict]]) -> list[str]:
+    keys = {key for records in runs.values() for record in records for key, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"}
+    return sorted(keys)
+
+
+def plot_runs(runs: dict[str, list[dict]], keys: Sequence[str], path: str) -> str:
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for name, records in runs.items():
+            points = [(r.get("epoch", i), r[key]) for i, r in enumerate(records)
+                      if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=2, label=name)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="output dirs (or log.txt files) of training runs")
+    parser.add_argument("--keys", nargs="*", default=None, help="metrics to draw (default: every numeric one)")
+    parser.add_argument("--output", type=str, default="training_curves.png")
+    args = parser.parse_args(argv)
+    runs = {os.path.basename(os.path.normpath(run)) or run: read_log(run) for run in args.runs}
+    available = numeric_keys(runs)
+    keys = args.keys or available
+    missing = [key for key in keys if key not in available]
+    if missing:
+        raise SystemExit(f"error: metric(s) {', '.join(missing)} not in any log; logged: {', '.join(available)}")
+    path = plot_runs(runs, keys, args.output)
+    print(f"{len(keys)} curves of {len(runs)} run(s) written to {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

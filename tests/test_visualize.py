@@ -1,0 +1,124 @@
+"""visualize_slots.py and plot_logs.py render real PNGs from a tiny checkpoint and from training logs."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import plot_logs
+import sparo_vit
+import visualize_slots
+from test_eval_knn import write_checkpoint
+from test_features import SPARO_TINY
+
+SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = write_checkpoint(tmp_path / "run", SPARO_TINY)
+    state = torch.load(path, weights_only=True)
+    # Spread the queries so slots differ visibly even without training.
+    state["teacher"]["backbone.sparo.query"] = torch.randn_like(state["teacher"]["backbone.sparo.query"]) * 5
+    torch.save(state, path)
+    return path
+
+
+def test_attention_grid_png_has_one_row_per_slot_and_one_column_per_image(image_folder, checkpoint, tmp_path):
+    out = visualize_slots.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL,
+                                "--num_images", "5", "--slots", "0", "2", "3", "--output_dir", str(tmp_path)])
+    assert out["slots"] == [0, 2, 3]
+    width, height = Image.open(out["grid"]).size
+    assert width == pytest.approx(5 * 160, rel=0.05) and height == pytest.approx(3 * 160, rel=0.05)
+
+
+def test_different_slots_give_different_maps(image_folder, checkpoint):
+    args = visualize_slots.build_parser().parse_args(["--pretrained_weights", checkpoint, "--data_path", image_folder,
+                                                      *SMALL])
+    backbone, _, _ = visualize_slots.features.load_backbone(args)
+    images = visualize_slots.load_images(args)
+    maps, cls_share = sparo_vit.slot_attention_maps(backbone, images)
+    num_slots = maps.shape[1]
+    for a in range(num_slots):
+        for b in range(a + 1, num_slots):
+            assert not torch.allclose(maps[:, a], maps[:, b], atol=1e-4), (a, b)
+    entropy = visualize_slots.attention_entropy(maps, cls_share)
+    assert entropy.shape == (num_slots,) and (entropy > 0).all()
+
+
+def test_selection_by_entropy_and_by_per_slot_knn(image_folder, checkpoint, tmp_path):
+    knn_json = tmp_path / "knn.json"
+    knn_json.write_text(json.dumps({"per_slot": {"k": 20, "top1": [10.0, 90.0, 50.0, 70.0]}}))
+    out = visualize_slots.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL,
+                                "--select_by", "knn", "--knn_results", str(knn_json), "--num_slots_shown", "2",
+                                "--output_dir", str(tmp_path)])
+    assert out["slots"] == [1, 3]
+    args = visualize_slots.build_parser().parse_args(["--pretrained_weights", checkpoint, "--data_path", image_folder,
+                                                      *SMALL, "--num_slots_shown", "2"])
+    backbone, _, _ = visualize_slots.features.load_backbone(args)
+    maps, cls_share = sparo_vit.slot_attention_maps(backbone, visualize_slots.load_images(args))
+    chosen = visualize_slots.choose_slots(args, 4, maps, cls_share)
+    entropy = visualize_slots.attention_entropy(maps, cls_share)
+    assert chosen == entropy.argsort()[:2].tolist() and entropy[chosen[0]] <= entropy.min() + 1e-6
+
+
+def test_gallery_png_from_image_files(image_folder, checkpoint, tmp_path):
+    files = os.path.join(image_folder, "val", "class_1")
+    out = visualize_slots.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL,
+                                "--images", files, "--num_images", "3", "--slots", "1", "2", "--gallery_query", "0",
+                                "--gallery_size", "4", "--output_dir", str(tmp_path)])
+    width, height = Image.open(out["gallery"]).size
+    assert width > 4 * 100 and height > 2 * 100
+
+
+def test_bad_visualization_input_names_the_problem(image_folder, checkpoint, tmp_path):
+    base = ["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL, "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="out of range: this model has 4 slots"):
+        visualize_slots.main(base + ["--slots", "7"])
+    with pytest.raises(ValueError, match="needs --knn_results"):
+        visualize_slots.main(base + ["--select_by", "knn"])
+    with pytest.raises(FileNotFoundError, match="image or folder not found"):
+        visualize_slots.main(base + ["--images", str(tmp_path / "nope.png")])
+    baseline = write_checkpoint(tmp_path / "base", {"arch": "vit_tiny", "patch_size": 8, "img_size": 32})
+    with pytest.raises(ValueError, match="need a \\*_sparo checkpoint"):
+        visualize_slots.main(["--pretrained_weights", baseline, "--data_path", image_folder, *SMALL])
+
+
+def test_plot_logs_draws_every_metric_of_several_runs(tmp_path):
+    for name, scale in (("dino", 1.0), ("dino_sparo", 0.8)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [json.dumps({"epoch": e, "train_loss": scale * (5 - e), "train_lr": 1e-4 * e, "knn_top1": 50 + e})
+                 for e in range(4)]
+        (run / "log.txt").write_text("\n".join(lines) + "\n{\"epoch\": 4, \"train_lo")  # last line cut by a kill
+    path = plot_logs.main([str(tmp_path / "dino"), str(tmp_path / "dino_sparo"), "--output", str(tmp_path / "c.png")])
+    width, height = Image.open(path).size
+    assert width > 1000 and height > 300
+    with pytest.raises(SystemExit, match="not in any log; logged: knn_top1, train_loss, train_lr"):
+        plot_logs.main([str(tmp_path / "dino"), "--keys", "teacher_temp", "--output", str(tmp_path / "d.png")])
+    with pytest.raises(FileNotFoundError, match="no log.txt"):
+        plot_logs.read_log(str(tmp_path / "missing"))
+
+
+def test_gallery_never_shows_the_query_as_its_own_match() -> None:
+    pool = torch.rand(5, 3, 8, 8)
+    pool_slots = torch.randn(5, 2, 4)
+    captured = {}
+    original = visualize_slots.plt.subplots
+
+    def spy(*args, **kwargs):
+        fig, axes = original(*args, **kwargs)
+        captured["axes"] = axes
+        return fig, axes
+
+    visualize_slots.plt.subplots = spy
+    try:
+        visualize_slots.render_gallery(pool[2], pool, pool_slots[2], pool_slots, [0, 1], 4, "/dev/null", exclude=2)
+    finally:
+        visualize_slots.plt.subplots = original
+    shown = [ax.get_images()[0].get_array() for ax in captured["axes"][0][1:]]
+    query = visualize_slots.for_display(pool[2][None])[0].numpy()
+    assert len(shown) == 4 and not any((img == query).all() for img in shown)
