@@ -1,0 +1,136 @@
+"""Training metrics: device-side accumulation, console progress with ETA, log.txt JSON lines, TensorBoard.
+
+Step metrics stay on the device and are summed there; they are read (one all-reduce and one host sync) only at
+the logging interval and at epoch ends. That read is also where a non-finite loss is noticed, so the fast path
+never synchronises per step.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import resource
+import time
+from typing import Any, Mapping
+
+import torch
+
+from sparo_dino import distributed
+
+STEP_METRICS = ("loss", "teacher_entropy", "kl")
+LOG_NAME = "log.txt"
+
+
+class MetricSums:
+    """Running sums of the per-step metric vector (ordered as STEP_METRICS) on the device."""
+
+    def __init__(self) -> None:
+        self._sums: torch.Tensor | None = None
+        self.steps = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        values = values.detach().float()
+        self._sums = values.clone() if self._sums is None else self._sums.add_(values)
+        self.steps += 1
+
+    def global_means(self) -> dict[str, float]:
+        """Means over steps and ranks (a collective: every rank calls it at the same step)."""
+        if self._sums is None:
+            return {}
+        totals = self._sums.clone()
+        distributed.all_reduce_sum_(totals)
+        means = (totals / (self.steps * distributed.get_world_size())).tolist()
+        return dict(zip(STEP_METRICS, means))
+
+    def reset(self) -> None:
+        self._sums, self.steps = None, 0
+
+
+def all_finite(means: Mapping[str, float]) -> bool:
+    return all(math.isfinite(value) for value in means.values())
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated CUDA memory on GPUs, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _format_duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class ProgressLogger:
+    """Console lines every N iterations and JSON lines per epoch, on the main process only."""
+
+    def __init__(self, output_dir: str, epochs: int, iters_per_epoch: int, images_per_step: int,
+                 device: torch.device, tensorboard: bool = False) -> None:
+        self.enabled = distributed.is_main_process()
+        self.output_dir = output_dir
+        self.epochs = epochs
+        self.iters_per_epoch = iters_per_epoch
+        self.images_per_step = images_per_step
+        self.device = device
+        self.writer = None
+        if tensorboard and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter  # checked at startup: see require_tensorboard
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self.start_epoch(0)
+
+    def start_epoch(self, first_iteration: int) -> None:
+        """Reset the clocks; `first_iteration` > 0 when an epoch resumes in the middle."""
+        self._epoch_start = self._window_start = time.perf_counter()
+        self._epoch_first = self._window_first = first_iteration
+
+    def log_window(self, epoch: int, iteration: int, means: Mapping[str, float],
+                   hyper: Mapping[str, float]) -> None:
+        """One console line for the steps since the last line; `iteration` is the last finished step (0-based)."""
+        now = time.perf_counter()
+        steps = iteration + 1 - self._window_first
+        images_per_s = steps * self.images_per_step / max(now - self._window_start, 1e-9)
+        epoch_steps = iteration + 1 - self._epoch_first
+        eta = (now - self._epoch_start) / max(epoch_steps, 1) * (self.iters_per_epoch - iteration - 1)
+        self._window_start, self._window_first = now, iteration + 1
+        if not self.enabled:
+            return
+        print(f"Epoch [{epoch}/{self.epochs}] it [{iteration + 1}/{self.iters_per_epoch}] "
+              f"eta {_format_duration(eta)} | loss {means['loss']:.4f} | lr {hyper['lr']:.3e} "
+              f"wd {hyper['wd']:.4f} temp {hyper['teacher_temp']:.4f} mom {hyper['momentum']:.5f} | "
+              f"H {means['teacher_entropy']:.3f} KL {means['kl']:.3f} | {images_per_s:.1f} img/s | "
+              f"mem {memory_mb(self.device):.0f} MB", flush=True)
+        if self.writer is not None:
+            step = epoch * self.iters_per_epoch + iteration
+            for key, value in {**means, **hyper}.items():
+                self.writer.add_scalar(f"step/{key}", value, step)
+
+    def log_epoch(self, epoch: int, means: Mapping[str, float], extra: Mapping[str, Any]) -> dict[str, Any]:
+        """Append the epoch's record to log.txt (official `train_*` keys) and return it."""
+        record = {**{f"train_{key}": value for key, value in {**means, **extra}.items()}, "epoch": epoch,
+                  "epoch_time_s": round(time.perf_counter() - self._epoch_start, 3)}
+        if not self.enabled:
+            return record
+        with open(os.path.join(self.output_dir, LOG_NAME), "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(f"Epoch [{epoch}/{self.epochs}] done in {_format_duration(record['epoch_time_s'])} | "
+              + " | ".join(f"{k} {v:.4g}" for k, v in record.items()
+                           if k.startswith("train_") and isinstance(v, float)), flush=True)
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+            self.writer.flush()
+        return record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def require_tensorboard() -> None:
+    """Fail at startup, not after the first epoch, when --tensorboard is asked for but not installed."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError as error:
+        raise SystemExit("error: --tensorboard true needs the tensorboard package (pip install tensorboard)") from error

@@ -1,0 +1,170 @@
+"""Command-line flags of main_dino.py: every official DINO flag with its name and default, plus SPARO's.
+
+Flags are declared once here so that main_dino.py, the submitit launcher and the tests parse the same thing
+(`parse_train_args(argv)`), and a `--config FILE.yaml` can set any of them (see sparo_dino/config.py).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import torch
+
+import sparo_vit
+from sparo_dino.config import bool_flag, parse_args
+from sparo_dino.datasets import DATASETS, FASHION_MNIST_DIR
+from sparo_dino.optim import OPTIMIZERS
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SPARO_DEFAULTS = {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size": 1}
+# Flags that define the networks: a checkpoint trained with other values cannot be resumed.
+MODEL_KEYS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "img_size",
+              *SPARO_DEFAULTS)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DINO with a SPARO read-out", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default="vit_small", choices=sparo_vit.ARCHS,
+                       help="backbone; *_sparo replaces the last block with SPARO")
+    model.add_argument("--patch_size", default=16, type=int, help="ViT patch size in pixels")
+    model.add_argument("--img_size", default=224, type=int,
+                       help="image size of the position-embedding grid (other crop sizes are resampled)")
+    model.add_argument("--out_dim", default=65536, type=int,
+                       help="DINO head output dimension; use a few thousand on small datasets, where 65536 "
+                            "prototypes leave the loss stuck at ln(out_dim)")
+    model.add_argument("--norm_last_layer", default=True, type=bool_flag,
+                       help="fix the weight-norm magnitude of the head's last layer (more stable)")
+    model.add_argument("--momentum_teacher", default=0.996, type=float,
+                       help="base EMA momentum of the teacher, cosine-scheduled to 1")
+    model.add_argument("--use_bn_in_head", default=False, type=bool_flag, help="batch norm in the DINO head MLP")
+    model.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth of the student")
+    model.add_argument("--grad_checkpointing", default=False, type=bool_flag,
+                       help="recompute block activations in backward to save memory")
+    sparo = parser.add_argument_group("SPARO read-out (archs ending in _sparo)")
+    sparo.add_argument("--num_slots", default=SPARO_DEFAULTS["num_slots"], type=int, help="L, number of slots")
+    sparo.add_argument("--slot_dim", default=SPARO_DEFAULTS["slot_dim"], type=int, help="V, output size per slot")
+    sparo.add_argument("--attn_dim", default=SPARO_DEFAULTS["attn_dim"], type=int, help="D, key/query size")
+    sparo.add_argument("--group_size", default=SPARO_DEFAULTS["group_size"], type=int,
+                       help="g, consecutive slots sharing one key projection")
+
+    temperature = parser.add_argument_group("teacher temperature")
+    temperature.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+                             help="initial teacher temperature (linearly warmed up to --teacher_temp)")
+    temperature.add_argument("--teacher_temp", default=0.04, type=float,
+                             help="final teacher temperature; above 0.07 training tends to be unstable")
+    temperature.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+                             help="epochs of teacher temperature warmup")
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="autocast precision; auto = bf16 on GPUs that support it, fp32 on CPU")
+    optim.add_argument("--use_fp16", default=None, type=bool_flag,
+                       help="official DINO flag: when given, true means --precision fp16 and false fp32")
+    optim.add_argument("--weight_decay", default=0.04, type=float, help="initial weight decay")
+    optim.add_argument("--weight_decay_end", default=0.4, type=float, help="final weight decay (cosine)")
+    optim.add_argument("--clip_grad", default=3.0, type=float,
+                       help="maximal gradient norm per parameter; 0 disables clipping")
+    optim.add_argument("--batch_size_per_gpu", default=64, type=int, help="images per process and step")
+    optim.add_argument("--epochs", default=100, type=int, help="number of training epochs")
+    optim.add_argument("--freeze_last_layer", default=1, type=int,
+                       help="epochs during which the head's last layer is not updated")
+    optim.add_argument("--lr", default=0.0005, type=float,
+                       help="peak learning rate for a total batch of 256 (scaled linearly with the batch)")
+    optim.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear learning-rate warmup")
+    optim.add_argument("--min_lr", default=1e-6, type=float, help="final learning rate (cosine)")
+    optim.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer")
+
+    crops = parser.add_argument_group("multi-crop")
+    crops.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.0),
+                       help="area range of the two global crops")
+    crops.add_argument("--local_crops_number", type=int, default=8, help="number of local crops (0 disables)")
+    crops.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4),
+                       help="area range of the local crops")
+    crops.add_argument("--global_crop_size", type=int, default=224, help="global crop size in pixels")
+    crops.add_argument("--local_crop_size", type=int, default=96, help="local crop size in pixels")
+
+    run = parser.add_argument_group("data and run")
+    run.add_argument("--dataset", default="imagefolder", choices=DATASETS, help="training data format")
+    run.add_argument("--data_path", default=None, type=str,
+                     help=f"ImageFolder root of the training images, or the Fashion-MNIST IDX folder "
+                          f"(default for fashion_mnist: {FASHION_MNIST_DIR})")
+    run.add_argument("--output_dir", default=".", type=str, help="checkpoints, logs and the resolved config")
+    run.add_argument("--saveckp_freq", default=20, type=int,
+                     help="also keep checkpointNNNN.pth when the 0-based epoch index is a multiple of this")
+    run.add_argument("--resume", default=None, type=str,
+                     help="checkpoint to start from when --output_dir has no checkpoint.pth yet")
+    run.add_argument("--seed", default=0, type=int, help="random seed")
+    run.add_argument("--num_workers", default=10, type=int, help="data-loading workers per process")
+    run.add_argument("--print_freq", default=10, type=int, help="console log every N iterations")
+    run.add_argument("--tensorboard", default=False, type=bool_flag,
+                     help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard (needs `tensorboard`)")
+    run.add_argument("--dist_url", default="env://", type=str,
+                     help="official flag; only env:// (torchrun / submitit environment) is supported")
+    run.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                     help="set by torch.distributed.launch; ignored (LOCAL_RANK from the environment is used)")
+    return parser
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    parser.error(message)  # prints usage and "error: message", exits with status 2
+
+
+def resolve_precision(precision: str, use_fp16: bool | None, device: torch.device) -> str:
+    """The effective precision: the official --use_fp16 wins when given, auto picks bf16 on capable GPUs."""
+    if use_fp16 is not None:
+        wanted = "fp16" if use_fp16 else "fp32"
+        if precision not in ("auto", wanted):
+            raise ValueError(f"--use_fp16 {str(use_fp16).lower()} contradicts --precision {precision}")
+        return wanted
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Reject inconsistent flags with one line each, before any process group or file is created."""
+    if args.dist_url != "env://":
+        _fail(parser, f"--dist_url {args.dist_url} is not supported; launch with torchrun (env://)")
+    if args.data_path is None:
+        if args.dataset != "fashion_mnist":
+            _fail(parser, "--data_path is required for --dataset imagefolder")
+        args.data_path = FASHION_MNIST_DIR
+    if not sparo_vit.is_sparo_arch(args.arch):
+        changed = [k for k, v in SPARO_DEFAULTS.items() if getattr(args, k) != v]
+        if changed:
+            _fail(parser, f"SPARO flag(s) {', '.join('--' + k for k in changed)} need a SPARO arch "
+                          f"(e.g. {args.arch}_sparo), got --arch {args.arch}")
+    for name in ("global_crop_size", "local_crop_size", "img_size"):
+        if getattr(args, name) % args.patch_size:
+            _fail(parser, f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}")
+    for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size"):
+        if getattr(args, name) < 1:
+            _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("local_crops_number", "num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",
+                 "warmup_teacher_temp_epochs"):
+        if getattr(args, name) < 0:
+            _fail(parser, f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
+        _fail(parser, f"warmup epochs (lr {args.warmup_epochs}, teacher temp {args.warmup_teacher_temp_epochs}) "
+                      f"cannot exceed --epochs {args.epochs}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        scale = list(getattr(args, name))
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            _fail(parser, f"--{name} must be two numbers 0 < min <= max <= 1, got {' '.join(map(str, scale))}")
+        low, high = scale
+        setattr(args, name, [float(low), float(high)])
+    try:
+        resolve_precision(args.precision, args.use_fp16, torch.device("cpu"))
+    except ValueError as error:
+        _fail(parser, str(error))
+    return args
+
+
+def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags from defaults < --config YAML < command line, validated."""
+    parser = get_args_parser()
+    return validate(parse_args(parser, argv), parser)

@@ -1,0 +1,386 @@
+"""The DINO training loop: student/teacher, multi-crop data, one step function, epoch loop, checkpoints, resume.
+
+`train(args)` is the whole run for one process; main_dino.py and the submitit launcher both call it. The loop is
+built around `DinoTrainer.train_step` and an explicit (epoch, iteration) position, so a checkpoint can be written
+at any step boundary and resumed exactly: the sampler skips what the epoch already consumed, augmentation
+randomness is seeded per sample (SeededDataset) and the RNG streams of every rank are restored.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import random
+import warnings
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+import sparo_vit
+from sparo_dino import distributed
+from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset
+from sparo_dino.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
+                                   restore_rng_state, save_checkpoint)
+from sparo_dino.config import args_to_dict, save_config
+from sparo_dino.datasets import build_dataset, require_min_size
+from sparo_dino.loss import DINOLoss
+from sparo_dino.optim import (build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter,
+                              ema_update_, param_groups, set_hyperparameters)
+from sparo_dino.progress import MetricSums, ProgressLogger, all_finite, require_tensorboard
+from sparo_dino.provenance import append_provenance
+from sparo_dino.schedules import Schedules, scaled_lr
+from sparo_dino.train_args import MODEL_KEYS, resolve_precision
+
+NUM_GLOBAL_CROPS = 2
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """A problem with the run's data or state that the user has to fix; its message is one line."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or infinite; training stopped before writing any checkpoint of the bad state."""
+
+
+def build_student_teacher(config: Mapping[str, Any]) -> tuple[sparo_vit.MultiCropWrapper, sparo_vit.MultiCropWrapper]:
+    """Student and teacher of a run config (flags or a checkpoint's `config`): the one place they are built.
+
+    Both have the same backbone and unchanged DINO head; the student alone gets drop-path. The teacher starts as
+    a copy of the student and never receives gradients (it follows the student by EMA).
+    """
+    kwargs = sparo_vit.backbone_kwargs(config)
+
+    def network(drop_path_rate: float, grad_checkpointing: bool) -> sparo_vit.MultiCropWrapper:
+        backbone = sparo_vit.build_backbone(**{**kwargs, "drop_path_rate": drop_path_rate,
+                                               "grad_checkpointing": grad_checkpointing})
+        head = sparo_vit.DINOHead(backbone.num_features, config["out_dim"], use_bn=config["use_bn_in_head"],
+                                  norm_last_layer=config["norm_last_layer"])
+        return sparo_vit.MultiCropWrapper(backbone, head)
+
+    student = network(config.get("drop_path_rate", 0.0), bool(config.get("grad_checkpointing", False)))
+    with torch.device("meta"):  # skip a random init that the copy below overwrites anyway
+        teacher = network(0.0, False)
+    teacher.to_empty(device="cpu")
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch after its first `start` samples (exact mid-epoch resume)."""
+
+    start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _normalize_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept DDP (`module.`) and old weight-norm names (`weight_g`/`weight_v`) of official DINO checkpoints."""
+    renames = {"last_layer.weight_g": "last_layer.parametrizations.weight.original0",
+               "last_layer.weight_v": "last_layer.parametrizations.weight.original1"}
+    normalized = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        for old, new in renames.items():
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        normalized[key] = value
+    return normalized
+
+
+class DinoTrainer:
+    """One process's share of a DINO run. Construction validates data and checkpoint before writing anything."""
+
+    def __init__(self, args: argparse.Namespace, info: distributed.DistInfo) -> None:
+        self.args = args
+        self.info = info
+        self.device = info.device
+        self.precision = resolve_precision(args.precision, args.use_fp16, self.device)
+        if args.tensorboard:
+            require_tensorboard()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.batch_size = args.batch_size_per_gpu
+        self.loader, self.sampler, self.dataset = self._build_data()
+        self.iters_per_epoch = self.sampler.num_samples // self.batch_size
+
+        _seed_everything(args.seed)  # identical initial weights on every rank
+        student, self.teacher = build_student_teacher(vars(args))
+        if args.use_bn_in_head and info.world_size > 1 and self.device.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        self.student_module = student.to(self.device)
+        self.teacher.to(self.device)
+        self.student_params = list(self.student_module.parameters())
+        self.teacher_params = list(self.teacher.parameters())
+        self.trainable_params = [p for p in self.student_params if p.requires_grad]
+        self.optimizer = build_optimizer(args.optimizer, param_groups(self.student_module))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.dino_loss = DINOLoss(args.out_dim, NUM_GLOBAL_CROPS + args.local_crops_number,
+                                  args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs,
+                                  args.epochs).to(self.device)
+        self.schedules = Schedules.for_run(
+            lr=scaled_lr(args.lr, self.batch_size, info.world_size), min_lr=args.min_lr,
+            warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+            weight_decay_end=args.weight_decay_end, momentum_teacher=args.momentum_teacher, epochs=args.epochs,
+            iters_per_epoch=self.iters_per_epoch)
+
+        _seed_everything(args.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
+        self.epoch, self.iteration = 0, 0
+        self.resumed_from = self._resume()
+        self.student: nn.Module = self.student_module
+        if info.world_size > 1:
+            self.student = DistributedDataParallel(
+                self.student_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
+        self.progress = ProgressLogger(args.output_dir, args.epochs, self.iters_per_epoch,
+                                       self.batch_size * info.world_size, self.device, args.tensorboard)
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _build_data(self) -> tuple[DataLoader, ResumableSampler, SeededDataset]:
+        args = self.args
+        transform = MultiCropAugmentation(global_crops_scale=tuple(args.global_crops_scale),
+                                          local_crops_scale=tuple(args.local_crops_scale),
+                                          local_crops_number=args.local_crops_number,
+                                          global_crop_size=args.global_crop_size,
+                                          local_crop_size=args.local_crop_size)
+        dataset = SeededDataset(build_dataset(args.dataset, args.data_path, transform=transform), seed=args.seed)
+        try:
+            require_min_size(dataset, self.batch_size * self.info.world_size,
+                             f"training data {args.data_path} ({self.batch_size} per process x "
+                             f"{self.info.world_size} processes)")
+        except ValueError as error:
+            raise TrainingError(str(error)) from error
+        sampler = ResumableSampler(dataset, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=True,
+                                   seed=args.seed)
+        # Own generator: creating an epoch's iterator draws a worker base seed, which must not shift the global
+        # stream that drop-path uses (a mid-epoch resume creates its iterator at another point of that stream).
+        # Worker seeds themselves do not matter, SeededDataset reseeds every sample.
+        loader = DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, num_workers=args.num_workers,
+                            pin_memory=self.device.type == "cuda", drop_last=True,
+                            persistent_workers=args.num_workers > 0,  # SeededDataset's epoch reaches them
+                            generator=torch.Generator().manual_seed(args.seed + self.info.rank))
+        return loader, sampler, dataset
+
+    def _resume_source(self) -> tuple[str, bool] | None:
+        """The run's own checkpoint.pth wins (requeued jobs continue); --resume only seeds a fresh output dir."""
+        own = os.path.join(self.args.output_dir, CHECKPOINT_NAME)
+        if os.path.isfile(own):
+            if self.args.resume and distributed.is_main_process():
+                print(f"{own} exists: continuing this run, --resume {self.args.resume} is not used", flush=True)
+            return own, False
+        if self.args.resume:
+            return self.args.resume, True
+        return None
+
+    def _resume(self) -> str | None:
+        source = self._resume_source()
+        if source is None:
+            return None
+        path, named_by_user = source
+        state = load_checkpoint(path, allow_pickle=named_by_user)
+        config = state.get("config")
+        if config is None and "args" in state:  # official DINO: a pickled Namespace
+            config = vars(state["args"])
+        if not isinstance(config, dict) or "student" not in state or "teacher" not in state:
+            raise CheckpointError(f"{path} is not a DINO training checkpoint (needs student, teacher and config)")
+        ours = vars(self.args)
+        differences = [f"{key}={config[key]!r} (this run: {ours[key]!r})" for key in MODEL_KEYS
+                       if key in config and config[key] != ours[key]]
+        if differences:
+            raise CheckpointError(f"{path} belongs to another model: {', '.join(differences)}; "
+                                  "use matching flags or another --output_dir")
+        try:
+            self.student_module.load_state_dict(_normalize_state_dict(state["student"]))
+            self.teacher.load_state_dict(_normalize_state_dict(state["teacher"]))
+            if "dino_loss" in state:
+                self.dino_loss.load_state_dict(state["dino_loss"])
+        except RuntimeError as error:
+            detail = " ".join(line.strip() for line in str(error).splitlines()[:2])
+            raise CheckpointError(f"{path} does not fit this model: {detail}") from error
+        self._load_optimizer_state(state, path)
+        self.epoch, self.iteration = int(state["epoch"]), int(state.get("iteration", 0))
+        if self.iteration >= self.iters_per_epoch:
+            raise CheckpointError(f"{path} stopped at iteration {self.iteration} of an epoch, but this run has "
+                                  f"{self.iters_per_epoch} iterations per epoch (other data or batch size?)")
+        if "rng" in state and not restore_rng_state(state["rng"], self.info.rank, self.device):
+            warnings.warn(f"{path} has no RNG state for rank {self.info.rank} (written by fewer processes); "
+                          "drop-path randomness of this rank restarts from the seed", stacklevel=2)
+        if distributed.is_main_process():
+            print(f"resumed from {path}: {self.epoch} epochs done, iteration {self.iteration}", flush=True)
+        return path
+
+    def _load_optimizer_state(self, state: Mapping[str, Any], path: str) -> None:
+        if "config" not in state:
+            warnings.warn(f"{path} is an official DINO checkpoint: its optimizer and scaler states are not "
+                          "restored (parameter order differs); optimizer moments restart", stacklevel=3)
+            return
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{path} has an optimizer state that does not fit --optimizer "
+                                  f"{self.args.optimizer}: {error}") from error
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+    # ------------------------------------------------------------------------------------------ training
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+
+    def train_step(self, crops: list[torch.Tensor], epoch: int, global_iteration: int) -> torch.Tensor:
+        """One optimisation step; returns the metric vector (loss, teacher entropy, KL) on the device, unsynced."""
+        set_hyperparameters(self.optimizer, float(self.schedules.lr[global_iteration]),
+                            float(self.schedules.weight_decay[global_iteration]))
+        crops = [crop.to(self.device, non_blocking=True) for crop in crops]
+        with self.autocast():
+            with torch.no_grad():
+                teacher_output = self.teacher(crops[:NUM_GLOBAL_CROPS])
+            student_output = self.student(crops)
+        output = self.dino_loss(student_output, teacher_output, epoch)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(output.loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            output.loss.backward()
+        if self.args.clip_grad:
+            clip_gradients_per_parameter(self.trainable_params, self.args.clip_grad)
+        cancel_last_layer_gradients(self.student_module, epoch, self.args.freeze_last_layer)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        ema_update_(self.teacher_params, self.student_params, float(self.schedules.momentum[global_iteration]))
+        return torch.stack([output.loss.detach(), output.teacher_entropy, output.kl])
+
+    def hyperparameters(self, epoch: int, global_iteration: int) -> dict[str, float]:
+        return {"lr": float(self.schedules.lr[global_iteration]),
+                "wd": float(self.schedules.weight_decay[global_iteration]),
+                "teacher_temp": self.dino_loss.teacher_temp(epoch),
+                "momentum": float(self.schedules.momentum[global_iteration])}
+
+    def _check_finite(self, means: Mapping[str, float], epoch: int, first: int, last: int) -> None:
+        if all_finite(means):
+            return
+        kept = (f"the last good checkpoint {self.checkpoint_path} is kept" if os.path.isfile(self.checkpoint_path)
+                else "no checkpoint had been written yet")
+        raise NonFiniteLossError(f"loss is not finite ({means['loss']}) in epoch {epoch}, iterations {first}-{last}; "
+                                 f"training stopped and {kept} (try --precision fp32/bf16, a lower --lr or "
+                                 "--clip_grad)")
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """Run the epoch from `self.iteration` to its end; returns the epoch's mean metrics over all ranks."""
+        first = self.iteration
+        self.sampler.set_position(epoch, first * self.batch_size)
+        self.dataset.set_epoch(epoch)
+        self.progress.start_epoch(first)
+        window, totals = MetricSums(), MetricSums()
+        window_first = first
+        for iteration, (crops, _) in enumerate(self.loader, start=first):
+            global_iteration = epoch * self.iters_per_epoch + iteration
+            metrics = self.train_step(crops, epoch, global_iteration)
+            self.iteration = iteration + 1
+            window.add(metrics)
+            totals.add(metrics)
+            if self.iteration % self.args.print_freq == 0 or self.iteration == self.iters_per_epoch:
+                means = window.global_means()
+                self._check_finite(means, epoch, window_first, iteration)
+                self.progress.log_window(epoch, iteration, means, self.hyperparameters(epoch, global_iteration))
+                window.reset()
+                window_first = self.iteration
+        return totals.global_means()
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue from (self.epoch, self.iteration). Collective (gathers RNG states)."""
+        state: dict[str, Any] = {
+            "student": self.student_module.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "dino_loss": self.dino_loss.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "config": args_to_dict(self.args),
+            "rng": capture_rng_state(self.device),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def save(self, extra_copy: str | None = None) -> None:
+        """checkpoint.pth (and `extra_copy` in the output dir) from the main process; call on every rank."""
+        state = self.state_dict()
+        if distributed.is_main_process():
+            save_checkpoint(state, self.checkpoint_path)
+            if extra_copy:
+                save_checkpoint(state, os.path.join(self.args.output_dir, extra_copy))
+        distributed.barrier()
+
+    # ------------------------------------------------------------------------------------------------- run
+    def write_run_files(self) -> None:
+        if not distributed.is_main_process():
+            return
+        save_config(self.args, self.args.output_dir)
+        append_provenance(self.args.output_dir, args_to_dict(self.args),
+                          {"world_size": self.info.world_size, "precision": self.precision,
+                           "device": str(self.device), "resumed_from": self.resumed_from,
+                           "start_epoch": self.epoch, "start_iteration": self.iteration})
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train the remaining epochs; returns the log.txt records of the epochs this call ran."""
+        self.write_run_files()
+        if self.epoch >= self.args.epochs and distributed.is_main_process():
+            print(f"nothing to do: {self.epoch} of {self.args.epochs} epochs are done", flush=True)
+        records = []
+        try:
+            while self.epoch < self.args.epochs:
+                epoch = self.epoch
+                means = self.train_one_epoch(epoch)
+                last = epoch * self.iters_per_epoch + self.iters_per_epoch - 1
+                extra = {**self.hyperparameters(epoch, last), "center_norm": float(self.dino_loss.center.norm())}
+                records.append(self.progress.log_epoch(epoch, means, extra))
+                self.epoch, self.iteration = epoch + 1, 0
+                keep = self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0
+                self.save(extra_copy=f"checkpoint{epoch:04d}.pth" if keep else None)
+        finally:
+            self.progress.close()
+        return records
+
+
+def train(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run (or continue) the DINO training described by `args` in this process.
+
+    Joins the process group given by the environment (torchrun, submitit) or runs alone, and destroys the group
+    it created on the way out, so jobs exit instead of hanging in NCCL teardown.
+    """
+    owns_group = not distributed.is_dist()
+    info = distributed.init_distributed()
+    try:
+        return DinoTrainer(args, info).fit()
+    finally:
+        if owns_group:
+            distributed.cleanup()
