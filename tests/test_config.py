@@ -1,0 +1,138 @@
+"""Training flags: official names and defaults, YAML configs, validation errors, shipped recipes."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+
+from sparo_dino.train_args import get_args_parser, parse_train_args, resolve_precision
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+
+# The official DINO main_dino.py defaults (facebookresearch/dino), written out independently of our parser.
+OFFICIAL_DEFAULTS = {
+    "arch": "vit_small", "patch_size": 16, "out_dim": 65536, "norm_last_layer": True, "momentum_teacher": 0.996,
+    "use_bn_in_head": False, "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0,
+    "weight_decay": 0.04, "weight_decay_end": 0.4, "clip_grad": 3.0, "batch_size_per_gpu": 64, "epochs": 100,
+    "freeze_last_layer": 1, "lr": 0.0005, "warmup_epochs": 10, "min_lr": 1e-6, "optimizer": "adamw",
+    "drop_path_rate": 0.1, "global_crops_scale": [0.4, 1.0], "local_crops_number": 8,
+    "local_crops_scale": [0.05, 0.4], "output_dir": ".", "saveckp_freq": 20, "seed": 0, "num_workers": 10,
+    "dist_url": "env://", "local_rank": 0,
+}
+
+
+def _parse(*argv: str):
+    return parse_train_args(["--data_path", "/data", *argv])
+
+
+def test_official_flags_keep_names_and_defaults() -> None:
+    args = _parse()
+    for key, value in OFFICIAL_DEFAULTS.items():
+        assert getattr(args, key) == value, key
+    assert args.use_fp16 is None and args.precision == "auto"  # --use_fp16 only counts when given
+
+
+def test_local_rank_spellings_and_official_bool_flags() -> None:
+    assert _parse("--local-rank", "3").local_rank == 3
+    assert _parse("--local_rank", "2").local_rank == 2
+    args = _parse("--norm_last_layer", "false", "--use_fp16", "true")
+    assert args.norm_last_layer is False and args.use_fp16 is True
+
+
+def test_precision_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", None, cpu) == "fp32"
+    assert resolve_precision("bf16", None, cpu) == "bf16"
+    assert resolve_precision("auto", True, cpu) == "fp16"
+    assert resolve_precision("fp32", False, cpu) == "fp32"
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve_precision("bf16", True, cpu)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "vit_small", "--num_slots", "32"], "--num_slots need a SPARO arch"),
+    (["--global_crop_size", "30", "--patch_size", "8"], "--global_crop_size 30 is not divisible"),
+    (["--use_fp16", "true", "--precision", "bf16"], "contradicts --precision bf16"),
+    (["--global_crops_scale", "0.4"], "--global_crops_scale must be two numbers"),
+    (["--warmup_epochs", "20", "--epochs", "10"], "cannot exceed --epochs 10"),
+    (["--arch", "vit_huge"], "invalid choice: 'vit_huge'"),
+    (["--dist_url", "tcp://host:1234"], "not supported"),
+])
+def test_bad_flags_fail_with_one_line(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit):
+        _parse(*argv)
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error_lines) == 1 and message in error_lines[0]
+
+
+def test_imagefolder_needs_data_path_and_fashion_mnist_has_a_default(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_train_args([])
+    assert "--data_path is required" in capsys.readouterr().err
+    assert parse_train_args(["--dataset", "fashion_mnist"]).data_path == "/usr/share/datasets/fashion-mnist"
+
+
+def test_yaml_sets_flags_and_cli_overrides(tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("arch: vit_tiny_sparo\nnum_slots: 16\nepochs: 7\nlocal_crops_scale: [0.1, 0.3]\n")
+    args = _parse("--config", str(config), "--epochs", "12")
+    assert (args.arch, args.num_slots, args.epochs, args.local_crops_scale) == ("vit_tiny_sparo", 16, 12, [0.1, 0.3])
+
+
+def test_unknown_yaml_key_names_it_and_the_valid_keys(tmp_path) -> None:
+    config = tmp_path / "typo.yaml"
+    config.write_text("arch: vit_tiny\nteacher_tmp: 0.07\n")
+    with pytest.raises(SystemExit) as info:
+        _parse("--config", str(config))
+    message = str(info.value)
+    assert "teacher_tmp" in message and "teacher_temp" in message and "warmup_teacher_temp" in message
+
+
+def test_bad_yaml_value_is_an_error(tmp_path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("optimizer: adam\n")
+    with pytest.raises(SystemExit, match="optimizer"):
+        _parse("--config", str(config))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_configs_parse_with_valid_keys(path: str) -> None:
+    with open(path) as handle:
+        values = yaml.safe_load(handle)
+    valid = {action.dest for action in get_args_parser()._actions}
+    assert set(values) <= valid
+    args = _parse("--config", path)
+    assert args.arch.endswith("_sparo") == ("sparo" in os.path.basename(path))
+
+
+def test_four_recipes_are_shipped() -> None:
+    names = {os.path.basename(path) for path in CONFIGS}
+    assert {"dino_vit_small_in1k.yaml", "dino_vit_small_sparo_in1k.yaml", "fmnist_vit_tiny.yaml",
+            "fmnist_vit_tiny_sparo.yaml"} <= names
+
+
+@pytest.mark.parametrize("name, arch", [("dino_vit_small_in1k.yaml", "vit_small"),
+                                        ("dino_vit_small_sparo_in1k.yaml", "vit_small_sparo")])
+def test_paper_configs_are_the_official_recipe_in_fp16(name: str, arch: str) -> None:
+    args = _parse("--config", os.path.join(REPO, "configs", name))
+    expected = {**OFFICIAL_DEFAULTS, "arch": arch}
+    for key in ("output_dir", "dist_url", "local_rank"):
+        expected.pop(key)
+    for key, value in expected.items():
+        assert getattr(args, key) == value, key
+    assert args.precision == "fp16" and args.dataset == "imagefolder"
+    assert (args.num_slots, args.slot_dim, args.attn_dim, args.group_size) == (64, 64, 64, 1)
+    assert (args.global_crop_size, args.local_crop_size, args.img_size) == (224, 96, 224)
+
+
+@pytest.mark.parametrize("name, arch", [("fmnist_vit_tiny.yaml", "vit_tiny"),
+                                        ("fmnist_vit_tiny_sparo.yaml", "vit_tiny_sparo")])
+def test_fashion_mnist_configs(name: str, arch: str) -> None:
+    args = parse_train_args(["--config", os.path.join(REPO, "configs", name)])
+    assert (args.arch, args.patch_size, args.img_size, args.dataset) == (arch, 4, 32, "fashion_mnist")
+    assert (args.global_crop_size, args.local_crop_size) == (32, 16)
+    assert args.out_dim <= 8192
