@@ -1,0 +1,267 @@
+"""End-to-end training on CPU: outputs, exact resume, precisions and optimizers, and the user-facing errors."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import main_dino
+from conftest import make_image_folder
+from sparo_dino.loss import DINOLoss
+from sparo_dino.train_args import parse_train_args
+from sparo_dino import distributed
+from sparo_dino.trainer import DinoTrainer, build_student_teacher
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# vit_tiny/8 on 32 px globals and 16 px locals, 16 images, 4 per step: a few seconds per epoch-pair on CPU.
+TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--img_size", "32", "--global_crop_size", "32",
+        "--local_crop_size", "16", "--local_crops_number", "2", "--out_dim", "64", "--batch_size_per_gpu", "4",
+        "--warmup_epochs", "1", "--num_workers", "0", "--print_freq", "2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine OpenMP spin-waiting makes 2 threads several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=2, per_class=8, size=32)
+
+
+def run(data: str, output: str, *extra: str, capsys=None) -> tuple[int, str]:
+    code = main_dino.main([*TINY, "--data_path", data, "--output_dir", output, *extra])
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def load(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_training_writes_checkpoints_logs_config_and_provenance(images, tmp_path, capsys) -> None:
+    out = str(tmp_path / "run")
+    code, _ = run(images, out, "--epochs", "3", "--saveckp_freq", "2", capsys=capsys)
+    assert code == 0
+    assert sorted(n for n in os.listdir(out)) == ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0002.pth",
+                                                   "config.yaml", "log.txt", "provenance.jsonl"]
+    state = load(os.path.join(out, "checkpoint.pth"))
+    assert {"student", "teacher", "optimizer", "dino_loss", "epoch", "iteration", "config", "rng"} <= set(state)
+    assert state["epoch"] == 3 and state["iteration"] == 0 and "scaler" not in state
+    assert all(k.startswith(("backbone.", "head.")) for k in state["student"])
+    assert state["config"]["arch"] == "vit_tiny" and state["config"]["global_crops_scale"] == [0.4, 1.0]
+    assert load(os.path.join(out, "checkpoint0000.pth"))["epoch"] == 1
+    assert load(os.path.join(out, "checkpoint0002.pth"))["epoch"] == 3
+    # the teacher is an EMA of the student: close to it but not equal
+    key = "backbone.blocks.0.attn.qkv.weight"
+    assert not torch.equal(state["student"][key], state["teacher"][key])
+
+    records = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    for record in records:
+        for field in ("train_loss", "train_lr", "train_wd", "train_teacher_temp", "train_momentum",
+                      "train_teacher_entropy", "train_kl", "train_center_norm"):
+            assert np.isfinite(record[field]), field
+    assert 0 < records[0]["train_teacher_entropy"] <= np.log(64) + 1e-4
+    assert records[-1]["train_center_norm"] == pytest.approx(float(state["dino_loss"]["center"].norm()), rel=1e-5)
+
+    config = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert config["epochs"] == 3 and config["out_dim"] == 64 and config["data_path"] == images
+    provenance = [json.loads(line) for line in open(os.path.join(out, "provenance.jsonl"))]
+    assert len(provenance) == 1
+    assert provenance[0]["git"]["commit"] and provenance[0]["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert provenance[0]["config"]["arch"] == "vit_tiny" and provenance[0]["precision"] == "fp32"
+    assert isinstance(provenance[0]["command"], list) and provenance[0]["world_size"] == 1
+
+    # rerunning the finished command does nothing and keeps the checkpoint
+    before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
+    assert run(images, out, "--epochs", "3", "--saveckp_freq", "2")[0] == 0
+    assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
+
+
+@pytest.fixture(scope="module")
+def straight_run(images, tmp_path_factory) -> str:
+    """Two epochs in one go, keeping the checkpoint of each epoch."""
+    straight = str(tmp_path_factory.mktemp("straight"))
+    assert run(images, straight, "--epochs", "2", "--saveckp_freq", "1")[0] == 0
+    return straight
+
+
+@pytest.mark.parametrize("how", ["output_dir", "resume_flag"])
+def test_resume_equals_straight_run(images, straight_run, tmp_path, how: str) -> None:
+    """2 epochs straight == 1 epoch, a new start (other worker count, other global RNG), then the second epoch."""
+    straight = straight_run
+    resumed = str(tmp_path / "resumed")
+    first_epoch = os.path.join(straight, "checkpoint0000.pth")
+    if how == "output_dir":
+        os.makedirs(resumed)
+        shutil.copy(first_epoch, os.path.join(resumed, "checkpoint.pth"))
+        extra = []
+    else:
+        extra = ["--resume", first_epoch]
+    torch.manual_seed(1234)  # a different global RNG state than the straight run had: restored from the file
+    assert run(images, resumed, "--epochs", "2", "--saveckp_freq", "1", "--num_workers", "2", *extra)[0] == 0
+    a, b = load(os.path.join(straight, "checkpoint.pth")), load(os.path.join(resumed, "checkpoint.pth"))
+    for part in ("student", "teacher", "dino_loss"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    for param_id, param_state in a["optimizer"]["state"].items():
+        for key, value in param_state.items():
+            assert torch.equal(value, b["optimizer"]["state"][param_id][key])
+    assert a["epoch"] == b["epoch"] == 2
+    straight_log = [json.loads(line) for line in open(os.path.join(straight, "log.txt"))]
+    resumed_log = [json.loads(line) for line in open(os.path.join(resumed, "log.txt"))]
+    assert resumed_log[-1]["train_loss"] == straight_log[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--precision", "bf16", "--optimizer", "lars"],
+    ["--use_fp16", "true", "--optimizer", "sgd", "--use_bn_in_head", "true"],
+    ["--arch", "vit_tiny_sparo", "--num_slots", "8", "--slot_dim", "8", "--attn_dim", "8", "--group_size", "2",
+     "--grad_checkpointing", "true", "--norm_last_layer", "false", "--freeze_last_layer", "0"],
+], ids=["bf16-lars", "fp16-sgd-bn", "sparo-checkpointing"])
+def test_precisions_optimizers_and_archs_train(images, tmp_path, flags) -> None:
+    out = str(tmp_path / "run")
+    assert run(images, out, "--epochs", "1", "--warmup_epochs", "0", *flags)[0] == 0
+    state = load(os.path.join(out, "checkpoint.pth"))
+    assert ("scaler" in state) == ("--use_fp16" in flags)
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_last_layer_is_frozen_in_the_first_epoch(straight_run) -> None:
+    first = load(os.path.join(straight_run, "checkpoint0000.pth"))["student"]
+    second = load(os.path.join(straight_run, "checkpoint0001.pth"))["student"]
+    torch.manual_seed(0)  # the run's seed: the builder gives the run's initial weights
+    fresh = build_student_teacher(vars(parse_train_args([*TINY, "--data_path", "unused"])))[0].state_dict()
+    direction = "head.last_layer.parametrizations.weight.original1"
+    assert torch.equal(first[direction], fresh[direction])
+    assert not torch.equal(second[direction], first[direction])
+    assert not torch.equal(first["head.mlp.0.weight"], fresh["head.mlp.0.weight"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch, capsys) -> None:
+    original = DINOLoss.forward
+
+    def poisoned(self, student_output, teacher_output, epoch):
+        output = original(self, student_output, teacher_output, epoch)
+        return output._replace(loss=output.loss * float("nan")) if epoch == 1 else output
+
+    monkeypatch.setattr(DINOLoss, "forward", poisoned)
+    out = str(tmp_path / "run")
+    code, err = run(images, out, "--epochs", "3", "--saveckp_freq", "1", capsys=capsys)
+    assert code == 1
+    line = error_line(err)
+    assert "not finite" in line and "epoch 1, iterations 0-1" in line and "checkpoint.pth is kept" in line
+    state = load(os.path.join(out, "checkpoint.pth"))
+    assert state["epoch"] == 1
+    assert not os.path.exists(os.path.join(out, "checkpoint0001.pth"))
+
+
+def test_checkpoint_of_another_arch_is_refused_and_kept(images, tmp_path, capsys) -> None:
+    out = str(tmp_path / "run")
+    assert run(images, out, "--epochs", "1")[0] == 0
+    files = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    code, err = run(images, out, "--epochs", "2", "--arch", "vit_tiny_sparo", capsys=capsys)
+    assert code == 1
+    assert "belongs to another model: arch='vit_tiny'" in error_line(err)
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == files
+
+
+def test_corrupt_checkpoint_is_an_error_and_kept(images, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"\x00garbage" * 100)
+    code, err = run(images, str(out), "--epochs", "1", capsys=capsys)
+    assert code == 1 and "corrupt" in error_line(err) and str(out / "checkpoint.pth") in error_line(err)
+    assert (out / "checkpoint.pth").read_bytes() == b"\x00garbage" * 100
+    assert sorted(os.listdir(out)) == ["checkpoint.pth"]
+
+
+def test_missing_data_path(tmp_path, capsys) -> None:
+    code, err = run(str(tmp_path / "nowhere"), str(tmp_path / "run"), "--epochs", "1", capsys=capsys)
+    assert code == 1 and "nowhere" in error_line(err) and "does not exist" in error_line(err)
+
+
+def test_dataset_smaller_than_one_batch(tmp_path, capsys) -> None:
+    data = make_image_folder(tmp_path / "few", num_classes=3, per_class=1, size=32)
+    code, err = run(data, str(tmp_path / "run"), "--epochs", "1", capsys=capsys)
+    assert code == 1 and "fewer than one global batch of 4" in error_line(err)
+
+
+def test_corrupt_image_names_the_file(images, tmp_path, capsys) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    bad = data / "class_0" / "img_003.png"
+    bad.write_bytes(b"this is not a png")
+    code, err = run(str(data), str(tmp_path / "run"), "--epochs", "1", "--num_workers", "1", capsys=capsys)
+    assert code == 1 and str(bad) in error_line(err)
+
+
+def _write_idx(path: str, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_config_trains_on_idx_files(tmp_path) -> None:
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    _write_idx(str(folder / "train-images-idx3-ubyte.gz"), rng.integers(0, 256, (16, 28, 28)))
+    _write_idx(str(folder / "train-labels-idx1-ubyte.gz"), rng.integers(0, 10, (16,)))
+    out = str(tmp_path / "run")
+    code = main_dino.main(["--config", os.path.join(REPO, "configs", "fmnist_vit_tiny_sparo.yaml"),
+                           "--data_path", str(folder), "--output_dir", out, "--epochs", "1", "--warmup_epochs", "0",
+                           "--batch_size_per_gpu", "8", "--num_workers", "0", "--out_dim", "64",
+                           "--local_crops_number", "2", "--num_slots", "4", "--slot_dim", "8"])
+    assert code == 0
+    state = load(os.path.join(out, "checkpoint.pth"))
+    assert state["config"]["dataset"] == "fashion_mnist" and state["config"]["patch_size"] == 4
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_mid_epoch_checkpoint_resumes_exactly(images, straight_run, tmp_path) -> None:
+    """A checkpoint written after 2 of the 4 steps of epoch 1 (iteration=2) continues on the straight run's path:
+    the sampler skips the consumed samples and the RNG streams continue where they stopped."""
+    out = str(tmp_path / "run")
+    args = parse_train_args([*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2"])
+    trainer = DinoTrainer(args, distributed.init_distributed())
+    step = trainer.train_step
+
+    def interrupted_step(crops, epoch, global_iteration):
+        if (epoch, trainer.iteration) == (1, 2):
+            raise _Interrupt
+        return step(crops, epoch, global_iteration)
+
+    trainer.train_step = interrupted_step
+    with pytest.raises(_Interrupt):
+        trainer.fit()
+    trainer.save()
+    partial = load(os.path.join(out, "checkpoint.pth"))
+    assert (partial["epoch"], partial["iteration"]) == (1, 2)
+    assert run(images, out, "--epochs", "2", "--num_workers", "2")[0] == 0
+    a, b = load(os.path.join(straight_run, "checkpoint.pth")), load(os.path.join(out, "checkpoint.pth"))
+    for part in ("student", "teacher", "dino_loss"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
