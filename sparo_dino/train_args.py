@@ -23,7 +23,8 @@ MODEL_KEYS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_laye
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DINO with a SPARO read-out", allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="main_dino.py", allow_abbrev=False,
+                                     description="DINO self-supervised training with a SPARO read-out",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="vit_small", choices=sparo_vit.ARCHS,

@@ -265,3 +265,16 @@ def test_mid_epoch_checkpoint_resumes_exactly(images, straight_run, tmp_path) ->
     for part in ("student", "teacher", "dino_loss"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+
+
+def test_tensorboard_flag(images, tmp_path) -> None:
+    out = str(tmp_path / "run")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install tensorboard"):
+            run(images, out, "--epochs", "1", "--tensorboard", "true")
+        assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
+        return
+    assert run(images, out, "--epochs", "1", "--tensorboard", "true")[0] == 0
+    assert os.listdir(os.path.join(out, "tensorboard"))
