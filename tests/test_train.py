@@ -84,6 +84,9 @@ def test_training_writes_checkpoints_logs_config_and_provenance(images, tmp_path
 
     config = yaml.safe_load(open(os.path.join(out, "config.yaml")))
     assert config["epochs"] == 3 and config["out_dim"] == 64 and config["data_path"] == images
+    # the saved config is a valid --config file that reproduces the run's flags
+    reparsed = vars(parse_train_args(["--config", os.path.join(out, "config.yaml")]))
+    assert {k: v for k, v in reparsed.items() if k != "config"} == config
     provenance = [json.loads(line) for line in open(os.path.join(out, "provenance.jsonl"))]
     assert len(provenance) == 1
     assert provenance[0]["git"]["commit"] and provenance[0]["packages"]["torch"] == torch.__version__.split("+")[0]
