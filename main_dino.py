@@ -9,12 +9,15 @@ Rerunning the same command continues from OUTPUT_DIR/checkpoint.pth.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from sparo_dino.checkpoint import CheckpointError
 from sparo_dino.datasets import BadImageError
 from sparo_dino.train_args import parse_train_args
 from sparo_dino.trainer import TrainingError, train
+
+if TYPE_CHECKING:
+    from sparo_dino.preemption import StopRequest
 
 
 def _one_line(error: BaseException) -> str:
@@ -29,13 +32,18 @@ def _one_line(error: BaseException) -> str:
     return last
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> int:
+    """Train; returns the exit status: 0 done, 1 a one-line error, REQUEUE_EXIT_CODE stopped early on request
+    (`stop`, e.g. from the submitit launcher) with a checkpoint to resume from."""
     args = parse_train_args(argv)
     try:
-        train(args)
+        train(args, stop)
     except (TrainingError, CheckpointError, FileNotFoundError, BadImageError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)
         return 1
+    if stop is not None and stop.requested:
+        from sparo_dino.preemption import REQUEUE_EXIT_CODE  # only reachable when a StopRequest was passed
+        return REQUEUE_EXIT_CODE
     return 0
 
 

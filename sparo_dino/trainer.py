@@ -13,7 +13,7 @@ import itertools
 import os
 import random
 import warnings
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from sparo_dino.progress import MetricSums, ProgressLogger, all_finite, require_
 from sparo_dino.provenance import append_provenance
 from sparo_dino.schedules import Schedules, scaled_lr
 from sparo_dino.train_args import MODEL_KEYS, resolve_precision
+
+if TYPE_CHECKING:
+    from sparo_dino.preemption import StopRequest
 
 NUM_GLOBAL_CROPS = 2
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -111,9 +114,11 @@ def _normalize_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 class DinoTrainer:
     """One process's share of a DINO run. Construction validates data and checkpoint before writing anything."""
 
-    def __init__(self, args: argparse.Namespace, info: distributed.DistInfo) -> None:
+    def __init__(self, args: argparse.Namespace, info: distributed.DistInfo, stop: StopRequest | None = None) -> None:
         self.args = args
         self.info = info
+        self.stop = stop
+        self.stopped = False
         self.device = info.device
         self.precision = resolve_precision(args.precision, args.use_fp16, self.device)
         if args.tensorboard:
@@ -292,8 +297,26 @@ class DinoTrainer:
                                  f"training stopped and {kept} (try --precision fp32/bf16, a lower --lr or "
                                  "--clip_grad)")
 
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective; polled at every step boundary when a stop is wired)."""
+        return self.stop is not None and self.stop.agreed_to_stop(self.device)
+
+    def _save_and_stop(self, epoch: int, window: MetricSums, window_first: int) -> None:
+        """Checkpoint at this step boundary (after checking the unlogged steps are finite) and stop the run."""
+        if window.steps:
+            self._check_finite(window.global_means(), epoch, window_first, self.iteration - 1)
+        self.save()
+        self._announce_stop()
+
+    def _announce_stop(self) -> None:
+        self.stopped = True
+        if distributed.is_main_process():
+            print(f"stopping ({self.stop.reason}): {self.checkpoint_path} holds epoch {self.epoch}, iteration "
+                  f"{self.iteration}; run the same command again to continue", flush=True)
+
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        """Run the epoch from `self.iteration` to its end; returns the epoch's mean metrics over all ranks."""
+        """Run the epoch from `self.iteration` to its end, or to a requested stop (then `self.stopped` is set and
+        a checkpoint of the position was written); returns the epoch's mean metrics over all ranks."""
         first = self.iteration
         self.sampler.set_position(epoch, first * self.batch_size)
         self.dataset.set_epoch(epoch)
@@ -312,6 +335,9 @@ class DinoTrainer:
                 self.progress.log_window(epoch, iteration, means, self.hyperparameters(epoch, global_iteration))
                 window.reset()
                 window_first = self.iteration
+            if self.iteration < self.iters_per_epoch and self._stop_agreed():  # epoch ends are polled in fit()
+                self._save_and_stop(epoch, window, window_first)
+                break
         return totals.global_means()
 
     # ----------------------------------------------------------------------------------------- checkpoints
@@ -360,27 +386,34 @@ class DinoTrainer:
             while self.epoch < self.args.epochs:
                 epoch = self.epoch
                 means = self.train_one_epoch(epoch)
+                if self.stopped:
+                    break
                 last = epoch * self.iters_per_epoch + self.iters_per_epoch - 1
                 extra = {**self.hyperparameters(epoch, last), "center_norm": float(self.dino_loss.center.norm())}
                 records.append(self.progress.log_epoch(epoch, means, extra))
                 self.epoch, self.iteration = epoch + 1, 0
                 keep = self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0
                 self.save(extra_copy=f"checkpoint{epoch:04d}.pth" if keep else None)
+                if self.epoch < self.args.epochs and self._stop_agreed():
+                    self._announce_stop()
+                    break
         finally:
             self.progress.close()
         return records
 
 
-def train(args: argparse.Namespace) -> list[dict[str, Any]]:
+def train(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict[str, Any]]:
     """Run (or continue) the DINO training described by `args` in this process.
 
     Joins the process group given by the environment (torchrun, submitit) or runs alone, and destroys the group
-    it created on the way out, so jobs exit instead of hanging in NCCL teardown.
+    it created on the way out, so jobs exit instead of hanging in NCCL teardown. With `stop`, a request (signal
+    handler, submitit's checkpoint callback) makes every rank save a checkpoint at the next step boundary and
+    return; `stop.requested` then tells the caller the run is incomplete.
     """
     owns_group = not distributed.is_dist()
     info = distributed.init_distributed()
     try:
-        return DinoTrainer(args, info).fit()
+        return DinoTrainer(args, info, stop).fit()
     finally:
         if owns_group:
             distributed.cleanup()
