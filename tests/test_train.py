@@ -15,8 +15,8 @@ import yaml
 import main_dino
 from conftest import make_image_folder
 from sparo_dino.loss import DINOLoss
+from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest
 from sparo_dino.train_args import parse_train_args
-from sparo_dino import distributed
 from sparo_dino.trainer import DinoTrainer, build_student_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,30 +240,30 @@ def test_fashion_mnist_config_trains_on_idx_files(tmp_path) -> None:
     assert state["config"]["dataset"] == "fashion_mnist" and state["config"]["patch_size"] == 4
 
 
-class _Interrupt(Exception):
-    pass
+@pytest.mark.parametrize("stop_after, saved_at", [((1, 1), (1, 2)), ((0, 3), (1, 0))],
+                         ids=["mid-epoch", "epoch-end"])
+def test_stop_request_saves_and_the_rerun_resumes_exactly(images, straight_run, tmp_path, monkeypatch,
+                                                          stop_after, saved_at) -> None:
+    """A stop requested during step `stop_after` (epoch, index) saves at the next step boundary (epoch, iteration),
+    exits with the requeue code, and the rerun ends where the uninterrupted run ended: the sampler skips consumed
+    samples and the RNG streams continue where they stopped."""
+    stop = StopRequest()
+    step = DinoTrainer.train_step
 
+    def step_then_request(self, crops, epoch, global_iteration):
+        metrics = step(self, crops, epoch, global_iteration)
+        if (epoch, self.iteration) == stop_after:
+            stop.request("test")
+        return metrics
 
-def test_mid_epoch_checkpoint_resumes_exactly(images, straight_run, tmp_path) -> None:
-    """A checkpoint written after 2 of the 4 steps of epoch 1 (iteration=2) continues on the straight run's path:
-    the sampler skips the consumed samples and the RNG streams continue where they stopped."""
+    monkeypatch.setattr(DinoTrainer, "train_step", step_then_request)
     out = str(tmp_path / "run")
-    args = parse_train_args([*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2"])
-    trainer = DinoTrainer(args, distributed.init_distributed())
-    step = trainer.train_step
-
-    def interrupted_step(crops, epoch, global_iteration):
-        if (epoch, trainer.iteration) == (1, 2):
-            raise _Interrupt
-        return step(crops, epoch, global_iteration)
-
-    trainer.train_step = interrupted_step
-    with pytest.raises(_Interrupt):
-        trainer.fit()
-    trainer.save()
+    argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2"]
+    assert main_dino.main(argv, stop=stop) == REQUEUE_EXIT_CODE
     partial = load(os.path.join(out, "checkpoint.pth"))
-    assert (partial["epoch"], partial["iteration"]) == (1, 2)
-    assert run(images, out, "--epochs", "2", "--num_workers", "2")[0] == 0
+    assert (partial["epoch"], partial["iteration"]) == saved_at
+    monkeypatch.undo()
+    assert main_dino.main([*argv, "--num_workers", "2"]) == 0
     a, b = load(os.path.join(straight_run, "checkpoint.pth")), load(os.path.join(out, "checkpoint.pth"))
     for part in ("student", "teacher", "dino_loss"):
         for key in a[part]:
