@@ -4,20 +4,20 @@
     python -m torch.distributed.run --nproc_per_node=8 main_dino.py --config configs/dino_vit_small_sparo_in1k.yaml
 
 Every official DINO flag keeps its name and default; `--config FILE.yaml` sets any flag, the command line wins.
-Rerunning the same command continues from OUTPUT_DIR/checkpoint.pth.
+Rerunning the same command continues from OUTPUT_DIR/checkpoint.pth. SIGTERM or SIGUSR1 (SLURM's warning before a
+kill) makes every rank finish its step, save the position inside the epoch, and exit with status 75 (requeue).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from sparo_dino.checkpoint import CheckpointError
 from sparo_dino.datasets import BadImageError
+from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
 from sparo_dino.train_args import parse_train_args
 from sparo_dino.trainer import TrainingError, train
-
-if TYPE_CHECKING:
-    from sparo_dino.preemption import StopRequest
 
 
 def _one_line(error: BaseException) -> str:
@@ -33,18 +33,21 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> int:
-    """Train; returns the exit status: 0 done, 1 a one-line error, REQUEUE_EXIT_CODE stopped early on request
-    (`stop`, e.g. from the submitit launcher) with a checkpoint to resume from."""
+    """Train; returns the exit status: 0 done, 1 a one-line error, REQUEUE_EXIT_CODE stopped early with a
+    checkpoint to resume from.
+
+    A stop comes from `stop` (the submitit launcher passes its own and owns the signals), or else, when called from
+    the main thread, from SIGTERM/SIGUSR1 (what SLURM sends before a kill), which are turned into a stop request
+    while training runs.
+    """
     args = parse_train_args(argv)
-    try:
-        train(args, stop)
-    except (TrainingError, CheckpointError, FileNotFoundError, BadImageError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)
-        return 1
-    if stop is not None and stop.requested:
-        from sparo_dino.preemption import REQUEUE_EXIT_CODE  # only reachable when a StopRequest was passed
-        return REQUEUE_EXIT_CODE
-    return 0
+    with contextlib.nullcontext(stop) if stop is not None else stop_on_signals() as stop:
+        try:
+            finished = train(args, stop)
+        except (TrainingError, CheckpointError, FileNotFoundError, BadImageError) as error:
+            print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)
+            return 1
+    return 0 if finished else REQUEUE_EXIT_CODE
 
 
 if __name__ == "__main__":

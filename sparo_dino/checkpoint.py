@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,32 +20,83 @@ import torch
 from sparo_dino import distributed
 
 CHECKPOINT_NAME = "checkpoint.pth"
+_PERIODIC = re.compile(r"checkpoint(\d+)\.pth")  # checkpointNNNN.pth, NNNN = 0-based epoch index
+_TEMPORARY = re.compile(r"\..+\.tmp\.\d+")  # what save_checkpoint writes before its rename
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, truncated, or of another model."""
 
 
+def _temporary_name(path: str) -> str:
+    return f".{os.path.basename(path)}.tmp.{os.getpid()}"
+
+
 def save_checkpoint(state: Mapping[str, Any], path: str) -> None:
-    """Write `state` to `path` atomically (temporary file + fsync + rename)."""
+    """Write `state` to `path` atomically (temporary file + fsync + rename).
+
+    A failed write (full disk, quota, I/O error) removes the temporary file, leaves the previous checkpoint as it
+    was and raises a one-line CheckpointError."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    temporary = os.path.join(folder, _temporary_name(path))
     try:
         with open(temporary, "wb") as handle:
             torch.save(dict(state), handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError):
+            kept = "the previous checkpoint is kept" if os.path.isfile(path) else "no checkpoint was written"
+            raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}; {kept}") from error
         raise
     directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete temporary files that killed writers left behind (they can be as large as a checkpoint); returns them.
+
+    Call before this run writes anything into `folder`: it assumes no other process is writing there."""
+    if not os.path.isdir(folder):
+        return []
+    stale = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+             if _TEMPORARY.fullmatch(name) and not name.endswith(f".tmp.{os.getpid()}")]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def periodic_checkpoints(folder: str) -> list[str]:
+    """The kept checkpointNNNN.pth files of a run folder, newest (highest epoch index) first."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(match[1]), name) for name in os.listdir(folder) if (match := _PERIODIC.fullmatch(name))]
+    return [os.path.join(folder, name) for _, name in sorted(found, reverse=True)]
+
+
+def load_with_fallback(path: str, fallbacks: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """Load `path`, or when it is corrupt or truncated, the first loadable file of `fallbacks` (with a warning
+    that names both); returns (state, the file it came from). Without a loadable fallback the original error
+    stands, so a damaged run is never silently restarted from scratch."""
+    try:
+        return load_checkpoint(path), path
+    except CheckpointError as error:
+        for candidate in fallbacks:
+            try:
+                state = load_checkpoint(candidate)
+            except CheckpointError:
+                continue
+            warnings.warn(f"{error}; falling back to {candidate} (epoch {state.get('epoch')}, iteration "
+                          f"{state.get('iteration', 0)}); the next save overwrites {path}", stacklevel=2)
+            return state, candidate
+        raise
 
 
 def _is_weights_only_refusal(error: Exception) -> bool:

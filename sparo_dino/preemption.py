@@ -7,9 +7,11 @@ tells a launcher "resume me" rather than "failed" or "done".
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
+from typing import Iterator
 
 import torch
 
@@ -34,18 +36,49 @@ class StopRequest:
     def requested(self) -> bool:
         return self._event.is_set()
 
-    def install_signal_handlers(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> None:
-        """Turn the given signals into stop requests; only possible from the main thread."""
+    def install_signal_handlers(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> dict:
+        """Turn the given signals into stop requests; only possible from the main thread.
+
+        Returns the previous handlers, so a caller can put them back (see `stop_on_signals`)."""
         def handler(signum: int, frame: FrameType | None) -> None:
             self.request(f"received {signal.Signals(signum).name}")
-        for sig in signals:
-            signal.signal(sig, handler)
+        return {sig: signal.signal(sig, handler) for sig in signals}
 
     def agreed_to_stop(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank was asked to stop (a collective: call it on all ranks)."""
+        """True on every rank as soon as any rank was asked to stop (a collective: call it on all ranks).
+
+        A single process reads its own flag: no device tensor, so no host sync per step."""
+        if distributed.get_world_size() == 1:
+            return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         distributed.all_reduce_sum_(flag)
         stop = bool(flag.item() > 0)
         if stop and not self.requested:
             self.request("another rank was asked to stop")
         return stop
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> Iterator[StopRequest | None]:
+    """A StopRequest fed by SIGTERM/SIGUSR1 while the block runs, then the previous handlers again.
+
+    Yields None outside the main thread (Python only delivers signals there): whoever runs training in a worker
+    thread, like the submitit launcher, owns the signals and passes its own StopRequest instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    stop = StopRequest()
+    previous = stop.install_signal_handlers(signals)
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data-loader `worker_init_fn`: workers survive the SIGTERM that SLURM sends to every process of the job,
+    so the main process can finish its step and save; it shuts the workers down itself afterwards."""
+    for sig in DEFAULT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -105,17 +105,19 @@ class ProgressLogger:
             for key, value in {**means, **hyper}.items():
                 self.writer.add_scalar(f"step/{key}", value, step)
 
-    def log_epoch(self, epoch: int, means: Mapping[str, float], extra: Mapping[str, Any]) -> dict[str, Any]:
-        """Append the epoch's record to log.txt (official `train_*` keys) and return it."""
-        record = {**{f"train_{key}": value for key, value in {**means, **extra}.items()}, "epoch": epoch,
-                  "epoch_time_s": round(time.perf_counter() - self._epoch_start, 3)}
+    def log_epoch(self, epoch: int, means: Mapping[str, float], extra: Mapping[str, Any],
+                  evaluation: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """Append the epoch's record to log.txt (official `train_*` keys, evaluation results such as `knn_top1`
+        unprefixed) and return it."""
+        record = {**{f"train_{key}": value for key, value in {**means, **extra}.items()}, **(evaluation or {}),
+                  "epoch": epoch, "epoch_time_s": round(time.perf_counter() - self._epoch_start, 3)}
         if not self.enabled:
             return record
         with open(os.path.join(self.output_dir, LOG_NAME), "a") as handle:
             handle.write(json.dumps(record) + "\n")
         print(f"Epoch [{epoch}/{self.epochs}] done in {_format_duration(record['epoch_time_s'])} | "
               + " | ".join(f"{k} {v:.4g}" for k, v in record.items()
-                           if k.startswith("train_") and isinstance(v, float)), flush=True)
+                           if k not in ("epoch", "epoch_time_s") and isinstance(v, (int, float))), flush=True)
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":

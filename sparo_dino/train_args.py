@@ -94,6 +94,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--output_dir", default=".", type=str, help="checkpoints, logs and the resolved config")
     run.add_argument("--saveckp_freq", default=20, type=int,
                      help="also keep checkpointNNNN.pth when the 0-based epoch index is a multiple of this")
+    run.add_argument("--ckpt_every_iters", default=0, type=int,
+                     help="also overwrite checkpoint.pth every N iterations (with the position inside the epoch), "
+                          "so a hard kill loses at most N steps; 0: only at epoch ends and on SIGTERM/SIGUSR1")
+    run.add_argument("--skip_bad_images", default=False, type=bool_flag,
+                     help="replace unreadable images by the next readable one and count them per epoch in "
+                          "log.txt, instead of stopping with an error naming the file")
     run.add_argument("--resume", default=None, type=str,
                      help="checkpoint to start from when --output_dir has no checkpoint.pth yet")
     run.add_argument("--seed", default=0, type=int, help="random seed")
@@ -101,6 +107,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--print_freq", default=10, type=int, help="console log every N iterations")
     run.add_argument("--tensorboard", default=False, type=bool_flag,
                      help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard (needs `tensorboard`)")
+    knn = parser.add_argument_group("periodic k-NN monitor (weighted 20-NN of the teacher, as eval_knn.py)")
+    knn.add_argument("--knn_every", default=0, type=int,
+                     help="run the k-NN after every N-th epoch and the last one, logged as knn_top1; 0 disables")
+    knn.add_argument("--knn_data_path", default=None, type=str,
+                     help="labelled data in --dataset's format: a folder with train/ and val/ ImageFolders, or "
+                          f"the Fashion-MNIST IDX folder (default for fashion_mnist: {FASHION_MNIST_DIR})")
+    knn.add_argument("--knn_subset", default=5000, type=int,
+                     help="at most this many images of each split (a fixed random subset), to keep the monitor cheap")
     run.add_argument("--dist_url", default="env://", type=str,
                      help="official flag; only env:// (torchrun / submitit environment) is supported")
     run.add_argument("--local_rank", "--local-rank", default=0, type=int,
@@ -142,11 +156,15 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     for name in ("global_crop_size", "local_crop_size", "img_size"):
         if getattr(args, name) % args.patch_size:
             _fail(parser, f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}")
-    for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size"):
+    if args.knn_every and args.knn_data_path is None:
+        if args.dataset != "fashion_mnist":
+            _fail(parser, "--knn_every needs --knn_data_path (a folder holding train/ and val/ ImageFolders)")
+        args.knn_data_path = FASHION_MNIST_DIR
+    for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size", "knn_subset"):
         if getattr(args, name) < 1:
             _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("local_crops_number", "num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",
-                 "warmup_teacher_temp_epochs"):
+                 "warmup_teacher_temp_epochs", "ckpt_every_iters", "knn_every"):
         if getattr(args, name) < 0:
             _fail(parser, f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:

@@ -19,18 +19,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import sparo_vit
 from sparo_dino import distributed
 from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset
 from sparo_dino.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
+                                   load_with_fallback, periodic_checkpoints, remove_stale_temporaries,
                                    restore_rng_state, save_checkpoint)
 from sparo_dino.config import args_to_dict, save_config
 from sparo_dino.datasets import build_dataset, require_min_size
 from sparo_dino.loss import DINOLoss
 from sparo_dino.optim import (build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter,
                               ema_update_, param_groups, set_hyperparameters)
+from sparo_dino.periodic_knn import PeriodicKnn
+from sparo_dino.preemption import ignore_stop_signals
 from sparo_dino.progress import MetricSums, ProgressLogger, all_finite, require_tensorboard
 from sparo_dino.provenance import append_provenance
 from sparo_dino.schedules import Schedules, scaled_lr
@@ -91,6 +94,27 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+class SkipFlags(Dataset):
+    """Adds a third field to every sample: 1 when the image at that index was unreadable and replaced
+    (--skip_bad_images), so the main process can count replacements however many workers met them."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set (e.g. during unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        image, label = self.dataset[index]
+        bad = getattr(self.dataset, "bad_images", ())  # files this worker failed to decode, each failing every time
+        return image, label, int(bool(bad) and self.dataset.samples[index][0] in bad)
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -128,6 +152,7 @@ class DinoTrainer:
         self.batch_size = args.batch_size_per_gpu
         self.loader, self.sampler, self.dataset = self._build_data()
         self.iters_per_epoch = self.sampler.num_samples // self.batch_size
+        self.knn = self._build_knn_monitor()
 
         _seed_everything(args.seed)  # identical initial weights on every rank
         student, self.teacher = build_student_teacher(vars(args))
@@ -169,7 +194,8 @@ class DinoTrainer:
                                           local_crops_number=args.local_crops_number,
                                           global_crop_size=args.global_crop_size,
                                           local_crop_size=args.local_crop_size)
-        dataset = SeededDataset(build_dataset(args.dataset, args.data_path, transform=transform), seed=args.seed)
+        images = build_dataset(args.dataset, args.data_path, transform=transform, skip_bad_images=args.skip_bad_images)
+        dataset = SeededDataset(SkipFlags(images), seed=args.seed)
         try:
             require_min_size(dataset, self.batch_size * self.info.world_size,
                              f"training data {args.data_path} ({self.batch_size} per process x "
@@ -184,8 +210,19 @@ class DinoTrainer:
         loader = DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, num_workers=args.num_workers,
                             pin_memory=self.device.type == "cuda", drop_last=True,
                             persistent_workers=args.num_workers > 0,  # SeededDataset's epoch reaches them
+                            worker_init_fn=ignore_stop_signals,  # SIGTERM to the job must not kill the workers
                             generator=torch.Generator().manual_seed(args.seed + self.info.rank))
         return loader, sampler, dataset
+
+    def _build_knn_monitor(self) -> PeriodicKnn | None:
+        args = self.args
+        if not args.knn_every:
+            return None
+        try:
+            return PeriodicKnn(args.dataset, args.knn_data_path, args.knn_subset, args.global_crop_size,
+                               self.batch_size, args.num_workers, self.device, seed=args.seed)
+        except ValueError as error:
+            raise TrainingError(f"--knn_data_path: {error}") from error
 
     def _resume_source(self) -> tuple[str, bool] | None:
         """The run's own checkpoint.pth wins (requeued jobs continue); --resume only seeds a fresh output dir."""
@@ -203,7 +240,10 @@ class DinoTrainer:
         if source is None:
             return None
         path, named_by_user = source
-        state = load_checkpoint(path, allow_pickle=named_by_user)
+        if named_by_user:
+            state = load_checkpoint(path, allow_pickle=True)
+        else:  # this run's own file: a damaged one falls back to the newest loadable checkpointNNNN.pth
+            state, path = load_with_fallback(path, periodic_checkpoints(self.args.output_dir))
         config = state.get("config")
         if config is None and "args" in state:  # official DINO: a pickled Namespace
             config = vars(state["args"])
@@ -301,11 +341,15 @@ class DinoTrainer:
         """Whether any rank was asked to stop (a collective; polled at every step boundary when a stop is wired)."""
         return self.stop is not None and self.stop.agreed_to_stop(self.device)
 
-    def _save_and_stop(self, epoch: int, window: MetricSums, window_first: int) -> None:
-        """Checkpoint at this step boundary (after checking the unlogged steps are finite) and stop the run."""
+    def _check_window_and_save(self, epoch: int, window: MetricSums, window_first: int) -> None:
+        """Checkpoint at this step boundary, after checking that the steps not yet logged had a finite loss
+        (a bad state must never overwrite the last good checkpoint)."""
         if window.steps:
             self._check_finite(window.global_means(), epoch, window_first, self.iteration - 1)
         self.save()
+
+    def _save_and_stop(self, epoch: int, window: MetricSums, window_first: int) -> None:
+        self._check_window_and_save(epoch, window, window_first)
         self._announce_stop()
 
     def _announce_stop(self) -> None:
@@ -314,21 +358,30 @@ class DinoTrainer:
             print(f"stopping ({self.stop.reason}): {self.checkpoint_path} holds epoch {self.epoch}, iteration "
                   f"{self.iteration}; run the same command again to continue", flush=True)
 
+    def _periodic_save_due(self, epoch: int) -> bool:
+        """--ckpt_every_iters, counted in global steps; epoch ends are saved anyway."""
+        every = self.args.ckpt_every_iters
+        return bool(every) and self.iteration < self.iters_per_epoch and \
+            (epoch * self.iters_per_epoch + self.iteration) % every == 0
+
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """Run the epoch from `self.iteration` to its end, or to a requested stop (then `self.stopped` is set and
-        a checkpoint of the position was written); returns the epoch's mean metrics over all ranks."""
+        a checkpoint of the position was written); returns the epoch's mean metrics over all ranks (plus, with
+        --skip_bad_images, how many unreadable images were replaced in the part of the epoch this call ran)."""
         first = self.iteration
         self.sampler.set_position(epoch, first * self.batch_size)
         self.dataset.set_epoch(epoch)
         self.progress.start_epoch(first)
         window, totals = MetricSums(), MetricSums()
         window_first = first
-        for iteration, (crops, _) in enumerate(self.loader, start=first):
+        skipped = torch.zeros((), dtype=torch.int64)
+        for iteration, (crops, _, replaced) in enumerate(self.loader, start=first):
             global_iteration = epoch * self.iters_per_epoch + iteration
             metrics = self.train_step(crops, epoch, global_iteration)
             self.iteration = iteration + 1
             window.add(metrics)
             totals.add(metrics)
+            skipped += replaced.sum()
             if self.iteration % self.args.print_freq == 0 or self.iteration == self.iters_per_epoch:
                 means = window.global_means()
                 self._check_finite(means, epoch, window_first, iteration)
@@ -338,7 +391,12 @@ class DinoTrainer:
             if self.iteration < self.iters_per_epoch and self._stop_agreed():  # epoch ends are polled in fit()
                 self._save_and_stop(epoch, window, window_first)
                 break
-        return totals.global_means()
+            if self._periodic_save_due(epoch):
+                self._check_window_and_save(epoch, window, window_first)
+        means = totals.global_means()
+        if self.args.skip_bad_images:
+            means["bad_images_skipped"] = int(distributed.all_reduce_sum_(skipped.to(self.device)).item())
+        return means
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -358,23 +416,43 @@ class DinoTrainer:
         return state
 
     def save(self, extra_copy: str | None = None) -> None:
-        """checkpoint.pth (and `extra_copy` in the output dir) from the main process; call on every rank."""
+        """checkpoint.pth (and `extra_copy` in the output dir) from the main process; call on every rank.
+
+        A failed write (e.g. a full disk) raises on every rank, not only the writer: the others would otherwise
+        wait for it forever in the next collective."""
         state = self.state_dict()
+        failure: CheckpointError | None = None
         if distributed.is_main_process():
-            save_checkpoint(state, self.checkpoint_path)
-            if extra_copy:
-                save_checkpoint(state, os.path.join(self.args.output_dir, extra_copy))
-        distributed.barrier()
+            try:
+                save_checkpoint(state, self.checkpoint_path)
+                if extra_copy:
+                    save_checkpoint(state, os.path.join(self.args.output_dir, extra_copy))
+            except CheckpointError as error:
+                failure = error
+        failed = torch.tensor(0 if failure is None else 1, device=self.device)
+        if distributed.all_reduce_sum_(failed).item():
+            raise failure or CheckpointError(f"rank 0 could not write {self.checkpoint_path}; see its error")
 
     # ------------------------------------------------------------------------------------------------- run
     def write_run_files(self) -> None:
         if not distributed.is_main_process():
             return
+        for path in remove_stale_temporaries(self.args.output_dir):
+            print(f"removed {path}, a partial checkpoint of a killed run", flush=True)
         save_config(self.args, self.args.output_dir)
         append_provenance(self.args.output_dir, args_to_dict(self.args),
                           {"world_size": self.info.world_size, "precision": self.precision,
                            "device": str(self.device), "resumed_from": self.resumed_from,
                            "start_epoch": self.epoch, "start_iteration": self.iteration})
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """The k-NN monitor's result after `epoch` when it is due (every --knn_every epochs and the last), on the
+        main process; empty otherwise. All ranks take part in the extraction."""
+        last = epoch + 1 == self.args.epochs
+        if self.knn is None or not ((epoch + 1) % self.args.knn_every == 0 or last):
+            return {}
+        top1 = self.knn.top1(self.teacher.backbone, self.args.arch, self.autocast)
+        return {} if top1 is None else {"knn_top1": top1}
 
     def fit(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns the log.txt records of the epochs this call ran."""
@@ -390,7 +468,7 @@ class DinoTrainer:
                     break
                 last = epoch * self.iters_per_epoch + self.iters_per_epoch - 1
                 extra = {**self.hyperparameters(epoch, last), "center_norm": float(self.dino_loss.center.norm())}
-                records.append(self.progress.log_epoch(epoch, means, extra))
+                records.append(self.progress.log_epoch(epoch, means, extra, self.evaluate(epoch)))
                 self.epoch, self.iteration = epoch + 1, 0
                 keep = self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0
                 self.save(extra_copy=f"checkpoint{epoch:04d}.pth" if keep else None)
@@ -402,18 +480,20 @@ class DinoTrainer:
         return records
 
 
-def train(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict[str, Any]]:
+def train(args: argparse.Namespace, stop: StopRequest | None = None) -> bool:
     """Run (or continue) the DINO training described by `args` in this process.
 
     Joins the process group given by the environment (torchrun, submitit) or runs alone, and destroys the group
     it created on the way out, so jobs exit instead of hanging in NCCL teardown. With `stop`, a request (signal
     handler, submitit's checkpoint callback) makes every rank save a checkpoint at the next step boundary and
-    return; `stop.requested` then tells the caller the run is incomplete.
+    return. Returns whether all epochs are done (False: stopped early, resume from the checkpoint).
     """
     owns_group = not distributed.is_dist()
     info = distributed.init_distributed()
     try:
-        return DinoTrainer(args, info, stop).fit()
+        trainer = DinoTrainer(args, info, stop)
+        trainer.fit()
+        return not trainer.stopped
     finally:
         if owns_group:
             distributed.cleanup()

@@ -1,0 +1,70 @@
+"""k-NN accuracy of the teacher during training (--knn_every), computed with the evaluation code of eval_knn.py.
+
+A fixed random subset of a small labelled train/val split is embedded by every rank (its shard, gathered in order)
+and classified by the weighted 20-NN vote (cosine, T = 0.07), so the monitored number is the one eval_knn.py would
+report on the same images. It runs under a forked RNG: extraction must not shift the random streams that the
+rest of the run (drop-path, the next epoch) draws from, or runs with and without the monitor, and a run resumed
+after it, would diverge.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset, Subset
+
+from sparo_dino import augmentation, distributed, features, knn
+
+K = 20
+TEMPERATURE = 0.07
+EVAL_RESIZE_RATIO = 256 / 224  # official Resize 256 / CenterCrop 224, scaled to the run's crop size
+
+
+def _fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """At most `size` samples, drawn once at random (ImageFolder is sorted by class: a prefix would miss classes)."""
+    if len(dataset) <= size:
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:size].sort().values.tolist())
+
+
+class PeriodicKnn:
+    """The monitor's data, built (and checked) once at start-up; `top1(backbone)` is a collective."""
+
+    def __init__(self, dataset: str, path: str, subset: int, crop_size: int, batch_size: int, num_workers: int,
+                 device: torch.device, seed: int = 0) -> None:
+        transform = augmentation.eval_transform(round(crop_size * EVAL_RESIZE_RATIO), crop_size)
+        train, val = features.build_splits(argparse.Namespace(dataset=dataset, data_path=path), transform, transform)
+        self.num_classes = len(train.classes)
+        self.train = _fixed_subset(train, subset, seed)
+        self.val = _fixed_subset(val, subset, seed + 1)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = device
+
+    @torch.no_grad()
+    def top1(self, backbone: nn.Module, arch: str,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float | None:
+        """Weighted 20-NN top-1 (percent) of `backbone`'s evaluation features on the main process, None elsewhere."""
+        feature_fn = features.feature_function(backbone, features.feature_kind(arch))
+        was_training = backbone.training
+        backbone.eval()
+        forked = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=forked), autocast():
+                train = features.extract_features(feature_fn, self.train, self.batch_size, self.num_workers,
+                                                  self.device, name="k-NN train features")
+                val = features.extract_features(feature_fn, self.val, self.batch_size, self.num_workers,
+                                                self.device, name="k-NN val features")
+        finally:
+            backbone.train(was_training)
+        if not distributed.is_main_process():
+            return None
+        scores = knn.weighted_knn(train[0], train[1], val[0], self.num_classes, K, TEMPERATURE, backend="torch")
+        top1, _ = knn.topk_accuracy(scores, val[1])
+        print(f"k-NN monitor: weighted {K}-NN top-1 {top1:.2f}% ({len(self.train)} train / {len(self.val)} val "
+              "images)", flush=True)
+        return top1
