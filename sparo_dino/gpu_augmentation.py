@@ -1,0 +1,325 @@
+"""DINO multi-crop augmentation on batches of decoded uint8 image tensors, on any device (the GPU-side data path).
+
+The CPU pipeline (augmentation.MultiCropAugmentation) augments one PIL image at a time in data-loader workers; at
+about 41 img/s per core it cannot feed a GPU that trains at several hundred img/s. Here every random parameter of a
+whole batch is drawn at once from a torch.Generator (on the CPU, so results do not depend on the device), and each
+op runs once per crop-size group on the device, with per-sample factors broadcast instead of one call per image.
+
+Same recipe and parameter distributions as the CPU pipeline: RandomResizedCrop (torchvision's sampler, including its
+10 tries and the centre-crop fallback, vectorized), flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 in a random
+order of the four ops per sample (as torchvision), grayscale 0.2, Gaussian blur with sigma uniform in
+blur_sigma_range(crop size) (global 1 p=1, global 2 p=0.1, locals p=0.5), solarize (threshold 128) p=0.2 on global 2
+only, ImageNet mean/std. Deliberate differences, all below the size of one uint8 level or the resampling kernel:
+- resampling is bilinear with box-filter antialiasing (torchvision.ops.roi_align, aligned=True, adaptive sampling
+  ratio: every output pixel averages ceil(box / output)^2 bilinear samples of its cell), not PIL's antialiased
+  bicubic; when a crop is upsampled the outermost samples may read one pixel beyond the crop (edges are replicated);
+- pixel values stay float between ops, where PIL rounds to uint8 after every op;
+- the blur is an exact separable Gaussian (radius ceil(3 sigma_max), reflect padding, like torchvision's tensor
+  blur), where PIL approximates the Gaussian with box blurs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+from sparo_dino.augmentation import (IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, _check_scale,
+                                     blur_sigma_range)
+
+# The recipe's probabilities and jitter strengths (augmentation.py writes them inline in its transforms; the
+# statistical tests in tests/test_gpu_augmentation.py check that both pipelines agree on them).
+FLIP_P = 0.5
+JITTER_P = 0.8
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
+GRAYSCALE_P = 0.2
+GLOBAL1_BLUR_P, GLOBAL2_BLUR_P, LOCAL_BLUR_P = 1.0, 0.1, 0.5
+GLOBAL2_SOLARIZE_P = 0.2
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
+CROP_TRIES = 10  # torchvision RandomResizedCrop: tries before the centre-crop fallback
+# Order of the jitter factors in ViewParams.factors and of the op ids in ViewParams.order (torchvision's fn_idx).
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One crop of the recipe: its output size, area scale range and the probabilities that differ per view."""
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
+
+
+@dataclass
+class ViewParams:
+    """Random parameters of one view for a batch of B images (CPU tensors, first dim B).
+
+    boxes: (B, 4) float (left, top, right, bottom) in pixels, right/bottom exclusive; flip, jitter, gray, blur,
+    solarize: (B,) bool; factors: (B, 4) brightness, contrast, saturation, hue factors (drawn for every sample, used
+    where jitter is set); order: (B, 4) long, a permutation of the op ids 0-3 (JITTER_OPS) per sample; sigma: (B,).
+    """
+    boxes: torch.Tensor
+    flip: torch.Tensor
+    jitter: torch.Tensor
+    factors: torch.Tensor
+    order: torch.Tensor
+    gray: torch.Tensor
+    blur: torch.Tensor
+    sigma: torch.Tensor
+    solarize: torch.Tensor
+
+    @staticmethod
+    def cat(params: Sequence["ViewParams"]) -> "ViewParams":
+        """Stack the parameters of several views (of the same crop size) view-major, as their crops are processed."""
+        return ViewParams(*(torch.cat([getattr(p, name) for p in params]) for name in ViewParams.__dataclass_fields__))
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, dtype=torch.float64) * (high - low) + low
+
+
+def sample_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, float],
+                      generator: torch.Generator | None = None,
+                      ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+    """RandomResizedCrop boxes (B, 4) = (left, top, right, bottom) for images of the given sizes, in batch.
+
+    torchvision's sampler, vectorized: up to CROP_TRIES draws of (area fraction ~ U(scale), log aspect ~ U(log
+    ratio)), w = round(sqrt(area * aspect)), h = round(sqrt(area / aspect)); the first draw that fits wins and its
+    position is uniform over the valid offsets; if none fits, the largest centre crop with an aspect ratio clamped
+    to `ratio`. All draws are made for every sample (the stream differs from torchvision's, not the distribution).
+    """
+    heights, widths = heights.to(torch.float64), widths.to(torch.float64)
+    batch = heights.shape[0]
+    area = (heights * widths)[:, None]
+    target = area * _uniform((batch, CROP_TRIES), scale[0], scale[1], generator)
+    log_ratio = torch.tensor(ratio, dtype=torch.float64).log()
+    aspect = _uniform((batch, CROP_TRIES), float(log_ratio[0]), float(log_ratio[1]), generator).exp()
+    w_try, h_try = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    fits = (w_try > 0) & (w_try <= widths[:, None]) & (h_try > 0) & (h_try <= heights[:, None])
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fitting try (0 if none fits)
+    w, h = w_try.gather(1, first)[:, 0], h_try.gather(1, first)[:, 0]
+
+    in_ratio = widths / heights  # fallback: centre crop of the whole image, aspect clamped to `ratio`
+    fallback_w = torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]), widths)
+    fallback_h = torch.where(in_ratio < ratio[0], torch.round(widths / ratio[0]), heights)
+    found = fits.any(dim=1)
+    w, h = torch.where(found, w, fallback_w), torch.where(found, h, fallback_h)
+
+    offsets = torch.rand((batch, 2), generator=generator, dtype=torch.float64)
+    top = torch.where(found, torch.floor(offsets[:, 0] * (heights - h + 1)), torch.floor((heights - h) / 2))
+    left = torch.where(found, torch.floor(offsets[:, 1] * (widths - w + 1)), torch.floor((widths - w) / 2))
+    return torch.stack([left, top, left + w, top + h], dim=1).float()
+
+
+def sample_view_params(spec: ViewSpec, sizes: torch.Tensor, generator: torch.Generator | None = None) -> ViewParams:
+    """All random parameters of one view for images of `sizes` (B, 2) = (height, width)."""
+    batch = sizes.shape[0]
+
+    def coin(p: float) -> torch.Tensor:
+        return torch.rand(batch, generator=generator) < p
+
+    boxes = sample_crop_boxes(sizes[:, 0], sizes[:, 1], spec.scale, generator)
+    flip, jitter = coin(FLIP_P), coin(JITTER_P)
+    factors = torch.stack([_uniform((batch,), 1 - BRIGHTNESS, 1 + BRIGHTNESS, generator),
+                           _uniform((batch,), 1 - CONTRAST, 1 + CONTRAST, generator),
+                           _uniform((batch,), 1 - SATURATION, 1 + SATURATION, generator),
+                           _uniform((batch,), -HUE, HUE, generator)], dim=1).float()
+    order = torch.rand((batch, len(JITTER_OPS)), generator=generator).argsort(dim=1)  # uniform permutations
+    gray, blur = coin(GRAYSCALE_P), coin(spec.blur_p)
+    sigma = _uniform((batch,), *blur_sigma_range(spec.size), generator).float()
+    solarize = coin(spec.solarize_p)
+    return ViewParams(boxes, flip, jitter, factors, order, gray, blur, sigma, solarize)
+
+
+# ------------------------------------------------------------------------------------------- per-sample ops
+# Each takes a float batch (n, 3, h, w) in [0, 1] and one factor per sample, and equals the torchvision.transforms.v2
+# functional op applied to each sample with its own factor.
+
+def _per_sample(factor: torch.Tensor) -> torch.Tensor:
+    return factor.reshape(-1, 1, 1, 1)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    factor = _per_sample(factor)
+    return (factor * images + (1 - factor) * other).clamp_(0, 1)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (images * _per_sample(factor)).clamp_(0, 1)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = rgb_to_grayscale(images).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(images, mean, factor)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(images, rgb_to_grayscale(images), factor)
+
+
+def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by `factor` turns: RGB -> hue, shift, then the closed-form HSV -> RGB
+    channel_n = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6, n = 5, 3, 1 for R, G, B
+    (value V = max, chroma C = max - min are unchanged by a hue rotation)."""
+    red, green, blue = images.unbind(dim=-3)
+    value, _ = images.max(dim=-3)
+    chroma = value - images.min(dim=-3).values
+    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue6 = torch.where(value == red, (green - blue) / safe_chroma,
+                       torch.where(value == green, (blue - red) / safe_chroma + 2, (red - green) / safe_chroma + 4))
+    hue = torch.remainder(hue6 / 6 + _per_sample(factor)[:, 0], 1.0)
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1)
+                        + 6 * hue[:, None], 6.0)
+    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return value[:, None] - chroma[:, None] * ramp
+
+
+_JITTER_FUNCTIONS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """ColorJitter with per-sample factors (n, 4) and op order (n, 4), on the samples where `apply` (n,) is set.
+
+    factors/order/apply live on the CPU, so selecting the samples for each (position, op) needs no device sync;
+    every op runs once per selected sample (4 positions x 4 ops, each on its share of the batch).
+    """
+    images = images.clone()
+    for position in range(order.shape[1]):
+        for op, function in enumerate(_JITTER_FUNCTIONS):
+            index = torch.nonzero(apply & (order[:, position] == op)).flatten()
+            if index.numel() == 0:
+                continue
+            factor = factors[index, op].to(images.device, non_blocking=True)
+            index = index.to(images.device, non_blocking=True)
+            images.index_copy_(0, index, function(images.index_select(0, index), factor))
+    return images
+
+
+def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Normalized 1-D Gaussian kernels (n, 2 * radius + 1), one per sigma."""
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=sigma.device)
+    weights = torch.exp(-0.5 * (x[None, :] / sigma[:, None]) ** 2)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample (n,), kernel 2 * radius + 1, reflect padding: equals
+    torchvision's gaussian_blur(image, kernel_size=2 * radius + 1, sigma=s) of each sample."""
+    n, channels, height, width = images.shape
+    radius = min(radius, height - 1, width - 1)  # reflect padding needs pad < size
+    kernels = gaussian_kernels(sigma.to(images.device, torch.float32), radius).repeat_interleave(channels, dim=0)
+    flat = images.reshape(1, n * channels, height, width)
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernels[:, None, None, :].to(images.dtype), groups=n * channels)
+    flat = F.conv2d(flat, kernels[:, None, :, None].to(images.dtype), groups=n * channels)
+    return flat.reshape(n, channels, height, width)
+
+
+def solarize(images: torch.Tensor, apply: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD / 255) -> torch.Tensor:
+    """Invert the pixels >= threshold of the samples where `apply` is set (PIL/torchvision solarize)."""
+    inverted = torch.where(images >= threshold, 1 - images, images)
+    return torch.where(_per_sample(apply.to(images.device)), inverted, images)
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of uint8 (3, H_i, W_i) images -> (padded batch (B, 3, H_max, W_max), sizes (B, 2) = (H_i, W_i)).
+
+    The padding repeats each image's last row and column, so bilinear samples at an image edge never read zeros.
+    """
+    if len(images) == 0:
+        raise ValueError("the batch of images is empty")
+    for index, image in enumerate(images):
+        if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(f"image {index} must be a uint8 (3, H, W) tensor, got {image.dtype} "
+                             f"{tuple(image.shape)}")
+    sizes = torch.tensor([tuple(image.shape[1:]) for image in images], dtype=torch.long)
+    max_h, max_w = (int(v) for v in sizes.max(dim=0).values)
+    device = images[0].device
+    batch = torch.empty((len(images), 3, max_h, max_w), dtype=torch.uint8, device=device)
+    for index, image in enumerate(images):
+        rows = torch.arange(max_h, device=device).clamp_(max=image.shape[1] - 1)
+        cols = torch.arange(max_w, device=device).clamp_(max=image.shape[2] - 1)
+        batch[index] = image[:, rows][:, :, cols]
+    return batch, sizes
+
+
+class BatchedMultiCrop:
+    """uint8 images (a list of (3, H, W) tensors, or pad_images' (batch, sizes)) -> [global 1, global 2, local
+    1..N] as ImageNet-normalized (B, 3, size, size) tensors on the images' device: the trainer's crop list.
+
+    Randomness comes only from `generator` (a CPU torch.Generator; None = torch's global one), so a seed gives the
+    same crops on any device.
+    """
+
+    def __init__(self, global_crops_scale: Sequence[float] = (0.4, 1.0),
+                 local_crops_scale: Sequence[float] = (0.05, 0.4), local_crops_number: int = 8,
+                 global_crop_size: int = 224, local_crop_size: int = 96,
+                 out_dtype: torch.dtype = torch.float32) -> None:
+        if local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        if global_crop_size <= 0 or local_crop_size <= 0:
+            raise ValueError(f"crop sizes must be positive, got global {global_crop_size}, local {local_crop_size}")
+        global_scale = _check_scale("global_crops_scale", global_crops_scale)
+        local_scale = _check_scale("local_crops_scale", local_crops_scale)
+        self.views = [ViewSpec(global_crop_size, global_scale, GLOBAL1_BLUR_P, 0.0),
+                      ViewSpec(global_crop_size, global_scale, GLOBAL2_BLUR_P, GLOBAL2_SOLARIZE_P)]
+        self.views += [ViewSpec(local_crop_size, local_scale, LOCAL_BLUR_P, 0.0)] * local_crops_number
+        self.out_dtype = out_dtype
+
+    def sample(self, sizes: torch.Tensor, generator: torch.Generator | None = None) -> list[ViewParams]:
+        """The random parameters of every view for images of `sizes` (B, 2)."""
+        return [sample_view_params(spec, sizes, generator) for spec in self.views]
+
+    def __call__(self, images: Sequence[torch.Tensor] | torch.Tensor, sizes: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        if sizes is None:
+            if isinstance(images, torch.Tensor):
+                raise ValueError("a padded batch needs its sizes (B, 2); pass a list of images or pad_images' output")
+            batch, sizes = pad_images(images)
+        else:
+            batch = images
+            if batch.ndim != 4 or batch.shape[1] != 3 or batch.dtype != torch.uint8 or sizes.shape != (batch.shape[0], 2):
+                raise ValueError(f"expected a uint8 (B, 3, H, W) batch and (B, 2) sizes, got {batch.dtype} "
+                                 f"{tuple(batch.shape)} and {tuple(sizes.shape)}")
+        return self.apply(batch, sizes.cpu(), self.sample(sizes.cpu(), generator))
+
+    def apply(self, batch: torch.Tensor, sizes: torch.Tensor, params: Sequence[ViewParams]) -> list[torch.Tensor]:
+        """Crops of a padded uint8 batch with given parameters, processed in one pass per crop size."""
+        pixels = batch.float()
+        crops: list[torch.Tensor] = []
+        start = 0
+        while start < len(self.views):  # consecutive views of one size share every kernel launch
+            end = start
+            while end < len(self.views) and self.views[end].size == self.views[start].size:
+                end += 1
+            group = self.views[start:end]
+            out = self._augment(pixels, ViewParams.cat(params[start:end]), group[0].size)
+            crops.extend(out.chunk(len(group)))
+            start = end
+        return crops
+
+    def _augment(self, pixels: torch.Tensor, params: ViewParams, size: int) -> torch.Tensor:
+        device = pixels.device
+        batch_index = torch.arange(params.boxes.shape[0]) % pixels.shape[0]
+        rois = torch.cat([batch_index[:, None].float(), params.boxes], dim=1).to(device)
+        images = roi_align(pixels, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        images = images.div_(255).clamp_(0, 1)
+        images = torch.where(_per_sample(params.flip.to(device)), images.flip(-1), images)
+        images = color_jitter(images, params.factors, params.order, params.jitter)
+        images = torch.where(_per_sample(params.gray.to(device)), rgb_to_grayscale(images, num_output_channels=3),
+                             images)
+        blurred = torch.nonzero(params.blur).flatten()
+        if blurred.numel():
+            radius = max(1, int(torch.tensor(blur_sigma_range(size)[1]).mul(3).ceil()))
+            index = blurred.to(device)
+            images.index_copy_(0, index, gaussian_blur(images.index_select(0, index), params.sigma[blurred], radius))
+        if params.solarize.any():
+            images = solarize(images, params.solarize)
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        return ((images - mean) / std).to(self.out_dtype)

@@ -1,0 +1,227 @@
+"""The batched tensor multi-crop against torchvision's functional ops (per sample) and against the CPU PIL pipeline
+(statistics of outputs on crafted images whose augmentation is observable)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+
+from sparo_dino.augmentation import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, blur_sigma_range
+from sparo_dino.gpu_augmentation import (BatchedMultiCrop, adjust_brightness, adjust_contrast, adjust_hue,
+                                         adjust_saturation, color_jitter, gaussian_blur, pad_images,
+                                         sample_crop_boxes, solarize)
+
+GLOBAL, LOCAL, NUM_LOCAL = 32, 16, 2
+
+
+def _images(n: int = 6, size: int = 12, seed: int = 0) -> torch.Tensor:
+    """Random colours with some gray pixels and exact ties between channels (edge cases of the HSV formulas)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g)
+    images[:, :, 0, :] = images[:, :1, 0, :]  # gray row
+    images[:, 1, 1, :] = images[:, 0, 1, :]  # red == green
+    images[:, :, 2, :3] = 0.0
+    images[:, :, 2, 3:6] = 1.0
+    return images
+
+
+@pytest.mark.parametrize("ours,reference,low,high", [
+    (adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+    (adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+    (adjust_saturation, TF.adjust_saturation, 0.8, 1.2),
+    (adjust_hue, TF.adjust_hue, -0.5, 0.5),
+])
+def test_jitter_ops_match_torchvision_per_sample(ours, reference, low, high):
+    images = _images()
+    factors = torch.linspace(low, high, images.shape[0])
+    expected = torch.stack([reference(image, float(f)) for image, f in zip(images, factors)])
+    torch.testing.assert_close(ours(images, factors), expected, atol=2e-5, rtol=0)
+
+
+def test_color_jitter_applies_ops_in_each_samples_order():
+    images = _images(n=5)
+    factors = torch.tensor([[1.3, 0.7, 1.1, 0.08]] * 5)
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [0, 1, 2, 3]])
+    apply = torch.tensor([True, True, True, True, False])
+    ops = [lambda x, f: TF.adjust_brightness(x, f), lambda x, f: TF.adjust_contrast(x, f),
+           lambda x, f: TF.adjust_saturation(x, f), lambda x, f: TF.adjust_hue(x, f)]
+    expected = []
+    for image, f, o, a in zip(images, factors, order, apply):
+        if a:
+            for op in o.tolist():
+                image = ops[op](image, float(f[op]))
+        expected.append(image)
+    torch.testing.assert_close(color_jitter(images, factors, order, apply), torch.stack(expected), atol=2e-5, rtol=0)
+
+
+def test_gaussian_blur_and_solarize_match_torchvision_per_sample():
+    images = _images(n=4, size=16)
+    sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
+    expected = torch.stack([TF.gaussian_blur(image, [9, 9], [float(s), float(s)]) for image, s in zip(images, sigma)])
+    torch.testing.assert_close(gaussian_blur(images, sigma, radius=4), expected, atol=1e-5, rtol=0)
+    apply = torch.tensor([True, False, True, False])
+    expected = torch.stack([TF.solarize(image, 128 / 255) if a else image for image, a in zip(images, apply)])
+    torch.testing.assert_close(solarize(images, apply), expected)
+
+
+def _crop(aug: BatchedMultiCrop, image: torch.Tensor, box: list[float], size: int) -> torch.Tensor:
+    """The pixels BatchedMultiCrop's resampling produces for one box (before any colour op)."""
+    from torchvision.ops import roi_align
+    rois = torch.tensor([[0.0] + box])
+    return roi_align(image[None].float(), rois, size, 1.0, -1, True)[0]
+
+
+def test_resampling_is_exact_at_scale_one_box_average_at_half_and_close_to_antialiased_bilinear():
+    aug = BatchedMultiCrop(local_crops_number=0, global_crop_size=8)
+    g = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (3, 20, 24), generator=g, dtype=torch.uint8)
+    torch.testing.assert_close(_crop(aug, image, [5, 3, 13, 11], 8), image[:, 3:11, 5:13].float())
+    halved = F.avg_pool2d(image[None, :, 4:20, 2:18].float(), 2)[0]
+    torch.testing.assert_close(_crop(aug, image, [2, 4, 18, 20], 8), halved)
+    yy, xx = torch.meshgrid(torch.arange(60.0), torch.arange(80.0), indexing="ij")
+    smooth = torch.stack([128 + 100 * torch.sin(xx / 9), 128 + 100 * torch.cos(yy / 7),
+                          128 + 60 * torch.sin((xx + yy) / 11)]).round().to(torch.uint8)
+    reference = TF.resized_crop(smooth.float(), 10, 5, 37, 51, [16, 16], antialias=True)
+    assert (_crop(aug, smooth, [5, 10, 56, 47], 16) - reference).abs().mean() < 2.0  # uint8 levels
+
+
+@pytest.mark.parametrize("height,width,scale", [(48, 64, (0.4, 1.0)), (64, 64, (0.05, 0.4)), (20, 200, (0.4, 1.0)),
+                                                (90, 30, (0.05, 1.0))])
+def test_crop_boxes_follow_torchvision_random_resized_crop(height, width, scale):
+    n = 4000
+    g = torch.Generator().manual_seed(2)
+    boxes = sample_crop_boxes(torch.full((n,), height), torch.full((n,), width), scale, g)
+    ours_w, ours_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    assert (ours_w >= 1).all() and (ours_h >= 1).all()
+    torch.manual_seed(2)
+    image = torch.zeros(1, height, width)
+    ref = torch.tensor([RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(n)],
+                       dtype=torch.float64)
+    ref_h, ref_w, ref_top, ref_left = ref[:, 2], ref[:, 3], ref[:, 0], ref[:, 1]
+    area, ref_area = ours_w * ours_h / (height * width), ref_w * ref_h / (height * width)
+    for q in (0.1, 0.5, 0.9):
+        assert abs(area.quantile(q).item() - ref_area.quantile(q).item()) < 0.03
+    assert abs(torch.log(ours_w / ours_h).mean() - torch.log(ref_w / ref_h).mean()) < 0.03
+    center_x, ref_center_x = (boxes[:, 0] + boxes[:, 2]) / 2 / width, (ref_left + ref_w / 2) / width
+    assert abs(center_x.mean() - ref_center_x.mean()) < 0.02 and abs(center_x.std() - ref_center_x.std()) < 0.02
+
+
+# ------------------------------------------------------------------ statistics against the CPU pipeline
+def _crafted() -> dict[str, np.ndarray]:
+    """Images on which one random op is observable in the output crop, whatever else happened to it."""
+    ramp = np.broadcast_to(np.linspace(40, 150, 64)[None, :, None], (64, 64, 3))  # flip: which half is brighter
+    return {"ramp": ramp, "bright": np.full((64, 64, 3), 250.0),  # solarize: output < 0.5 only if inverted
+            "colour": np.broadcast_to(np.array([200.0, 60.0, 90.0]), (64, 64, 3)),  # grayscale: equal channels
+            "gray80": np.full((64, 64, 3), 80.0)}  # brightness: value / 80 is the factor (contrast etc. no-ops)
+
+
+def _unnormalize(crops: torch.Tensor) -> torch.Tensor:
+    return crops * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def both_pipelines() -> dict[str, dict[str, list[torch.Tensor]]]:
+    """{pipeline: {image name: list over views of (n, 3, s, s) crops in [0, 1]}} for n copies of each image."""
+    n = 400
+    cpu = MultiCropAugmentation(local_crops_number=NUM_LOCAL, global_crop_size=GLOBAL, local_crop_size=LOCAL)
+    batched = BatchedMultiCrop(local_crops_number=NUM_LOCAL, global_crop_size=GLOBAL, local_crop_size=LOCAL)
+    out: dict[str, dict[str, list[torch.Tensor]]] = {"cpu": {}, "batched": {}}
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    for name, array in _crafted().items():
+        pixels = np.ascontiguousarray(array.round().astype(np.uint8))
+        pil = Image.fromarray(pixels)
+        per_call = [cpu(pil) for _ in range(n)]
+        out["cpu"][name] = [_unnormalize(torch.stack([crops[v] for crops in per_call])) for v in range(2 + NUM_LOCAL)]
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        out["batched"][name] = [_unnormalize(c) for c in batched([tensor] * n, generator=g)]
+    return out
+
+
+def _rate(values: torch.Tensor) -> float:
+    return values.float().mean().item()
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "batched"])
+def test_flip_grayscale_and_solarize_rates_per_view(both_pipelines, pipeline):
+    crops = both_pipelines[pipeline]
+    for view in range(2 + NUM_LOCAL):
+        grayscale = (crops["colour"][view].amax(1) - crops["colour"][view].amin(1)).amax((1, 2)) < 2e-3
+        assert abs(_rate(grayscale) - 0.2) < 0.06, (pipeline, view, _rate(grayscale))
+        solarized = crops["bright"][view].mean((1, 2, 3)) < 0.5
+        expected = 0.2 if view == 1 else 0.0
+        assert abs(_rate(solarized) - expected) < 0.06, (pipeline, view, _rate(solarized))
+        if view != 1:  # solarizing the ramp would reverse it
+            ramp = crops["ramp"][view][:, 0]
+            half = ramp.shape[-1] // 2
+            flipped = ramp[..., :half].mean((1, 2)) > ramp[..., half:].mean((1, 2))
+            assert abs(_rate(flipped) - 0.5) < 0.075, (pipeline, view, _rate(flipped))
+
+
+def test_brightness_factor_distribution_agrees_between_pipelines(both_pipelines):
+    def factors(pipeline: str) -> torch.Tensor:
+        return torch.cat([c.mean((1, 2, 3)) for c in both_pipelines[pipeline]["gray80"]]) / (80 / 255)
+
+    cpu, batched = factors("cpu"), factors("batched")
+    # Analytic: 1 with probability 0.2, else U(0.6, 1.4): mean 1, std sqrt(0.8 * 0.8**2 / 12) = 0.2066,
+    # P(factor < 0.8) = 0.8 * 0.25 = 0.2.
+    for values in (cpu, batched):
+        assert abs(values.mean().item() - 1.0) < 0.025
+        assert abs(values.std().item() - 0.2066) < 0.02
+        assert abs(_rate(values < 0.8) - 0.2) < 0.045
+        assert values.min() > 0.59 and values.max() < 1.41
+    assert abs(cpu.mean() - batched.mean()) < 0.035 and abs(cpu.std() - batched.std()) < 0.025
+
+
+def test_blur_and_jitter_parameters_per_view():
+    aug = BatchedMultiCrop(local_crops_number=3, global_crop_size=224, local_crop_size=96)
+    sizes = torch.tensor([[300, 400]] * 4000)
+    params = aug.sample(sizes, torch.Generator().manual_seed(3))
+    for view, (p, blur_p) in enumerate(zip(params, [1.0, 0.1, 0.5, 0.5, 0.5])):
+        assert abs(_rate(p.blur) - blur_p) < 0.03
+        low, high = blur_sigma_range(aug.views[view].size)
+        assert p.sigma.min() >= low - 1e-6 and p.sigma.max() <= high + 1e-6
+        assert abs(p.sigma.mean().item() - (low + high) / 2) < 0.03 * high
+        assert abs(_rate(p.jitter) - 0.8) < 0.03 and abs(_rate(p.flip) - 0.5) < 0.03
+        assert (p.order.sort(dim=1).values == torch.arange(4)).all()  # permutations
+        first_op = torch.bincount(p.order[:, 0], minlength=4) / len(p.order)
+        assert (first_op - 0.25).abs().max() < 0.03
+    lows, highs = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
+    assert (params[0].factors >= lows).all() and (params[0].factors <= highs).all()
+
+
+# ------------------------------------------------------------------------------------- interface
+def test_outputs_shapes_dtypes_padding_and_determinism():
+    g = torch.Generator().manual_seed(4)
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in [(40, 50), (64, 33)]]
+    aug = BatchedMultiCrop(local_crops_number=3, global_crop_size=GLOBAL, local_crop_size=LOCAL)
+    crops = aug(images, generator=torch.Generator().manual_seed(7))
+    assert [tuple(c.shape) for c in crops] == [(2, 3, GLOBAL, GLOBAL)] * 2 + [(2, 3, LOCAL, LOCAL)] * 3
+    assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
+    again = aug(*pad_images(images), generator=torch.Generator().manual_seed(7))
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))
+    other = aug(images, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(crops[0], other[0])
+    batch, sizes = pad_images(images)
+    assert sizes.tolist() == [[40, 50], [64, 33]]
+    assert torch.equal(batch[0, :, :40, :50], images[0]) and torch.equal(batch[0, :, 50:, :50],
+                                                                          images[0][:, -1:].expand(3, 14, 50))
+    half = BatchedMultiCrop(local_crops_number=0, global_crop_size=GLOBAL, out_dtype=torch.bfloat16)
+    assert half(images)[0].dtype == torch.bfloat16
+
+
+def test_bad_inputs_fail_with_one_line():
+    aug = BatchedMultiCrop(local_crops_number=1, global_crop_size=GLOBAL, local_crop_size=LOCAL)
+    with pytest.raises(ValueError, match="image 0 must be a uint8"):
+        aug([torch.rand(3, 20, 20)])
+    with pytest.raises(ValueError, match="needs its sizes"):
+        aug(torch.zeros(2, 3, 20, 20, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        aug([])
+    with pytest.raises(ValueError, match="local_crops_scale"):
+        BatchedMultiCrop(local_crops_scale=(0.5, 0.2))
