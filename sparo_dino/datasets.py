@@ -101,6 +101,30 @@ def read_idx_ubyte(path: str, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def write_idx_ubyte(path: str, array: np.ndarray) -> None:
+    """Write an unsigned-byte IDX file (plain), the inverse of read_idx_ubyte."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    with open(path, "wb") as handle:
+        handle.write(header + array.tobytes())
+
+
+def write_fashion_mnist_subset(source: str, destination: str, num_train: int, num_test: int) -> str:
+    """Copy the first images of each Fashion-MNIST split into a new IDX folder.
+
+    Short CPU demos train and evaluate on a subset; writing it as real IDX files keeps every entry point's
+    --data_path semantics instead of adding subset flags to each. The files are already shuffled, so the first
+    images cover all classes.
+    """
+    os.makedirs(destination, exist_ok=True)
+    for split, count in (("train", num_train), ("t10k", num_test)):
+        images = read_idx_ubyte(_find_idx_file(source, f"{split}-images-idx3-ubyte"), 3)
+        labels = read_idx_ubyte(_find_idx_file(source, f"{split}-labels-idx1-ubyte"), 1)
+        write_idx_ubyte(os.path.join(destination, f"{split}-images-idx3-ubyte"), images[:count])
+        write_idx_ubyte(os.path.join(destination, f"{split}-labels-idx1-ubyte"), labels[:count])
+    return destination
+
+
 def _find_idx_file(folder: str, name: str) -> str:
     for candidate in (name, name + ".gz"):
         if os.path.isfile(os.path.join(folder, candidate)):

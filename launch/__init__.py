@@ -1,0 +1,1 @@
+"""Cluster launchers (SLURM via submitit)."""
