@@ -14,5 +14,10 @@ data:
 		echo "note: could not install dataset-fashion-mnist; tests on the real files will be skipped"; \
 	fi
 
+# One OpenMP thread per process: the suite starts several processes (gloo DDP, submitit tasks) on small machines.
 test: install data
-	$(PYTHON) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
+
+# Train vit_tiny_sparo on Fashion-MNIST and report its 20-NN accuracy next to raw pixels (~10 min on 2 CPU cores).
+demo: install data
+	$(PYTHON) -m sparo_dino.demo

@@ -24,7 +24,8 @@ import main_dino
 from sparo_dino import datasets, knn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG = REPO_ROOT / "configs" / "fmnist_vit_tiny_sparo.yaml"
+CONFIGS = {"vit_tiny_sparo": REPO_ROOT / "configs" / "fmnist_vit_tiny_sparo.yaml",
+           "vit_tiny": REPO_ROOT / "configs" / "fmnist_vit_tiny.yaml"}
 FULL_DATA_RAW_PIXEL_TOP1 = 84.59  # 60k-image bank, 10k test images, measured with sparo_dino.knn (see README)
 
 
@@ -68,17 +69,18 @@ def raw_pixel_top1(data_path: str) -> float:
     return knn.topk_accuracy(scores, torch.tensor(test.targets))[0]
 
 
-def run(output_dir: Path, profile: Profile, num_workers: int) -> dict[str, float]:
+def run(output_dir: Path, profile: Profile, num_workers: int, arch: str = "vit_tiny_sparo") -> dict[str, float]:
     started = time.time()
     source = fashion_mnist_folder(output_dir / "download")
     data_path = source
     if profile.num_train is not None:
         data_path = datasets.write_fashion_mnist_subset(source, str(output_dir / "data"), profile.num_train,
                                                         profile.num_test)
-    print(f"[demo] profile {profile.name}: training vit_tiny_sparo on "
+    config = CONFIGS[arch]
+    print(f"[demo] profile {profile.name}: training {arch} on "
           f"{profile.num_train or 60000} images for {profile.epochs} epoch(s)", flush=True)
     train_dir = output_dir / "train"
-    code = main_dino.main(["--config", str(CONFIG), "--data_path", data_path, "--output_dir", str(train_dir),
+    code = main_dino.main(["--config", str(config), "--data_path", data_path, "--output_dir", str(train_dir),
                            "--epochs", str(profile.epochs), "--warmup_epochs", str(profile.warmup_epochs),
                            "--batch_size_per_gpu", str(profile.batch_size),
                            "--local_crops_number", str(profile.local_crops), "--num_workers", str(num_workers),
@@ -95,12 +97,12 @@ def run(output_dir: Path, profile: Profile, num_workers: int) -> dict[str, float
     summary = {"sparo_top1": sparo_top1, "raw_pixel_top1": pixels_top1, "train_seconds": trained - started,
                "total_seconds": time.time() - started}
     bank = f"{results['num_train']} train / {results['num_test']} test images"
-    print(f"[demo] vit_tiny_sparo 20-NN top-1: {sparo_top1:.2f}%  |  raw pixels, same k-NN, same {bank}: "
+    print(f"[demo] {arch} 20-NN top-1: {sparo_top1:.2f}%  |  raw pixels, same k-NN, same {bank}: "
           f"{pixels_top1:.2f}%  (full 60k/10k raw-pixel baseline: {FULL_DATA_RAW_PIXEL_TOP1:.2f}%)")
     if sparo_top1 <= pixels_top1:
         print(f"[demo] the encoding does not beat raw pixels yet: this {profile.name} profile is a smoke test of the "
               f"pipeline. For a meaningful result train the full recipe on a GPU: python main_dino.py --config "
-              f"{CONFIG.relative_to(REPO_ROOT)} --output_dir runs/fmnist_sparo")
+              f"{config.relative_to(REPO_ROOT)} --output_dir runs/fmnist_{arch}")
     print(f"[demo] done in {summary['total_seconds'] / 60:.1f} min; outputs in {output_dir}")
     return summary
 
@@ -110,10 +112,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--output_dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--profile", choices=("auto", *PROFILES), default="auto",
                         help="auto: gpu when CUDA is available, else cpu")
+    parser.add_argument("--arch", choices=tuple(CONFIGS), default="vit_tiny_sparo",
+                        help="vit_tiny runs the same recipe without SPARO, for comparison")
     parser.add_argument("--num_workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)))
     args = parser.parse_args(argv)
     name = args.profile if args.profile != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    return run(args.output_dir.resolve(), PROFILES[name], args.num_workers)
+    return run(args.output_dir.resolve(), PROFILES[name], args.num_workers, args.arch)
 
 
 if __name__ == "__main__":
