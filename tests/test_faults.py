@@ -1,0 +1,243 @@
+"""Fault injection on CPU: hard kills (also during checkpoint writes), damaged checkpoints, unreadable images, a NaN
+loss and a full disk. Each fault must end in a run equal to the clean one, or in one clear error line with the last
+good checkpoint intact."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import queue
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import main_dino
+from conftest import make_image_folder
+from sparo_dino import checkpoint
+from sparo_dino.loss import DINOLoss
+from test_preemption import assert_same_training_state, clean_run, images, one_thread  # noqa: F401 (fixtures)
+from test_train import TINY, error_line, load
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs main_dino.main with two optional faults: SLOW_SAVE_S stretches every checkpoint write over that many seconds
+# (printing SAVE_BEGIN/SAVE_END) so a kill can land inside it, and SIGTERM_AT="epoch,iteration,rank" makes that
+# rank send itself SIGTERM right after the step that ends at (epoch, iteration).
+WRAPPER = '''
+import io, os, signal, sys, time
+import torch
+import main_dino
+from sparo_dino import trainer
+
+pause = float(os.environ.get("SLOW_SAVE_S", "0"))
+if pause:
+    real_save = torch.save
+
+    def slow_save(obj, handle, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        print("SAVE_BEGIN", flush=True)
+        chunk = -(-len(data) // 8)
+        for start in range(0, len(data), chunk):
+            handle.write(data[start:start + chunk])
+            handle.flush()
+            time.sleep(pause / 8)
+        print("SAVE_END", flush=True)
+
+    torch.save = slow_save
+
+if os.environ.get("SIGTERM_AT"):
+    at = tuple(int(v) for v in os.environ["SIGTERM_AT"].split(","))
+    step = trainer.DinoTrainer.train_step
+
+    def step_then_signal(self, crops, epoch, global_iteration):
+        metrics = step(self, crops, epoch, global_iteration)
+        if (epoch, global_iteration % self.iters_per_epoch + 1, self.info.rank) == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    trainer.DinoTrainer.train_step = step_then_signal
+
+code = main_dino.main(sys.argv[1:])
+print(f"RANK {os.environ.get('RANK', '0')} EXIT {code}", flush=True)
+sys.exit(code)
+'''
+
+
+def write_wrapper(folder) -> str:
+    path = os.path.join(folder, "faulty_main.py")
+    with open(path, "w") as handle:
+        handle.write(WRAPPER)
+    return path
+
+
+def temporaries(folder: str) -> list[str]:
+    return [name for name in os.listdir(folder) if ".tmp." in name]
+
+
+class Lines:
+    """A subprocess's output lines, read in a thread so the test can wait for a marker with a deadline."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.text: list[str] = []
+        self.last_marker = ""
+        threading.Thread(target=self._read, args=(process,), daemon=True).start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.text.append(line)
+            if line.startswith("SAVE_"):
+                self.last_marker = line.strip()
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def wait_for(self, marker: str, count: int = 1, timeout: float = 60) -> bool:
+        """True once `marker` was seen `count` times; False when the process ended first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            if line is None:
+                return False
+            if marker in line:
+                count -= 1
+                if count == 0:
+                    return True
+
+
+def test_sigkill_at_random_moments_and_during_writes_then_restart(images, clean_run, tmp_path, capsys) -> None:
+    """kill -9 at seeded random moments, half of them inside a (slowed) checkpoint write; after every kill the
+    checkpoint on disk loads, the next start removes the partial file, and the finished run equals the clean one."""
+    out = str(tmp_path / "run")
+    argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2", "--ckpt_every_iters", "2"]
+    command = [sys.executable, write_wrapper(tmp_path), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "SLOW_SAVE_S": "0.4"}
+    rng = random.Random(0)
+    partial_files_left = 0
+    for mode in ("during_write", "random", "during_write"):
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        lines = Lines(process)
+        if mode == "during_write":
+            alive = lines.wait_for("SAVE_BEGIN", count=rng.choice([1, 2]))
+            time.sleep(rng.uniform(0.02, 0.3))  # the write takes 0.4 s
+        else:
+            alive = lines.wait_for("Epoch [")
+            time.sleep(rng.uniform(0.0, 1.5))
+        process.kill()
+        process.wait(timeout=30)
+        assert alive, "".join(lines.text)
+        if mode == "during_write":
+            assert lines.last_marker == "SAVE_BEGIN", "the kill missed the write"
+            partial_files_left += len(temporaries(out)) == 1
+        if os.path.exists(os.path.join(out, "checkpoint.pth")):
+            checkpoint.load_checkpoint(os.path.join(out, "checkpoint.pth"))  # never a corrupt file
+    assert partial_files_left >= 1  # a write really was cut off
+    partial_files_left_now = len(temporaries(out))
+    assert main_dino.main(argv) == 0
+    log = capsys.readouterr().out
+    assert "resumed from" in log and ("removed" in log) == (partial_files_left_now > 0)
+    assert temporaries(out) == []
+    assert_same_training_state(clean_run, out)
+
+
+def test_truncated_checkpoint_falls_back_to_the_newest_loadable_periodic_one(images, clean_run, tmp_path,
+                                                                            recwarn) -> None:
+    """checkpoint.pth and checkpoint0001.pth truncated, checkpoint0000.pth good: resume from the latter, with a
+    warning naming both files, and finish like the clean run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(os.path.join(clean_run, "checkpoint0000.pth"), out / "checkpoint0000.pth")
+    data = open(os.path.join(clean_run, "checkpoint.pth"), "rb").read()
+    (out / "checkpoint.pth").write_bytes(data[: len(data) // 3])
+    (out / "checkpoint0001.pth").write_bytes(data[: len(data) // 2])
+    assert main_dino.main([*TINY, "--data_path", images, "--output_dir", str(out), "--epochs", "2"]) == 0
+    messages = [str(w.message) for w in recwarn if "falling back" in str(w.message)]
+    assert len(messages) == 1
+    assert f"checkpoint {out / 'checkpoint.pth'} is corrupt or truncated" in messages[0]
+    assert f"falling back to {out / 'checkpoint0000.pth'} (epoch 1, iteration 0)" in messages[0]
+    assert_same_training_state(clean_run, str(out))
+
+
+def test_truncated_checkpoint_without_fallback_is_one_error_line(images, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"PK\x03\x04 truncated zip")
+    assert main_dino.main([*TINY, "--data_path", images, "--output_dir", str(out), "--epochs", "1"]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "corrupt or truncated" in line and str(out / "checkpoint.pth") in line
+
+
+def test_skip_bad_images_counts_them_per_epoch(images, tmp_path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    (data / "class_0" / "img_001.png").write_bytes(b"not a png")
+    (data / "class_1" / "img_005.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = str(tmp_path / "run")
+    assert main_dino.main([*TINY, "--data_path", str(data), "--output_dir", out, "--epochs", "2",
+                           "--num_workers", "2", "--skip_bad_images", "true"]) == 0
+    records = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    assert [r["train_bad_images_skipped"] for r in records] == [2, 2]  # each file once per epoch, 2 workers
+
+
+def test_nan_between_logs_stops_before_the_periodic_save(images, tmp_path, monkeypatch, capsys) -> None:
+    """NaN at global step 5 (epoch 1, iteration 1), no log line until the epoch ends: the periodic save due after
+    step 6 checks the unlogged steps first, names them, and leaves the checkpoint of (1, 0) untouched."""
+    original = DINOLoss.forward
+    calls = []
+
+    def poisoned(self, student_output, teacher_output, epoch):
+        output = original(self, student_output, teacher_output, epoch)
+        calls.append(epoch)
+        return output._replace(loss=output.loss * float("nan")) if len(calls) == 6 else output
+
+    monkeypatch.setattr(DINOLoss, "forward", poisoned)
+    out = tmp_path / "run"
+    code = main_dino.main([*TINY, "--data_path", images, "--output_dir", str(out), "--epochs", "3",
+                           "--ckpt_every_iters", "3", "--print_freq", "100"])
+    assert code == 1
+    line = error_line(capsys.readouterr().err)
+    assert "not finite" in line and "epoch 1, iterations 0-1" in line and "checkpoint.pth is kept" in line
+    state = load(out / "checkpoint.pth")
+    assert (state["epoch"], state["iteration"]) == (1, 0)
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(images, tmp_path, monkeypatch, capsys) -> None:
+    """The second save runs out of space halfway through: one error line, the first checkpoint intact, no
+    partial file left behind."""
+    real_save = torch.save
+    saves = []
+
+    def disk_fills_up(obj, handle, *args, **kwargs):
+        saves.append(1)
+        if len(saves) < 3:  # epoch 0: checkpoint.pth and checkpoint0000.pth
+            return real_save(obj, handle, *args, **kwargs)
+        handle.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    out = tmp_path / "run"
+    code = main_dino.main([*TINY, "--data_path", images, "--output_dir", str(out), "--epochs", "2"])
+    assert code == 1
+    line = error_line(capsys.readouterr().err)
+    assert line == (f"error: cannot write checkpoint {out / 'checkpoint.pth'}: No space left on device; "
+                    "the previous checkpoint is kept")
+    assert load(out / "checkpoint.pth")["epoch"] == 1
+    assert temporaries(str(out)) == []
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x89PNG\r\n\x1a\n"], ids=["empty", "header-only"])
+def test_unreadable_image_error_names_the_file(tmp_path, capsys, damage: bytes) -> None:
+    data = make_image_folder(tmp_path / "data", num_classes=2, per_class=4, size=32)
+    bad = os.path.join(data, "class_1", "img_002.png")
+    open(bad, "wb").write(damage)
+    code = main_dino.main([*TINY, "--data_path", data, "--output_dir", str(tmp_path / "run"), "--epochs", "1"])
+    assert code == 1 and bad in error_line(capsys.readouterr().err)
