@@ -281,3 +281,35 @@ def test_tensorboard_flag(images, tmp_path) -> None:
         return
     assert run(images, out, "--epochs", "1", "--tensorboard", "true")[0] == 0
     assert os.listdir(os.path.join(out, "tensorboard"))
+
+
+def test_periodic_knn_logs_the_teacher_accuracy_that_eval_knn_reports(images, straight_run, tmp_path,
+                                                                       capsys) -> None:
+    """--knn_every 3 over 2 epochs: k-NN after the last epoch only; its value equals eval_knn.py's 20-NN top-1 of
+    the saved teacher on the same images, and the monitor leaves the training run bit-exactly unchanged."""
+    import eval_knn
+
+    labelled = make_image_folder(tmp_path / "labelled", num_classes=3, per_class=6, size=32, splits=("train", "val"))
+    out = str(tmp_path / "run")
+    assert run(images, out, "--epochs", "2", "--saveckp_freq", "1", "--knn_every", "3",
+               "--knn_data_path", labelled, "--knn_subset", "100")[0] == 0
+    assert capsys.readouterr().out.count("k-NN monitor: weighted 20-NN top-1") == 1
+    records = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    assert ["knn_top1" in r for r in records] == [False, True]
+    results = eval_knn.main(["--pretrained_weights", os.path.join(out, "checkpoint.pth"),
+                             "--data_path", labelled, "--resize_size", "37", "--crop_size", "32", "--nb_knn", "20",
+                             "--num_workers", "0", "--batch_size_per_gpu", "8", "--knn_backend", "torch",
+                             "--output_dir", str(tmp_path / "eval")])
+    assert records[1]["knn_top1"] == pytest.approx(results["knn"]["20"]["top1"])
+    a, b = load(os.path.join(straight_run, "checkpoint.pth")), load(os.path.join(out, "checkpoint.pth"))
+    assert all(torch.equal(a[part][key], b[part][key]) for part in ("teacher", "student") for key in a[part])
+
+
+def test_knn_every_needs_labelled_data(images, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_train_args([*TINY, "--data_path", "x", "--knn_every", "1"])
+    assert "--knn_every needs --knn_data_path" in capsys.readouterr().err
+    code, err = run(images, str(tmp_path / "run"), "--epochs", "1", "--knn_every", "1",
+                    "--knn_data_path", str(tmp_path / "missing"), capsys=capsys)
+    assert code == 1 and "missing" in error_line(err)
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")  # checked before training
