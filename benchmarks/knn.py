@@ -1,0 +1,117 @@
+"""Weighted k-NN speed of sparo_dino.knn on an ImageNet-sized bank of random features, per search backend.
+
+Times knn_scores (exact cosine top-k search + exp(sim / T) votes, what eval_knn.py runs) with the faiss backend (GPU
+index when faiss has a GPU, IndexFlatIP on the CPU otherwise) and the chunked torch matmul backend (on --device).
+The default bank is ImageNet train x SPARO encoding, 1.28M x 4096 fp32 = 21 GB: a GPU-machine run. On a CPU try
+--num_train 100000 --dim 4096. The bank is checked against free memory first, so a bank that does not fit stops
+with one line instead of an out-of-memory kill.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sparo_dino import knn  # noqa: E402
+
+GIB = 2 ** 30
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_needs(bank: int, backends: Sequence[str], device: torch.device, faiss_gpu: bool) -> dict[str, int]:
+    """Bytes each memory needs at the peak: the bank, search_topk's L2-normalized copy (on the bank's device) and
+    the torch backend's similarity block; faiss also takes a host copy (free when the bank is on the CPU) and puts
+    the bank into its index (GPU or host)."""
+    needs = {"cpu": 0, "cuda": 0}
+    needs[device.type] += 2 * bank + knn._TORCH_BLOCK_ELEMENTS * 4
+    if "faiss" in backends:
+        needs["cpu"] += (bank if device.type == "cuda" else 0) + (0 if faiss_gpu else bank)
+        needs["cuda"] += bank if faiss_gpu else 0
+    return {where: needed for where, needed in needs.items() if needed}
+
+
+def require_memory(num_train: int, dim: int, backends: Sequence[str], device: torch.device, faiss_gpu: bool) -> None:
+    """Stop with one line when the bank and the copies the backends make do not fit in free memory."""
+    bank = num_train * dim * 4
+    for where, needed in memory_needs(bank, backends, device, faiss_gpu).items():
+        target = device if where == device.type else torch.device(where)
+        available = free_bytes(target)
+        if needed > available:
+            raise SystemExit(f"error: a {num_train} x {dim} fp32 bank is {bank / GIB:.1f} GiB and the search "
+                             f"({', '.join(backends)}) needs about {needed / GIB:.1f} GiB of {where} memory, but "
+                             f"{available / GIB:.1f} GiB are free; lower --num_train or --dim, or use a larger machine")
+
+
+def time_backend(backend: str, train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, num_classes: int,
+                 k: int, repeats: int) -> float:
+    """Best wall time (s) of `repeats` runs of knn_scores (the first run also warms up faiss GPU / CUDA)."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        scores = knn.knn_scores(train, labels, test, num_classes, [k], backend=backend)[k]
+        if train.is_cuda:
+            torch.cuda.synchronize(train.device)
+        times.append(time.perf_counter() - start)
+    if scores.shape != (test.shape[0], num_classes):
+        raise RuntimeError(f"{backend} returned scores of shape {tuple(scores.shape)}")
+    return min(times[1:])
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--num_train", type=int, default=1_281_167, help="bank size (ImageNet train)")
+    parser.add_argument("--dim", type=int, default=4096, help="feature width (SPARO 64 x 64)")
+    parser.add_argument("--num_test", type=int, default=10_000, help="queries")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument("--backends", nargs="+", default=["faiss", "torch"], choices=["faiss", "torch"])
+    parser.add_argument("--device", default="auto", help="where the bank lives for the torch backend")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per backend after one warm-up run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    if min(args.num_train, args.dim, args.num_test, args.k, args.num_classes, args.repeats) < 1:
+        raise SystemExit("error: --num_train, --dim, --num_test, --k, --num_classes and --repeats must be >= 1")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    backends = [b for b in args.backends if b != "faiss" or knn.faiss is not None]
+    if len(backends) < len(args.backends):
+        print("faiss is not installed: skipping the faiss backend", flush=True)
+    if not backends:
+        raise SystemExit("error: no backend to time (faiss is not installed; add --backends torch)")
+    faiss_gpus = getattr(knn.faiss, "get_num_gpus", lambda: 0)() if knn.faiss is not None else 0
+    require_memory(args.num_train, args.dim, backends, device, faiss_gpus > 0)
+    print(f"device: {device} | bank {args.num_train} x {args.dim} fp32 ({args.num_train * args.dim * 4 / GIB:.2f} "
+          f"GiB) | {args.num_test} queries | k={args.k} | threads {torch.get_num_threads()} | "
+          f"faiss {'GPU' if faiss_gpus else 'CPU'}", flush=True)
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(args.num_train, args.dim, generator=g).to(device)
+    test = torch.randn(args.num_test, args.dim, generator=g).to(device)
+    labels = torch.randint(0, args.num_classes, (args.num_train,), generator=g)
+    seconds = {}
+    for backend in backends:
+        seconds[backend] = time_backend(backend, train, labels, test, args.num_classes, args.k, args.repeats)
+        where = ("GPU" if faiss_gpus else "CPU") if backend == "faiss" else str(device)
+        print(f"backend={backend} ({where}) s={seconds[backend]:.3f} queries/s={args.num_test / seconds[backend]:.1f}",
+              flush=True)
+    if len(seconds) == 2:
+        print(f"ratio faiss/torch: queries/s x{seconds['torch'] / seconds['faiss']:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

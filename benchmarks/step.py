@@ -1,0 +1,287 @@
+"""Training-step throughput of the DINO recipe: the reference path and the fast path in one run, on synthetic crops.
+
+One step = teacher forward on the 2 global crops, student forward on all crops, DINO loss, backward, per-parameter
+clipping, last-layer freeze rule, optimizer step, EMA of the teacher: the same building blocks as
+trainer.DinoTrainer.train_step (sparo_dino.loss / sparo_dino.optim), minus the schedule lookup. Crops are random
+tensors already on the device, so the numbers are the model's limit, not the data pipeline's.
+
+- reference path: --precision (fp32 by default), eager.
+- fast path: autocast to --fast_precision (bf16), torch.compile of student, teacher and loss (--compile), fused
+  AdamW on CUDA. Everything else (foreach clipping and EMA, no host sync inside a step) is shared by both paths.
+
+Reported per arch and path: img/s (images, each with all its crops), ms/step, peak memory (CUDA: max allocated;
+CPU: the process's peak resident set size so far, which only grows), TFLOP/s from torch.utils.flop_counter on one
+step and its share of a bf16 (GPU) / fp32 (CPU) matmul peak measured in the same run; then fast/reference ratios and
+a check that the fast path's loss and gradients match the reference within stated tolerances.
+
+GPU (issue 6 recipe): python benchmarks/step.py
+CPU smoke size: python benchmarks/step.py --device cpu --archs vit_tiny vit_tiny_sparo --batch_size_per_gpu 4
+    --global_size 32 --local_size 16 --local_crops_number 2 --patch_size 8 --out_dim 256 --steps 3 --warmup 1
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sparo_dino.config import bool_flag  # noqa: E402
+from sparo_dino.loss import DINOLoss  # noqa: E402
+from sparo_dino.optim import (build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter,  # noqa: E402
+                              ema_update_, param_groups, set_hyperparameters)
+from sparo_dino.progress import memory_mb  # noqa: E402
+from sparo_dino.train_args import get_args_parser  # noqa: E402
+from sparo_dino.trainer import build_student_teacher  # noqa: E402
+
+NUM_GLOBAL = 2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Fast (bf16 autocast) vs reference (fp32) on the same weights and crops: bf16 keeps 8 mantissa bits, so single
+# matmuls are off by ~0.4%; through a ViT and a 3-layer head the loss moves by well under 1% and the gradient
+# direction stays within a few degrees. Looser than this means a bug (wrong crops, weights or loss), not rounding.
+LOSS_RTOL = 1e-2
+GRAD_MIN_COSINE = 0.99
+GRAD_MAX_REL_L2 = 0.15
+
+
+def run_config(arch: str, args: argparse.Namespace, drop_path_rate: float | None = None) -> dict[str, Any]:
+    """The training CLI's config (its defaults and validation) for this benchmark's model settings."""
+    argv = ["--arch", arch, "--patch_size", str(args.patch_size), "--img_size", str(args.global_size),
+            "--out_dim", str(args.out_dim), "--local_crops_number", str(args.local_crops_number),
+            "--global_crop_size", str(args.global_size), "--local_crop_size", str(args.local_size),
+            "--batch_size_per_gpu", str(args.batch_size_per_gpu)]
+    config = vars(get_args_parser().parse_args(argv))
+    if drop_path_rate is not None:
+        config["drop_path_rate"] = drop_path_rate
+    return config
+
+
+def synthetic_crops(config: dict[str, Any], device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """2 global + N local normalized-looking crops (standard normal) of one batch, on the device."""
+    g = torch.Generator().manual_seed(seed)
+    batch = config["batch_size_per_gpu"]
+    sizes = [config["global_crop_size"]] * NUM_GLOBAL + [config["local_crop_size"]] * config["local_crops_number"]
+    return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in sizes]
+
+
+@dataclass
+class StepModel:
+    """Everything one training step touches; `student`/`teacher`/`loss` may be compiled wrappers of the modules."""
+    student_module: torch.nn.Module
+    student: Callable
+    teacher: Callable
+    loss_module: DINOLoss
+    loss: Callable
+    optimizer: torch.optim.Optimizer
+    student_params: list[torch.Tensor]
+    teacher_params: list[torch.Tensor]
+    trainable: list[torch.Tensor]
+    autocast_dtype: torch.dtype | None
+    device: torch.device
+
+
+def build_step_model(config: dict[str, Any], device: torch.device, precision: str, compile_models: bool,
+                     fused_optimizer: bool = False) -> StepModel:
+    torch.manual_seed(config["seed"])  # both paths start from the same weights
+    student, teacher = build_student_teacher(config)
+    student, teacher = student.to(device), teacher.to(device)
+    loss = DINOLoss(config["out_dim"], NUM_GLOBAL + config["local_crops_number"], config["warmup_teacher_temp"],
+                    config["teacher_temp"], config["warmup_teacher_temp_epochs"], config["epochs"]).to(device)
+    groups = param_groups(student)
+    if fused_optimizer:
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=0.0, fused=True)
+    else:
+        optimizer = build_optimizer(config["optimizer"], groups)
+    set_hyperparameters(optimizer, config["lr"] * config["batch_size_per_gpu"] / 256, config["weight_decay"])
+    student_params = list(student.parameters())
+    wrap = torch.compile if compile_models else (lambda module: module)
+    return StepModel(student, wrap(student), wrap(teacher), loss, wrap(loss), optimizer, student_params,
+                     list(teacher.parameters()), [p for p in student_params if p.requires_grad],
+                     None if precision == "fp32" else DTYPES[precision], device)
+
+
+def _autocast(model: StepModel) -> contextlib.AbstractContextManager:
+    if model.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model.device.type, dtype=model.autocast_dtype)
+
+
+def forward_loss(model: StepModel, crops: Sequence[torch.Tensor], epoch: int) -> torch.Tensor:
+    with _autocast(model):
+        with torch.no_grad():
+            teacher_output = model.teacher(list(crops[:NUM_GLOBAL]))
+        student_output = model.student(list(crops))
+    return model.loss(student_output, teacher_output, epoch).loss
+
+
+def train_step(model: StepModel, crops: Sequence[torch.Tensor], epoch: int = 1, clip_grad: float = 3.0,
+               freeze_last_layer: int = 1, momentum: float = 0.996) -> torch.Tensor:
+    """One full DINO step; returns the loss on the device (no host sync)."""
+    loss = forward_loss(model, crops, epoch)
+    model.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_gradients_per_parameter(model.trainable, clip_grad)
+    cancel_last_layer_gradients(model.student_module, epoch, freeze_last_layer)
+    model.optimizer.step()
+    ema_update_(model.teacher_params, model.student_params, momentum)
+    return loss.detach()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, reps: int = 10) -> float:
+    """Measured dense matmul rate (TFLOP/s) of a size x size product: the ceiling that utilization refers to."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    synchronize(device)
+    return 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def step_flops(config: dict[str, Any], device: torch.device, crops: Sequence[torch.Tensor]) -> int:
+    """FLOPs of one step (teacher forward, student forward + backward; the optimizer's elementwise work is not
+    counted) from torch.utils.flop_counter on an eager fp32 model: the same for every precision."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build_step_model(config, device, "fp32", compile_models=False)
+    with FlopCounterMode(display=False) as counter:
+        forward_loss(model, crops, epoch=1).backward()
+    return counter.get_total_flops()
+
+
+@dataclass
+class Timing:
+    images_per_s: float
+    ms_per_step: float
+    peak_memory_mb: float
+
+
+def time_path(model: StepModel, crops: Sequence[torch.Tensor], steps: int, warmup: int) -> Timing:
+    device = model.device
+    for _ in range(warmup):  # includes compilation on the fast path
+        train_step(model, crops)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step(model, crops)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {float(loss)} in the timed steps")
+    batch = crops[0].shape[0]
+    return Timing(batch * steps / elapsed, 1000 * elapsed / steps, memory_mb(device))
+
+
+def compare_paths(config: dict[str, Any], device: torch.device, reference_precision: str, fast_precision: str,
+                  compile_models: bool) -> dict[str, float]:
+    """Loss and gradients of the fast path vs the reference path from the same weights and crops (no drop-path,
+    which would draw different masks): loss relative difference, cosine and relative L2 error of all gradients."""
+    config = {**config, "drop_path_rate": 0.0}
+    crops = synthetic_crops(config, device, seed=1)
+    results = []
+    for precision, compiled in ((reference_precision, False), (fast_precision, compile_models)):
+        model = build_step_model(config, device, precision, compiled)
+        loss = forward_loss(model, crops, epoch=1)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().double() for p in model.trainable])
+        results.append((loss.detach().double(), grads))
+    (ref_loss, ref_grad), (fast_loss, fast_grad) = results
+    return {"loss_reference": float(ref_loss), "loss_fast": float(fast_loss),
+            "loss_rel_diff": float((fast_loss - ref_loss).abs() / ref_loss.abs()),
+            "grad_cosine": float(torch.nn.functional.cosine_similarity(fast_grad, ref_grad, dim=0)),
+            "grad_rel_l2": float((fast_grad - ref_grad).norm() / ref_grad.norm())}
+
+
+def check_passes(result: dict[str, float]) -> bool:
+    return (result["loss_rel_diff"] <= LOSS_RTOL and result["grad_cosine"] >= GRAD_MIN_COSINE
+            and result["grad_rel_l2"] <= GRAD_MAX_REL_L2)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["vit_small", "vit_small_sparo"])
+    parser.add_argument("--batch_size_per_gpu", type=int, default=64)
+    parser.add_argument("--global_size", type=int, default=224)
+    parser.add_argument("--local_size", type=int, default=96)
+    parser.add_argument("--local_crops_number", type=int, default=10, help="issue 6 measures 2x224 + 10x96")
+    parser.add_argument("--patch_size", type=int, default=16)
+    parser.add_argument("--out_dim", type=int, default=65536)
+    parser.add_argument("--precision", default="fp32", choices=sorted(DTYPES), help="reference path precision")
+    parser.add_argument("--fast_precision", default="bf16", choices=sorted(DTYPES), help="fast path autocast")
+    parser.add_argument("--compile", type=bool_flag, default=True, help="torch.compile student, teacher, loss "
+                        "on the fast path")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per path")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
+    parser.add_argument("--matmul_size", type=int, default=None,
+                        help="side of the peak-matmul probe (default 8192 on GPU, 1024 on CPU)")
+    parser.add_argument("--check", type=bool_flag, default=True, help="compare fast vs reference loss/grads")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"error: --steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device} but CUDA is not available")
+    on_gpu = device.type == "cuda"
+    peak_dtype = torch.bfloat16 if on_gpu else torch.float32
+    name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {name} | torch {torch.__version__}", flush=True)
+    peak = matmul_peak_tflops(device, peak_dtype, args.matmul_size or (8192 if on_gpu else 1024))
+    print(f"matmul peak: {peak:.3f} TFLOP/s ({str(peak_dtype).removeprefix('torch.')}, measured)", flush=True)
+    memory_kind = "cuda max allocated" if on_gpu else "cpu process peak RSS"
+    fused = on_gpu and args.fast_precision != "fp16"  # fp16 needs a GradScaler, not benchmarked here
+    all_pass = True
+    for arch in args.archs:
+        config = run_config(arch, args)
+        crops = synthetic_crops(config, device)
+        flops = step_flops(config, device, crops)
+        print(f"arch={arch} flops_per_step={flops / 1e9:.3f} GFLOP", flush=True)
+        timings = {}
+        for path, precision, compiled in (("reference", args.precision, False),
+                                          ("fast", args.fast_precision, args.compile)):
+            model = build_step_model(config, device, precision, compiled, fused_optimizer=fused and path == "fast")
+            timing = time_path(model, crops, args.steps, args.warmup)
+            timings[path] = timing
+            tflops = flops / (timing.ms_per_step / 1000) / 1e12
+            print(f"arch={arch} path={path} precision={precision} compile={compiled} img/s={timing.images_per_s:.2f} "
+                  f"ms/step={timing.ms_per_step:.1f} peak_mem_MB={timing.peak_memory_mb:.0f} ({memory_kind}) "
+                  f"TFLOP/s={tflops:.4f} util={100 * tflops / peak:.1f}%", flush=True)
+            del model
+        ratio = timings["fast"].images_per_s / timings["reference"].images_per_s
+        memory_ratio = timings["fast"].peak_memory_mb / timings["reference"].peak_memory_mb
+        print(f"arch={arch} ratio fast/reference: img/s x{ratio:.2f} peak_mem x{memory_ratio:.2f}", flush=True)
+        if args.check:
+            result = compare_paths(config, device, args.precision, args.fast_precision, args.compile)
+            passed = check_passes(result)
+            all_pass &= passed
+            print(f"arch={arch} check: loss_rel_diff={result['loss_rel_diff']:.2e} "
+                  f"grad_cosine={result['grad_cosine']:.5f} grad_rel_l2={result['grad_rel_l2']:.2e} "
+                  f"(tolerance: loss {LOSS_RTOL:g}, cosine >= {GRAD_MIN_COSINE}, rel L2 <= {GRAD_MAX_REL_L2}) "
+                  f"{'PASS' if passed else 'FAIL'}", flush=True)
+    return 0 if all_pass else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
