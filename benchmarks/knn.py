@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for backend in backends:
         seconds[backend] = time_backend(backend, train, labels, test, args.num_classes, args.k, args.repeats)
         where = ("GPU" if faiss_gpus else "CPU") if backend == "faiss" else str(device)
-        print(f"backend={backend} ({where}) s={seconds[backend]:.3f} queries/s={args.num_test / seconds[backend]:.1f}",
+        print(f"backend={backend} ({where}) s={seconds[backend]:.6f} queries/s={args.num_test / seconds[backend]:.1f}",
               flush=True)
     if len(seconds) == 2:
         print(f"ratio faiss/torch: queries/s x{seconds['torch'] / seconds['faiss']:.2f}", flush=True)
