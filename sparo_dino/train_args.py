@@ -112,7 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="run the k-NN after every N-th epoch and the last one, logged as knn_top1; 0 disables")
     knn.add_argument("--knn_data_path", default=None, type=str,
                      help="labelled data in --dataset's format: a folder with train/ and val/ ImageFolders, or "
-                          f"the Fashion-MNIST IDX folder (default for fashion_mnist: {FASHION_MNIST_DIR})")
+                          "the Fashion-MNIST IDX folder (default for fashion_mnist: --data_path)")
     knn.add_argument("--knn_subset", default=5000, type=int,
                      help="at most this many images of each split (a fixed random subset), to keep the monitor cheap")
     run.add_argument("--dist_url", default="env://", type=str,
@@ -159,7 +159,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     if args.knn_every and args.knn_data_path is None:
         if args.dataset != "fashion_mnist":
             _fail(parser, "--knn_every needs --knn_data_path (a folder holding train/ and val/ ImageFolders)")
-        args.knn_data_path = FASHION_MNIST_DIR
+        args.knn_data_path = args.data_path  # the IDX folder holds the labelled train and test splits too
     for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size", "knn_subset"):
         if getattr(args, name) < 1:
             _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")

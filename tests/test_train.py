@@ -234,7 +234,8 @@ def test_fashion_mnist_config_trains_on_idx_files(tmp_path) -> None:
     code = main_dino.main(["--config", os.path.join(REPO, "configs", "fmnist_vit_tiny_sparo.yaml"),
                            "--data_path", str(folder), "--output_dir", out, "--epochs", "1", "--warmup_epochs", "0",
                            "--batch_size_per_gpu", "8", "--num_workers", "0", "--out_dim", "64",
-                           "--local_crops_number", "2", "--num_slots", "4", "--slot_dim", "8"])
+                           "--local_crops_number", "2", "--num_slots", "4", "--slot_dim", "8",
+                           "--knn_every", "0"])  # the generated folder has no test split
     assert code == 0
     state = load(os.path.join(out, "checkpoint.pth"))
     assert state["config"]["dataset"] == "fashion_mnist" and state["config"]["patch_size"] == 4
