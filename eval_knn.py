@@ -11,7 +11,6 @@ knn_<checkpoint>.json to --output_dir (default: the checkpoint's folder).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -125,11 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         for line in summary_lines(results):
             print(line, flush=True)
         output_dir = features.default_output_dir(args)
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, f"knn_{data.meta['tag']}.json")
-        with open(path, "w") as handle:
-            json.dump(results, handle, indent=2)
-        print(f"results written to {path}", flush=True)
+        features.write_results(results, os.path.join(output_dir, f"knn_{data.meta['tag']}.json"))
         return results
     finally:
         distributed.cleanup()

@@ -13,7 +13,6 @@ features instead (no augmentation; labelled FAST MODE in every output). Prints
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -156,11 +155,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         results, output_dir = outcome
         results["provenance"] = provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})
         print(summary_line(results), flush=True)
-        path = os.path.join(output_dir, "results_linear.json")
-        with open(path, "w") as handle:
-            json.dump(results, handle, indent=2)
         config.save_config(args, output_dir, name="config_linear.yaml")
-        print(f"results written to {path}", flush=True)
+        features.write_results(results, os.path.join(output_dir, "results_linear.json"))
         return results
     finally:
         distributed.cleanup()

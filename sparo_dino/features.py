@@ -10,6 +10,7 @@ because silently building another model would load mismatched weights or evaluat
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -372,6 +373,15 @@ def default_output_dir(args: argparse.Namespace) -> str:
     if args.pretrained_weights is not None:
         return os.path.dirname(os.path.abspath(args.pretrained_weights))
     return os.path.abspath(args.load_features)
+
+
+def write_results(results: Mapping[str, Any], path: str) -> str:
+    """Write an evaluation's results JSON (the file scripts parse) and say where it went."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"results written to {path}", flush=True)
+    return path
 
 
 def run_cli(main: Callable[[], Any]) -> None:
