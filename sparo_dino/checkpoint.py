@@ -49,15 +49,26 @@ def save_checkpoint(state: Mapping[str, Any], path: str) -> None:
     except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
-        if isinstance(error, OSError):
+        cause = _os_error(error)
+        if cause is not None:
             kept = "the previous checkpoint is kept" if os.path.isfile(path) else "no checkpoint was written"
-            raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}; {kept}") from error
+            raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}") from error
         raise
     directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write. torch.save reports a full disk as a RuntimeError of its zip writer
+    ("unexpected pos ...") raised while handling the OSError of the file write, so the chain is searched."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
