@@ -84,7 +84,8 @@ def run(output_dir: Path, profile: Profile, num_workers: int, arch: str = "vit_t
                            "--epochs", str(profile.epochs), "--warmup_epochs", str(profile.warmup_epochs),
                            "--batch_size_per_gpu", str(profile.batch_size),
                            "--local_crops_number", str(profile.local_crops), "--num_workers", str(num_workers),
-                           "--saveckp_freq", str(profile.epochs)])
+                           "--saveckp_freq", str(profile.epochs),
+                           "--knn_every", "0"])  # the demo runs eval_knn.py itself right after training
     if code != 0:
         raise SystemExit(f"error: demo training stopped with exit code {code}")
     trained = time.time()
