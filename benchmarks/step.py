@@ -231,7 +231,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
     parser.add_argument("--matmul_size", type=int, default=None,
-                        help="side of the peak-matmul probe (default 8192 on GPU, 1024 on CPU)")
+                        help="side of the peak-matmul probe (default 8192 on GPU, 2048 on CPU)")
     parser.add_argument("--check", type=bool_flag, default=True, help="compare fast vs reference loss/grads")
     return parser
 
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peak_dtype = torch.bfloat16 if on_gpu else torch.float32
     name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {name} | torch {torch.__version__}", flush=True)
-    peak = matmul_peak_tflops(device, peak_dtype, args.matmul_size or (8192 if on_gpu else 1024))
+    peak = matmul_peak_tflops(device, peak_dtype, args.matmul_size or (8192 if on_gpu else 2048))
     print(f"matmul peak: {peak:.3f} TFLOP/s ({str(peak_dtype).removeprefix('torch.')}, measured)", flush=True)
     memory_kind = "cuda max allocated" if on_gpu else "cpu process peak RSS"
     fused = on_gpu and args.fast_precision != "fp16"  # fp16 needs a GradScaler, not benchmarked here
