@@ -70,18 +70,25 @@ def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:
     return low, high
 
 
+def check_multicrop_args(global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
+                         local_crops_number: int, global_crop_size: int, local_crop_size: int
+                         ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Validate a multi-crop recipe (shared by the PIL and the batched tensor pipelines); returns both scales."""
+    if local_crops_number < 0:
+        raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
+    if global_crop_size <= 0 or local_crop_size <= 0:
+        raise ValueError(f"crop sizes must be positive, got global {global_crop_size}, local {local_crop_size}")
+    return _check_scale("global_crops_scale", global_crops_scale), _check_scale("local_crops_scale", local_crops_scale)
+
+
 class MultiCropAugmentation:
     """PIL image -> [global crop 1, global crop 2, local crop 1..N] as normalized (3, size, size) tensors."""
 
     def __init__(self, global_crops_scale: Sequence[float] = (0.4, 1.0),
                  local_crops_scale: Sequence[float] = (0.05, 0.4), local_crops_number: int = 8,
                  global_crop_size: int = 224, local_crop_size: int = 96) -> None:
-        if local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
-        if global_crop_size <= 0 or local_crop_size <= 0:
-            raise ValueError(f"crop sizes must be positive, got global {global_crop_size}, local {local_crop_size}")
-        global_scale = _check_scale("global_crops_scale", global_crops_scale)
-        local_scale = _check_scale("local_crops_scale", local_crops_scale)
+        global_scale, local_scale = check_multicrop_args(global_crops_scale, local_crops_scale, local_crops_number,
+                                                         global_crop_size, local_crop_size)
         self.local_crops_number = local_crops_number
 
         def crop_and_colour(size: int, scale: tuple[float, float]) -> list[v2.Transform]:

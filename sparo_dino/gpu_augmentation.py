@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from sparo_dino.augmentation import (IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, _check_scale,
+from sparo_dino.augmentation import (IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, check_multicrop_args,
                                      blur_sigma_range)
 
 # The recipe's probabilities and jitter strengths (augmentation.py writes them inline in its transforms; the
@@ -260,12 +260,8 @@ class BatchedMultiCrop:
                  local_crops_scale: Sequence[float] = (0.05, 0.4), local_crops_number: int = 8,
                  global_crop_size: int = 224, local_crop_size: int = 96,
                  out_dtype: torch.dtype = torch.float32) -> None:
-        if local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
-        if global_crop_size <= 0 or local_crop_size <= 0:
-            raise ValueError(f"crop sizes must be positive, got global {global_crop_size}, local {local_crop_size}")
-        global_scale = _check_scale("global_crops_scale", global_crops_scale)
-        local_scale = _check_scale("local_crops_scale", local_crops_scale)
+        global_scale, local_scale = check_multicrop_args(global_crops_scale, local_crops_scale, local_crops_number,
+                                                         global_crop_size, local_crop_size)
         self.views = [ViewSpec(global_crop_size, global_scale, GLOBAL1_BLUR_P, 0.0),
                       ViewSpec(global_crop_size, global_scale, GLOBAL2_BLUR_P, GLOBAL2_SOLARIZE_P)]
         self.views += [ViewSpec(local_crop_size, local_scale, LOCAL_BLUR_P, 0.0)] * local_crops_number

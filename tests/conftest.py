@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 _PALETTE = [(220, 40, 40), (40, 200, 60), (40, 70, 220), (230, 200, 40), (200, 40, 200), (40, 210, 210)]
@@ -43,3 +44,18 @@ def make_image_folder(root: str | os.PathLike, num_classes: int = 3, per_class: 
 def image_folder(tmp_path: Path) -> str:
     """A 3-class ImageFolder of 32 px images with train/ and val/ splits."""
     return make_image_folder(tmp_path / "data", splits=("train", "val"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine OpenMP spin-waiting makes 2 threads several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    """A 2-class ImageFolder of 16 small images, shared by the training tests of a module."""
+    return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=2, per_class=8, size=32)

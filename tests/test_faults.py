@@ -21,7 +21,7 @@ import main_dino
 from conftest import make_image_folder
 from sparo_dino import checkpoint
 from sparo_dino.loss import DINOLoss
-from test_preemption import assert_same_training_state, clean_run, images, one_thread  # noqa: F401 (fixtures)
+from test_preemption import assert_same_training_state, clean_run  # noqa: F401 (clean_run is a fixture)
 from test_train import TINY, error_line, load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

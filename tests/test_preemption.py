@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import main_dino
-from conftest import make_image_folder
 from sparo_dino import checkpoint, trainer
 from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
 from test_train import TINY, load
@@ -20,17 +19,8 @@ from test_train import TINY, load
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> str:
-    return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=2, per_class=8, size=32)
 
 
 @pytest.fixture(scope="module")

@@ -26,18 +26,8 @@ TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--img_size", "32", "--global
         "--warmup_epochs", "1", "--num_workers", "0", "--print_freq", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP spin-waiting makes 2 threads several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> str:
-    return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=2, per_class=8, size=32)
 
 
 def run(data: str, output: str, *extra: str, capsys=None) -> tuple[int, str]:
