@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
+
+from sparo_dino.checkpoint import load_checkpoint
 
 
 class SPARO(nn.Module):
@@ -285,23 +286,17 @@ def slot_attention_maps(backbone: DinoVisionTransformer, images: torch.Tensor
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The backbone weights in a file the user named: a state dict, or one inside a checkpoint."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # official DINO full checkpoints pickle an argparse Namespace
-        warnings.warn(f"{path} is not loadable with weights_only=True; loading it with weights_only=False "
-                      "because you named this file explicitly", stacklevel=3)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    state: Any = load_checkpoint(path, allow_pickle=True)  # named by the user: official DINO files may load
     for key in ("teacher", "model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
+        if isinstance(state.get(key), dict):
             state = state[key]
             break
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
     return state
 
 
