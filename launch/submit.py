@@ -69,7 +69,15 @@ def with_absolute_output_dir(train_argv: list[str]) -> tuple[list[str], Path]:
     """Resolve the run's output dir (from flags or --config) so requeued jobs find their checkpoint."""
     train_args = parse_train_args(train_argv)
     output_dir = Path(train_args.output_dir).resolve()
-    return train_argv + ["--output_dir", str(output_dir)], output_dir
+    kept, skip = [], False
+    for arg in train_argv:  # drop the user's (maybe relative) --output_dir; the absolute one is appended
+        if skip:
+            skip = False
+        elif arg == "--output_dir":
+            skip = True
+        elif not arg.startswith("--output_dir="):
+            kept.append(arg)
+    return kept + ["--output_dir", str(output_dir)], output_dir
 
 
 class TrainingJob:

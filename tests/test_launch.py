@@ -41,7 +41,15 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path, capsys):
                  "#SBATCH --mail-type=END,FAIL", "#SBATCH --time=1440", "#SBATCH --signal=USR2@180"):
         assert line in out, line
     assert f"--output_dir {output_dir}" in out and "dino_vit_small_sparo_in1k.yaml" in out
+    assert out.count("--output_dir") == 1
     assert "/checkpoint/" not in out  # no hard-coded shared folder
+
+
+def test_relative_output_dir_becomes_absolute_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, output_dir = submit.with_absolute_output_dir(["--data_path", "/data", "--output_dir=runs/a"])
+    assert output_dir == tmp_path / "runs" / "a"
+    assert argv == ["--data_path", "/data", "--output_dir", str(tmp_path / "runs" / "a")]
 
 
 def test_launcher_errors_are_one_line():
