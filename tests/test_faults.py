@@ -21,8 +21,8 @@ import main_dino
 from conftest import make_image_folder
 from sparo_dino import checkpoint
 from sparo_dino.loss import DINOLoss
-from test_preemption import assert_same_training_state, clean_run  # noqa: F401 (clean_run is a fixture)
-from test_train import TINY, error_line, load
+from test_preemption import clean_run  # noqa: F401 (a fixture)
+from test_train import TINY, assert_same_training_state, error_line, load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

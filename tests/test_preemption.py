@@ -9,12 +9,11 @@ import sys
 import threading
 
 import pytest
-import torch
 
 import main_dino
 from sparo_dino import checkpoint, trainer
 from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
-from test_train import TINY, load
+from test_train import TINY, assert_same_training_state, load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,19 +28,6 @@ def clean_run(images, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("clean"))
     assert main_dino.main([*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2"]) == 0
     return out
-
-
-def assert_same_training_state(reference: str, other: str) -> None:
-    """Bit-exact equality of everything that determines how training continues."""
-    a, b = load(os.path.join(reference, "checkpoint.pth")), load(os.path.join(other, "checkpoint.pth"))
-    assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"])
-    for part in ("student", "teacher", "dino_loss"):
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
-    for param_id, param_state in a["optimizer"]["state"].items():
-        for key, value in param_state.items():
-            assert torch.equal(value, b["optimizer"]["state"][param_id][key]), f"optimizer {param_id} {key}"
 
 
 def test_signals_become_stop_requests_and_handlers_are_restored() -> None:

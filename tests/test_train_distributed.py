@@ -14,7 +14,7 @@ import torch
 from conftest import make_image_folder
 from sparo_dino.preemption import REQUEUE_EXIT_CODE
 from test_faults import write_wrapper
-from test_preemption import assert_same_training_state
+from test_train import assert_same_training_state
 from test_train import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
