@@ -94,6 +94,39 @@ _SIZES = {
 ARCHS: tuple[str, ...] = tuple(list(_SIZES) + [f"{name}_sparo" for name in _SIZES])
 SPARO_OPTIONS: tuple[str, ...] = ("num_slots", "slot_dim", "attn_dim", "group_size")
 _SPARO_DEFAULTS = {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size": 1}
+# How position embeddings reach a crop whose patch grid differs from img_size's: "dino" is official DINO's
+# interpolation (the default: 96 px local crops then see exactly what the official ViT gives them), "timm" is
+# timm's resample_abs_pos_embed (by output size, antialiased when shrinking).
+POS_EMBED_INTERPOLATIONS: tuple[str, ...] = ("dino", "timm")
+# Official DINO adds this to the target grid before deriving the scale factor (facebookresearch/dino issue 8).
+DINO_INTERPOLATE_OFFSET = 0.1
+
+
+def interpolate_pos_embed_dino(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int
+                               ) -> torch.Tensor:
+    """Official DINO's position-embedding interpolation for a (grid_h, grid_w) patch grid.
+
+    The stored patch grid (square, side sqrt(N)) is resized by bicubic F.interpolate with
+    scale_factor = ((grid_h + 0.1) / sqrt(N), (grid_w + 0.1) / sqrt(N)), no antialiasing and align_corners=False.
+    Giving the scale factor rather than the size matters: torch then maps output to input coordinates with that
+    factor, not with grid / sqrt(N), which is what official checkpoints were trained with. The stored grid itself is
+    returned unchanged, as official DINO does.
+    """
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ValueError(f"position embeddings of {patches.shape[1]} patches are not a square grid")
+    if tuple(grid) == (side, side):
+        return pos_embed
+    dim = patches.shape[-1]
+    scale = ((grid[0] + DINO_INTERPOLATE_OFFSET) / side, (grid[1] + DINO_INTERPOLATE_OFFSET) / side)
+    resized = F.interpolate(patches.reshape(1, side, side, dim).permute(0, 3, 1, 2), scale_factor=scale,
+                            mode="bicubic", align_corners=False)
+    if tuple(resized.shape[-2:]) != tuple(grid):
+        raise ValueError(f"DINO interpolation of a {side}x{side} grid gave {tuple(resized.shape[-2:])}, "
+                         f"expected {tuple(grid)}")
+    resized = resized.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([prefix, resized], dim=1)
 
 
 def is_sparo_arch(arch: str) -> bool:
@@ -104,18 +137,32 @@ class DinoVisionTransformer(VisionTransformer):
     """timm's ViT (fused SDPA attention, drop-path, grad checkpointing, any input size) with a DINO read-out.
 
     `forward(images)` returns the encoding: the final-norm CLS token for baselines, the flattened SPARO slots
-    (computed on all final-norm tokens, CLS included) when `sparo` is set.
+    (computed on all final-norm tokens, CLS included) when `sparo` is set. Crops of another size than img_size get
+    their position embeddings by official DINO's interpolation unless pos_embed_interpolation="timm".
     """
 
     def __init__(self, *, embed_dim: int, depth: int, num_heads: int, patch_size: int, img_size: int,
-                 drop_path_rate: float, sparo: dict[str, int] | None) -> None:
+                 drop_path_rate: float, sparo: dict[str, int] | None, pos_embed_interpolation: str = "dino") -> None:
+        if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+            raise ValueError(f"unknown pos_embed_interpolation {pos_embed_interpolation!r}; valid: "
+                             f"{', '.join(POS_EMBED_INTERPOLATIONS)}")
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
                          depth=depth - 1 if sparo else depth, num_heads=num_heads, mlp_ratio=4.0,
                          qkv_bias=True, num_classes=0, global_pool="token", dynamic_img_size=True,
                          drop_path_rate=drop_path_rate)
         trunc_normal_(self.cls_token, std=0.02)  # official DINO init (timm uses 1e-6)
+        self.pos_embed_interpolation = pos_embed_interpolation
         self.sparo = SPARO(embed_dim, **sparo) if sparo else None
         self.num_features = (sparo["num_slots"] * sparo["slot_dim"] if sparo else embed_dim)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) patch embeddings -> (B, 1 + h*w, C) tokens with CLS and position embeddings added."""
+        if self.pos_embed_interpolation == "timm":
+            return super()._pos_embed(x)
+        batch, grid_h, grid_w, dim = x.shape
+        pos_embed = interpolate_pos_embed_dino(self.pos_embed, (grid_h, grid_w), self.num_prefix_tokens)
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
+        return self.pos_drop(tokens + pos_embed)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """All tokens after the trunk and the final LayerNorm, (B, 1 + h*w, embed_dim)."""
@@ -144,11 +191,13 @@ class DinoVisionTransformer(VisionTransformer):
 
 
 def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0,
-                   grad_checkpointing: bool = False, **sparo_options: int) -> DinoVisionTransformer:
+                   grad_checkpointing: bool = False, pos_embed_interpolation: str = "dino",
+                   **sparo_options: int) -> DinoVisionTransformer:
     """Build a baseline or SPARO backbone by name.
 
     SPARO options (num_slots, slot_dim, attn_dim, group_size) default to L = V = D = 64, g = 1; giving them to a
-    baseline arch is an error, since they would silently do nothing.
+    baseline arch is an error, since they would silently do nothing. pos_embed_interpolation: see
+    POS_EMBED_INTERPOLATIONS.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
@@ -167,7 +216,7 @@ def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_pa
     spec = _SIZES[arch.removesuffix("_sparo")]
     model = DinoVisionTransformer(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
                                   patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
-                                  sparo=sparo)
+                                  sparo=sparo, pos_embed_interpolation=pos_embed_interpolation)
     model.set_grad_checkpointing(grad_checkpointing)
     return model
 
@@ -179,7 +228,7 @@ def backbone_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     baseline archs in one place.
     """
     kwargs: dict[str, Any] = {"arch": config["arch"]}
-    for key in ("patch_size", "img_size", "drop_path_rate", "grad_checkpointing"):
+    for key in ("patch_size", "img_size", "drop_path_rate", "grad_checkpointing", "pos_embed_interpolation"):
         if config.get(key) is not None:
             kwargs[key] = config[key]
     if is_sparo_arch(config["arch"]):

@@ -19,7 +19,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SPARO_DEFAULTS = {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size": 1}
 # Flags that define the networks: a checkpoint trained with other values cannot be resumed.
 MODEL_KEYS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "img_size",
-              *SPARO_DEFAULTS)
+              "pos_embed_interpolation", *SPARO_DEFAULTS)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--patch_size", default=16, type=int, help="ViT patch size in pixels")
     model.add_argument("--img_size", default=224, type=int,
                        help="image size of the position-embedding grid (other crop sizes are resampled)")
+    model.add_argument("--pos_embed_interpolation", default="dino", choices=sparo_vit.POS_EMBED_INTERPOLATIONS,
+                       help="position embeddings of crops with another patch grid (96 px local crops): dino = "
+                            "official DINO's bicubic interpolation, timm = timm's antialiased resampling")
     model.add_argument("--out_dim", default=65536, type=int,
                        help="DINO head output dimension; use a few thousand on small datasets, where 65536 "
                             "prototypes leave the loss stuck at ln(out_dim)")

@@ -240,3 +240,69 @@ def test_load_pretrained_trunk_rejects_another_arch(tmp_path) -> None:
         load_pretrained_trunk(build_backbone("vit_tiny_sparo", patch_size=16, img_size=32), str(path))
     with pytest.raises(FileNotFoundError, match="not found"):
         load_pretrained_trunk(build_backbone("vit_tiny"), str(tmp_path / "missing.pth"))
+
+
+def _cubic_weights(t: float, a: float = -0.75) -> list[float]:
+    """Keys' cubic convolution weights of the 4 taps at offsets -1, 0, 1, 2 for a fractional position t."""
+    def near(x: float) -> float:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: float) -> float:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _official_resize_matrix(side: int, target: int) -> torch.Tensor:
+    """(target, side) bicubic resampling matrix of official DINO's interpolation along one axis, from its
+    definition: scale = (target + 0.1) / side, source x = (i + 0.5) / scale - 0.5, taps clamped at the borders."""
+    scale = (target + 0.1) / side
+    matrix = torch.zeros(target, side, dtype=torch.float64)
+    for i in range(target):
+        x = (i + 0.5) / scale - 0.5
+        x0 = math.floor(x)
+        for offset, weight in zip(range(-1, 3), _cubic_weights(x - x0)):
+            matrix[i, min(max(x0 + offset, 0), side - 1)] += weight
+    return matrix
+
+
+def _official_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    patches = pos_embed[0, 1:].double().reshape(side, side, -1)
+    rows, cols = _official_resize_matrix(side, grid[0]), _official_resize_matrix(side, grid[1])
+    resized = torch.einsum("is,jt,std->ijd", rows, cols, patches).reshape(-1, patches.shape[-1])
+    return torch.cat([pos_embed[0, :1].double(), resized]).float()[None]
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny", "vit_tiny_sparo"])
+def test_local_crops_get_official_dino_position_embeddings(arch: str) -> None:
+    """A 96 px crop of a 224 px ViT/16 sees the 14x14 grid resized to 6x6 as official DINO resizes it; 224 px sees
+    the stored grid unchanged. timm's resampling (the alternative) gives another grid at 96 px."""
+    model = build_backbone(arch, patch_size=16, img_size=224, **({"num_slots": 4} if "sparo" in arch else {})).eval()
+    with torch.no_grad():
+        model.pos_embed.normal_()  # a rough grid: interpolation differences become visible
+        for size, grid in ((96, (6, 6)), (224, (14, 14)), (64, (4, 4)), (96 + 32, (8, 8))):
+            images = torch.randn(2, 3, size, size)
+            patches = model.patch_embed(images)
+            tokens = model._pos_embed(patches)
+            expected = torch.cat([model.cls_token.expand(2, -1, -1), patches.flatten(1, 2)], dim=1)
+            expected = expected + (_official_pos_embed(model.pos_embed, grid) if size != 224 else model.pos_embed)
+            torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
+        timm_model = build_backbone(arch, patch_size=16, img_size=224, pos_embed_interpolation="timm",
+                                    **({"num_slots": 4} if "sparo" in arch else {})).eval()
+        timm_model.load_state_dict(model.state_dict())
+        small, full = torch.randn(2, 3, 96, 96), torch.randn(2, 3, 224, 224)
+        assert (model(small) - timm_model(small)).norm() > 1e-3 * model(small).norm()
+        torch.testing.assert_close(model(full), timm_model(full))
+
+
+def test_non_square_crops_and_bad_interpolation_names() -> None:
+    model = build_backbone("vit_tiny", patch_size=8, img_size=32).eval()  # 4x4 grid
+    with torch.no_grad():
+        model.pos_embed.normal_()
+        patches = model.patch_embed(torch.ones(1, 3, 16, 48))  # a 2x6 grid
+        expected = _official_pos_embed(model.pos_embed, (2, 6))
+        torch.testing.assert_close(model._pos_embed(patches)[:, 1:] - patches.flatten(1, 2), expected[:, 1:],
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown pos_embed_interpolation 'bilinear'; valid: dino, timm"):
+        build_backbone("vit_tiny", pos_embed_interpolation="bilinear")
