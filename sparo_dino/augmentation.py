@@ -2,10 +2,9 @@
 
 The recipe is the official one (flip 0.5; colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8; grayscale p=0.2; global
 crop 1 blur p=1; global crop 2 blur p=0.1 and solarize p=0.2; local crops blur p=0.5; bicubic RandomResizedCrop;
-ImageNet mean/std), built from torchvision.transforms.v2 on PIL images, with PIL's Gaussian blur. One deliberate
-change: the blur sigma (official: uniform in [0.1, 2] px at 224 px) scales with the crop size, so a 32 px crop of a
-28 px Fashion-MNIST image is blurred as much, relative to its size, as a 224 px ImageNet crop instead of being
-wiped out.
+ImageNet mean/std), built from torchvision.transforms.v2 on PIL images, with PIL's Gaussian blur. Blur sigma is
+uniform in the official [0.1, 2.0] px times global_crop_size / 224, the same range for every crop of a run: exactly
+official for the 224/96 px recipe, and a 32/16 px Fashion-MNIST run is blurred in proportion instead of wiped out.
 
 All randomness comes from torch's global generator, which SeededDataset reseeds per sample; that is what makes a
 resumed run (or one with a different number of workers) see exactly the same crops.
@@ -13,7 +12,7 @@ resumed run (or one with a different number of workers) see exactly the same cro
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,15 +22,21 @@ from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# Official DINO: PIL GaussianBlur radius (= sigma) uniform in [0.1, 2.0] for crops of this size.
+# Official DINO: PIL GaussianBlur radius (= sigma) uniform in [0.1, 2.0] on every crop (224 px global, 96 px local).
 BLUR_SIGMA_AT_REFERENCE: tuple[float, float] = (0.1, 2.0)
 BLUR_REFERENCE_SIZE = 224
 SOLARIZE_THRESHOLD = 128
 
 
-def blur_sigma_range(crop_size: int) -> tuple[float, float]:
-    """The Gaussian blur sigma range for a crop of `crop_size` px: the official range scaled by size / 224."""
-    scale = crop_size / BLUR_REFERENCE_SIZE
+def blur_sigma_range(global_crop_size: int) -> tuple[float, float]:
+    """The blur sigma range of every crop (global and local) of a run with `global_crop_size` px global crops.
+
+    The official range scaled by global_crop_size / 224: a run's scale is set by its global crops, so local crops
+    keep the official sigma in pixels (as in the paper's 224/96 recipe) rather than a range shrunk to their size.
+    """
+    if global_crop_size <= 0:
+        raise ValueError(f"global_crop_size must be positive, got {global_crop_size}")
+    scale = global_crop_size / BLUR_REFERENCE_SIZE
     return BLUR_SIGMA_AT_REFERENCE[0] * scale, BLUR_SIGMA_AT_REFERENCE[1] * scale
 
 
@@ -52,9 +57,9 @@ class RandomRadiusBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
-def random_blur(crop_size: int, p: float) -> v2.RandomApply:
-    """Gaussian blur with probability p, sigma range scaled to `crop_size` (see blur_sigma_range)."""
-    return v2.RandomApply([RandomRadiusBlur(blur_sigma_range(crop_size))], p=p)
+def random_blur(global_crop_size: int, p: float) -> v2.RandomApply:
+    """Gaussian blur with probability p, sigma range of a run with these global crops (see blur_sigma_range)."""
+    return v2.RandomApply([RandomRadiusBlur(blur_sigma_range(global_crop_size))], p=p)
 
 
 def to_normalized_tensor() -> list[v2.Transform]:
@@ -79,6 +84,15 @@ def check_multicrop_args(global_crops_scale: Sequence[float], local_crops_scale:
     if global_crop_size <= 0 or local_crop_size <= 0:
         raise ValueError(f"crop sizes must be positive, got global {global_crop_size}, local {local_crop_size}")
     return _check_scale("global_crops_scale", global_crops_scale), _check_scale("local_crops_scale", local_crops_scale)
+
+
+def multicrop_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The multi-crop recipe of a run config (training flags or a checkpoint's `config`), as keyword arguments of
+    either pipeline (MultiCropAugmentation here, gpu_augmentation.BatchedMultiCrop): one wiring for both."""
+    return {"global_crops_scale": tuple(config["global_crops_scale"]),
+            "local_crops_scale": tuple(config["local_crops_scale"]),
+            "local_crops_number": config["local_crops_number"],
+            "global_crop_size": config["global_crop_size"], "local_crop_size": config["local_crop_size"]}
 
 
 class MultiCropAugmentation:
@@ -106,7 +120,7 @@ class MultiCropAugmentation:
                                                v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2)]
                                             + to_normalized_tensor())
         self.local_transform = v2.Compose(crop_and_colour(local_crop_size, local_scale)
-                                          + [random_blur(local_crop_size, p=0.5)] + to_normalized_tensor())
+                                          + [random_blur(global_crop_size, p=0.5)] + to_normalized_tensor())
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         crops = [self.global_transform1(image), self.global_transform2(image)]

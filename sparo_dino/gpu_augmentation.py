@@ -8,7 +8,7 @@ op runs once per crop-size group on the device, with per-sample factors broadcas
 Same recipe and parameter distributions as the CPU pipeline: RandomResizedCrop (torchvision's sampler, including its
 10 tries and the centre-crop fallback, vectorized), flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 in a random
 order of the four ops per sample (as torchvision), grayscale 0.2, Gaussian blur with sigma uniform in
-blur_sigma_range(crop size) (global 1 p=1, global 2 p=0.1, locals p=0.5), solarize (threshold 128) p=0.2 on global 2
+blur_sigma_range(global crop size), the same for every crop (global 1 p=1, global 2 p=0.1, locals p=0.5), solarize (threshold 128) p=0.2 on global 2
 only, ImageNet mean/std. Deliberate differences, all below the size of one uint8 level or the resampling kernel:
 - resampling is bilinear with box-filter antialiasing (torchvision.ops.roi_align, aligned=True, adaptive sampling
   ratio: every output pixel averages ceil(box / output)^2 bilinear samples of its cell), not PIL's antialiased
@@ -19,6 +19,7 @@ only, ImageNet mean/std. Deliberate differences, all below the size of one uint8
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,11 +47,13 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One crop of the recipe: its output size, area scale range and the probabilities that differ per view."""
+    """One crop of the recipe: its output size, area scale range, the probabilities that differ per view and the
+    blur sigma range (the run's, from its global crop size)."""
     size: int
     scale: tuple[float, float]
     blur_p: float
     solarize_p: float
+    sigma: tuple[float, float]
 
 
 @dataclass
@@ -129,7 +132,7 @@ def sample_view_params(spec: ViewSpec, sizes: torch.Tensor, generator: torch.Gen
                            _uniform((batch,), -HUE, HUE, generator)], dim=1).float()
     order = torch.rand((batch, len(JITTER_OPS)), generator=generator).argsort(dim=1)  # uniform permutations
     gray, blur = coin(GRAYSCALE_P), coin(spec.blur_p)
-    sigma = _uniform((batch,), *blur_sigma_range(spec.size), generator).float()
+    sigma = _uniform((batch,), *spec.sigma, generator).float()
     solarize = coin(spec.solarize_p)
     return ViewParams(boxes, flip, jitter, factors, order, gray, blur, sigma, solarize)
 
@@ -262,9 +265,10 @@ class BatchedMultiCrop:
                  out_dtype: torch.dtype = torch.float32) -> None:
         global_scale, local_scale = check_multicrop_args(global_crops_scale, local_crops_scale, local_crops_number,
                                                          global_crop_size, local_crop_size)
-        self.views = [ViewSpec(global_crop_size, global_scale, GLOBAL1_BLUR_P, 0.0),
-                      ViewSpec(global_crop_size, global_scale, GLOBAL2_BLUR_P, GLOBAL2_SOLARIZE_P)]
-        self.views += [ViewSpec(local_crop_size, local_scale, LOCAL_BLUR_P, 0.0)] * local_crops_number
+        sigma = blur_sigma_range(global_crop_size)
+        self.views = [ViewSpec(global_crop_size, global_scale, GLOBAL1_BLUR_P, 0.0, sigma),
+                      ViewSpec(global_crop_size, global_scale, GLOBAL2_BLUR_P, GLOBAL2_SOLARIZE_P, sigma)]
+        self.views += [ViewSpec(local_crop_size, local_scale, LOCAL_BLUR_P, 0.0, sigma)] * local_crops_number
         self.out_dtype = out_dtype
 
     def sample(self, sizes: torch.Tensor, generator: torch.Generator | None = None) -> list[ViewParams]:
@@ -294,16 +298,16 @@ class BatchedMultiCrop:
             while end < len(self.views) and self.views[end].size == self.views[start].size:
                 end += 1
             group = self.views[start:end]
-            out = self._augment(pixels, ViewParams.cat(params[start:end]), group[0].size)
+            out = self._augment(pixels, ViewParams.cat(params[start:end]), group[0])
             crops.extend(out.chunk(len(group)))
             start = end
         return crops
 
-    def _augment(self, pixels: torch.Tensor, params: ViewParams, size: int) -> torch.Tensor:
+    def _augment(self, pixels: torch.Tensor, params: ViewParams, spec: ViewSpec) -> torch.Tensor:
         device = pixels.device
         batch_index = torch.arange(params.boxes.shape[0]) % pixels.shape[0]
         rois = torch.cat([batch_index[:, None].float(), params.boxes], dim=1).to(device)
-        images = roi_align(pixels, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        images = roi_align(pixels, rois, output_size=spec.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         images = images.div_(255).clamp_(0, 1)
         images = torch.where(_per_sample(params.flip.to(device)), images.flip(-1), images)
         images = color_jitter(images, params.factors, params.order, params.jitter)
@@ -311,7 +315,7 @@ class BatchedMultiCrop:
                              images)
         blurred = torch.nonzero(params.blur).flatten()
         if blurred.numel():
-            radius = max(1, int(torch.tensor(blur_sigma_range(size)[1]).mul(3).ceil()))
+            radius = max(1, math.ceil(3 * spec.sigma[1]))
             index = blurred.to(device)
             images.index_copy_(0, index, gaussian_blur(images.index_select(0, index), params.sigma[blurred], radius))
         if params.solarize.any():

@@ -62,3 +62,10 @@ class Schedules:
                    weight_decay=cosine_schedule(weight_decay, weight_decay_end, epochs, iters_per_epoch),
                    momentum=cosine_schedule(momentum_teacher, 1.0, epochs, iters_per_epoch),
                    iters_per_epoch=iters_per_epoch)
+
+    def epoch_means(self, epoch: int) -> dict[str, float]:
+        """Mean lr and weight decay over the steps of `epoch`: what official DINO logs as train_lr / train_wd (its
+        metric logger averages the per-step values). Taken from the schedule, so a run resumed mid-epoch logs the
+        same numbers as an uninterrupted one."""
+        steps = slice(epoch * self.iters_per_epoch, (epoch + 1) * self.iters_per_epoch)
+        return {"lr": float(self.lr[steps].mean()), "wd": float(self.weight_decay[steps].mean())}

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import sparo_vit
 from sparo_dino import distributed
-from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset
+from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
 from sparo_dino.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
                                    load_with_fallback, periodic_checkpoints, remove_stale_temporaries,
                                    restore_rng_state, save_checkpoint)
@@ -189,11 +189,7 @@ class DinoTrainer:
     # ----------------------------------------------------------------------------------------------- set-up
     def _build_data(self) -> tuple[DataLoader, ResumableSampler, SeededDataset]:
         args = self.args
-        transform = MultiCropAugmentation(global_crops_scale=tuple(args.global_crops_scale),
-                                          local_crops_scale=tuple(args.local_crops_scale),
-                                          local_crops_number=args.local_crops_number,
-                                          global_crop_size=args.global_crop_size,
-                                          local_crop_size=args.local_crop_size)
+        transform = MultiCropAugmentation(**multicrop_kwargs(vars(args)))
         images = build_dataset(args.dataset, args.data_path, transform=transform, skip_bad_images=args.skip_bad_images)
         dataset = SeededDataset(SkipFlags(images), seed=args.seed)
         try:
@@ -466,8 +462,10 @@ class DinoTrainer:
                 means = self.train_one_epoch(epoch)
                 if self.stopped:
                     break
-                last = epoch * self.iters_per_epoch + self.iters_per_epoch - 1
-                extra = {**self.hyperparameters(epoch, last), "center_norm": float(self.dino_loss.center.norm())}
+                last_step = self.hyperparameters(epoch, epoch * self.iters_per_epoch + self.iters_per_epoch - 1)
+                extra = {**self.schedules.epoch_means(epoch), "lr_last": last_step["lr"], "wd_last": last_step["wd"],
+                         "teacher_temp": last_step["teacher_temp"], "momentum": last_step["momentum"],
+                         "center_norm": float(self.dino_loss.center.norm())}
                 records.append(self.progress.log_epoch(epoch, means, extra, self.evaluate(epoch)))
                 self.epoch, self.iteration = epoch + 1, 0
                 keep = self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0

@@ -3,6 +3,7 @@ transforms against hand-computed normalization, and per-sample seeding (determin
 untouched global random state)."""
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -18,6 +19,7 @@ from sparo_dino.augmentation import (MultiCropAugmentation, SeededDataset, blur_
 # Independent references (official DINO / ImageNet constants).
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DRAWS = 600  # per measured frequency: std of a 0.5 rate is 0.02, tolerances below are >= 3 std
 
 
@@ -110,14 +112,36 @@ def _blurs(pipeline: v2.Compose) -> list[v2.RandomApply]:
             if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], RandomRadiusBlur)]
 
 
-def test_blur_probabilities_and_sigma_scale_with_crop_size(tiny_aug):
+def test_blur_probabilities_and_one_sigma_range_for_every_crop(tiny_aug):
+    """tiny_aug has 8 px global and 4 px local crops: every crop's sigma range is the official one x 8 / 224."""
     assert blur_sigma_range(224) == pytest.approx((0.1, 2.0))
     assert blur_sigma_range(32) == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
-    expected = {"global_transform1": (1.0, 8), "global_transform2": (0.1, 8), "local_transform": (0.5, 4)}
-    for name, (p, size) in expected.items():
+    expected = {"global_transform1": 1.0, "global_transform2": 0.1, "local_transform": 0.5}
+    for name, p in expected.items():
         (blur,) = _blurs(getattr(tiny_aug, name))
         assert blur.p == p
-        assert list(blur.transforms[0].sigma) == pytest.approx([0.1 * size / 224, 2.0 * size / 224])
+        assert list(blur.transforms[0].sigma) == pytest.approx([0.1 * 8 / 224, 2.0 * 8 / 224])
+
+
+@pytest.mark.parametrize("config, sigma", [
+    ("dino_vit_small_in1k.yaml", (0.1, 2.0)), ("dino_vit_small_sparo_in1k.yaml", (0.1, 2.0)),
+    ("fmnist_vit_tiny_sparo.yaml", (0.1 * 32 / 224, 2.0 * 32 / 224))])
+def test_shipped_configs_blur_every_crop_with_the_runs_sigma_range(config, sigma):
+    """The paper's ImageNet recipe blurs global and 96 px local crops alike with sigma in [0.1, 2.0] (official DINO),
+    in both pipelines, as the trainer wires them; the 32/16 px Fashion-MNIST recipe in proportion to 32 px."""
+    from sparo_dino.augmentation import multicrop_kwargs
+    from sparo_dino.gpu_augmentation import BatchedMultiCrop
+    from sparo_dino.train_args import parse_train_args
+
+    args = parse_train_args(["--config", os.path.join(CONFIGS, config), "--data_path", "unused"])
+    recipe = multicrop_kwargs(vars(args))
+    pil = MultiCropAugmentation(**recipe)
+    for name in ("global_transform1", "global_transform2", "local_transform"):
+        (blur,) = _blurs(getattr(pil, name))
+        assert list(blur.transforms[0].sigma) == pytest.approx(list(sigma)), name
+    batched = BatchedMultiCrop(**recipe)
+    assert len(batched.views) == 2 + args.local_crops_number
+    assert all(list(view.sigma) == pytest.approx(list(sigma)) for view in batched.views)
 
 
 @pytest.mark.parametrize("crop_size", [224, 448])

@@ -57,3 +57,16 @@ def test_run_schedules() -> None:
     assert schedules.weight_decay[0] == pytest.approx(0.04) and np.all(np.diff(schedules.weight_decay) > 0)
     assert schedules.momentum[0] == pytest.approx(0.996)
     assert all(len(a) == 20 for a in (schedules.lr, schedules.weight_decay, schedules.momentum))
+
+
+def test_epoch_means_are_the_official_log_values() -> None:
+    """Official DINO logs train_lr / train_wd as the mean of the per-step values of the epoch (its MetricLogger's
+    global_avg), not the last step's value."""
+    schedules = Schedules.for_run(lr=1.0, min_lr=0.0, warmup_epochs=1, weight_decay=0.04, weight_decay_end=0.4,
+                                  momentum_teacher=0.996, epochs=3, iters_per_epoch=4)
+    # epoch 0 warms up linearly over its 4 steps: 0, 1/3, 2/3, 1
+    assert schedules.epoch_means(0)["lr"] == pytest.approx((0 + 1 / 3 + 2 / 3 + 1) / 4)
+    decay = [0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)]
+    assert schedules.epoch_means(2)["lr"] == pytest.approx(sum(decay[4:]) / 4)
+    wd = [0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * i / 12)) for i in range(12)]
+    assert schedules.epoch_means(1)["wd"] == pytest.approx(sum(wd[4:8]) / 4)
