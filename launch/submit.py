@@ -1,18 +1,21 @@
 """Submit DINO+SPARO training to a SLURM cluster with submitit: one task per GPU, requeue on timeout/preemption.
 
+    python launch/submit.py --nodes 2 --ngpus 8 --arch vit_small_sparo --data_path /imagenet/train \
+        --output_dir /runs/%j                                    # official run_with_submitit.py form
     python launch/submit.py --nodes 2 --ngpus 8 --partition gpu --timeout 2880 -- \
         --config configs/dino_vit_small_sparo_in1k.yaml --data_path /imagenet/train --output_dir /runs/sparo
 
-Flags before `--` are the launcher's; everything after goes to main_dino.py unchanged. The rendezvous uses
-submitit's TorchDistributedEnvironment (first node of the allocation, port from the job id), so no shared folder is
-needed. On timeout or preemption submitit calls `TrainingJob.checkpoint()` on rank 0: it asks the trainer to stop at
-the next step boundary, waits for the checkpoint to be written, and hands submitit a resubmission of the same
-command, which resumes from `output_dir/checkpoint.pth`.
+Without `--`, the launcher takes the flags it knows and passes every other flag to main_dino.py, as official DINO's
+run_with_submitit.py does; with `--`, flags before it are the launcher's and everything after goes to main_dino.py.
+`%j` in --output_dir becomes the SLURM job id inside the job, so a requeued job finds its own folder again. The
+rendezvous uses submitit's TorchDistributedEnvironment (first node of the allocation, port from the job id), so no
+shared folder is needed. On timeout or preemption submitit calls `TrainingJob.checkpoint()` on rank 0: it asks the
+trainer to stop at the next step boundary, waits for the checkpoint to be written, and hands submitit a
+resubmission of the same command, which resumes from `output_dir/checkpoint.pth`.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import threading
@@ -30,43 +33,58 @@ from sparo_dino.preemption import StopRequest  # noqa: E402
 from sparo_dino.train_args import parse_train_args  # noqa: E402
 
 SAVE_WAIT_SECONDS = 600.0  # longest we wait in checkpoint() for the trainer to reach a step boundary and save
+JOB_ID = "%j"  # placeholder in --output_dir for the SLURM job id, as in official DINO
+GB_PER_GPU = 40  # official DINO requests 40 GB of host memory per GPU
+VOLTA32_CONSTRAINT = "volta32gb"  # what official DINO's --use_volta32 asks SLURM for
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=1)
+    """Launcher flags; official run_with_submitit.py flags keep their names and defaults (README lists the few
+    that differ). No abbreviations, so a training flag is never mistaken for a prefix of a launcher flag."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="number of nodes to request (default 2, as official; 1 with --cluster local)")
     parser.add_argument("--ngpus", type=int, default=8, help="GPUs per node; one task per GPU")
     parser.add_argument("--cpus_per_task", type=int, default=10, help="data-loader workers + main thread")
-    parser.add_argument("--timeout", type=int, default=2880, help="minutes per job; the run requeues itself")
-    parser.add_argument("--partition", type=str, default=None)
+    parser.add_argument("--timeout", type=int, default=2800, help="minutes per job; the run requeues itself")
+    parser.add_argument("--partition", type=str, default=None, help="default: the cluster's default partition")
+    parser.add_argument("--use_volta32", action="store_true", help=f"ask for the {VOLTA32_CONSTRAINT} constraint")
+    parser.add_argument("--comment", type=str, default="", help="comment passed to the scheduler")
     parser.add_argument("--account", type=str, default=None)
     parser.add_argument("--qos", type=str, default=None)
     parser.add_argument("--constraint", type=str, default=None, help="e.g. a GPU type feature")
-    parser.add_argument("--mem_gb", type=int, default=None, help="memory per node")
+    parser.add_argument("--mem_gb", type=int, default=None,
+                        help=f"memory per node (default {GB_PER_GPU} per GPU, as official; 0: the cluster's default)")
     parser.add_argument("--mail_user", type=str, default=None)
     parser.add_argument("--mail_type", type=str, default=None, help="e.g. END,FAIL")
-    parser.add_argument("--job_name", type=str, default="sparo_dino")
-    parser.add_argument("--signal_delay_s", type=int, default=180,
+    parser.add_argument("--job_name", type=str, default="dino")
+    parser.add_argument("--signal_delay_s", type=int, default=120,
                         help="seconds before the time limit at which SLURM signals the job to checkpoint")
-    parser.add_argument("--max_requeues", type=int, default=20, help="how many timeouts the run may survive")
+    parser.add_argument("--max_requeues", type=int, default=30, help="how many timeouts the run may survive")
     parser.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
                         help="'local' runs the same job on this machine (submitit's LocalExecutor), for testing")
     parser.add_argument("--dry_run", action="store_true", help="print what would be submitted, submit nothing")
     return parser
 
 
-def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Launcher flags come before `--`, training flags after it."""
-    argv = list(argv)
-    if "--" not in argv:
-        raise SystemExit("error: put the training flags after `--`, e.g. launch/submit.py --nodes 2 -- "
-                         "--config configs/dino_vit_small_sparo_in1k.yaml --output_dir /runs/x")
-    cut = argv.index("--")
-    return argv[:cut], argv[cut + 1:]
+def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(launcher flags, training argv). With `--`, the launcher flags come before it and the training flags after
+    it; without, the launcher takes its own flags wherever they are and the rest is the training argv, in order."""
+    argv, parser = list(argv), build_parser()
+    if "--" in argv:
+        cut = argv.index("--")
+        ns, train_argv = parser.parse_args(argv[:cut]), argv[cut + 1:]
+    else:
+        ns, train_argv = parser.parse_known_args(argv)
+    if ns.nodes is None:
+        ns.nodes = 1 if ns.cluster == "local" else 2
+    return ns, train_argv
 
 
 def with_absolute_output_dir(train_argv: list[str]) -> tuple[list[str], Path]:
-    """Resolve the run's output dir (from flags or --config) so requeued jobs find their checkpoint."""
+    """Resolve the run's output dir (from flags or --config) so requeued jobs find their checkpoint. A `%j` in it
+    stays as is until the job knows its id (with_job_id)."""
     train_args = parse_train_args(train_argv)
     output_dir = Path(train_args.output_dir).resolve()
     kept, skip = [], False
@@ -80,6 +98,16 @@ def with_absolute_output_dir(train_argv: list[str]) -> tuple[list[str], Path]:
     return kept + ["--output_dir", str(output_dir)], output_dir
 
 
+def with_job_id(train_argv: Sequence[str], job_id: str) -> list[str]:
+    """The training argv with `%j` in the --output_dir value (as with_absolute_output_dir writes it) replaced by
+    the job id, as official DINO does inside the job."""
+    argv = list(train_argv)
+    for index in range(len(argv) - 1):
+        if argv[index] == "--output_dir":
+            argv[index + 1] = argv[index + 1].replace(JOB_ID, str(job_id))
+    return argv
+
+
 class TrainingJob:
     """What each task runs: training in a worker thread, so submitit's signal handler can wait for a clean save."""
 
@@ -90,12 +118,14 @@ class TrainingJob:
 
     def __call__(self) -> int:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # self.train_argv keeps its `%j`: a requeued job has the same id, so it resolves to the same folder
+        train_argv = with_job_id(self.train_argv, submitit.JobEnvironment().job_id)
         self._stop = StopRequest()
         outcome: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                outcome["code"] = main_dino.main(self.train_argv, stop=self._stop)
+                outcome["code"] = main_dino.main(train_argv, stop=self._stop)
             except BaseException as error:  # re-raised in the main thread, where submitit reports it
                 outcome["error"] = error
 
@@ -127,10 +157,13 @@ def executor_for(ns: argparse.Namespace, folder: Path) -> submitit.Executor:
 
 
 def slurm_parameters(ns: argparse.Namespace) -> dict[str, Any]:
+    """SlurmExecutor parameters (sbatch flags) of the launcher flags; unset ones are left to the cluster."""
+    mem_gb = GB_PER_GPU * ns.ngpus if ns.mem_gb is None else ns.mem_gb
     parameters = dict(job_name=ns.job_name, nodes=ns.nodes, ntasks_per_node=ns.ngpus, gpus_per_node=ns.ngpus,
                       cpus_per_task=ns.cpus_per_task, time=ns.timeout, partition=ns.partition,
-                      account=ns.account, qos=ns.qos, constraint=ns.constraint,
-                      mem=f"{ns.mem_gb}GB" if ns.mem_gb else None, mail_user=ns.mail_user,
+                      account=ns.account, qos=ns.qos,
+                      constraint=VOLTA32_CONSTRAINT if ns.use_volta32 else ns.constraint,
+                      comment=ns.comment or None, mem=f"{mem_gb}GB" if mem_gb else None, mail_user=ns.mail_user,
                       mail_type=ns.mail_type, signal_delay_s=ns.signal_delay_s)
     return {key: value for key, value in parameters.items() if value is not None}
 
@@ -146,19 +179,28 @@ def describe(ns: argparse.Namespace, train_argv: list[str], folder: Path) -> str
             f"# requeues on timeout/preemption up to {ns.max_requeues} times, resuming from the checkpoint\n{script}")
 
 
-def submit(argv: Sequence[str] | None = None) -> submitit.Job | None:
-    launcher_argv, train_argv = split_argv(sys.argv[1:] if argv is None else argv)
-    ns = build_parser().parse_args(launcher_argv)
+def check_launcher_flags(ns: argparse.Namespace, output_dir: Path) -> None:
+    """One-line errors for launcher flags that cannot work together."""
+    if ns.use_volta32 and ns.constraint:
+        raise SystemExit(f"error: --use_volta32 sets the constraint {VOLTA32_CONSTRAINT}; drop it or --constraint")
     if ns.cluster == "local" and ns.nodes != 1:
         raise SystemExit("error: --cluster local runs on one node; use --nodes 1")
+    if ns.cluster == "local" and JOB_ID in str(output_dir):
+        # submitit's local controller creates the log folder without resolving %j
+        raise SystemExit(f"error: {JOB_ID} in --output_dir needs a SLURM job id; give --cluster local a plain folder")
+
+
+def submit(argv: Sequence[str] | None = None) -> submitit.Job | None:
+    ns, train_argv = split_argv(sys.argv[1:] if argv is None else argv)
     train_argv, output_dir = with_absolute_output_dir(train_argv)
-    folder = output_dir / "submitit"
+    check_launcher_flags(ns, output_dir)
+    folder = output_dir / "submitit"  # submitit resolves a %j in it and creates it at submission
     if ns.dry_run:
         print(describe(ns, train_argv, folder))
         return None
-    os.makedirs(folder, exist_ok=True)
     job = executor_for(ns, folder).submit(TrainingJob(train_argv))
-    print(f"submitted job {job.job_id}; logs in {folder}; checkpoints in {output_dir}")
+    run_dir = str(output_dir).replace(JOB_ID, str(job.job_id))
+    print(f"submitted job {job.job_id}; logs in {run_dir}/submitit; checkpoints in {run_dir}")
     return job
 
 

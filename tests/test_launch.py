@@ -1,4 +1,5 @@
-"""launch/submit.py: what a dry run would submit, and a real requeue cycle with submitit's LocalExecutor."""
+"""launch/submit.py: what a dry run would submit (both command forms), %j output folders, and a real requeue cycle
+with submitit's LocalExecutor."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import submitit
 import torch
 
 from conftest import make_image_folder
@@ -38,7 +40,7 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path, capsys):
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --qos=high",
                  "#SBATCH --constraint=h100", "#SBATCH --mem=400GB", "#SBATCH --mail-user=me@lab.org",
-                 "#SBATCH --mail-type=END,FAIL", "#SBATCH --time=1440", "#SBATCH --signal=USR2@180"):
+                 "#SBATCH --mail-type=END,FAIL", "#SBATCH --time=1440", "#SBATCH --signal=USR2@120"):
         assert line in out, line
     assert f"--output_dir {output_dir}" in out and "dino_vit_small_sparo_in1k.yaml" in out
     assert out.count("--output_dir") == 1
@@ -52,11 +54,94 @@ def test_relative_output_dir_becomes_absolute_once(tmp_path, monkeypatch):
     assert argv == ["--data_path", "/data", "--output_dir", str(tmp_path / "runs" / "a")]
 
 
-def test_launcher_errors_are_one_line():
-    with pytest.raises(SystemExit, match="put the training flags after `--`"):
-        submit.submit(["--nodes", "1"])
+def _dry_run(argv: list[str], capsys) -> str:
+    assert submit.submit(argv) is None
+    return capsys.readouterr().out
+
+
+def test_official_command_form_submits_what_the_dash_form_submits(tmp_path, capsys):
+    """official run_with_submitit.py mixes launcher and training flags; the same run with `--` is identical."""
+    training = ["--arch", "vit_small", "--data_path", "/imagenet/train", "--output_dir", str(tmp_path / "runs" / "%j"),
+                "--global_crops_scale", "0.25", "1.0", "--use_fp16=false", "--epochs", "50"]
+    launcher = ["--nodes", "4", "--ngpus", "8", "--use_volta32", "--comment", "ICML deadline", "--dry_run"]
+    mixed = ["--nodes", "4", "--arch", "vit_small", "--ngpus", "8", "--data_path", "/imagenet/train",
+             "--use_volta32", "--output_dir", str(tmp_path / "runs" / "%j"), "--global_crops_scale", "0.25", "1.0",
+             "--comment", "ICML deadline", "--use_fp16=false", "--dry_run", "--epochs", "50"]
+    ns_mixed, argv_mixed = submit.split_argv(mixed)
+    ns_dashed, argv_dashed = submit.split_argv(launcher + ["--"] + training)
+    assert argv_mixed == argv_dashed == training and vars(ns_mixed) == vars(ns_dashed)
+    out = _dry_run(mixed, capsys)
+    assert out == _dry_run(launcher + ["--"] + training, capsys)
+    for line in ("#SBATCH --nodes=4", "#SBATCH --constraint=volta32gb", "#SBATCH --comment='ICML deadline'",
+                 f"#SBATCH --output={tmp_path}/runs/%j/submitit/%j_0_log.out"):
+        assert line in out, line
+    assert f"--epochs 50 --output_dir {tmp_path}/runs/%j\n" in out and not (tmp_path / "runs").exists()
+
+
+def test_official_launcher_defaults(tmp_path, capsys):
+    """Official: 2 nodes x 8 GPUs, 10 CPUs per task, 2800 min, 40 GB per GPU, signal 120 s early, 30 requeues."""
+    out = _dry_run(["--output_dir", str(tmp_path), "--data_path", "/d", "--dry_run"], capsys)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=10", "#SBATCH --time=2800", "#SBATCH --mem=320GB",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --job-name=dino", "up to 30 times"):
+        assert line in out, line
+    assert "--partition" not in out and "--comment" not in out and "--constraint" not in out
+    assert "--mem=" not in _dry_run(["--mem_gb", "0", "--output_dir", str(tmp_path), "--data_path", "/d",
+                                     "--dry_run"], capsys)
+
+
+class _FakeJobEnvironment:
+    job_id = "4242"
+
+
+class _NoRendezvous:
+    def export(self, **kwargs) -> None:
+        pass
+
+
+def test_job_id_replaces_percent_j_inside_the_job_and_survives_requeue(tmp_path, monkeypatch):
+    monkeypatch.setattr(submitit, "JobEnvironment", _FakeJobEnvironment)
+    monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", _NoRendezvous)
+    seen: list[list[str]] = []
+    monkeypatch.setattr(submit.main_dino, "main", lambda argv, stop: seen.append(list(argv)) or 0)
+    template = ["--arch", "vit_tiny", "--output_dir", str(tmp_path / "runs" / "%j")]
+    job = submit.TrainingJob(template)
+    assert job() == 0
+    requeued = job.checkpoint().function
+    assert requeued.train_argv == template  # the placeholder travels, the requeued job resolves it again
+    assert requeued() == 0
+    assert seen == [["--arch", "vit_tiny", "--output_dir", str(tmp_path / "runs" / "4242")]] * 2
+
+
+def test_percent_j_log_folder_is_created_for_the_real_job_id(tmp_path, monkeypatch, capsys):
+    """A fake sbatch answers like SLURM; submitit must put the job's files in runs/<id>/submitit, not in '%j'."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command, script in (("sbatch", "echo 'Submitted batch job 4242'"), ("srun", "exit 1")):  # srun: "on SLURM"
+        (bin_dir / command).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / command).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    runs = tmp_path / "runs"
+    job = submit.submit(["--partition", "gpu", "--arch", "vit_tiny", "--data_path", "/d",
+                         "--output_dir", str(runs / "%j")])
+    assert job.job_id == "4242"
+    assert f"logs in {runs}/4242/submitit; checkpoints in {runs}/4242" in capsys.readouterr().out
+    assert not any("%j" in str(path) for path in runs.rglob("*"))  # submitit keeps a dotfile link to the script
+    assert [path.name for path in runs.iterdir() if not path.name.startswith(".")] == ["4242"]
+    logs = runs / "4242" / "submitit"
+    assert (logs / "4242_submitted.pkl").is_file()
+    assert f"#SBATCH --output={runs}/%j/submitit/%j_0_log.out" in (logs / "4242_submission.sh").read_text()
+    pickled = submitit.helpers.DelayedSubmission.load(logs / "4242_submitted.pkl").function
+    assert pickled.train_argv[-2:] == ["--output_dir", str(runs / "%j")]
+
+
+def test_launcher_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--use_volta32 sets the constraint volta32gb"):
+        submit.submit(["--use_volta32", "--constraint", "a100", "--output_dir", "x", "--data_path", "/d"])
     with pytest.raises(SystemExit, match="--cluster local runs on one node"):
-        submit.submit(["--cluster", "local", "--nodes", "2", "--", "--output_dir", "x"])
+        submit.submit(["--cluster", "local", "--nodes", "2", "--", "--output_dir", "x", "--data_path", "/d"])
+    with pytest.raises(SystemExit, match="%j in --output_dir needs a SLURM job id"):
+        submit.submit(["--cluster", "local", "--output_dir", str(tmp_path / "%j"), "--data_path", "/d"])
 
 
 def _task_pids(controller_pid: int) -> list[int]:
