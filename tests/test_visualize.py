@@ -87,6 +87,27 @@ def test_bad_visualization_input_names_the_problem(image_folder, checkpoint, tmp
         visualize_slots.main(["--pretrained_weights", baseline, "--data_path", image_folder, *SMALL])
 
 
+@pytest.mark.parametrize("arch, size", [("vit_tiny", 32), ("vit_tiny", 48), ("vit_tiny_sparo", 40)])
+def test_cls_attention_maps_are_timms_own_attention_weights(arch, size):
+    """Reference: timm's explicit (non-fused) attention of the last block, captured at its attention dropout, in
+    the backbone's normal forward pass; also at an image size other than the position-embedding grid."""
+    torch.manual_seed(0)
+    options = {"num_slots": 4} if arch.endswith("_sparo") else {}
+    backbone = sparo_vit.build_backbone(arch, patch_size=8, img_size=32, **options).eval()
+    images = torch.randn(2, 3, size, size)
+    maps, cls_share = sparo_vit.cls_attention_maps(backbone, images)
+    attention = backbone.blocks[-1].attn
+    attention.fused_attn = False
+    captured = []
+    attention.attn_drop.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    backbone(images)
+    reference = captured[0][:, :, 0]  # (B, heads, N): the CLS query's row
+    grid = size // 8
+    assert maps.shape == (2, 3, grid, grid) and cls_share.shape == (2, 3)
+    torch.testing.assert_close(maps.flatten(2), reference[:, :, 1:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cls_share, reference[:, :, 0], atol=1e-6, rtol=1e-5)
+
+
 def test_plot_logs_draws_every_metric_of_several_runs(tmp_path):
     for name, scale in (("dino", 1.0), ("dino_sparo", 0.8)):
         run = tmp_path / name
