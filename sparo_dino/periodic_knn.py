@@ -47,7 +47,8 @@ class PeriodicKnn:
 
     @torch.no_grad()
     def top1(self, backbone: nn.Module, arch: str,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float | None:
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             label: str = "") -> float | None:
         """Weighted 20-NN top-1 (percent) of `backbone`'s evaluation features on the main process, None elsewhere."""
         feature_fn = features.feature_function(backbone, features.feature_kind(arch))
         was_training = backbone.training
@@ -65,6 +66,6 @@ class PeriodicKnn:
             return None
         scores = knn.weighted_knn(train[0], train[1], val[0], self.num_classes, K, TEMPERATURE, backend="torch")
         top1, _ = knn.topk_accuracy(scores, val[1])
-        print(f"k-NN monitor: weighted {K}-NN top-1 {top1:.2f}% ({len(self.train)} train / {len(self.val)} val "
-              "images)", flush=True)
+        print(f"k-NN monitor{' ' + label if label else ''}: weighted {K}-NN top-1 {top1:.2f}% "
+              f"({len(self.train)} train / {len(self.val)} val images)", flush=True)
         return top1

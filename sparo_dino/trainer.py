@@ -11,17 +11,14 @@ import argparse
 import contextlib
 import itertools
 import os
-import random
 import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import sparo_vit
 from sparo_dino import distributed
 from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
 from sparo_dino.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
@@ -30,6 +27,7 @@ from sparo_dino.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng
 from sparo_dino.config import args_to_dict, save_config
 from sparo_dino.datasets import build_dataset, require_min_size
 from sparo_dino.loss import DINOLoss
+from sparo_dino.networks import build_student_teacher, seed_everything
 from sparo_dino.optim import (build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter,
                               ema_update_, param_groups, set_hyperparameters)
 from sparo_dino.periodic_knn import PeriodicKnn
@@ -52,30 +50,6 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; training stopped before writing any checkpoint of the bad state."""
-
-
-def build_student_teacher(config: Mapping[str, Any]) -> tuple[sparo_vit.MultiCropWrapper, sparo_vit.MultiCropWrapper]:
-    """Student and teacher of a run config (flags or a checkpoint's `config`): the one place they are built.
-
-    Both have the same backbone and unchanged DINO head; the student alone gets drop-path. The teacher starts as
-    a copy of the student and never receives gradients (it follows the student by EMA).
-    """
-    kwargs = sparo_vit.backbone_kwargs(config)
-
-    def network(drop_path_rate: float, grad_checkpointing: bool) -> sparo_vit.MultiCropWrapper:
-        backbone = sparo_vit.build_backbone(**{**kwargs, "drop_path_rate": drop_path_rate,
-                                               "grad_checkpointing": grad_checkpointing})
-        head = sparo_vit.DINOHead(backbone.num_features, config["out_dim"], use_bn=config["use_bn_in_head"],
-                                  norm_last_layer=config["norm_last_layer"])
-        return sparo_vit.MultiCropWrapper(backbone, head)
-
-    student = network(config.get("drop_path_rate", 0.0), bool(config.get("grad_checkpointing", False)))
-    with torch.device("meta"):  # skip a random init that the copy below overwrites anyway
-        teacher = network(0.0, False)
-    teacher.to_empty(device="cpu")
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    return student, teacher
 
 
 class ResumableSampler(DistributedSampler):
@@ -115,12 +89,6 @@ class SkipFlags(Dataset):
         return image, label, int(bool(bad) and self.dataset.samples[index][0] in bad)
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def _normalize_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Accept DDP (`module.`) and old weight-norm names (`weight_g`/`weight_v`) of official DINO checkpoints."""
     renames = {"last_layer.weight_g": "last_layer.parametrizations.weight.original0",
@@ -154,7 +122,7 @@ class DinoTrainer:
         self.iters_per_epoch = self.sampler.num_samples // self.batch_size
         self.knn = self._build_knn_monitor()
 
-        _seed_everything(args.seed)  # identical initial weights on every rank
+        seed_everything(args.seed)  # identical initial weights on every rank
         student, self.teacher = build_student_teacher(vars(args))
         if args.use_bn_in_head and info.world_size > 1 and self.device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -175,7 +143,7 @@ class DinoTrainer:
             weight_decay_end=args.weight_decay_end, momentum_teacher=args.momentum_teacher, epochs=args.epochs,
             iters_per_epoch=self.iters_per_epoch)
 
-        _seed_everything(args.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
+        seed_everything(args.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
         self.epoch, self.iteration = 0, 0
         self.resumed_from = self._resume()
         self.student: nn.Module = self.student_module
@@ -450,12 +418,21 @@ class DinoTrainer:
         top1 = self.knn.top1(self.teacher.backbone, self.args.arch, self.autocast)
         return {} if top1 is None else {"knn_top1": top1}
 
+    def evaluate_init(self) -> dict[str, float]:
+        """The k-NN monitor's result for the untrained teacher (= the student's random init), when a fresh run
+        starts: the baseline that tells training from no training. Logged with epoch 0 as knn_top1_init."""
+        if self.knn is None or (self.epoch, self.iteration) != (0, 0):
+            return {}
+        top1 = self.knn.top1(self.teacher.backbone, self.args.arch, self.autocast, label="at random init")
+        return {} if top1 is None else {"knn_top1_init": top1}
+
     def fit(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns the log.txt records of the epochs this call ran."""
         self.write_run_files()
         if self.epoch >= self.args.epochs and distributed.is_main_process():
             print(f"nothing to do: {self.epoch} of {self.args.epochs} epochs are done", flush=True)
         records = []
+        init_evaluation = self.evaluate_init()
         try:
             while self.epoch < self.args.epochs:
                 epoch = self.epoch
@@ -466,7 +443,9 @@ class DinoTrainer:
                 extra = {**self.schedules.epoch_means(epoch), "lr_last": last_step["lr"], "wd_last": last_step["wd"],
                          "teacher_temp": last_step["teacher_temp"], "momentum": last_step["momentum"],
                          "center_norm": float(self.dino_loss.center.norm())}
-                records.append(self.progress.log_epoch(epoch, means, extra, self.evaluate(epoch)))
+                records.append(self.progress.log_epoch(epoch, means, extra,
+                                                       {**init_evaluation, **self.evaluate(epoch)}))
+                init_evaluation = {}
                 self.epoch, self.iteration = epoch + 1, 0
                 keep = self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0
                 self.save(extra_copy=f"checkpoint{epoch:04d}.pth" if keep else None)
