@@ -2,10 +2,13 @@
 
 DINO's k-NN score is the cosine top-k of L2-normalized features with votes exp(sim / T) (T = 0.07). One exact
 search with the largest k serves every k, because the top-k of a sorted top-k_max are its first k columns.
-faiss (IndexFlatIP, exact) does the search when installed, on the GPU when faiss has one; a chunked torch matmul is
-the reference and the fallback. SPARO encodings are L2-normalized as a whole (not per slot); per-slot analysis
-views the encoding as (num_slots, slot_dim) and scores each slot alone, and slot selection ranks slots on a held-out
-part of the TRAIN set only, so the test set never influences which slots are kept (paper Sec. 5.1, adapted).
+faiss (IndexFlatIP, exact) does the search when installed, a chunked torch matmul is the reference and the fallback.
+`device` says where the search runs (eval_knn's official --use_cuda): the torch backend moves the features there,
+faiss uses a GPU index only when allowed and it has a GPU. Features are L2-normalized here, so already normalized
+ones (an official DINO dump) give the same neighbours. SPARO encodings are L2-normalized as a whole (not per slot);
+per-slot analysis views the encoding as (num_slots, slot_dim) and scores each slot alone, and slot selection ranks
+slots on a held-out part of the TRAIN set only, so the test set never influences which slots are kept (paper
+Sec. 5.1, adapted).
 """
 from __future__ import annotations
 
@@ -46,11 +49,12 @@ def _faiss_gpu_resources():
     return faiss.StandardGpuResources()
 
 
-def _faiss_search(train: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _faiss_search(train: torch.Tensor, test: torch.Tensor, k: int, use_gpu: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     train_np = train.detach().to("cpu", torch.float32).contiguous().numpy()
     test_np = test.detach().to("cpu", torch.float32).contiguous().numpy()
     dim = train_np.shape[1]
-    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+    if use_gpu and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
         index = faiss.GpuIndexFlatIP(_faiss_gpu_resources(), dim)
     else:
         index = faiss.IndexFlatIP(dim)
@@ -74,9 +78,12 @@ def _torch_search(train: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torc
 
 
 def search_topk(train_features: torch.Tensor, test_features: torch.Tensor, k: int,
-                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                backend: str = "auto", device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact cosine top-k: L2-normalize both sets, return (similarities, train indices), each (num_test, k') on CPU,
-    sorted by decreasing similarity, with k' = min(k, num_train)."""
+    sorted by decreasing similarity, with k' = min(k, num_train).
+
+    `device`: where the search runs. None keeps the torch backend on the train features' device and lets faiss use a
+    GPU whenever it has one; a CPU device keeps faiss on the CPU too (the bank may not fit in GPU memory)."""
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError("k-NN features must be 2-D (num_samples, dim), got "
                          f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
@@ -88,10 +95,13 @@ def search_topk(train_features: torch.Tensor, test_features: torch.Tensor, k: in
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, train_features.shape[0])
+    backend = resolve_backend(backend)
+    if backend == "torch" and device is not None:
+        train_features, test_features = train_features.to(device), test_features.to(device)
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
-    if resolve_backend(backend) == "faiss" and test.shape[0] > 0:
-        return _faiss_search(train, test, k)
+    if backend == "faiss" and test.shape[0] > 0:
+        return _faiss_search(train, test, k, use_gpu=device is None or torch.device(device).type == "cuda")
     return _torch_search(train, test, k)
 
 
@@ -115,18 +125,19 @@ def _check_labels(labels: torch.Tensor, num_features: int, num_classes: int) -> 
 
 def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                num_classes: int, ks: Sequence[int], temperature: float = 0.07,
-               backend: str = "auto") -> dict[int, torch.Tensor]:
+               backend: str = "auto", device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
     """Class scores for several k from one search with the largest k; k is clipped to the train size."""
     train_labels = _check_labels(train_labels, train_features.shape[0], num_classes)
-    sims, idx = search_topk(train_features, test_features, max(ks), backend)
+    sims, idx = search_topk(train_features, test_features, max(ks), backend, device)
     neighbor_labels = train_labels[idx]
     return {k: vote(sims[:, :k], neighbor_labels[:, :k], num_classes, temperature) for k in ks}
 
 
 def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 num_classes: int, k: int = 20, temperature: float = 0.07, backend: str = "auto") -> torch.Tensor:
+                 num_classes: int, k: int = 20, temperature: float = 0.07, backend: str = "auto",
+                 device: torch.device | str | None = None) -> torch.Tensor:
     """Weighted k-NN class scores (num_test, num_classes): cosine top-k, votes exp(sim / T) summed per class."""
-    return knn_scores(train_features, train_labels, test_features, num_classes, [k], temperature, backend)[k]
+    return knn_scores(train_features, train_labels, test_features, num_classes, [k], temperature, backend, device)[k]
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -154,14 +165,15 @@ def keep_slots(features: torch.Tensor, num_slots: int, slots: Sequence[int]) -> 
 
 def per_slot_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                   test_labels: torch.Tensor, num_slots: int, num_classes: int, k: int = 20,
-                  temperature: float = 0.07, backend: str = "auto") -> list[float]:
+                  temperature: float = 0.07, backend: str = "auto", device: torch.device | str | None = None
+                  ) -> list[float]:
     """k-NN top-1 (percent) of each slot used alone as the encoding."""
     train_slots = slot_view(train_features, num_slots)
     test_slots = slot_view(test_features, num_slots)
     accuracies = []
     for slot in range(num_slots):
         scores = weighted_knn(train_slots[:, slot], train_labels, test_slots[:, slot], num_classes, k,
-                              temperature, backend)
+                              temperature, backend, device)
         accuracies.append(topk_accuracy(scores, test_labels)[0])
     return accuracies
 
@@ -180,7 +192,8 @@ def holdout_split(num_samples: int, holdout_fraction: float, seed: int = 0) -> t
 
 def select_slots(train_features: torch.Tensor, train_labels: torch.Tensor, num_slots: int, num_select: int,
                  num_classes: int, holdout_fraction: float = 0.1, k: int = 20, temperature: float = 0.07,
-                 seed: int = 0, backend: str = "auto") -> tuple[list[int], list[float]]:
+                 seed: int = 0, backend: str = "auto", device: torch.device | str | None = None
+                 ) -> tuple[list[int], list[float]]:
     """Rank slots by their k-NN top-1 on a held-out part of the train set and keep the best `num_select`.
 
     Takes the train set only, by design: the test set cannot leak into the choice of slots.
@@ -191,6 +204,6 @@ def select_slots(train_features: torch.Tensor, train_labels: torch.Tensor, num_s
     train_labels = torch.as_tensor(train_labels).long().cpu()
     fit, holdout = holdout_split(train_features.shape[0], holdout_fraction, seed)
     accuracies = per_slot_top1(train_features[fit], train_labels[fit], train_features[holdout],
-                               train_labels[holdout], num_slots, num_classes, k, temperature, backend)
+                               train_labels[holdout], num_slots, num_classes, k, temperature, backend, device)
     ranked = sorted(range(num_slots), key=lambda slot: (-accuracies[slot], slot))
     return ranked[:num_select], accuracies

@@ -139,3 +139,43 @@ def test_keep_slots_takes_whole_slot_blocks():
     features = torch.arange(24.0).reshape(2, 12)  # 4 slots of dim 3
     kept = knn.keep_slots(features, 4, [2, 0])
     assert kept.tolist() == [[6, 7, 8, 0, 1, 2], [18, 19, 20, 12, 13, 14]]
+
+
+class FakeGpuIndex:
+    """Stands in for faiss.GpuIndexFlatIP on a machine without GPU: records that it was built, searches exactly."""
+    built = 0
+
+    def __init__(self, resources, dim):
+        FakeGpuIndex.built += 1
+        self.index = knn.faiss.IndexFlatIP(dim)
+
+    def add(self, vectors):
+        self.index.add(vectors)
+
+    def search(self, queries, k):
+        return self.index.search(queries, k)
+
+
+def test_search_device_decides_whether_faiss_uses_its_gpu(monkeypatch):
+    """eval_knn --use_cuda false passes a CPU device: faiss must then keep the bank on the CPU even with a GPU."""
+    monkeypatch.setattr(knn.faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(knn.faiss, "GpuIndexFlatIP", FakeGpuIndex, raising=False)
+    monkeypatch.setattr(knn.faiss, "StandardGpuResources", object, raising=False)
+    knn._faiss_gpu_resources.cache_clear()
+    train, labels, test = random_problem()
+    expected = brute_force_scores(train, labels, test, 4, 5, 0.07)
+    FakeGpuIndex.built = 0
+    for device, gpu_indexes in ((torch.device("cpu"), 0), ("cpu", 0), (None, 1), (torch.device("cuda"), 2)):
+        got = knn.weighted_knn(train, labels, test, 4, k=5, backend="faiss", device=device)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+        assert FakeGpuIndex.built == gpu_indexes, device
+    knn._faiss_gpu_resources.cache_clear()  # drop the fake resources
+
+
+def test_torch_search_runs_on_the_given_device():
+    train, labels, test = random_problem()
+    got = knn.weighted_knn(train, labels, test, 4, k=5, backend="torch", device="cpu")
+    torch.testing.assert_close(got.double(), brute_force_scores(train, labels, test, 4, 5, 0.07), rtol=1e-4,
+                               atol=1e-6)
+    with pytest.raises((RuntimeError, AssertionError)):  # proof that the device is used: "meta" cannot search
+        knn.weighted_knn(train, labels, test, 4, k=5, backend="torch", device="meta")
