@@ -4,9 +4,11 @@
         --data_path /imagenet
 
 Features: the teacher's SPARO encoding (unnormalized; L2-normalized as a whole for the cosine search) or the
-final-norm CLS of a baseline, from the official Resize 256 / CenterCrop 224 view. Scores: exp(sim / T) votes of the
-k nearest train samples (T = 0.07). Prints one line per k, `20-NN classifier result: Top1: X, Top5: Y`, and writes
-knn_<checkpoint>.json to --output_dir (default: the checkpoint's folder).
+final-norm CLS of a baseline, from the official Resize 256 / CenterCrop 224 view, or --load_features (this
+repository's dump or an official DINO one, whose features are already normalized). Scores: exp(sim / T) votes of the
+k nearest train samples (T = 0.07), searched on the GPU unless --use_cuda false. Prints one line per k,
+`20-NN classifier result: Top1: X, Top5: Y`, and writes knn_<checkpoint>.json to --output_dir (default: the
+checkpoint's folder).
 """
 from __future__ import annotations
 
@@ -25,11 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     features.add_feature_args(parser)
+    features.add_launcher_args(parser)
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
     group.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
     group.add_argument("--knn_backend", type=str, default="auto", choices=knn.BACKENDS,
                        help="exact search: faiss when installed (GPU index when faiss sees a GPU), else torch")
+    group.add_argument("--use_cuda", type=config.bool_flag, default=True,
+                       help="official flag: search the feature bank on the GPU (false: on the CPU, when the bank "
+                            "does not fit in GPU memory); on a machine without GPU the search runs on the CPU")
     group = parser.add_argument_group("SPARO slot analysis")
     group.add_argument("--per_slot", action="store_true", help="k-NN top-1 of each slot used alone")
     group.add_argument("--select_slots", type=int, default=None,
@@ -58,31 +64,41 @@ def _accuracies(scores: dict[int, torch.Tensor], labels: torch.Tensor) -> dict[s
     return results
 
 
+def search_device(use_cuda: bool, device: torch.device) -> torch.device:
+    """Where the k-NN search runs: this process's device, or the CPU with --use_cuda false."""
+    return device if use_cuda else torch.device("cpu")
+
+
 def run_knn(data: features.FeatureSet, args: argparse.Namespace, device: torch.device | None = None
             ) -> dict[str, Any]:
     """All k-NN numbers of one evaluation as a JSON-ready dict (accuracies in percent)."""
     backend = knn.resolve_backend(args.knn_backend)
-    move = (lambda t: t.to(device)) if backend == "torch" and device is not None else (lambda t: t)
-    train, val = move(data.train_features), move(data.val_features)
+    where = search_device(args.use_cuda, device or torch.device("cpu"))
+    train, val = data.train_features, data.val_features
     train_labels, val_labels = data.train_labels, data.val_labels
     num_classes = data.num_classes
-    scores = knn.knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend)
+    scores = knn.knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend, where)
     results: dict[str, Any] = {"knn": _accuracies(scores, val_labels), "num_train": len(train_labels),
                                "num_test": len(val_labels), "num_classes": num_classes,
-                               "temperature": args.temperature, "backend": backend, "meta": data.meta}
+                               "temperature": args.temperature, "backend": backend, "device": str(where),
+                               "meta": data.meta}
     if not args.per_slot and args.select_slots is None:
         return results
-    num_slots = data.meta["options"]["num_slots"]
+    num_slots = data.meta["options"].get("num_slots")
+    if num_slots is None:  # only an official dump records no model
+        raise ValueError("--per_slot/--select_slots on an official DINO dump need --num_slots (the dump does not "
+                         "record the model)")
     if args.per_slot:
         results["per_slot"] = {"k": args.slot_knn, "top1": knn.per_slot_top1(
-            train, train_labels, val, val_labels, num_slots, num_classes, args.slot_knn, args.temperature, backend)}
+            train, train_labels, val, val_labels, num_slots, num_classes, args.slot_knn, args.temperature, backend,
+            where)}
     if args.select_slots is not None:
         slots, holdout_top1 = knn.select_slots(train, train_labels, num_slots, args.select_slots, num_classes,
                                                args.holdout_fraction, args.slot_knn, args.temperature, args.seed,
-                                               backend)
+                                               backend, where)
         kept = knn.knn_scores(knn.keep_slots(train, num_slots, slots), train_labels,
                               knn.keep_slots(val, num_slots, slots), num_classes, args.nb_knn, args.temperature,
-                              backend)
+                              backend, where)
         results["selected_slots"] = {"slots": slots, "holdout_fraction": args.holdout_fraction,
                                      "seed": args.seed, "k": args.slot_knn, "holdout_top1": holdout_top1,
                                      "knn": _accuracies(kept, val_labels)}
@@ -114,9 +130,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise ValueError("--nb_knn and --slot_knn must be >= 1 and --temperature > 0")
     if args.select_slots is not None and args.select_slots < 1:
         raise ValueError(f"--select_slots must be >= 1, got {args.select_slots}")
+    features.check_launcher_args(args)
     info = distributed.init_distributed()
     try:
-        data = features.compute_features(args, info.device, kind_resolver(args))
+        data = features.compute_features(args, info.device, kind_resolver(args), accept_official_dump=True)
         if data is None:  # features live on the main process only
             return None
         results = run_knn(data, args, info.device)

@@ -4,14 +4,17 @@ Both evaluations need the same things: a backbone rebuilt from a training checkp
 plain state dict, the official Resize/CenterCrop view of a dataset, features computed by every rank on its own
 shard and gathered so that each sample appears exactly once and in dataset order (a dataset that does not divide
 by the number of ranks is neither padded nor truncated), and an on-disk cache so repeated evaluations skip the
-forward passes. The architecture comes from the checkpoint's `config`; a flag that contradicts it is an error,
-because silently building another model would load mismatched weights or evaluate the wrong thing.
+forward passes (in this repository's format, which keeps the raw features and says what produced them, and/or the
+official DINO format, which other DINO tools read). The architecture comes from the checkpoint's `config`; a flag
+that contradicts it is an error, because silently building another model would load mismatched weights or evaluate
+the wrong thing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import sparo_vit
@@ -28,6 +32,16 @@ from sparo_dino.checkpoint import CheckpointError, load_checkpoint
 MODEL_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size") + sparo_vit.SPARO_OPTIONS
 TRAINING_KEYS: tuple[str, ...] = ("teacher", "student")
 SPLITS: tuple[str, ...] = ("train", "val")
+# What the SPARO linear probe reads (paper C.2, two readings): the encoding alone, or the encoding after the
+# final-norm CLS of the n-1 trunk blocks before SPARO (official DINO's n_last_blocks idea).
+SPARO_FEATURES: tuple[str, ...] = ("encoding", "encoding+cls")
+# --dump_features formats: this repository's (raw features, classes, what produced them), official DINO's
+# (L2-normalized features and labels as plain tensors, what official eval_knn.py --load_features reads), or both.
+DUMP_FORMATS: tuple[str, ...] = ("own", "official", "both")
+# Official DINO's dump: (features file, labels file) per split; its val split is called test.
+OFFICIAL_DUMP_FILES: dict[str, tuple[str, str]] = {"train": ("trainfeat.pth", "trainlabels.pth"),
+                                                   "val": ("testfeat.pth", "testlabels.pth")}
+OFFICIAL_DUMP_KIND = "official_dump"
 # Rows per rank and per collective when gathering features: bounds the extra (GPU) memory of the gather.
 _GATHER_ROWS = 4096
 
@@ -59,11 +73,33 @@ def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group = parser.add_argument_group("caching and output")
     group.add_argument("--dump_features", type=str, default=None,
                        help="save the extracted train/val features to this folder")
+    group.add_argument("--dump_format", type=str, default="own", choices=DUMP_FORMATS,
+                       help="own: raw features with classes and model (train_features.pth, val_features.pth); "
+                            "official: official DINO's L2-normalized trainfeat/testfeat/trainlabels/testlabels.pth; "
+                            "both: the two")
     group.add_argument("--load_features", type=str, default=None,
-                       help="use features saved by --dump_features instead of running the backbone")
+                       help="use features saved by --dump_features (either format, e.g. an official DINO dump) "
+                            "instead of running the backbone")
     group.add_argument("--output_dir", type=str, default=None,
                        help="where results go (default: next to the checkpoint, or the features folder)")
     return parser
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The official launch flags, so `python -m torch.distributed.launch ... eval_*.py` runs unchanged."""
+    group = parser.add_argument_group("launcher (official flags)")
+    group.add_argument("--dist_url", type=str, default="env://",
+                       help="only env:// (torchrun, torch.distributed.launch and submitit set the environment)")
+    group.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                       help="set by torch.distributed.launch; ignored (LOCAL_RANK from the environment is used)")
+    return parser
+
+
+def check_launcher_args(args: argparse.Namespace) -> None:
+    """Refuse a rendezvous other than env://, which is the only one the process group is set up from."""
+    if args.dist_url != "env://":
+        raise ValueError(f"--dist_url {args.dist_url} is not supported; launch with torchrun or "
+                         "torch.distributed.launch (env://)")
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -167,27 +203,56 @@ def load_backbone(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], 
 # ----------------------------------------------------------------------------------------------- features
 
 
-def feature_kind(arch: str, n_last_blocks: int = 1, avgpool: bool = False) -> str:
-    """Name of what a feature vector holds, stored with cached features so a cache is never misused."""
-    if sparo_vit.is_sparo_arch(arch):
+def feature_kind(arch: str, n_last_blocks: int = 1, avgpool: bool = False, sparo_features: str = "encoding") -> str:
+    """Name of what a feature vector holds, stored with cached features so a cache is never misused.
+
+    Baselines: `cls_last<n>[_avgpool]`. SPARO archs: `sparo_encoding`, or with sparo_features="encoding+cls"
+    `cls_last<n-1>+sparo_encoding` (the CLS of the n-1 trunk blocks before SPARO, then the encoding)."""
+    if not sparo_vit.is_sparo_arch(arch):
+        return f"cls_last{n_last_blocks}" + ("_avgpool" if avgpool else "")
+    if sparo_features == "encoding":
         return "sparo_encoding"
-    return f"cls_last{n_last_blocks}" + ("_avgpool" if avgpool else "")
+    if sparo_features != "encoding+cls":
+        raise ValueError(f"unknown SPARO features {sparo_features!r}; choose from {', '.join(SPARO_FEATURES)}")
+    if n_last_blocks < 2:
+        raise ValueError(f"--sparo_features encoding+cls needs --n_last_blocks >= 2 (n-1 CLS tokens and the "
+                         f"encoding), got {n_last_blocks}")
+    return f"cls_last{n_last_blocks - 1}+sparo_encoding"
+
+
+_KIND = re.compile(r"cls_last(\d+)(_avgpool|\+sparo_encoding)?")
 
 
 def feature_function(backbone: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """images -> features for a feature kind: the SPARO encoding (unnormalized) or final-norm CLS tokens of the
-    last n blocks, optionally with the mean of the last block's patch tokens (official linear-probe features)."""
+    """images -> features for a feature kind, in one pass through the trunk.
+
+    - `sparo_encoding`: the SPARO encoding (unnormalized); `cls_last1`: a baseline's final-norm CLS.
+    - `cls_last<n>`: the final-norm CLS of the last n blocks, earliest first (official linear-probe features).
+    - `_avgpool`: plus the mean final-norm patch token, interleaved with the last CLS dim by dim as official DINO
+      lays it out (its reshape of the pair), so official linear heads (ViT-B: n=1 + avgpool) read it correctly.
+    - `+sparo_encoding`: the CLS of the last n trunk blocks of a SPARO arch (the ones before SPARO), then the encoding.
+    """
     if kind in ("sparo_encoding", "cls_last1"):
         return backbone
-    if not kind.startswith("cls_last"):
+    match = _KIND.fullmatch(kind)
+    if match is None:
         raise ValueError(f"unknown feature kind {kind!r}")
-    avgpool = kind.endswith("_avgpool")
-    n_blocks = int(kind.removeprefix("cls_last").removesuffix("_avgpool"))
+    n_blocks, extra = int(match[1]), match[2]
+    if not 1 <= n_blocks <= len(backbone.blocks):
+        raise ValueError(f"{kind} needs the CLS of {n_blocks} blocks, but the trunk has {len(backbone.blocks)}")
+    if (extra == "+sparo_encoding") != (backbone.sparo is not None):
+        raise ValueError(f"feature kind {kind} does not apply to this backbone (SPARO: {backbone.sparo is not None})")
 
     def features(images: torch.Tensor) -> torch.Tensor:
-        parts = backbone.intermediate_cls(images, n_blocks)
-        if avgpool:
-            parts.append(backbone.tokens(images)[:, backbone.num_prefix_tokens:].mean(dim=1))
+        # timm's single pass: final-norm tokens of the last block and final-norm CLS of the last n blocks.
+        final, intermediates = backbone.forward_intermediates(images, indices=n_blocks, norm=True, output_fmt="NLC",
+                                                              return_prefix_tokens=True)
+        parts = [prefix[:, 0] for _, prefix in intermediates]
+        if extra == "_avgpool":
+            mean = final[:, backbone.num_prefix_tokens:].mean(dim=1)
+            parts[-1] = torch.stack((parts[-1], mean), dim=-1).flatten(1)
+        elif extra == "+sparo_encoding":
+            parts.append(backbone.sparo(final).flatten(1))
         return torch.cat(parts, dim=-1)
 
     return features
@@ -309,44 +374,104 @@ class FeatureSet:
         return len(self.classes)
 
 
-def save_features(features: FeatureSet, folder: str) -> None:
+def _own_files(folder: str) -> list[str]:
+    return [os.path.join(folder, f"{split}_features.pth") for split in SPLITS]
+
+
+def _official_files(folder: str) -> list[str]:
+    return [os.path.join(folder, name) for split in SPLITS for name in OFFICIAL_DUMP_FILES[split]]
+
+
+def save_features(features: FeatureSet, folder: str, dump_format: str = "own") -> None:
+    """Write `features` in this repository's format, official DINO's, or both (see DUMP_FORMATS)."""
+    if dump_format not in DUMP_FORMATS:
+        raise ValueError(f"unknown dump format {dump_format!r}; choose from {', '.join(DUMP_FORMATS)}")
     os.makedirs(folder, exist_ok=True)
-    for split in SPLITS:
-        torch.save({"features": getattr(features, f"{split}_features"), "labels": getattr(features, f"{split}_labels"),
-                    "classes": features.classes, "meta": features.meta},
-                   os.path.join(folder, f"{split}_features.pth"))
-    print(f"features saved to {folder}", flush=True)
+    if dump_format in ("own", "both"):
+        for split, path in zip(SPLITS, _own_files(folder)):
+            torch.save({"features": getattr(features, f"{split}_features"),
+                        "labels": getattr(features, f"{split}_labels"),
+                        "classes": features.classes, "meta": features.meta}, path)
+    if dump_format in ("official", "both"):  # official eval_knn.py dumps L2-normalized features, labels as int64
+        for split in SPLITS:
+            feature_file, label_file = OFFICIAL_DUMP_FILES[split]
+            torch.save(F.normalize(getattr(features, f"{split}_features").float(), dim=1),
+                       os.path.join(folder, feature_file))
+            torch.save(getattr(features, f"{split}_labels").long(), os.path.join(folder, label_file))
+    print(f"features saved to {folder} ({dump_format} format)", flush=True)
+
+
+def _load_tensor(path: str) -> torch.Tensor:
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, torch.Tensor):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a tensor as official DINO dumps do")
+    return loaded
+
+
+def load_official_dump(folder: str) -> FeatureSet:
+    """An official DINO feature dump: L2-normalized features and labels, nothing about classes or the model.
+
+    Classes are numbered 0..max label (official DINO hard-codes 1000); the model options stay empty, so flags
+    cannot be checked against it."""
+    tensors = {split: tuple(_load_tensor(os.path.join(folder, name)) for name in OFFICIAL_DUMP_FILES[split])
+               for split in SPLITS}
+    for split, (feats, labels) in tensors.items():
+        if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels):
+            raise ValueError(f"official dump in {folder}: {split} features {tuple(feats.shape)} and labels "
+                             f"{tuple(labels.shape)} do not match (expected (N, D) and (N,))")
+    num_classes = max((int(labels.max()) for _, labels in tensors.values() if len(labels)), default=-1) + 1
+    meta = {"kind": OFFICIAL_DUMP_KIND, "options": {}, "tag": "official_dump", "source": os.path.abspath(folder),
+            "normalized": True}
+    return FeatureSet(tensors["train"][0].float(), tensors["train"][1].long(), tensors["val"][0].float(),
+                      tensors["val"][1].long(), [str(label) for label in range(num_classes)], meta)
 
 
 def load_features(folder: str) -> FeatureSet:
-    """Features saved by save_features."""
-    splits = {}
-    for split in SPLITS:
-        path = os.path.join(folder, f"{split}_features.pth")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"cached features not found: {path} (write them with --dump_features)")
-        splits[split] = torch.load(path, map_location="cpu", weights_only=True)
-    meta = splits["train"]["meta"]
-    return FeatureSet(splits["train"]["features"], splits["train"]["labels"], splits["val"]["features"],
-                      splits["val"]["labels"], list(splits["train"]["classes"]), dict(meta))
+    """Features saved by save_features in this repository's format, else an official DINO dump in `folder`."""
+    if all(map(os.path.isfile, _own_files(folder))):
+        splits = {split: torch.load(path, map_location="cpu", weights_only=True)
+                  for split, path in zip(SPLITS, _own_files(folder))}
+        return FeatureSet(splits["train"]["features"], splits["train"]["labels"], splits["val"]["features"],
+                          splits["val"]["labels"], list(splits["train"]["classes"]), dict(splits["train"]["meta"]))
+    if all(map(os.path.isfile, _official_files(folder))):
+        return load_official_dump(folder)
+    raise FileNotFoundError(f"cached features not found in {folder}: it needs train_features.pth and "
+                            "val_features.pth (--dump_features) or an official DINO dump (trainfeat.pth, testfeat.pth, "
+                            "trainlabels.pth, testlabels.pth)")
 
 
-def compute_features(args: argparse.Namespace, device: torch.device,
-                     kind_for: Callable[[str], str] = feature_kind) -> FeatureSet | None:
+def _check_cached(cached: FeatureSet, args: argparse.Namespace, kind_for: Callable[[str], str],
+                  accept_official_dump: bool) -> FeatureSet:
+    """Cached features must be the ones this evaluation needs; an official dump records no model, so only the flags
+    describe it."""
+    if cached.meta["kind"] == OFFICIAL_DUMP_KIND:
+        if not accept_official_dump:
+            raise ValueError(f"{args.load_features} holds an official DINO dump (L2-normalized features); this "
+                             "evaluation needs the raw features: dump them with --dump_format own")
+        options = {key: getattr(args, key, None) for key in MODEL_KEYS if getattr(args, key, None) is not None}
+        if "arch" in options:
+            kind_for(options["arch"])  # flags that do not apply to the arch are an error here too
+        cached.meta["options"] = options
+        return cached
+    options = cached.meta["options"]
+    resolve_model_options(args, options)  # a flag contradicting the cached model is an error here too
+    expected = kind_for(options["arch"])
+    if cached.meta["kind"] != expected:
+        raise ValueError(f"features in {args.load_features} are {cached.meta['kind']!r}, "
+                         f"this evaluation needs {expected!r}")
+    return cached
+
+
+def compute_features(args: argparse.Namespace, device: torch.device, kind_for: Callable[[str], str] = feature_kind,
+                     accept_official_dump: bool = False) -> FeatureSet | None:
     """Features of train and val from --load_features or the backbone (main process gets them, others None).
 
-    `kind_for(arch)` names the features the evaluation needs (default: what k-NN uses)."""
+    `kind_for(arch)` names the features the evaluation needs (default: what k-NN uses); `accept_official_dump`
+    says whether L2-normalized features of an unknown model (an official DINO dump) will do, as they do for k-NN."""
     if args.load_features is not None:
         if not distributed.is_main_process():
             return None
-        cached = load_features(args.load_features)
-        options = cached.meta["options"]
-        resolve_model_options(args, options)  # a flag contradicting the cached model is an error here too
-        expected = kind_for(options["arch"])
-        if cached.meta["kind"] != expected:
-            raise ValueError(f"features in {args.load_features} are {cached.meta['kind']!r}, "
-                             f"this evaluation needs {expected!r}")
-        return cached
+        return _check_cached(load_features(args.load_features), args, kind_for, accept_official_dump)
     backbone, options, tag = load_backbone(args)
     backbone.to(device)
     kind = kind_for(options["arch"])
@@ -362,7 +487,7 @@ def compute_features(args: argparse.Namespace, device: torch.device,
             "resize_size": args.resize_size, "crop_size": args.crop_size}
     features = FeatureSet(*results["train"], *results["val"], list(splits["train"].classes), meta)
     if args.dump_features is not None:
-        save_features(features, args.dump_features)
+        save_features(features, args.dump_features, args.dump_format)
     return features
 
 

@@ -12,11 +12,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import eval_knn
 import sparo_vit
 from sparo_dino import features
 from test_features import SPARO_TINY, training_checkpoint
+from test_knn import brute_force_scores
 
 SUMMARY = re.compile(r"^(\d+)-NN classifier result: Top1: ([\d.]+), Top5: ([\d.]+)$", re.M)
 SMALL_IMAGES = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8"]
@@ -130,3 +132,83 @@ def test_bad_input_ends_with_one_error_line(tmp_path):
                              "--data_path", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.pth'}"]
+
+
+def test_official_launch_command_runs_unchanged(image_folder, sparo_checkpoint, tmp_path):
+    """torch.distributed.launch adds --local-rank=0; --dist_url env:// and --use_cuda are official flags too."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=1", "eval_knn.py",
+         "--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES, "--nb_knn", "5",
+         "--use_cuda", "false", "--dist_url", "env://", "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(SUMMARY.findall(result.stdout)) == 1
+    saved = json.loads((tmp_path / "out" / "knn_checkpoint_teacher.json").read_text())
+    assert saved["device"] == "cpu" and saved["provenance"]["config"]["use_cuda"] is False
+    with pytest.raises(ValueError, match="--dist_url tcp://127.0.0.1:1 is not supported"):
+        eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder,
+                       "--dist_url", "tcp://127.0.0.1:1"])
+
+
+def test_use_cuda_picks_where_the_search_runs():
+    cuda = torch.device("cuda", 0)
+    assert eval_knn.search_device(True, cuda) == cuda  # official default: the bank on the GPU
+    assert eval_knn.search_device(False, cuda) == torch.device("cpu")
+    assert eval_knn.search_device(True, torch.device("cpu")) == torch.device("cpu")  # no GPU: simply the CPU
+
+
+def _official_dump(folder, train, train_labels, test, test_labels):
+    """What official DINO's eval_knn.py --dump_features writes: normalized features and labels, plain tensors."""
+    os.makedirs(folder, exist_ok=True)
+    for name, tensor in (("trainfeat", F.normalize(train, dim=1, p=2)), ("testfeat", F.normalize(test, dim=1, p=2)),
+                         ("trainlabels", train_labels), ("testlabels", test_labels)):
+        torch.save(tensor, os.path.join(folder, f"{name}.pth"))
+    return str(folder)
+
+
+def test_official_dump_loads_and_gives_the_brute_force_knn(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 4 * 16, generator=gen)
+    train_labels, test_labels = torch.arange(30) % 3, torch.arange(12) % 3
+    train = centers[train_labels] * 4 + torch.randn(30, 64, generator=gen) * 3
+    test = centers[test_labels] * 4 + torch.randn(12, 64, generator=gen) * 3
+    folder = _official_dump(tmp_path / "dump", train, train_labels, test, test_labels)
+    results = eval_knn.main(["--load_features", folder, "--nb_knn", "5", "20"])
+    assert results["num_classes"] == 3 and results["meta"]["kind"] == "official_dump"
+    for k in (5, 20):
+        scores = brute_force_scores(train, train_labels, test, 3, k, 0.07)  # on the raw, unnormalized features
+        top1 = 100.0 * (scores.argmax(1) == test_labels).double().mean().item()
+        assert results["knn"][str(k)]["top1"] == pytest.approx(top1, abs=1e-6)
+    assert os.path.isfile(os.path.join(folder, "knn_official_dump.json"))
+    capsys.readouterr()
+
+    # slot analysis: normalizing the whole encoding does not change any slot's cosine, so an official dump of a
+    # SPARO encoding ranks slots like the raw features; it only needs the number of slots
+    with pytest.raises(ValueError, match="need --num_slots"):
+        eval_knn.main(["--load_features", folder, "--per_slot"])
+    with pytest.raises(ValueError, match="need a \\*_sparo arch"):
+        eval_knn.main(["--load_features", folder, "--per_slot", "--arch", "vit_small"])
+    from_dump = eval_knn.main(["--load_features", folder, "--per_slot", "--num_slots", "4", "--slot_knn", "5"])
+    raw = eval_knn.run_knn(features.FeatureSet(train, train_labels, test, test_labels, ["a", "b", "c"],
+                                               {"kind": "sparo_encoding", "options": {"num_slots": 4}}),
+                           eval_knn.build_parser().parse_args(["--per_slot", "--slot_knn", "5"]))
+    assert from_dump["per_slot"]["top1"] == pytest.approx(raw["per_slot"]["top1"])
+
+
+def test_dump_format_official_and_both(image_folder, sparo_checkpoint, tmp_path):
+    flags = ["--nb_knn", "5", "20"]
+    own = eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
+                         "--dump_features", str(tmp_path / "both"), "--dump_format", "both", *flags])
+    official_files = ["trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth"]
+    assert sorted(os.listdir(tmp_path / "both")) == sorted(["train_features.pth", "val_features.pth", *official_files])
+    official_only = str(tmp_path / "official")
+    eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
+                   "--dump_features", official_only, "--dump_format", "official", *flags])
+    assert sorted(os.listdir(official_only)) == sorted(official_files)
+    raw = features.load_features(str(tmp_path / "both"))  # the own format wins when both are present
+    assert raw.meta["kind"] == "sparo_encoding"
+    official = torch.load(os.path.join(official_only, "trainfeat.pth"), weights_only=True)
+    torch.testing.assert_close(official, F.normalize(raw.train_features, dim=1))
+    from_official = eval_knn.main(["--load_features", official_only, *flags])
+    for k, accuracies in own["knn"].items():  # normalized again inside: the same neighbours
+        assert from_official["knn"][k] == pytest.approx(accuracies)

@@ -108,7 +108,78 @@ def test_feature_kinds_match_the_backbone_outputs():
     assert last4.shape == (2, 4 * 192)
     torch.testing.assert_close(last4[:, -192:], base(images))  # the last block's final-norm CLS
     pooled = features.feature_function(base, "cls_last1_avgpool")(images)
-    torch.testing.assert_close(pooled[:, 192:], base.tokens(images)[:, 1:].mean(1))
+    # official DINO's layout: cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1), i.e. interleaved
+    cls, mean = base(images), base.tokens(images)[:, 1:].mean(1)
+    official = torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), dim=-1).reshape(2, -1)
+    torch.testing.assert_close(pooled, official)
+    pooled4 = features.feature_function(base, "cls_last4_avgpool")(images)
+    torch.testing.assert_close(pooled4, torch.cat([last4[:, :-192], official], dim=1))
+
+
+def test_sparo_encoding_plus_cls_of_the_blocks_before_sparo():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    sparo = sparo_vit.build_backbone(**SPARO_TINY).eval()  # 11 trunk blocks + SPARO
+    assert features.feature_kind("vit_tiny_sparo", 4) == "sparo_encoding"  # the default reading (paper C.2)
+    kind = features.feature_kind("vit_tiny_sparo", 4, sparo_features="encoding+cls")
+    assert kind == "cls_last3+sparo_encoding"
+    with torch.no_grad():
+        got = features.feature_function(sparo, kind)(images)
+        cls3 = sparo.intermediate_cls(images, 3)  # final-norm CLS of trunk blocks 9, 10, 11
+        encoding = sparo(images)
+    assert got.shape == (2, 3 * 192 + 4 * 16)
+    torch.testing.assert_close(got, torch.cat([*cls3, encoding], dim=1))
+    assert features.feature_kind("vit_tiny_sparo", 2, sparo_features="encoding+cls") == "cls_last1+sparo_encoding"
+    with pytest.raises(ValueError, match="needs --n_last_blocks >= 2"):
+        features.feature_kind("vit_tiny_sparo", 1, sparo_features="encoding+cls")
+    with pytest.raises(ValueError, match="the trunk has 11"):
+        features.feature_function(sparo, "cls_last12+sparo_encoding")
+    base = sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32)
+    with pytest.raises(ValueError, match="does not apply to this backbone"):
+        features.feature_function(base, "cls_last3+sparo_encoding")
+
+
+def _feature_set(num_train=6, num_val=4, dim=8):
+    gen = torch.Generator().manual_seed(0)
+    meta = {"kind": "sparo_encoding", "options": dict(SPARO_TINY), "tag": "checkpoint_teacher"}
+    return features.FeatureSet(torch.randn(num_train, dim, generator=gen) * 5, torch.arange(num_train) % 3,
+                               torch.randn(num_val, dim, generator=gen) * 5, torch.arange(num_val) % 2,
+                               ["a", "b", "c"], meta)
+
+
+def test_official_dump_format_is_what_official_eval_knn_reads_and_writes(tmp_path):
+    data = _feature_set()
+    features.save_features(data, str(tmp_path / "official"), "official")
+    names = sorted(os.listdir(tmp_path / "official"))
+    assert names == ["testfeat.pth", "testlabels.pth", "trainfeat.pth", "trainlabels.pth"]
+    # official eval_knn.py: torch.load of plain tensors, L2-normalized features, int64 labels
+    train = torch.load(tmp_path / "official" / "trainfeat.pth", weights_only=True)
+    test_labels = torch.load(tmp_path / "official" / "testlabels.pth", weights_only=True)
+    torch.testing.assert_close(train, data.train_features / data.train_features.norm(dim=1, keepdim=True))
+    assert test_labels.dtype == torch.int64 and test_labels.tolist() == [0, 1, 0, 1]
+    loaded = features.load_features(str(tmp_path / "official"))
+    assert loaded.meta["kind"] == features.OFFICIAL_DUMP_KIND and loaded.meta["options"] == {}
+    assert loaded.num_classes == 3  # 0..max label: the dump names no classes
+    torch.testing.assert_close(loaded.val_features.norm(dim=1), torch.ones(4))
+
+    features.save_features(data, str(tmp_path / "both"), "both")
+    assert len(os.listdir(tmp_path / "both")) == 6
+    own = features.load_features(str(tmp_path / "both"))  # this repository's format wins: raw features + model
+    assert own.meta == data.meta and torch.equal(own.train_features, data.train_features)
+    with pytest.raises(FileNotFoundError, match="or an official DINO dump"):
+        features.load_features(str(tmp_path / "nothing"))
+    torch.save({"not": "a tensor"}, tmp_path / "official" / "trainfeat.pth")
+    with pytest.raises(ValueError, match="not a tensor as official DINO dumps do"):
+        features.load_features(str(tmp_path / "official"))
+
+
+def test_official_launch_flags_parse_and_only_env_rendezvous_is_accepted():
+    parser = features.add_launcher_args(argparse.ArgumentParser())
+    assert parser.parse_args(["--local-rank=3"]).local_rank == 3  # torch.distributed.launch (torch >= 2.0)
+    assert parser.parse_args(["--local_rank", "2"]).local_rank == 2  # older launchers
+    features.check_launcher_args(parser.parse_args([]))
+    with pytest.raises(ValueError, match="--dist_url tcp://host:1 is not supported"):
+        features.check_launcher_args(parser.parse_args(["--dist_url", "tcp://host:1"]))
 
 
 def test_shard_sampler_partitions_the_dataset():
