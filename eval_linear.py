@@ -3,20 +3,24 @@
     python -m torch.distributed.run --nproc_per_node=8 eval_linear.py --pretrained_weights out/checkpoint.pth \
         --data_path /imagenet
 
-Features: the unnormalized SPARO encoding for *_sparo archs (paper C.2); for baselines the final-norm CLS of the last
---n_last_blocks blocks (4, official ViT-S recipe), plus the mean patch token with --avgpool_patchtokens true.
+Features: the unnormalized SPARO encoding for *_sparo archs (paper C.2; `--sparo_features encoding+cls` puts the
+final-norm CLS of the --n_last_blocks - 1 blocks before SPARO in front of it); for baselines the final-norm CLS of
+the last --n_last_blocks blocks (4, official ViT-S recipe), plus the mean patch token with --avgpool_patchtokens true.
 Official protocol: RandomResizedCrop + flip, SGD momentum 0.9, weight decay 0, cosine over --epochs, lr x batch/256,
-checkpoint each epoch (an interrupted probe resumes). `--fast` trains the same classifier on cached centre-crop
-features instead (no augmentation; labelled FAST MODE in every output). Prints
-`Linear probe result [<protocol>]: Top1: X, Top5: Y, ...` and writes results_linear.json to the output folder.
+validation on official DINO's epochs, checkpoint each epoch (an interrupted probe resumes). `--fast` trains the same
+classifier on cached centre-crop features instead (no augmentation; labelled FAST MODE in every output). Prints
+`Linear probe result [<protocol>]: best Top1: X (epoch E, ...), final Top1: ...` and writes results_linear.json to
+the output folder. `--evaluate` only validates a trained head and prints official DINO's accuracy line.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -30,14 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     features.add_feature_args(parser)
+    features.add_launcher_args(parser)
     group = parser.add_argument_group("linear probe")
     group.add_argument("--n_last_blocks", type=int, default=None,
-                       help=f"baselines: concatenate the CLS of the last n blocks (default {DEFAULT_N_LAST_BLOCKS})")
+                       help=f"baselines: concatenate the CLS of the last n blocks; SPARO with --sparo_features "
+                            f"encoding+cls: the CLS of the n-1 blocks before SPARO (default {DEFAULT_N_LAST_BLOCKS})")
     group.add_argument("--avgpool_patchtokens", type=config.bool_flag, default=False,
-                       help="baselines: also concatenate the mean of the last block's patch tokens")
+                       help="baselines: also the mean of the last block's patch tokens")
+    group.add_argument("--sparo_features", type=str, default="encoding", choices=features.SPARO_FEATURES,
+                       help="*_sparo archs (paper C.2): the encoding alone, or the final-norm CLS of the "
+                            "n_last_blocks-1 blocks before SPARO followed by the encoding")
+    group.add_argument("--num_labels", type=int, default=None,
+                       help="official flag: outputs of the classifier; default: the data's classes (another "
+                            "value is an error)")
     group.add_argument("--epochs", type=int, default=100)
     group.add_argument("--lr", type=float, default=0.001, help="base lr, scaled by total batch / 256")
-    group.add_argument("--val_freq", type=int, default=1, help="validate every n epochs (and after the last)")
+    group.add_argument("--val_freq", type=int, default=1,
+                       help="validate after 0-based epochs that are multiples of n, and after the last (official)")
+    group.add_argument("--evaluate", action="store_true",
+                       help="official flag: only validate a trained head (--linear_weights), no training")
+    group.add_argument("--linear_weights", type=str, default=None,
+                       help=f"head for --evaluate: a probe's {linear_probe.CHECKPOINT_NAME} or official DINO linear "
+                            f"weights (default: {linear_probe.CHECKPOINT_NAME} in the output folder)")
     group.add_argument("--fast", action="store_true",
                        help="train on cached centre-crop features (no augmentation): quick, NOT the official protocol")
     group.add_argument("--seed", type=int, default=0)
@@ -45,15 +63,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
-    """arch -> feature kind; the baseline-only flags are an error on a SPARO arch (they would do nothing)."""
+    """arch -> feature kind; flags that would do nothing for the arch are an error."""
+    n_last_blocks = args.n_last_blocks or DEFAULT_N_LAST_BLOCKS
+
     def kind_for(arch: str) -> str:
         if sparo_vit.is_sparo_arch(arch):
-            if args.n_last_blocks is not None or args.avgpool_patchtokens:
+            if args.avgpool_patchtokens or (args.n_last_blocks is not None and args.sparo_features == "encoding"):
                 raise ValueError(f"--n_last_blocks/--avgpool_patchtokens apply to baseline archs; {arch} is probed "
-                                 "on its SPARO encoding")
-            return features.feature_kind(arch)
-        return features.feature_kind(arch, args.n_last_blocks or DEFAULT_N_LAST_BLOCKS, args.avgpool_patchtokens)
+                                 "on its SPARO encoding (--n_last_blocks also counts with --sparo_features "
+                                 "encoding+cls)")
+            return features.feature_kind(arch, n_last_blocks, sparo_features=args.sparo_features)
+        if args.sparo_features != "encoding":
+            raise ValueError(f"--sparo_features {args.sparo_features} applies to *_sparo archs, not {arch}")
+        return features.feature_kind(arch, n_last_blocks, args.avgpool_patchtokens)
     return kind_for
+
+
+def num_classes(args: argparse.Namespace, data_classes: int) -> int:
+    """The data's class count; the official --num_labels may only confirm it (a wider head would hide a mix-up)."""
+    if args.num_labels is not None and args.num_labels != data_classes:
+        raise ValueError(f"--num_labels {args.num_labels} does not match the {data_classes} classes of the data")
+    return data_classes
+
+
+@dataclass
+class Probe:
+    """What training and --evaluate need, built the same way for both protocols."""
+    classifier: linear_probe.LinearClassifier
+    model: nn.Module  # what gets optimized (the DDP wrapper of classifier when distributed)
+    featurize: Callable[[torch.Tensor], torch.Tensor]
+    train_batches: Callable[[int], linear_probe.Batches]
+    val_batches: Callable[[], linear_probe.Batches]
+    run: dict[str, Any]  # what defines the probe; a resumed checkpoint must record the same
+    output_dir: str
+    device: torch.device
+    reduce: bool  # whether train and val metrics are summed over ranks
 
 
 def _output_dir(args: argparse.Namespace, tag: str, protocol: str) -> str:
@@ -63,7 +107,7 @@ def _output_dir(args: argparse.Namespace, tag: str, protocol: str) -> str:
     return os.path.join(features.default_output_dir(args), f"{prefix}_{tag}")
 
 
-def run_official(args: argparse.Namespace, info: distributed.DistInfo) -> tuple[dict[str, Any], str]:
+def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Probe:
     """Official protocol: augmented images through the frozen backbone every step, all ranks."""
     backbone, options, tag = features.load_backbone(args)
     backbone.to(info.device)
@@ -75,9 +119,10 @@ def run_official(args: argparse.Namespace, info: distributed.DistInfo) -> tuple[
     train_set = augmentation.SeededDataset(train_set, args.seed)
     with torch.no_grad():
         dim = featurize(torch.zeros(1, 3, args.crop_size, args.crop_size, device=info.device)).shape[1]
+    classes = num_classes(args, len(train_set.classes))
     torch.manual_seed(args.seed)
-    classifier = linear_probe.LinearClassifier(dim, len(train_set.classes)).to(info.device)
-    model = classifier
+    classifier = linear_probe.LinearClassifier(dim, classes).to(info.device)
+    model: nn.Module = classifier
     if info.world_size > 1:
         model = DistributedDataParallel(classifier, device_ids=[info.device] if info.device.type == "cuda" else None)
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
@@ -88,75 +133,101 @@ def run_official(args: argparse.Namespace, info: distributed.DistInfo) -> tuple[
     val_loader = DataLoader(val_set, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
                             sampler=features.ShardSampler(len(val_set), info.rank, info.world_size), pin_memory=pin)
 
-    def train_batches(epoch: int):
+    def train_batches(epoch: int) -> linear_probe.Batches:
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         return train_loader
 
     total_batch = args.batch_size_per_gpu * info.world_size
-    lr = linear_probe.scaled_lr(args.lr, total_batch)
-    run = {"protocol": "official", "kind": kind, "dim": dim, "num_classes": len(train_set.classes), "tag": tag,
-           "epochs": args.epochs, "lr": lr, "total_batch_size": total_batch, "options": options}
-    output_dir = _output_dir(args, tag, "official")
-    os.makedirs(output_dir, exist_ok=True)
-    results = linear_probe.fit(classifier, train_batches, lambda: val_loader, featurize,
-                               num_classes=run["num_classes"], epochs=args.epochs, lr=lr, val_freq=args.val_freq,
-                               output_dir=output_dir, run=run, device=info.device, reduce=True, model=model)
-    return {**results, "run": run}, output_dir
+    run = {"protocol": "official", "kind": kind, "dim": dim, "num_classes": classes, "tag": tag,
+           "epochs": args.epochs, "lr": linear_probe.scaled_lr(args.lr, total_batch), "total_batch_size": total_batch,
+           "options": options}
+    return Probe(classifier, model, featurize, train_batches, lambda: val_loader, run,
+                 _output_dir(args, tag, "official"), info.device, reduce=True)
 
 
-def run_fast(args: argparse.Namespace, info: distributed.DistInfo) -> tuple[dict[str, Any], str] | None:
-    """Fast mode: features extracted once (all ranks), classifier trained on the main process."""
+def fast_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Probe | None:
+    """Fast mode: features extracted once (all ranks), classifier trained on the main process (None elsewhere)."""
     data = features.compute_features(args, info.device, kind_resolver(args))
     if data is None:
         return None
     train_features = data.train_features.to(info.device)
     train_labels = data.train_labels.to(info.device)
+    classes = num_classes(args, data.num_classes)
     torch.manual_seed(args.seed)
-    classifier = linear_probe.LinearClassifier(train_features.shape[1], data.num_classes).to(info.device)
+    classifier = linear_probe.LinearClassifier(train_features.shape[1], classes).to(info.device)
 
-    def train_batches(epoch: int):
+    def train_batches(epoch: int) -> linear_probe.Batches:
         generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
         return linear_probe.tensor_batches(train_features, train_labels, args.batch_size_per_gpu, generator)
 
-    def val_batches():
+    def val_batches() -> linear_probe.Batches:
         return linear_probe.tensor_batches(data.val_features, data.val_labels, args.batch_size_per_gpu)
 
-    lr = linear_probe.scaled_lr(args.lr, args.batch_size_per_gpu)
-    run = {"protocol": "fast", "kind": data.meta["kind"], "dim": train_features.shape[1],
-           "num_classes": data.num_classes, "tag": data.meta["tag"], "epochs": args.epochs, "lr": lr,
-           "total_batch_size": args.batch_size_per_gpu, "options": data.meta["options"]}
-    output_dir = _output_dir(args, data.meta["tag"], "fast")
-    os.makedirs(output_dir, exist_ok=True)
-    results = linear_probe.fit(classifier, train_batches, val_batches, lambda x: x, num_classes=data.num_classes,
-                               epochs=args.epochs, lr=lr, val_freq=args.val_freq, output_dir=output_dir, run=run,
-                               device=info.device, reduce=False)
-    return {**results, "run": run}, output_dir
+    run = {"protocol": "fast", "kind": data.meta["kind"], "dim": train_features.shape[1], "num_classes": classes,
+           "tag": data.meta["tag"], "epochs": args.epochs,
+           "lr": linear_probe.scaled_lr(args.lr, args.batch_size_per_gpu), "total_batch_size": args.batch_size_per_gpu,
+           "options": data.meta["options"]}
+    return Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run,
+                 _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False)
+
+
+def evaluate_head(args: argparse.Namespace, probe: Probe) -> dict[str, Any] | None:
+    """--evaluate: validate a trained head on this probe's features and print official DINO's lines."""
+    path = args.linear_weights or os.path.join(probe.output_dir, linear_probe.CHECKPOINT_NAME)
+    linear_probe.load_head(path, probe.classifier, probe.run)
+    metrics = linear_probe.evaluate(probe.classifier, probe.val_batches(), probe.featurize, probe.run["num_classes"],
+                                    probe.device, probe.reduce)
+    if not distributed.is_main_process():
+        return None
+    print(f"* Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} loss {metrics['loss']:.3f}\n"
+          f"Accuracy of the network on the {metrics['num_samples']} test images: {metrics['top1']:.1f}%", flush=True)
+    return {"evaluate": metrics, "linear_weights": os.path.abspath(path), "run": probe.run}
 
 
 def summary_line(results: dict[str, Any]) -> str:
+    """The headline is the best top-1 over the validations (official DINO's "Max accuracy"); final beside it."""
     final, best = results["final"], results["best"]
     protocol = linear_probe.PROTOCOLS[results["run"]["protocol"]]
-    return (f"Linear probe result [{protocol}]: Top1: {final['top1']:.2f}, Top5: {final['top5']:.2f}, "
-            f"best Top1: {best['top1']:.2f} (epoch {best['epoch']})")
+    return (f"Linear probe result [{protocol}]: best Top1: {best['top1']:.2f} (epoch {best['epoch']}, "
+            f"Top5 {best['top5']:.2f}), final Top1: {final['top1']:.2f}, Top5: {final['top5']:.2f}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that cannot work together, refused before any process group, file or model is touched."""
+    if args.epochs < 1 or args.val_freq < 1:
+        raise ValueError("--epochs and --val_freq must be >= 1")
+    if args.num_labels is not None and args.num_labels < 1:
+        raise ValueError(f"--num_labels must be >= 1, got {args.num_labels}")
+    if not args.fast and (args.load_features or args.dump_features):
+        raise ValueError("--load_features/--dump_features need --fast: the official protocol augments every step")
+    if args.linear_weights is not None and not args.evaluate:
+        raise ValueError("--linear_weights is read by --evaluate only")
+    features.check_launcher_args(args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = config.parse_args(build_parser(), argv)
-    if args.epochs < 1 or args.val_freq < 1:
-        raise ValueError("--epochs and --val_freq must be >= 1")
-    if not args.fast and (args.load_features or args.dump_features):
-        raise ValueError("--load_features/--dump_features need --fast: the official protocol augments every step")
+    check_args(args)
     info = distributed.init_distributed()
     try:
-        outcome = run_fast(args, info) if args.fast else run_official(args, info)
-        if outcome is None or not distributed.is_main_process():
+        probe = fast_probe(args, info) if args.fast else official_probe(args, info)
+        if probe is None:
             return None
-        results, output_dir = outcome
-        results["provenance"] = provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})
+        if args.evaluate:
+            return evaluate_head(args, probe)
+        os.makedirs(probe.output_dir, exist_ok=True)
+        results = linear_probe.fit(probe.classifier, probe.train_batches, probe.val_batches, probe.featurize,
+                                   num_classes=probe.run["num_classes"], epochs=args.epochs, lr=probe.run["lr"],
+                                   val_freq=args.val_freq, output_dir=probe.output_dir, run=probe.run,
+                                   device=probe.device, reduce=probe.reduce, model=probe.model)
+        if not distributed.is_main_process():
+            return None
+        results = {**results, "run": probe.run,
+                   "provenance": provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})}
         print(summary_line(results), flush=True)
-        config.save_config(args, output_dir, name="config_linear.yaml")
-        features.write_results(results, os.path.join(output_dir, "results_linear.json"))
+        config.save_config(args, probe.output_dir, name="config_linear.yaml")
+        features.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results
     finally:
         distributed.cleanup()

@@ -5,6 +5,11 @@ RandomResizedCrop + flip images through the frozen backbone every step (SGD mome
 schedule over the epochs, lr scaled by total batch / 256). The fast mode trains the same classifier with the same
 optimizer on features extracted once from the centre crop, so it has no augmentation and is labelled as such
 everywhere its numbers appear. Every epoch ends with an atomic checkpoint, so an interrupted probe resumes.
+
+Validation follows official DINO: on the 0-based epochs that are multiples of val_freq and after the last one, with
+its console lines ("Accuracy at epoch ...", "Max accuracy so far: ..."); the headline of a probe is the best top-1
+over those validations, as official DINO reports it, and the final one is kept beside it. A trained head (this
+probe's checkpoint or official DINO's linear weights) can be validated again without training (load_head).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ PROTOCOLS = {
     "fast": "FAST MODE: cached centre-crop features, no augmentation; not the official protocol",
 }
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+CHECKPOINT_NAME = "checkpoint_linear.pth"  # in the probe's output folder: resume, and the default head of --evaluate
 
 
 class LinearClassifier(nn.Module):
@@ -86,7 +92,38 @@ def evaluate(classifier: nn.Module, batches: Batches, featurize: Callable[[torch
     correct1, correct5, loss, samples = sums.tolist()
     if samples == 0:
         raise ValueError("the validation set is empty")
-    return {"top1": 100.0 * correct1 / samples, "top5": 100.0 * correct5 / samples, "loss": loss / samples}
+    return {"top1": 100.0 * correct1 / samples, "top5": 100.0 * correct5 / samples, "loss": loss / samples,
+            "num_samples": int(samples)}
+
+
+def should_validate(epoch: int, epochs: int, val_freq: int) -> bool:
+    """Official DINO's rule: validate after 0-based epochs that are multiples of val_freq, and after the last."""
+    return epoch % val_freq == 0 or epoch == epochs - 1
+
+
+def load_head(path: str, classifier: LinearClassifier, run: dict[str, Any]) -> None:
+    """Load a trained head into `classifier` for --evaluate, or raise one line saying why it does not fit.
+
+    Reads this probe's checkpoint_linear.pth (key `classifier`; its recorded run must use the same features and
+    classes) or official DINO's linear weights and checkpoint.pth.tar (key `state_dict`, DDP `module.` prefix)."""
+    state = load_checkpoint(path, allow_pickle=True)  # the user named this file (or it is this probe's own)
+    head = state.get("classifier", state.get("state_dict"))
+    if not isinstance(head, dict):
+        raise ValueError(f"{path} holds no linear head (no 'classifier' or 'state_dict' key); "
+                         f"top-level keys: {', '.join(map(str, list(state)[:8]))}")
+    recorded = state.get("run")
+    if recorded is not None:
+        for key in ("kind", "num_classes"):
+            if recorded.get(key) != run[key]:
+                raise ValueError(f"the head in {path} was trained with {key}={recorded.get(key)}, this evaluation "
+                                 f"has {key}={run[key]}")
+    head = {key.removeprefix("module."): value for key, value in head.items()}
+    expected = {key: tuple(value.shape) for key, value in classifier.state_dict().items()}
+    found = {key: tuple(getattr(value, "shape", ())) for key, value in head.items()}
+    if found != expected:
+        raise ValueError(f"the head in {path} has {found}, these features need {expected} "
+                         f"({run['dim']} features, {run['num_classes']} classes)")
+    classifier.load_state_dict(head)
 
 
 def _resume(path: str, run: dict[str, Any], classifier: nn.Module, optimizer: torch.optim.Optimizer,
@@ -112,11 +149,12 @@ def fit(classifier: nn.Module, train_batches: Callable[[int], Batches], val_batc
         model: nn.Module | None = None) -> dict[str, Any]:
     """Train `classifier` for `epochs` with the official optimizer and schedule; resume from and checkpoint to
     output_dir/checkpoint_linear.pth, append one JSON line per epoch to output_dir/log_linear.txt, and return the final and
-    best validation results. `model` is what gets optimized (e.g. the DDP wrapper of `classifier`)."""
+    best validation results (best: the highest top-1, official DINO's headline). `model` is what gets optimized
+    (e.g. the DDP wrapper of `classifier`)."""
     model = model or classifier
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0.0)
-    checkpoint_path = os.path.join(output_dir, "checkpoint_linear.pth")
+    checkpoint_path = os.path.join(output_dir, CHECKPOINT_NAME)
     start, best = _resume(checkpoint_path, run, classifier, optimizer, scheduler)
     last = None
     for epoch in range(start, epochs):
@@ -124,11 +162,14 @@ def fit(classifier: nn.Module, train_batches: Callable[[int], Batches], val_batc
         train_loss = train_epoch(model, train_batches(epoch), featurize, optimizer, device, reduce)
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch, "lr": epoch_lr, "train_loss": train_loss}
-        if (epoch + 1) % val_freq == 0 or epoch + 1 == epochs:
+        if should_validate(epoch, epochs, val_freq):
             last = evaluate(classifier, val_batches(), featurize, num_classes, device, reduce)
             if best is None or last["top1"] > best["top1"]:
                 best = {**last, "epoch": epoch}
             record.update({f"val_{key}": value for key, value in last.items()}, best_top1=best["top1"])
+            if distributed.is_main_process():
+                print(f"Accuracy at epoch {epoch} of the network on the {last['num_samples']} test images: "
+                      f"{last['top1']:.1f}%\nMax accuracy so far: {best['top1']:.2f}%", flush=True)
         if distributed.is_main_process():
             save_checkpoint({"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best, "run": run},

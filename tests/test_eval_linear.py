@@ -1,4 +1,5 @@
-"""eval_linear.py end to end on generated images: both protocols learn, outputs are labelled, resume is exact."""
+"""eval_linear.py end to end on generated images: both protocols learn, outputs are labelled and read like official
+DINO's (best top-1 first, official validation epochs, --evaluate), resume is exact and continues where it stopped."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,13 @@ import pytest
 import torch
 
 import eval_linear
-from sparo_dino import linear_probe
+from sparo_dino import features, linear_probe
+from sparo_dino.checkpoint import CheckpointError
 from test_eval_knn import SMALL_IMAGES, write_checkpoint
 from test_features import SPARO_TINY
 
-SUMMARY = re.compile(r"^Linear probe result \[(.+)\]: Top1: ([\d.]+), Top5: ([\d.]+), best Top1: ([\d.]+)", re.M)
+SUMMARY = re.compile(r"^Linear probe result \[(.+)\]: best Top1: ([\d.]+) \(epoch (\d+), Top5 ([\d.]+)\), "
+                     r"final Top1: ([\d.]+), Top5: ([\d.]+)$", re.M)
 BASELINE = {"arch": "vit_tiny", "patch_size": 8, "img_size": 32}
 
 
@@ -21,7 +24,7 @@ def test_fast_mode_on_sparo_encoding_learns_and_says_it_is_fast(image_folder, tm
     checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
     results = eval_linear.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
                                 "--fast", "--epochs", "20", "--lr", "25"])
-    protocol, top1, _, _ = SUMMARY.search(capsys.readouterr().out).groups()
+    protocol, _, _, _, top1, _ = SUMMARY.search(capsys.readouterr().out).groups()
     assert protocol.startswith("FAST MODE") and "no augmentation" in protocol
     assert float(top1) >= 90.0
     folder = tmp_path / "run" / "linear_fast_checkpoint_teacher"
@@ -38,7 +41,7 @@ def test_official_protocol_on_baseline_uses_last_four_cls_tokens(image_folder, t
     checkpoint = write_checkpoint(tmp_path / "base", BASELINE)
     results = eval_linear.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
                                 "--epochs", "4", "--lr", "25", "--output_dir", str(tmp_path / "probe")])
-    protocol, top1, top5, _ = SUMMARY.search(capsys.readouterr().out).groups()
+    protocol, _, _, _, top1, top5 = SUMMARY.search(capsys.readouterr().out).groups()
     assert protocol == "official protocol"
     assert results["run"]["kind"] == "cls_last4" and results["run"]["dim"] == 4 * 192
     assert float(top1) >= 80.0 and float(top5) == 100.0
@@ -46,7 +49,7 @@ def test_official_protocol_on_baseline_uses_last_four_cls_tokens(image_folder, t
     assert state["epoch"] == 4
 
 
-def test_fast_mode_resumes_exactly_after_an_interruption(image_folder, tmp_path, monkeypatch):
+def test_fast_mode_resumes_exactly_after_an_interruption(image_folder, tmp_path, monkeypatch, capsys):
     checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
     cache = str(tmp_path / "cache")
     flags = ["--fast", "--epochs", "4", "--lr", "1", "--batch_size_per_gpu", "8"]
@@ -55,18 +58,26 @@ def test_fast_mode_resumes_exactly_after_an_interruption(image_folder, tmp_path,
 
     real_train_epoch, calls = linear_probe.train_epoch, []
 
-    def interrupted(*args, **kwargs):
+    def counted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 3 and interrupt:
             raise KeyboardInterrupt  # killed during the third epoch
         return real_train_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(linear_probe, "train_epoch", interrupted)
+    monkeypatch.setattr(linear_probe, "train_epoch", counted)
     resumed_dir = str(tmp_path / "resumed")
+    interrupt = True
     with pytest.raises(KeyboardInterrupt):
         eval_linear.main(["--load_features", cache, *flags, "--output_dir", resumed_dir])
-    monkeypatch.setattr(linear_probe, "train_epoch", real_train_epoch)
+    capsys.readouterr()
+    interrupt, calls[:] = False, []
     resumed = eval_linear.main(["--load_features", cache, *flags, "--output_dir", resumed_dir])
+    # the rerun continued after the 2 checkpointed epochs: it trained epochs 2 and 3 only, and said so
+    assert len(calls) == 2
+    assert f"resumed linear probe from {os.path.join(resumed_dir, 'checkpoint_linear.pth')} after epoch 2" in \
+        capsys.readouterr().out
+    log = [json.loads(line) for line in open(os.path.join(resumed_dir, "log_linear.txt"))]
+    assert [record["epoch"] for record in log] == [0, 1, 2, 3]
     assert resumed["final"] == whole["final"] and resumed["best"] == whole["best"]
     whole_state = torch.load(tmp_path / "whole" / "checkpoint_linear.pth", weights_only=True)["classifier"]
     resumed_state = torch.load(os.path.join(resumed_dir, "checkpoint_linear.pth"), weights_only=True)["classifier"]
@@ -77,6 +88,84 @@ def test_fast_mode_resumes_exactly_after_an_interruption(image_folder, tmp_path,
                           "--output_dir", resumed_dir])
 
 
+@pytest.fixture
+def feature_cache(image_folder, tmp_path):
+    """Cached SPARO features of the generated images (own format), for fast probes without images or weights."""
+    checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
+    cache = str(tmp_path / "cache")
+    eval_linear.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES, "--fast",
+                      "--epochs", "1", "--dump_features", cache, "--output_dir", str(tmp_path / "first")])
+    return cache
+
+
+def test_validation_epochs_and_headline_are_official(feature_cache, tmp_path, capsys):
+    """Official DINO validates when `epoch % val_freq == 0 or epoch == epochs - 1` (0-based) and reports the best
+    top-1 ("Max accuracy so far"); the summary leads with it and keeps the final one."""
+    results = eval_linear.main(["--load_features", feature_cache, "--fast", "--epochs", "5", "--val_freq", "3",
+                                "--lr", "0.5", "--output_dir", str(tmp_path / "probe"), "--local-rank=0",
+                                "--dist_url", "env://"])
+    out = capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "probe" / "log_linear.txt").read_text().splitlines()]
+    validated = {record["epoch"]: record["val_top1"] for record in log if "val_top1" in record}
+    assert sorted(validated) == [0, 3, 4]
+    assert [int(e) for e in re.findall(r"^Accuracy at epoch (\d+) of the network on the 24 test images: ", out,
+                                       re.M)] == [0, 3, 4]
+    best_epoch = max(validated, key=lambda epoch: (validated[epoch], -epoch))  # first epoch with the highest top-1
+    maxima = [float(v) for v in re.findall(r"^Max accuracy so far: ([\d.]+)%$", out, re.M)]
+    assert maxima == pytest.approx([round(max(validated[e] for e in validated if e <= last), 2)
+                                    for last in (0, 3, 4)], abs=0.006)
+    _, best, epoch, _, final, _ = SUMMARY.search(out).groups()
+    assert int(epoch) == best_epoch == results["best"]["epoch"]
+    assert float(best) == pytest.approx(validated[best_epoch], abs=0.006)
+    assert float(final) == pytest.approx(validated[4], abs=0.006)
+
+
+def test_evaluate_validates_a_trained_head_without_training(feature_cache, tmp_path, capsys, monkeypatch):
+    probe_dir = str(tmp_path / "probe")
+    trained = eval_linear.main(["--load_features", feature_cache, "--fast", "--epochs", "3", "--lr", "0.5",
+                                "--output_dir", probe_dir])
+    head = torch.load(os.path.join(probe_dir, "checkpoint_linear.pth"), weights_only=True)["classifier"]
+    cached = features.load_features(feature_cache)
+    logits = cached.val_features @ head["linear.weight"].T + head["linear.bias"]  # independent reference
+    expected = 100.0 * (logits.argmax(1) == cached.val_labels).double().mean().item()
+    capsys.readouterr()
+    monkeypatch.setattr(linear_probe, "train_epoch", None)  # any training step would fail
+    evaluated = eval_linear.main(["--load_features", feature_cache, "--fast", "--evaluate", "--output_dir", probe_dir,
+                                  "--num_labels", "3"])
+    assert evaluated["evaluate"]["top1"] == pytest.approx(expected) == pytest.approx(trained["final"]["top1"])
+    assert f"Accuracy of the network on the 24 test images: {expected:.1f}%" in capsys.readouterr().out.splitlines()
+
+    # official DINO's linear weights / checkpoint.pth.tar: the DDP classifier's state_dict
+    official = tmp_path / "official_linear.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in head.items()}, "epoch": 3, "best_acc": 0.0}, official)
+    from_official = eval_linear.main(["--load_features", feature_cache, "--fast", "--evaluate",
+                                      "--linear_weights", str(official), "--output_dir", str(tmp_path / "elsewhere")])
+    assert from_official["evaluate"]["top1"] == pytest.approx(expected)
+    torch.save({"state_dict": {"module.linear.weight": head["linear.weight"][:2],
+                               "module.linear.bias": head["linear.bias"][:2]}}, official)
+    with pytest.raises(ValueError, match="the head in .* has .* these features need"):
+        eval_linear.main(["--load_features", feature_cache, "--fast", "--evaluate", "--linear_weights", str(official)])
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        eval_linear.main(["--load_features", feature_cache, "--fast", "--evaluate", "--output_dir",
+                          str(tmp_path / "no_probe")])
+
+
+def test_sparo_features_encoding_plus_cls_is_one_flag_away(feature_cache, image_folder, tmp_path):
+    checkpoint = str(tmp_path / "run" / "checkpoint.pth")  # the weights feature_cache was computed from
+    common = ["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES, "--fast",
+              "--epochs", "1", "--output_dir", str(tmp_path / "probe")]
+    plus = eval_linear.main([*common, "--sparo_features", "encoding+cls"])
+    assert plus["run"]["kind"] == "cls_last3+sparo_encoding" and plus["run"]["dim"] == 3 * 192 + 4 * 16
+    two = eval_linear.main([*common, "--sparo_features", "encoding+cls", "--n_last_blocks", "2",
+                            "--output_dir", str(tmp_path / "probe2")])
+    assert two["run"]["kind"] == "cls_last1+sparo_encoding" and two["run"]["dim"] == 192 + 4 * 16
+    with pytest.raises(ValueError, match="are 'sparo_encoding', this evaluation needs 'cls_last3\\+sparo_encoding'"):
+        eval_linear.main(["--load_features", feature_cache, "--fast", "--sparo_features", "encoding+cls"])
+    baseline = write_checkpoint(tmp_path / "base", BASELINE)
+    with pytest.raises(ValueError, match="--sparo_features encoding\\+cls applies to \\*_sparo archs"):
+        eval_linear.main([*common[:1], baseline, *common[2:], "--sparo_features", "encoding+cls"])
+
+
 def test_flags_that_do_not_apply_are_errors(image_folder, tmp_path):
     checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
     common = ["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES, "--epochs", "1"]
@@ -84,3 +173,16 @@ def test_flags_that_do_not_apply_are_errors(image_folder, tmp_path):
         eval_linear.main([*common, "--n_last_blocks", "4"])
     with pytest.raises(ValueError, match="need --fast"):
         eval_linear.main([*common, "--dump_features", str(tmp_path / "cache")])
+    with pytest.raises(ValueError, match="--num_labels 1000 does not match the 3 classes of the data"):
+        eval_linear.main([*common, "--num_labels", "1000"])
+    with pytest.raises(ValueError, match="--linear_weights is read by --evaluate only"):
+        eval_linear.main([*common, "--linear_weights", checkpoint])
+    with pytest.raises(ValueError, match="--dist_url file:///tmp/x is not supported"):
+        eval_linear.main([*common, "--dist_url", "file:///tmp/x"])
+    official_dump = tmp_path / "official_dump"
+    official_dump.mkdir()
+    for name, tensor in (("trainfeat", torch.eye(3)), ("testfeat", torch.eye(3)), ("trainlabels", torch.arange(3)),
+                         ("testlabels", torch.arange(3))):
+        torch.save(tensor, official_dump / f"{name}.pth")
+    with pytest.raises(ValueError, match="holds an official DINO dump .* needs the raw features"):
+        eval_linear.main(["--load_features", str(official_dump), "--fast", "--epochs", "1"])
