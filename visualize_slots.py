@@ -3,20 +3,25 @@
     python visualize_slots.py --pretrained_weights out/checkpoint.pth --images img1.jpg photos/ --select_by entropy
     python visualize_slots.py --pretrained_weights out/checkpoint.pth --dataset fashion_mnist --split val \
         --num_images 8 --select_by knn --knn_results out/knn_checkpoint_teacher.json --gallery_query 0
+    python visualize_slots.py --pretrained_weights sparo/checkpoint.pth --compare_weights dino/checkpoint.pth \
+        --images photos/                                         # baseline heads above SPARO slots, same images
 
 The grid has one row per selected slot and one column per image: each cell is the slot's attention over the patch
 tokens (not renormalized; its share on CLS is printed in the corner), upsampled and overlaid on the image. The
 gallery shows, for each selected slot, the dataset images whose slot vector is nearest (cosine) to the query
 image's, so a slot's concept can be seen across images. Slots are chosen by index (--slots), by per-slot k-NN
-top-1 from eval_knn.py --per_slot (--select_by knn), or by attention sharpness (--select_by entropy).
+top-1 from eval_knn.py --per_slot (--select_by knn), or by attention sharpness (--select_by entropy). With
+--compare_weights, a second grid puts a baseline DINO checkpoint's per-head CLS attention in the last block (what
+official DINO's visualize_attention.py draws) above the selected slots, on the same images.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -54,7 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="column index of the query image; draws a slot gallery from the --split dataset")
     group.add_argument("--gallery_pool", type=int, default=2000, help="dataset images searched for the gallery")
     group.add_argument("--gallery_size", type=int, default=8, help="nearest images per slot")
+    group = parser.add_argument_group("comparison with a baseline")
+    group.add_argument("--compare_weights", type=str, default=None,
+                       help="baseline (vit_tiny|small|base) checkpoint whose last-block head maps are drawn above "
+                            "the slots (same --checkpoint_key)")
+    group.add_argument("--compare_arch", type=str, default=None, choices=sparo_vit.ARCHS,
+                       help="arch of --compare_weights when it is a plain state dict (else read from its config)")
+    group.add_argument("--compare_patch_size", type=int, default=None,
+                       help="patch size of --compare_weights when it is a plain state dict")
     return parser
+
+
+def load_named_backbone(path: str, checkpoint_key: str, given: Mapping[str, Any], plain_hint: str,
+                        plain_defaults: Mapping[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """(frozen backbone, build options, tag) of a weights file whose model flags are not the evaluation flags
+    (--compare_weights; official visualize_attention.py flags), through the evaluation loader: the file's config
+    wins and `given` model options fill its gaps (a contradiction is an error). For a plain state dict,
+    `plain_defaults` fill what is still unset, and `plain_hint` says which flags give the arch and patch size when
+    they stay unknown."""
+    weights = features.read_weights(path, checkpoint_key)
+    flags = {key: given.get(key) for key in features.MODEL_KEYS}
+    if weights.config is None:
+        flags.update({key: value for key, value in (plain_defaults or {}).items() if flags.get(key) is None})
+        if flags["arch"] is None or flags["patch_size"] is None:
+            raise ValueError(f"{path} is a plain state dict without a config; {plain_hint}")
+    options = features.resolve_model_options(argparse.Namespace(**flags), weights.config)
+    return features.build_frozen_backbone(options, weights.state_dict, path), options, weights.tag
 
 
 def image_files(entries: Sequence[str]) -> list[Path]:
@@ -130,24 +160,37 @@ def choose_slots(args: argparse.Namespace, num_slots: int, maps: torch.Tensor, c
     return sorted(range(num_slots), key=lambda s: -top1[s])[:count]
 
 
-def render_attention_grid(images: torch.Tensor, maps: torch.Tensor, cls_share: torch.Tensor, slots: Sequence[int],
-                          path: str) -> str:
-    """Rows = slots, columns = images; each slot's patch attention upsampled over the image."""
+@dataclass(frozen=True)
+class MapRow:
+    """One row of an attention grid: per image, a map over the patch grid and the share the attention puts on CLS.
+    Rows of different models (patch sizes) share a grid, since each map is upsampled to the image on its own."""
+    label: str
+    maps: torch.Tensor  # (B, h, w)
+    cls_share: torch.Tensor  # (B,)
+
+
+def map_rows(name: str, maps: torch.Tensor, cls_share: torch.Tensor, indices: Sequence[int]) -> list[MapRow]:
+    """Rows `name i` for the chosen slots or heads i of (B, n, h, w) maps and (B, n) CLS shares."""
+    return [MapRow(f"{name} {i}", maps[:, i], cls_share[:, i]) for i in indices]
+
+
+def render_attention_grid(images: torch.Tensor, rows: Sequence[MapRow], path: str) -> str:
+    """One row per MapRow, one column per image; each map upsampled over the image, its CLS share in the corner."""
     pictures = for_display(images)
-    upsampled = F.interpolate(maps[:, slots].float(), size=images.shape[-2:], mode="nearest")
-    rows, cols = len(slots), images.shape[0]
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
-    for r, slot in enumerate(slots):
+    cols = images.shape[0]
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols, 1.6 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        upsampled = F.interpolate(row.maps[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0]
         for c in range(cols):
             ax = axes[r][c]
-            heat = upsampled[c, r]
+            heat = upsampled[c]
             ax.imshow(pictures[c].numpy())
             ax.imshow((heat / heat.max().clamp_min(1e-12)).numpy(), cmap="inferno", alpha=0.6)
-            ax.text(1, 1, f"cls {cls_share[c, slot]:.2f}", color="white", fontsize=6, va="top")
+            ax.text(1, 1, f"cls {row.cls_share[c]:.2f}", color="white", fontsize=6, va="top")
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(f"slot {slot}", fontsize=8)
+                ax.set_ylabel(row.label, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -189,6 +232,22 @@ def render_gallery(query: torch.Tensor, pool: torch.Tensor, query_slots: torch.T
     return path
 
 
+def render_comparison(args: argparse.Namespace, images: torch.Tensor, slot_rows: Sequence[MapRow], tag: str,
+                      output_dir: str) -> dict[str, object]:
+    """Grid of the --compare_weights baseline's head maps (every head) above the SPARO slot rows, same images."""
+    given = {"arch": args.compare_arch, "patch_size": args.compare_patch_size}
+    baseline, options, baseline_tag = load_named_backbone(args.compare_weights, args.checkpoint_key, given,
+                                                          "give --compare_arch and --compare_patch_size")
+    if sparo_vit.is_sparo_arch(options["arch"]):
+        raise ValueError(f"--compare_weights needs a baseline checkpoint (vit_tiny|small|base); "
+                         f"{args.compare_weights} is {options['arch']}")
+    maps, cls_share = sparo_vit.cls_attention_maps(baseline, images)
+    rows = map_rows(f"{options['arch']} head", maps, cls_share, range(maps.shape[1])) + list(slot_rows)
+    path = render_attention_grid(images, rows, os.path.join(output_dir, f"heads_{baseline_tag}_vs_slots_{tag}.png"))
+    print(f"{maps.shape[1]} head maps of {args.compare_weights} above {len(slot_rows)} slot maps written to {path}")
+    return {"comparison": path, "comparison_rows": [row.label for row in rows]}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = config.parse_args(build_parser(), argv)
     backbone, options, tag = features.load_backbone(args)
@@ -200,9 +259,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     output_dir = features.default_output_dir(args)
     os.makedirs(output_dir, exist_ok=True)
     outputs: dict[str, object] = {"slots": slots}
-    outputs["grid"] = render_attention_grid(images, maps, cls_share, slots,
-                                            os.path.join(output_dir, f"slot_maps_{tag}.png"))
+    slot_rows = map_rows("slot", maps, cls_share, slots)
+    outputs["grid"] = render_attention_grid(images, slot_rows, os.path.join(output_dir, f"slot_maps_{tag}.png"))
     print(f"slot attention maps of slots {slots} written to {outputs['grid']}")
+    if args.compare_weights is not None:
+        outputs.update(render_comparison(args, images, slot_rows, tag, output_dir))
     if args.gallery_query is not None:
         if not 0 <= args.gallery_query < len(images):
             raise ValueError(f"--gallery_query {args.gallery_query} is not one of the {len(images)} images shown")

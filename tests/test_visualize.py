@@ -1,4 +1,5 @@
-"""visualize_slots.py and plot_logs.py render real PNGs from a tiny checkpoint and from training logs."""
+"""visualize_slots.py, visualize_attention.py and plot_logs.py render real PNGs from tiny checkpoints and from
+training logs; the baseline head maps are checked against timm's own attention."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from PIL import Image
 
 import plot_logs
 import sparo_vit
+import visualize_attention
 import visualize_slots
 from test_eval_knn import write_checkpoint
 from test_features import SPARO_TINY
@@ -108,6 +110,31 @@ def test_cls_attention_maps_are_timms_own_attention_weights(arch, size):
     torch.testing.assert_close(cls_share, reference[:, :, 0], atol=1e-6, rtol=1e-5)
 
 
+def test_comparison_grid_puts_every_baseline_head_above_the_slots(image_folder, checkpoint, tmp_path):
+    """A patch-16 baseline (2 x 2 maps) and a patch-8 SPARO model (4 x 4 maps) on the same 32 px images."""
+    baseline = write_checkpoint(tmp_path / "dino", {"arch": "vit_tiny", "patch_size": 16, "img_size": 32})
+    out = visualize_slots.main(["--pretrained_weights", checkpoint, "--compare_weights", baseline,
+                                "--data_path", image_folder, *SMALL, "--num_images", "4", "--slots", "0", "2",
+                                "--output_dir", str(tmp_path)])
+    assert out["comparison_rows"] == ["vit_tiny head 0", "vit_tiny head 1", "vit_tiny head 2", "slot 0", "slot 2"]
+    assert os.path.basename(out["comparison"]) == "heads_checkpoint_teacher_vs_slots_checkpoint_teacher.png"
+    width, height = Image.open(out["comparison"]).size
+    assert width == pytest.approx(4 * 160, rel=0.05) and height == pytest.approx(5 * 160, rel=0.05)
+    assert Image.open(out["grid"]).size[1] == pytest.approx(2 * 160, rel=0.05)  # the slot grid is unchanged
+
+
+def test_comparison_with_a_plain_state_dict_needs_its_arch(image_folder, checkpoint, tmp_path):
+    torch.save(sparo_vit.build_backbone("vit_tiny").state_dict(), tmp_path / "plain.pth")  # official: 224 px, patch 16
+    base = ["--pretrained_weights", checkpoint, "--compare_weights", str(tmp_path / "plain.pth"),
+            "--data_path", image_folder, *SMALL, "--num_images", "2", "--slots", "1", "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="plain state dict without a config; give --compare_arch and --compare_patch"):
+        visualize_slots.main(base)
+    out = visualize_slots.main(base + ["--compare_arch", "vit_tiny", "--compare_patch_size", "16"])
+    assert len(out["comparison_rows"]) == 3 + 1
+    with pytest.raises(ValueError, match="--compare_weights needs a baseline checkpoint"):
+        visualize_slots.main(base[:2] + ["--compare_weights", checkpoint] + base[4:])
+
+
 def test_plot_logs_draws_every_metric_of_several_runs(tmp_path):
     for name, scale in (("dino", 1.0), ("dino_sparo", 0.8)):
         run = tmp_path / name
@@ -143,3 +170,64 @@ def test_gallery_never_shows_the_query_as_its_own_match() -> None:
     shown = [ax.get_images()[0].get_array() for ax in captured["axes"][0][1:]]
     query = visualize_slots.for_display(pool[2][None])[0].numpy()
     assert len(shown) == 4 and not any((img == query).all() for img in shown)
+
+
+def _picture(path, width: int = 52, height: int = 40) -> str:
+    torch.manual_seed(0)
+    Image.fromarray((torch.rand(height, width, 3) * 255).byte().numpy()).save(path)
+    return str(path)
+
+
+def test_official_visualize_attention_command_writes_the_official_files(tmp_path):
+    """Official: img.png, attn-head<j>.png per head at the resized image size, mask_th<t>_head<j>.png per head."""
+    weights = write_checkpoint(tmp_path / "dino", {"arch": "vit_tiny", "patch_size": 8, "img_size": 32})
+    image = _picture(tmp_path / "photo.png")
+    written = visualize_attention.main(["--pretrained_weights", weights, "--image_path", image, "--image_size", "48",
+                                        "--output_dir", str(tmp_path / "out"), "--threshold", "0.6"])
+    names = sorted(os.path.basename(path) for path in written)
+    assert names == sorted(["img.png"] + [f"attn-head{j}.png" for j in range(3)]
+                           + [f"mask_th0.6_head{j}.png" for j in range(3)])
+    # 40 x 52 resized to a shorter side of 48 is 48 x 62, cropped to the patch multiple 48 x 56 (width x height)
+    for name in ("img.png", "attn-head0.png", "attn-head2.png"):
+        assert Image.open(tmp_path / "out" / name).size == (56, 48), name
+    assert Image.open(tmp_path / "out" / "mask_th0.6_head1.png").size == pytest.approx((56, 48), abs=1)
+
+
+def test_visualize_attention_on_a_sparo_checkpoint_draws_its_slots(tmp_path, checkpoint):
+    image = _picture(tmp_path / "a.png")
+    written = visualize_attention.main(["--pretrained_weights", checkpoint, "--image_path", image,
+                                        "--image_size", "32", "32", "--output_dir", str(tmp_path)])
+    assert sorted(os.path.basename(path) for path in written) == ["attn-slot0.png", "attn-slot1.png",
+                                                                  "attn-slot2.png", "attn-slot3.png", "img.png"]
+    assert Image.open(written[1]).size == (32, 32)
+
+
+def test_mass_masks_keep_the_largest_weights_holding_the_threshold():
+    torch.manual_seed(0)
+    weights = torch.rand(5, 30, dtype=torch.float64) ** 3
+    for threshold in (0.1, 0.6, 0.95):
+        masks = visualize_attention.mass_masks(weights, threshold)
+        for row, mask in zip(weights, masks):
+            expected, mass_above = torch.zeros_like(mask), 0.0
+            for index in row.argsort(descending=True).tolist():  # brute force, largest first
+                expected[index] = mass_above < threshold
+                mass_above += (row[index] / row.sum()).item()
+            assert torch.equal(mask, expected), threshold
+
+
+def test_visualize_attention_bad_input_names_the_problem(tmp_path):
+    image = _picture(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="--pretrained_weights is required: no reference weights are downloaded"):
+        visualize_attention.main(["--image_path", image])
+    plain = tmp_path / "plain.pth"
+    torch.save(sparo_vit.build_backbone("vit_tiny", patch_size=16).state_dict(), plain)
+    with pytest.raises(ValueError, match="--image_path is required"):
+        visualize_attention.main(["--pretrained_weights", str(plain)])
+    with pytest.raises(ValueError, match="do not fit {'arch': 'vit_small', 'patch_size': 8}"):  # official defaults
+        visualize_attention.main(["--pretrained_weights", str(plain), "--image_path", image])
+    written = visualize_attention.main(["--pretrained_weights", str(plain), "--image_path", image, "--arch",
+                                        "vit_tiny", "--patch_size", "16", "--output_dir", str(tmp_path / "out")])
+    assert len(written) == 1 + 3
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        visualize_attention.main(["--pretrained_weights", str(plain), "--image_path", str(tmp_path / "nope.png"),
+                                  "--arch", "vit_tiny", "--patch_size", "16"])
