@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     features.add_feature_args(parser)
-    features.add_launcher_args(parser)
+    distributed.add_launcher_args(parser)
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
     group.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise ValueError("--nb_knn and --slot_knn must be >= 1 and --temperature > 0")
     if args.select_slots is not None and args.select_slots < 1:
         raise ValueError(f"--select_slots must be >= 1, got {args.select_slots}")
-    features.check_launcher_args(args)
+    distributed.check_launcher_args(args)
     info = distributed.init_distributed()
     try:
         data = features.compute_features(args, info.device, kind_resolver(args), accept_official_dump=True)

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     features.add_feature_args(parser)
-    features.add_launcher_args(parser)
+    distributed.add_launcher_args(parser)
     group = parser.add_argument_group("linear probe")
     group.add_argument("--n_last_blocks", type=int, default=None,
                        help=f"baselines: concatenate the CLS of the last n blocks; SPARO with --sparo_features "
@@ -203,7 +203,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--load_features/--dump_features need --fast: the official protocol augments every step")
     if args.linear_weights is not None and not args.evaluate:
         raise ValueError("--linear_weights is read by --evaluate only")
-    features.check_launcher_args(args)
+    distributed.check_launcher_args(args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:

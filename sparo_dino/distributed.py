@@ -6,6 +6,8 @@ variables with submitit's TorchDistributedEnvironment, so no shared folder is ne
 """
 from __future__ import annotations
 
+import argparse
+
 import datetime
 import os
 from dataclasses import dataclass
@@ -99,3 +101,20 @@ def cleanup() -> None:
     """Destroy the process group so the job exits instead of hanging in NCCL teardown."""
     if is_dist():
         dist.destroy_process_group()
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The official launch flags, so `python -m torch.distributed.launch ... eval_*.py` runs unchanged."""
+    group = parser.add_argument_group("launcher (official flags)")
+    group.add_argument("--dist_url", type=str, default="env://",
+                       help="only env:// (torchrun, torch.distributed.launch and submitit set the environment)")
+    group.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                       help="set by torch.distributed.launch; ignored (LOCAL_RANK from the environment is used)")
+    return parser
+
+
+def check_launcher_args(args: argparse.Namespace) -> None:
+    """Refuse a rendezvous other than env://, which is the only one the process group is set up from."""
+    if args.dist_url != "env://":
+        raise ValueError(f"--dist_url {args.dist_url} is not supported; launch with torchrun or "
+                         "torch.distributed.launch (env://)")

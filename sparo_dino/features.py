@@ -29,7 +29,7 @@ import sparo_vit
 from sparo_dino import augmentation, datasets, distributed
 from sparo_dino.checkpoint import CheckpointError, load_checkpoint
 
-MODEL_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size") + sparo_vit.SPARO_OPTIONS
+MODEL_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size", "pos_embed_interpolation") + sparo_vit.SPARO_OPTIONS
 TRAINING_KEYS: tuple[str, ...] = ("teacher", "student")
 SPLITS: tuple[str, ...] = ("train", "val")
 # What the SPARO linear probe reads (paper C.2, two readings): the encoding alone, or the encoding after the
@@ -83,23 +83,6 @@ def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group.add_argument("--output_dir", type=str, default=None,
                        help="where results go (default: next to the checkpoint, or the features folder)")
     return parser
-
-
-def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The official launch flags, so `python -m torch.distributed.launch ... eval_*.py` runs unchanged."""
-    group = parser.add_argument_group("launcher (official flags)")
-    group.add_argument("--dist_url", type=str, default="env://",
-                       help="only env:// (torchrun, torch.distributed.launch and submitit set the environment)")
-    group.add_argument("--local_rank", "--local-rank", type=int, default=0,
-                       help="set by torch.distributed.launch; ignored (LOCAL_RANK from the environment is used)")
-    return parser
-
-
-def check_launcher_args(args: argparse.Namespace) -> None:
-    """Refuse a rendezvous other than env://, which is the only one the process group is set up from."""
-    if args.dist_url != "env://":
-        raise ValueError(f"--dist_url {args.dist_url} is not supported; launch with torchrun or "
-                         "torch.distributed.launch (env://)")
 
 
 # ----------------------------------------------------------------------------------------------- weights

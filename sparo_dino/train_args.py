@@ -12,6 +12,7 @@ import torch
 
 import sparo_vit
 from sparo_dino.config import bool_flag, parse_args
+from sparo_dino.distributed import add_launcher_args, check_launcher_args
 from sparo_dino.datasets import DATASETS, FASHION_MNIST_DIR
 from sparo_dino.optim import OPTIMIZERS
 
@@ -118,10 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "the Fashion-MNIST IDX folder (default for fashion_mnist: --data_path)")
     knn.add_argument("--knn_subset", default=5000, type=int,
                      help="at most this many images of each split (a fixed random subset), to keep the monitor cheap")
-    run.add_argument("--dist_url", default="env://", type=str,
-                     help="official flag; only env:// (torchrun / submitit environment) is supported")
-    run.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                     help="set by torch.distributed.launch; ignored (LOCAL_RANK from the environment is used)")
+    add_launcher_args(parser)
     return parser
 
 
@@ -145,8 +143,10 @@ def resolve_precision(precision: str, use_fp16: bool | None, device: torch.devic
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Reject inconsistent flags with one line each, before any process group or file is created."""
-    if args.dist_url != "env://":
-        _fail(parser, f"--dist_url {args.dist_url} is not supported; launch with torchrun (env://)")
+    try:
+        check_launcher_args(args)
+    except ValueError as error:
+        _fail(parser, str(error))
     if args.data_path is None:
         if args.dataset != "fashion_mnist":
             _fail(parser, "--data_path is required for --dataset imagefolder")

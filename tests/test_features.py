@@ -174,12 +174,12 @@ def test_official_dump_format_is_what_official_eval_knn_reads_and_writes(tmp_pat
 
 
 def test_official_launch_flags_parse_and_only_env_rendezvous_is_accepted():
-    parser = features.add_launcher_args(argparse.ArgumentParser())
+    parser = distributed.add_launcher_args(argparse.ArgumentParser())
     assert parser.parse_args(["--local-rank=3"]).local_rank == 3  # torch.distributed.launch (torch >= 2.0)
     assert parser.parse_args(["--local_rank", "2"]).local_rank == 2  # older launchers
-    features.check_launcher_args(parser.parse_args([]))
+    distributed.check_launcher_args(parser.parse_args([]))
     with pytest.raises(ValueError, match="--dist_url tcp://host:1 is not supported"):
-        features.check_launcher_args(parser.parse_args(["--dist_url", "tcp://host:1"]))
+        distributed.check_launcher_args(parser.parse_args(["--dist_url", "tcp://host:1"]))
 
 
 def test_shard_sampler_partitions_the_dataset():
