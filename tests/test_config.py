@@ -8,32 +8,19 @@ import pytest
 import torch
 import yaml
 
+from test_official_compat import OFFICIAL_MAIN_DINO
 from sparo_dino.train_args import get_args_parser, parse_train_args, resolve_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 
-# The official DINO main_dino.py defaults (facebookresearch/dino), written out independently of our parser.
-OFFICIAL_DEFAULTS = {
-    "arch": "vit_small", "patch_size": 16, "out_dim": 65536, "norm_last_layer": True, "momentum_teacher": 0.996,
-    "use_bn_in_head": False, "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0,
-    "weight_decay": 0.04, "weight_decay_end": 0.4, "clip_grad": 3.0, "batch_size_per_gpu": 64, "epochs": 100,
-    "freeze_last_layer": 1, "lr": 0.0005, "warmup_epochs": 10, "min_lr": 1e-6, "optimizer": "adamw",
-    "drop_path_rate": 0.1, "global_crops_scale": [0.4, 1.0], "local_crops_number": 8,
-    "local_crops_scale": [0.05, 0.4], "output_dir": ".", "saveckp_freq": 20, "seed": 0, "num_workers": 10,
-    "dist_url": "env://", "local_rank": 0,
-}
-
-
 def _parse(*argv: str):
     return parse_train_args(["--data_path", "/data", *argv])
 
 
-def test_official_flags_keep_names_and_defaults() -> None:
+def test_use_fp16_counts_only_when_given() -> None:
     args = _parse()
-    for key, value in OFFICIAL_DEFAULTS.items():
-        assert getattr(args, key) == value, key
-    assert args.use_fp16 is None and args.precision == "auto"  # --use_fp16 only counts when given
+    assert args.use_fp16 is None and args.precision == "auto"
 
 
 def test_local_rank_spellings_and_official_bool_flags() -> None:
@@ -119,12 +106,12 @@ def test_four_recipes_are_shipped() -> None:
                                         ("dino_vit_small_sparo_in1k.yaml", "vit_small_sparo")])
 def test_paper_configs_are_the_official_recipe_in_fp16(name: str, arch: str) -> None:
     args = _parse("--config", os.path.join(REPO, "configs", name))
-    expected = {**OFFICIAL_DEFAULTS, "arch": arch}
-    for key in ("output_dir", "dist_url", "local_rank"):
+    expected = {**OFFICIAL_MAIN_DINO, "arch": arch}
+    for key in ("output_dir", "dist_url", "local_rank", "data_path", "use_fp16"):
         expected.pop(key)
     for key, value in expected.items():
-        assert getattr(args, key) == value, key
-    assert args.precision == "fp16" and args.dataset == "imagefolder"
+        assert getattr(args, key) == (list(value) if isinstance(value, tuple) else value), key
+    assert args.precision == "fp16" and args.dataset == "imagefolder" and args.pos_embed_interpolation == "dino"
     assert (args.num_slots, args.slot_dim, args.attn_dim, args.group_size) == (64, 64, 64, 1)
     assert (args.global_crop_size, args.local_crop_size, args.img_size) == (224, 96, 224)
 
