@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of the train set held out to rank slots (never the test set)")
     group.add_argument("--slot_knn", type=int, default=20, help="k of the per-slot analysis and slot ranking")
     group.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    group = parser.add_argument_group("baseline")
+    group.add_argument("--init_baseline", action="store_true",
+                       help="also evaluate the network the run started from (same config and seed, random init) on "
+                            "the same images with the same k-NN, and report the difference")
     return parser
 
 
@@ -106,9 +110,14 @@ def run_knn(data: features.FeatureSet, args: argparse.Namespace, device: torch.d
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
-    """The official one-line-per-k summary, then the slot analysis."""
+    """The official one-line-per-k summary, then the random-init baseline and the slot analysis."""
     lines = [f"{k}-NN classifier result: Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}"
              for k, acc in results["knn"].items()]
+    for k, acc in results.get("init_baseline", {}).items():
+        gain = results["knn"][k]["top1"] - acc["top1"]
+        lines.append(f"{k}-NN classifier result at random init (same arch, seed and images): Top1: {acc['top1']:.2f}, "
+                     f"Top5: {acc['top5']:.2f}; training {'adds' if gain > 0 else 'changes'} {gain:+.2f} points "
+                     "of Top1")
     if "per_slot" in results:
         k, top1 = results["per_slot"]["k"], results["per_slot"]["top1"]
         lines += [f"slot {slot} {k}-NN Top1: {acc:.2f}" for slot, acc in enumerate(top1)]
@@ -130,13 +139,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise ValueError("--nb_knn and --slot_knn must be >= 1 and --temperature > 0")
     if args.select_slots is not None and args.select_slots < 1:
         raise ValueError(f"--select_slots must be >= 1, got {args.select_slots}")
+    if args.init_baseline and args.load_features:
+        raise ValueError("--init_baseline needs --pretrained_weights (a training checkpoint), not --load_features")
     distributed.check_launcher_args(args)
     info = distributed.init_distributed()
     try:
+        # the baseline first: a checkpoint that cannot give it fails before the long extraction
+        initial = (features.compute_features(args, info.device, kind_resolver(args), at_init=True)
+                   if args.init_baseline else None)
         data = features.compute_features(args, info.device, kind_resolver(args), accept_official_dump=True)
         if data is None:  # features live on the main process only
             return None
         results = run_knn(data, args, info.device)
+        if initial is not None:
+            results["init_baseline"] = run_knn(initial, argparse.Namespace(**{**vars(args), "per_slot": False,
+                                                                            "select_slots": None}), info.device)["knn"]
         results["provenance"] = provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})
         for line in summary_lines(results):
             print(line, flush=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import sparo_vit
-from sparo_dino import augmentation, datasets, distributed
+from sparo_dino import augmentation, datasets, distributed, networks
 from sparo_dino.checkpoint import CheckpointError, load_checkpoint
 
 MODEL_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size", "pos_embed_interpolation") + sparo_vit.SPARO_OPTIONS
@@ -174,13 +174,25 @@ def build_frozen_backbone(options: Mapping[str, Any], state_dict: Mapping[str, t
     return backbone.eval()
 
 
-def load_backbone(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], str]:
-    """(frozen eval-mode backbone on CPU, its build options, result tag) from --pretrained_weights and flags."""
+def load_backbone(args: argparse.Namespace, at_init: bool = False) -> tuple[nn.Module, dict[str, Any], str]:
+    """(frozen eval-mode backbone on CPU, its build options, result tag) from --pretrained_weights and flags.
+
+    With `at_init`, the network the checkpoint's run started from instead (same config and seed, weights before the
+    first step): the random-init baseline that a trained result must clear to show that training did something.
+    """
     if args.pretrained_weights is None:
         raise ValueError("--pretrained_weights is required (or --load_features with cached features)")
     weights = read_weights(args.pretrained_weights, args.checkpoint_key)
     options = resolve_model_options(args, weights.config)
-    return build_frozen_backbone(options, weights.state_dict, args.pretrained_weights), options, weights.tag
+    if not at_init:
+        return build_frozen_backbone(options, weights.state_dict, args.pretrained_weights), options, weights.tag
+    if weights.config is None:
+        raise ValueError(f"the random-init baseline needs a training checkpoint with its config (seed, head); "
+                         f"{args.pretrained_weights} is a plain state dict")
+    with torch.random.fork_rng(devices=[]):  # rebuilding the init reseeds torch; leave the caller's stream alone
+        initial = networks.initial_teacher_backbone(weights.config)
+    return build_frozen_backbone(options, initial.state_dict(), "the run's random init"), options, \
+        f"{weights.tag}_init"
 
 
 # ----------------------------------------------------------------------------------------------- features
@@ -446,16 +458,20 @@ def _check_cached(cached: FeatureSet, args: argparse.Namespace, kind_for: Callab
 
 
 def compute_features(args: argparse.Namespace, device: torch.device, kind_for: Callable[[str], str] = feature_kind,
-                     accept_official_dump: bool = False) -> FeatureSet | None:
+                     accept_official_dump: bool = False, at_init: bool = False) -> FeatureSet | None:
     """Features of train and val from --load_features or the backbone (main process gets them, others None).
 
     `kind_for(arch)` names the features the evaluation needs (default: what k-NN uses); `accept_official_dump`
-    says whether L2-normalized features of an unknown model (an official DINO dump) will do, as they do for k-NN."""
+    says whether L2-normalized features of an unknown model (an official DINO dump) will do, as they do for k-NN.
+    `at_init`: features of the run's random-init network (see load_backbone), never cached or dumped."""
     if args.load_features is not None:
+        if at_init:
+            raise ValueError("the random-init baseline needs --pretrained_weights (a training checkpoint), not "
+                             "--load_features")
         if not distributed.is_main_process():
             return None
         return _check_cached(load_features(args.load_features), args, kind_for, accept_official_dump)
-    backbone, options, tag = load_backbone(args)
+    backbone, options, tag = load_backbone(args, at_init)
     backbone.to(device)
     kind = kind_for(options["arch"])
     fn = feature_function(backbone, kind)
@@ -469,7 +485,7 @@ def compute_features(args: argparse.Namespace, device: torch.device, kind_for: C
             "checkpoint_key": args.checkpoint_key, "dataset": args.dataset,
             "resize_size": args.resize_size, "crop_size": args.crop_size}
     features = FeatureSet(*results["train"], *results["val"], list(splits["train"].classes), meta)
-    if args.dump_features is not None:
+    if args.dump_features is not None and not at_init:
         save_features(features, args.dump_features, args.dump_format)
     return features
 

@@ -212,3 +212,58 @@ def test_dump_format_official_and_both(image_folder, sparo_checkpoint, tmp_path)
     from_official = eval_knn.main(["--load_features", official_only, *flags])
     for k, accuracies in own["knn"].items():  # normalized again inside: the same neighbours
         assert from_official["knn"][k] == pytest.approx(accuracies)
+
+
+def test_init_baseline_is_the_runs_own_initial_network_on_the_same_images(image_folder, tmp_path, capsys):
+    """--init_baseline evaluates the network the trainer started from (same arch and seed; compared with the
+    trainer's own teacher before its first step), on the same images with the same k-NN, next to the trained one."""
+    import main_dino
+    from sparo_dino import distributed
+    from sparo_dino.train_args import parse_train_args
+    from sparo_dino.trainer import DinoTrainer
+    from test_train import TINY
+
+    train_argv = [*TINY, "--data_path", os.path.join(image_folder, "train"), "--epochs", "1", "--seed", "7",
+                  "--lr", "0.05"]
+    assert main_dino.main([*train_argv, "--output_dir", str(tmp_path / "run")]) == 0
+    untrained = DinoTrainer(parse_train_args([*train_argv, "--output_dir", str(tmp_path / "fresh")]),
+                            distributed.init_distributed()).teacher.backbone.eval()
+    checkpoint = str(tmp_path / "run" / "checkpoint.pth")
+    capsys.readouterr()
+    results = eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
+                             "--nb_knn", "5", "--knn_backend", "torch", "--init_baseline"])
+    out = capsys.readouterr().out
+
+    args = eval_knn.build_parser().parse_args(["--pretrained_weights", checkpoint])
+    initial, _, _ = features.load_backbone(args, at_init=True)
+    trained, _, _ = features.load_backbone(args)
+    assert all(torch.equal(value, untrained.state_dict()[key]) for key, value in initial.state_dict().items())
+    assert not all(torch.equal(value, initial.state_dict()[key]) for key, value in trained.state_dict().items())
+    transform = eval_knn.features.augmentation.eval_transform(32, 32)
+    splits = [torchvision_folder(os.path.join(image_folder, split), transform) for split in ("train", "val")]
+    with torch.no_grad():
+        (train_x, train_y), (val_x, val_y) = [(untrained(torch.stack([img for img, _ in split])),
+                                               torch.tensor([label for _, label in split])) for split in splits]
+    expected = brute_force_scores(train_x, train_y, val_x, 3, k=5, temperature=0.07)
+    top1 = 100.0 * float((expected.argmax(1) == val_y).float().mean())
+    assert results["init_baseline"]["5"]["top1"] == pytest.approx(top1, abs=1e-6)
+    assert results["num_test"] == len(val_y)  # the same images for both
+    gain = results["knn"]["5"]["top1"] - top1
+    assert (f"5-NN classifier result at random init (same arch, seed and images): Top1: {top1:.2f}" in out
+            and f"{gain:+.2f} points of Top1" in out), out
+
+
+def torchvision_folder(root, transform):
+    from torchvision.datasets import ImageFolder
+    return ImageFolder(root, transform=transform)
+
+
+def test_init_baseline_needs_a_training_checkpoint(image_folder, tmp_path):
+    plain = tmp_path / "backbone.pth"
+    torch.save(sparo_vit.build_backbone(**SPARO_TINY).state_dict(), plain)
+    flags = [f"--{key}={value}" for key, value in SPARO_TINY.items()]
+    with pytest.raises(ValueError, match="needs a training checkpoint with its config"):
+        eval_knn.main(["--pretrained_weights", str(plain), "--data_path", image_folder, *SMALL_IMAGES, *flags,
+                       "--init_baseline"])
+    with pytest.raises(ValueError, match="needs --pretrained_weights .* not --load_features"):
+        eval_knn.main(["--load_features", str(tmp_path), "--init_baseline"])
