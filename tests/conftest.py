@@ -1,9 +1,17 @@
-"""Shared fixtures: small generated image datasets, so tests need no downloads."""
+"""Shared fixtures: small generated image datasets, so tests need no downloads, and child processes (data-loader
+workers, subprocesses) that end with the test that started them, even when it fails."""
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import os
+import queue
+import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -59,3 +67,92 @@ def one_thread():
 def images(tmp_path_factory) -> str:
     """A 2-class ImageFolder of 16 small images, shared by the training tests of a module."""
     return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=2, per_class=8, size=32)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_workers() -> Iterator[None]:
+    """Shut down data-loader workers that outlive their test.
+
+    A test that fails inside a training step leaves the trainer, and so its persistent workers, referenced by the
+    traceback pytest keeps. The workers ignore SIGTERM (they must survive SLURM's signal, see
+    preemption.ignore_stop_signals), so multiprocessing's exit handler, which terminates and then joins them,
+    would hang the whole pytest process after it printed its summary."""
+    yield
+    if not multiprocessing.active_children():
+        return
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    for obj in gc.get_objects():
+        if type(obj) is _MultiProcessingDataLoaderIter:  # type(): isinstance would touch lazy deprecated objects
+            obj._shutdown_workers()  # what the iterator's __del__ does: workers exit cleanly, no SIGCHLD error
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=10)
+
+
+class OutputLines:
+    """A child process's output, read line by line in a thread, so a test waits for a marker with a deadline: a
+    child that hangs fails the test instead of hanging it."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, marker: str, count: int = 1, timeout: float = 60) -> bool:
+        """True once `marker` was seen `count` times; False when the process ended first; AssertionError (with
+        the output so far) when the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no {marker!r} within {timeout} s; output so far:\n{self.text}") from None
+            if line is None:
+                return False
+            if marker in line:
+                count -= 1
+                if count == 0:
+                    return True
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        """The exit status, once the process ended and its output was read to the end."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s; output so far:\n{self.text}") from None
+        while self._queue.get(timeout=timeout) is not None:
+            pass
+        return code
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., OutputLines]]:
+    """Start a command in its own process group with stdout and stderr merged; whatever is still running when the
+    test ends, passed or failed, is killed with its whole group (e.g. its data-loader workers)."""
+    started: list[subprocess.Popen] = []
+
+    def start(command: Sequence[str], **popen_kwargs) -> OutputLines:
+        process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True, **popen_kwargs)
+        started.append(process)
+        return OutputLines(process)
+
+    yield start
+    for process in started:
+        try:  # the group, not only the process: workers can outlive a leader that already exited
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
