@@ -1,11 +1,17 @@
-"""End-to-end training on CPU: outputs, exact resume, precisions and optimizers, and the user-facing errors."""
+"""End-to-end training on CPU: outputs, exact resume, precisions and optimizers, and the user-facing errors.
+
+Training is deterministic, so a rerun that silently started from scratch would reach the same end state as a real
+resume; resume tests therefore also check which steps the rerun executed (its console progress lines with
+--print_freq 1) and that log.txt holds every epoch once."""
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import re
 import shutil
 import struct
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -24,16 +30,44 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--img_size", "32", "--global_crop_size", "32",
         "--local_crop_size", "16", "--local_crops_number", "2", "--out_dim", "64", "--batch_size_per_gpu", "4",
         "--warmup_epochs", "1", "--num_workers", "0", "--print_freq", "2"]
+ITERS_PER_EPOCH = 4  # TINY on the 16-image `images` fixture
+EVERY_STEP = ("--print_freq", "1")  # a console progress line per step: the record of the steps a run executed
+_PROGRESS = re.compile(r"^Epoch \[(\d+)/\d+\] it \[(\d+)/\d+\]", re.MULTILINE)
 
 
+class Run(NamedTuple):
+    code: int
+    out: str
+    err: str
 
 
-
-
-def run(data: str, output: str, *extra: str, capsys=None) -> tuple[int, str]:
+def run(data: str, output: str, *extra: str, capsys=None) -> Run:
+    """main_dino.main with TINY; with capsys, also what it printed."""
     code = main_dino.main([*TINY, "--data_path", data, "--output_dir", output, *extra])
-    err = capsys.readouterr().err if capsys is not None else ""
-    return code, err
+    captured = capsys.readouterr() if capsys is not None else None
+    return Run(code, captured.out if captured else "", captured.err if captured else "")
+
+
+def executed_steps(console: str) -> list[tuple[int, int]]:
+    """(epoch, 1-based iteration) of every console progress line, in order: with EVERY_STEP, the steps run."""
+    return [(int(epoch), int(iteration)) for epoch, iteration in _PROGRESS.findall(console)]
+
+
+def steps_between(start: tuple[int, int], stop: tuple[int, int]) -> list[tuple[int, int]]:
+    """The steps, as executed_steps lists them, that take a run from position `start` to `stop`; a position is
+    (epoch, iterations done in it), what a checkpoint's `epoch` and `iteration` hold."""
+    epoch, done = start
+    steps = []
+    while (epoch, done) < stop:
+        steps.append((epoch, done + 1))
+        epoch, done = (epoch + 1, 0) if done + 1 == ITERS_PER_EPOCH else (epoch, done + 1)
+    return steps
+
+
+def logged_epochs(output_dir: str) -> list[int]:
+    """The `epoch` of every log.txt record, in order: an epoch trained twice shows up twice."""
+    with open(os.path.join(output_dir, "log.txt")) as handle:
+        return [json.loads(line)["epoch"] for line in handle]
 
 
 def load(path: str) -> dict:
@@ -61,8 +95,7 @@ def error_line(err: str) -> str:
 
 def test_training_writes_checkpoints_logs_config_and_provenance(images, tmp_path, capsys) -> None:
     out = str(tmp_path / "run")
-    code, _ = run(images, out, "--epochs", "3", "--saveckp_freq", "2", capsys=capsys)
-    assert code == 0
+    assert run(images, out, "--epochs", "3", "--saveckp_freq", "2", capsys=capsys).code == 0
     assert sorted(n for n in os.listdir(out)) == ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0002.pth",
                                                    "config.yaml", "log.txt", "provenance.jsonl"]
     state = load(os.path.join(out, "checkpoint.pth"))
@@ -96,9 +129,11 @@ def test_training_writes_checkpoints_logs_config_and_provenance(images, tmp_path
     assert provenance[0]["config"]["arch"] == "vit_tiny" and provenance[0]["precision"] == "fp32"
     assert isinstance(provenance[0]["command"], list) and provenance[0]["world_size"] == 1
 
-    # rerunning the finished command does nothing and keeps the checkpoint
+    # rerunning the finished command does nothing (no step, no log record) and keeps the checkpoint
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
-    assert run(images, out, "--epochs", "3", "--saveckp_freq", "2")[0] == 0
+    rerun = run(images, out, "--epochs", "3", "--saveckp_freq", "2", *EVERY_STEP, capsys=capsys)
+    assert rerun.code == 0 and "nothing to do: 3 of 3 epochs are done" in rerun.out
+    assert executed_steps(rerun.out) == [] and logged_epochs(out) == [0, 1, 2]
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
 
 
@@ -106,13 +141,14 @@ def test_training_writes_checkpoints_logs_config_and_provenance(images, tmp_path
 def straight_run(images, tmp_path_factory) -> str:
     """Two epochs in one go, keeping the checkpoint of each epoch."""
     straight = str(tmp_path_factory.mktemp("straight"))
-    assert run(images, straight, "--epochs", "2", "--saveckp_freq", "1")[0] == 0
+    assert run(images, straight, "--epochs", "2", "--saveckp_freq", "1").code == 0
     return straight
 
 
 @pytest.mark.parametrize("how", ["output_dir", "resume_flag"])
-def test_resume_equals_straight_run(images, straight_run, tmp_path, how: str) -> None:
-    """2 epochs straight == 1 epoch, a new start (other worker count, other global RNG), then the second epoch."""
+def test_resume_equals_straight_run(images, straight_run, tmp_path, capsys, how: str) -> None:
+    """2 epochs straight == 1 epoch, a new start (other worker count, other global RNG), then the second epoch;
+    the new start runs the second epoch's steps only."""
     straight = straight_run
     resumed = str(tmp_path / "resumed")
     first_epoch = os.path.join(straight, "checkpoint0000.pth")
@@ -123,7 +159,10 @@ def test_resume_equals_straight_run(images, straight_run, tmp_path, how: str) ->
     else:
         extra = ["--resume", first_epoch]
     torch.manual_seed(1234)  # a different global RNG state than the straight run had: restored from the file
-    assert run(images, resumed, "--epochs", "2", "--saveckp_freq", "1", "--num_workers", "2", *extra)[0] == 0
+    rerun = run(images, resumed, "--epochs", "2", "--saveckp_freq", "1", "--num_workers", "2", *EVERY_STEP, *extra,
+                capsys=capsys)
+    assert rerun.code == 0
+    assert executed_steps(rerun.out) == steps_between((1, 0), (2, 0)) and logged_epochs(resumed) == [1]
     assert_same_training_state(straight, resumed)
     assert load(os.path.join(resumed, "checkpoint.pth"))["epoch"] == 2
     straight_log = [json.loads(line) for line in open(os.path.join(straight, "log.txt"))]
@@ -131,17 +170,46 @@ def test_resume_equals_straight_run(images, straight_run, tmp_path, how: str) ->
     assert resumed_log[-1]["train_loss"] == straight_log[-1]["train_loss"]
 
 
-@pytest.mark.parametrize("flags", [
-    ["--precision", "bf16", "--optimizer", "lars"],
-    ["--use_fp16", "true", "--optimizer", "sgd", "--use_bn_in_head", "true"],
-    ["--arch", "vit_tiny_sparo", "--num_slots", "8", "--slot_dim", "8", "--attn_dim", "8", "--group_size", "2",
-     "--grad_checkpointing", "true", "--norm_last_layer", "false", "--freeze_last_layer", "0"],
+# What only each optimizer keeps in its state dict: its per-parameter state, and an option of its param groups
+# (SGD and LARS both keep momentum buffers).
+OPTIMIZER_STATE = {"adamw": {"step", "exp_avg", "exp_avg_sq"}, "sgd": {"momentum_buffer"}, "lars": {"momentum_buffer"}}
+OPTIMIZER_OPTION = {"adamw": "betas", "sgd": "nesterov", "lars": "trust_coefficient"}
+
+
+def assert_written_by(optimizer_state: dict, name: str) -> None:
+    """The optimizer state dict was written by the optimizer `name` (by what it holds, not by the run's config)."""
+    assert {key for state in optimizer_state["state"].values() for key in state} == OPTIMIZER_STATE[name]
+    options = {option for group in optimizer_state["param_groups"] for option in OPTIMIZER_OPTION.values()
+               if option in group}
+    assert options == {OPTIMIZER_OPTION[name]}
+
+
+@pytest.mark.parametrize("flags, optimizer, dtype", [
+    (["--precision", "bf16", "--optimizer", "lars"], "lars", torch.bfloat16),
+    (["--use_fp16", "true", "--optimizer", "sgd", "--use_bn_in_head", "true"], "sgd", torch.float16),
+    (["--arch", "vit_tiny_sparo", "--num_slots", "8", "--slot_dim", "8", "--attn_dim", "8", "--group_size", "2",
+      "--grad_checkpointing", "true", "--norm_last_layer", "false", "--freeze_last_layer", "0"],
+     "adamw", torch.float32),  # the defaults: AdamW, precision auto = fp32 on CPU
 ], ids=["bf16-lars", "fp16-sgd-bn", "sparo-checkpointing"])
-def test_precisions_optimizers_and_archs_train(images, tmp_path, flags) -> None:
-    out = str(tmp_path / "run")
-    assert run(images, out, "--epochs", "1", "--warmup_epochs", "0", *flags)[0] == 0
-    state = load(os.path.join(out, "checkpoint.pth"))
+def test_precisions_optimizers_and_archs_train(images, tmp_path, flags, optimizer, dtype) -> None:
+    """Each combination trains to finite weights, and the flags really act: every linear layer computed in the
+    requested precision (seen by a forward hook on all modules) and the checkpoint holds that optimizer's state."""
+    linear_output_dtypes = set()
+
+    def record(module: torch.nn.Module, inputs, output) -> None:
+        if isinstance(module, torch.nn.Linear):
+            linear_output_dtypes.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        code = run(images, str(tmp_path / "run"), "--epochs", "1", "--warmup_epochs", "0", *flags).code
+    finally:
+        hook.remove()
+    assert code == 0
+    assert linear_output_dtypes == {dtype}
+    state = load(os.path.join(tmp_path / "run", "checkpoint.pth"))
     assert ("scaler" in state) == ("--use_fp16" in flags)
+    assert_written_by(state["optimizer"], optimizer)
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
 
 
@@ -165,7 +233,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_pa
 
     monkeypatch.setattr(DINOLoss, "forward", poisoned)
     out = str(tmp_path / "run")
-    code, err = run(images, out, "--epochs", "3", "--saveckp_freq", "1", capsys=capsys)
+    code, _, err = run(images, out, "--epochs", "3", "--saveckp_freq", "1", capsys=capsys)
     assert code == 1
     line = error_line(err)
     assert "not finite" in line and "epoch 1, iterations 0-1" in line and "checkpoint.pth is kept" in line
@@ -176,9 +244,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_pa
 
 def test_checkpoint_of_another_arch_is_refused_and_kept(images, tmp_path, capsys) -> None:
     out = str(tmp_path / "run")
-    assert run(images, out, "--epochs", "1")[0] == 0
+    assert run(images, out, "--epochs", "1").code == 0
     files = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
-    code, err = run(images, out, "--epochs", "2", "--arch", "vit_tiny_sparo", capsys=capsys)
+    code, _, err = run(images, out, "--epochs", "2", "--arch", "vit_tiny_sparo", capsys=capsys)
     assert code == 1
     assert "belongs to another model: arch='vit_tiny'" in error_line(err)
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == files
@@ -188,20 +256,20 @@ def test_corrupt_checkpoint_is_an_error_and_kept(images, tmp_path, capsys) -> No
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pth").write_bytes(b"\x00garbage" * 100)
-    code, err = run(images, str(out), "--epochs", "1", capsys=capsys)
+    code, _, err = run(images, str(out), "--epochs", "1", capsys=capsys)
     assert code == 1 and "corrupt" in error_line(err) and str(out / "checkpoint.pth") in error_line(err)
     assert (out / "checkpoint.pth").read_bytes() == b"\x00garbage" * 100
     assert sorted(os.listdir(out)) == ["checkpoint.pth"]
 
 
 def test_missing_data_path(tmp_path, capsys) -> None:
-    code, err = run(str(tmp_path / "nowhere"), str(tmp_path / "run"), "--epochs", "1", capsys=capsys)
+    code, _, err = run(str(tmp_path / "nowhere"), str(tmp_path / "run"), "--epochs", "1", capsys=capsys)
     assert code == 1 and "nowhere" in error_line(err) and "does not exist" in error_line(err)
 
 
 def test_dataset_smaller_than_one_batch(tmp_path, capsys) -> None:
     data = make_image_folder(tmp_path / "few", num_classes=3, per_class=1, size=32)
-    code, err = run(data, str(tmp_path / "run"), "--epochs", "1", capsys=capsys)
+    code, _, err = run(data, str(tmp_path / "run"), "--epochs", "1", capsys=capsys)
     assert code == 1 and "fewer than one global batch of 4" in error_line(err)
 
 
@@ -210,7 +278,7 @@ def test_corrupt_image_names_the_file(images, tmp_path, capsys) -> None:
     shutil.copytree(images, data)
     bad = data / "class_0" / "img_003.png"
     bad.write_bytes(b"this is not a png")
-    code, err = run(str(data), str(tmp_path / "run"), "--epochs", "1", "--num_workers", "1", capsys=capsys)
+    code, _, err = run(str(data), str(tmp_path / "run"), "--epochs", "1", "--num_workers", "1", capsys=capsys)
     assert code == 1 and str(bad) in error_line(err)
 
 
@@ -239,11 +307,11 @@ def test_fashion_mnist_config_trains_on_idx_files(tmp_path) -> None:
 
 @pytest.mark.parametrize("stop_after, saved_at", [((1, 1), (1, 2)), ((0, 3), (1, 0))],
                          ids=["mid-epoch", "epoch-end"])
-def test_stop_request_saves_and_the_rerun_resumes_exactly(images, straight_run, tmp_path, monkeypatch,
+def test_stop_request_saves_and_the_rerun_resumes_exactly(images, straight_run, tmp_path, monkeypatch, capsys,
                                                           stop_after, saved_at) -> None:
     """A stop requested during step `stop_after` (epoch, index) saves at the next step boundary (epoch, iteration),
-    exits with the requeue code, and the rerun ends where the uninterrupted run ended: the sampler skips consumed
-    samples and the RNG streams continue where they stopped."""
+    exits with the requeue code, and the rerun runs the remaining steps only and ends where the uninterrupted run
+    ended: the sampler skips consumed samples and the RNG streams continue where they stopped."""
     stop = StopRequest()
     step = DinoTrainer.train_step
 
@@ -255,16 +323,16 @@ def test_stop_request_saves_and_the_rerun_resumes_exactly(images, straight_run, 
 
     monkeypatch.setattr(DinoTrainer, "train_step", step_then_request)
     out = str(tmp_path / "run")
-    argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2"]
+    argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2", *EVERY_STEP]
     assert main_dino.main(argv, stop=stop) == REQUEUE_EXIT_CODE
+    assert executed_steps(capsys.readouterr().out) == steps_between((0, 0), saved_at)
     partial = load(os.path.join(out, "checkpoint.pth"))
     assert (partial["epoch"], partial["iteration"]) == saved_at
     monkeypatch.undo()
     assert main_dino.main([*argv, "--num_workers", "2"]) == 0
-    a, b = load(os.path.join(straight_run, "checkpoint.pth")), load(os.path.join(out, "checkpoint.pth"))
-    for part in ("student", "teacher", "dino_loss"):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert executed_steps(capsys.readouterr().out) == steps_between(saved_at, (2, 0))
+    assert logged_epochs(out) == [0, 1]
+    assert_same_training_state(straight_run, out)
 
 
 def test_tensorboard_flag(images, tmp_path) -> None:
@@ -276,7 +344,7 @@ def test_tensorboard_flag(images, tmp_path) -> None:
             run(images, out, "--epochs", "1", "--tensorboard", "true")
         assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
         return
-    assert run(images, out, "--epochs", "1", "--tensorboard", "true")[0] == 0
+    assert run(images, out, "--epochs", "1", "--tensorboard", "true").code == 0
     assert os.listdir(os.path.join(out, "tensorboard"))
 
 
@@ -289,7 +357,7 @@ def test_periodic_knn_logs_the_teacher_accuracy_that_eval_knn_reports(images, st
     labelled = make_image_folder(tmp_path / "labelled", num_classes=3, per_class=6, size=32, splits=("train", "val"))
     out = str(tmp_path / "run")
     assert run(images, out, "--epochs", "2", "--saveckp_freq", "1", "--knn_every", "3",
-               "--knn_data_path", labelled, "--knn_subset", "100")[0] == 0
+               "--knn_data_path", labelled, "--knn_subset", "100").code == 0
     assert capsys.readouterr().out.count("k-NN monitor: weighted 20-NN top-1") == 1
     records = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
     assert ["knn_top1" in r for r in records] == [False, True]
@@ -306,7 +374,7 @@ def test_knn_every_needs_labelled_data(images, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         parse_train_args([*TINY, "--data_path", "x", "--knn_every", "1"])
     assert "--knn_every needs --knn_data_path" in capsys.readouterr().err
-    code, err = run(images, str(tmp_path / "run"), "--epochs", "1", "--knn_every", "1",
+    code, _, err = run(images, str(tmp_path / "run"), "--epochs", "1", "--knn_every", "1",
                     "--knn_data_path", str(tmp_path / "missing"), capsys=capsys)
     assert code == 1 and "missing" in error_line(err)
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")  # checked before training
