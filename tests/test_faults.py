@@ -6,12 +6,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-import queue
 import random
 import shutil
-import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -22,7 +19,7 @@ from conftest import make_image_folder
 from sparo_dino import checkpoint
 from sparo_dino.loss import DINOLoss
 from test_preemption import clean_run  # noqa: F401 (a fixture)
-from test_train import TINY, assert_same_training_state, error_line, load
+from test_train import EVERY_STEP, TINY, assert_same_training_state, error_line, executed_steps, load, steps_between
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,39 +79,10 @@ def temporaries(folder: str) -> list[str]:
     return [name for name in os.listdir(folder) if ".tmp." in name]
 
 
-class Lines:
-    """A subprocess's output lines, read in a thread so the test can wait for a marker with a deadline."""
-
-    def __init__(self, process: subprocess.Popen) -> None:
-        self.queue: queue.Queue = queue.Queue()
-        self.text: list[str] = []
-        self.last_marker = ""
-        threading.Thread(target=self._read, args=(process,), daemon=True).start()
-
-    def _read(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
-            self.text.append(line)
-            if line.startswith("SAVE_"):
-                self.last_marker = line.strip()
-            self.queue.put(line)
-        self.queue.put(None)
-
-    def wait_for(self, marker: str, count: int = 1, timeout: float = 60) -> bool:
-        """True once `marker` was seen `count` times; False when the process ended first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.queue.get(timeout=max(deadline - time.monotonic(), 0.01))
-            if line is None:
-                return False
-            if marker in line:
-                count -= 1
-                if count == 0:
-                    return True
-
-
-def test_sigkill_at_random_moments_and_during_writes_then_restart(images, clean_run, tmp_path, capsys) -> None:
+def test_sigkill_at_random_moments_and_during_writes_then_restart(images, clean_run, tmp_path, spawn, capsys) -> None:
     """kill -9 at seeded random moments, half of them inside a (slowed) checkpoint write; after every kill the
-    checkpoint on disk loads, the next start removes the partial file, and the finished run equals the clean one."""
+    checkpoint on disk loads, the next start removes the partial file and runs the steps after the checkpoint's
+    position, and the finished run equals the clean one."""
     out = str(tmp_path / "run")
     argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2", "--ckpt_every_iters", "2"]
     command = [sys.executable, write_wrapper(tmp_path), *argv]
@@ -122,43 +90,45 @@ def test_sigkill_at_random_moments_and_during_writes_then_restart(images, clean_
     rng = random.Random(0)
     partial_files_left = 0
     for mode in ("during_write", "random", "during_write"):
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        lines = Lines(process)
+        job = spawn(command, cwd=tmp_path, env=env)
         if mode == "during_write":
-            alive = lines.wait_for("SAVE_BEGIN", count=rng.choice([1, 2]))
+            alive = job.wait_for("SAVE_BEGIN", count=rng.choice([1, 2]))
             time.sleep(rng.uniform(0.02, 0.3))  # the write takes 0.4 s
         else:
-            alive = lines.wait_for("Epoch [")
+            alive = job.wait_for("Epoch [")
             time.sleep(rng.uniform(0.0, 1.5))
-        process.kill()
-        process.wait(timeout=30)
-        assert alive, "".join(lines.text)
+        job.process.kill()
+        job.wait_exit(timeout=30)
+        assert alive, job.text
         if mode == "during_write":
-            assert lines.last_marker == "SAVE_BEGIN", "the kill missed the write"
+            markers = [line.strip() for line in job.lines if line.startswith("SAVE_")]
+            assert markers[-1] == "SAVE_BEGIN", "the kill missed the write"
             partial_files_left += len(temporaries(out)) == 1
         if os.path.exists(os.path.join(out, "checkpoint.pth")):
             checkpoint.load_checkpoint(os.path.join(out, "checkpoint.pth"))  # never a corrupt file
     assert partial_files_left >= 1  # a write really was cut off
     partial_files_left_now = len(temporaries(out))
-    assert main_dino.main(argv) == 0
+    saved = load(os.path.join(out, "checkpoint.pth"))
+    assert main_dino.main([*argv, *EVERY_STEP]) == 0
     log = capsys.readouterr().out
     assert "resumed from" in log and ("removed" in log) == (partial_files_left_now > 0)
+    assert executed_steps(log) == steps_between((saved["epoch"], saved["iteration"]), (2, 0))
     assert temporaries(out) == []
     assert_same_training_state(clean_run, out)
 
 
 def test_truncated_checkpoint_falls_back_to_the_newest_loadable_periodic_one(images, clean_run, tmp_path,
-                                                                            recwarn) -> None:
+                                                                            recwarn, capsys) -> None:
     """checkpoint.pth and checkpoint0001.pth truncated, checkpoint0000.pth good: resume from the latter, with a
-    warning naming both files, and finish like the clean run."""
+    warning naming both files, run epoch 1 only and finish like the clean run."""
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(os.path.join(clean_run, "checkpoint0000.pth"), out / "checkpoint0000.pth")
     data = open(os.path.join(clean_run, "checkpoint.pth"), "rb").read()
     (out / "checkpoint.pth").write_bytes(data[: len(data) // 3])
     (out / "checkpoint0001.pth").write_bytes(data[: len(data) // 2])
-    assert main_dino.main([*TINY, "--data_path", images, "--output_dir", str(out), "--epochs", "2"]) == 0
+    assert main_dino.main([*TINY, "--data_path", images, "--output_dir", str(out), "--epochs", "2", *EVERY_STEP]) == 0
+    assert executed_steps(capsys.readouterr().out) == steps_between((1, 0), (2, 0))
     messages = [str(w.message) for w in recwarn if "falling back" in str(w.message)]
     assert len(messages) == 1
     assert f"checkpoint {out / 'checkpoint.pth'} is corrupt or truncated" in messages[0]

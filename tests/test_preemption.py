@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 
@@ -13,13 +12,9 @@ import pytest
 import main_dino
 from sparo_dino import checkpoint, trainer
 from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
-from test_train import TINY, assert_same_training_state, load
+from test_train import EVERY_STEP, TINY, assert_same_training_state, executed_steps, load, logged_epochs, steps_between
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +69,24 @@ def test_ckpt_every_iters_saves_positions_without_changing_the_run(images, clean
     assert_same_training_state(clean_run, out)
 
 
-def test_sigterm_to_the_whole_job_saves_mid_epoch_and_resumes_exactly(images, clean_run, tmp_path) -> None:
+def test_sigterm_to_the_whole_job_saves_mid_epoch_and_resumes_exactly(images, clean_run, tmp_path, spawn,
+                                                                      capsys) -> None:
     """SIGTERM to the process group, as SLURM sends it: the data-loader workers survive it, the main process
-    finishes its step, writes the position and exits 75; running the command again ends like the reference."""
+    finishes its step, writes the position and exits 75; running the command again runs the remaining steps only
+    and ends like the reference."""
     out = str(tmp_path / "run")
-    argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2", "--num_workers", "2"]
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "main_dino.py"), *argv], cwd=tmp_path,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if "it [2/4]" in line:  # mid-epoch 0, data-loader workers running
-            os.killpg(process.pid, signal.SIGTERM)
-            break
-    output.extend(process.stdout)
-    assert process.wait(timeout=120) == REQUEUE_EXIT_CODE, "".join(output)
-    log = "".join(output)
-    assert "stopping (received SIGTERM)" in log and "Traceback" not in log, log
+    argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2", "--num_workers", "2", *EVERY_STEP]
+    job = spawn([sys.executable, os.path.join(REPO, "main_dino.py"), *argv], cwd=tmp_path,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
+    assert job.wait_for("it [2/4]"), job.text  # mid-epoch 0, data-loader workers running
+    os.killpg(job.process.pid, signal.SIGTERM)
+    assert job.wait_exit(timeout=120) == REQUEUE_EXIT_CODE, job.text
+    assert "stopping (received SIGTERM)" in job.text and "Traceback" not in job.text, job.text
     partial = load(os.path.join(out, "checkpoint.pth"))
-    assert (partial["epoch"], partial["iteration"]) in {(0, 2), (0, 3), (1, 0)}  # the step after the signal
+    position = (partial["epoch"], partial["iteration"])
+    assert position in {(0, 2), (0, 3), (1, 0)}  # the step after the signal
+    assert executed_steps(job.text) == steps_between((0, 0), position)
     assert main_dino.main(argv) == 0
+    assert executed_steps(capsys.readouterr().out) == steps_between(position, (2, 0))
+    assert logged_epochs(out) == [0, 1]
     assert_same_training_state(clean_run, out)
