@@ -62,9 +62,10 @@ def test_gradient_matches_reference() -> None:
 
 
 def test_center_is_ema_of_teacher_batch_mean() -> None:
+    """With the default momentum, which is what the trainer uses: the official 0.9."""
     torch.manual_seed(2)
     teacher = torch.randn(2 * 6, 8)
-    module = DINOLoss(8, 2, 0.04, 0.04, 0, 1, center_momentum=0.9)
+    module = DINOLoss(8, 2, 0.04, 0.04, 0, 1)
     module.center.fill_(1.0)
     module(torch.randn(2 * 6, 8), teacher, 0)
     torch.testing.assert_close(module.center, 0.9 * torch.ones(1, 8) + 0.1 * teacher.mean(0, keepdim=True))
