@@ -28,6 +28,8 @@ import sparo_vit
 from sparo_dino import augmentation, config, distributed, features, linear_probe, provenance
 
 DEFAULT_N_LAST_BLOCKS = 4
+# --fast's base lrs: official 1e-3 and around it, up to where unnormalized SPARO encodings of a short run need it
+DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                             f"weights (default: {linear_probe.CHECKPOINT_NAME} in the output folder)")
     group.add_argument("--fast", action="store_true",
                        help="train on cached centre-crop features (no augmentation): quick, NOT the official protocol")
+    group.add_argument("--lr_grid", type=float, nargs="+", default=list(DEFAULT_LR_GRID),
+                       help="--fast: base lrs (x batch / 256) of heads trained side by side in one pass; the best on "
+                            "a train hold-out is reported; one value trains one head on all train features")
+    group.add_argument("--holdout_fraction", type=float, default=0.1,
+                       help="--fast with several --lr_grid values: share of the train features that chooses the lr")
     group.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -89,7 +96,7 @@ def num_classes(args: argparse.Namespace, data_classes: int) -> int:
 @dataclass
 class Probe:
     """What training and --evaluate need, built the same way for both protocols."""
-    classifier: linear_probe.LinearClassifier
+    classifier: nn.Module  # a LinearClassifier, or LinearHeads for --fast's lr grid
     model: nn.Module  # what gets optimized (the DDP wrapper of classifier when distributed)
     featurize: Callable[[torch.Tensor], torch.Tensor]
     train_batches: Callable[[int], linear_probe.Batches]
@@ -98,6 +105,7 @@ class Probe:
     output_dir: str
     device: torch.device
     reduce: bool  # whether train and val metrics are summed over ranks
+    holdout_batches: Callable[[], linear_probe.Batches] | None = None  # --fast lr grid: chooses the head
 
 
 def _output_dir(args: argparse.Namespace, tag: str, protocol: str) -> str:
@@ -147,15 +155,27 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
 
 
 def fast_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Probe | None:
-    """Fast mode: features extracted once (all ranks), classifier trained on the main process (None elsewhere)."""
+    """Fast mode: features extracted once (all ranks), classifier trained on the main process (None elsewhere).
+
+    With several --lr_grid values the classifier is one head per lr (linear_probe.LinearHeads), trained on the
+    train features minus a seeded hold-out that chooses among them (`holdout_batches`)."""
     data = features.compute_features(args, info.device, kind_resolver(args))
     if data is None:
         return None
     train_features = data.train_features.to(info.device)
     train_labels = data.train_labels.to(info.device)
     classes = num_classes(args, data.num_classes)
+    lrs = [linear_probe.scaled_lr(lr, args.batch_size_per_gpu) for lr in args.lr_grid]
+    holdout: tuple[torch.Tensor, torch.Tensor] | None = None
+    if len(lrs) > 1 and not args.evaluate:
+        order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(args.seed))
+        cut = max(1, round(args.holdout_fraction * len(order)))
+        held, kept = order[:cut].sort().values.to(info.device), order[cut:].sort().values.to(info.device)
+        holdout = (train_features[held], train_labels[held])
+        train_features, train_labels = train_features[kept], train_labels[kept]
     torch.manual_seed(args.seed)
-    classifier = linear_probe.LinearClassifier(train_features.shape[1], classes).to(info.device)
+    classifier: nn.Module = (linear_probe.LinearHeads(train_features.shape[1], classes, lrs) if holdout is not None
+                             else linear_probe.LinearClassifier(train_features.shape[1], classes)).to(info.device)
 
     def train_batches(epoch: int) -> linear_probe.Batches:
         generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
@@ -165,11 +185,14 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Probe | 
         return linear_probe.tensor_batches(data.val_features, data.val_labels, args.batch_size_per_gpu)
 
     run = {"protocol": "fast", "kind": data.meta["kind"], "dim": train_features.shape[1], "num_classes": classes,
-           "tag": data.meta["tag"], "epochs": args.epochs,
-           "lr": linear_probe.scaled_lr(args.lr, args.batch_size_per_gpu), "total_batch_size": args.batch_size_per_gpu,
-           "options": data.meta["options"]}
-    return Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run,
-                 _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False)
+           "tag": data.meta["tag"], "epochs": args.epochs, "lr": lrs[0] if len(lrs) == 1 else lrs,
+           "total_batch_size": args.batch_size_per_gpu, "options": data.meta["options"]}
+    probe = Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run,
+                  _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False)
+    if holdout is not None:
+        probe.run["holdout_fraction"] = args.holdout_fraction
+        probe.holdout_batches = lambda: linear_probe.tensor_batches(*holdout, args.batch_size_per_gpu)
+    return probe
 
 
 def evaluate_head(args: argparse.Namespace, probe: Probe) -> dict[str, Any] | None:
@@ -189,8 +212,14 @@ def summary_line(results: dict[str, Any]) -> str:
     """The headline is the best top-1 over the validations (official DINO's "Max accuracy"); final beside it."""
     final, best = results["final"], results["best"]
     protocol = linear_probe.PROTOCOLS[results["run"]["protocol"]]
-    return (f"Linear probe result [{protocol}]: best Top1: {best['top1']:.2f} (epoch {best['epoch']}, "
+    line = (f"Linear probe result [{protocol}]: best Top1: {best['top1']:.2f} (epoch {best['epoch']}, "
             f"Top5 {best['top5']:.2f}), final Top1: {final['top1']:.2f}, Top5: {final['top5']:.2f}")
+    if "lr_grid" in results:
+        grid = results["lr_grid"]
+        line += (f"; lr {grid['chosen_lr']:g} chosen among {len(grid['lrs'])} on a "
+                 f"{results['run']['holdout_fraction']:g} train hold-out (best is the last epoch: the test set "
+                 "picks nothing)")
+    return line
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -203,6 +232,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--load_features/--dump_features need --fast: the official protocol augments every step")
     if args.linear_weights is not None and not args.evaluate:
         raise ValueError("--linear_weights is read by --evaluate only")
+    if args.fast and args.lr != build_parser().get_default("lr"):
+        raise ValueError("--fast trains one head per --lr_grid value; for a single lr give --lr_grid LR (--lr is the "
+                         "official protocol's)")
+    if min(args.lr_grid) <= 0 or not 0 < args.holdout_fraction < 1:
+        raise ValueError("--lr_grid values must be > 0 and --holdout_fraction in (0, 1)")
     distributed.check_launcher_args(args)
 
 
@@ -217,10 +251,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if args.evaluate:
             return evaluate_head(args, probe)
         os.makedirs(probe.output_dir, exist_ok=True)
-        results = linear_probe.fit(probe.classifier, probe.train_batches, probe.val_batches, probe.featurize,
-                                   num_classes=probe.run["num_classes"], epochs=args.epochs, lr=probe.run["lr"],
-                                   val_freq=args.val_freq, output_dir=probe.output_dir, run=probe.run,
-                                   device=probe.device, reduce=probe.reduce, model=probe.model)
+        if probe.holdout_batches is not None:
+            results = linear_probe.fit_lr_grid(probe.classifier, probe.train_batches, probe.holdout_batches,
+                                               probe.val_batches, num_classes=probe.run["num_classes"],
+                                               epochs=args.epochs, output_dir=probe.output_dir, run=probe.run,
+                                               device=probe.device)
+        else:
+            results = linear_probe.fit(probe.classifier, probe.train_batches, probe.val_batches, probe.featurize,
+                                       num_classes=probe.run["num_classes"], epochs=args.epochs, lr=probe.run["lr"],
+                                       val_freq=args.val_freq, output_dir=probe.output_dir, run=probe.run,
+                                       device=probe.device, reduce=probe.reduce, model=probe.model)
         if not distributed.is_main_process():
             return None
         results = {**results, "run": probe.run,

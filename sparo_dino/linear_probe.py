@@ -45,6 +45,28 @@ class LinearClassifier(nn.Module):
         return self.linear(features.flatten(1))
 
 
+class LinearHeads(nn.Module):
+    """One LinearClassifier per learning rate, trained side by side on the same batches (DINOv2's lr grid): a
+    short probe of unfamiliar features then does not hinge on one guessed lr."""
+
+    def __init__(self, dim: int, num_classes: int, lrs: Iterable[float]) -> None:
+        super().__init__()
+        self.lrs = [float(lr) for lr in lrs]
+        self.heads = nn.ModuleList(LinearClassifier(dim, num_classes) for _ in self.lrs)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> logits (num_heads, B, num_classes)."""
+        return torch.stack([head(features) for head in self.heads])
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(head.parameters()), "lr": lr} for head, lr in zip(self.heads, self.lrs)]
+
+
+def _per_head(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as (num_heads, B, C): a single classifier is one head."""
+    return logits if logits.dim() == 3 else logits[None]
+
+
 def scaled_lr(lr: float, total_batch_size: int) -> float:
     """The official linear rule: lr x total batch / 256."""
     return lr * total_batch_size / 256.0
@@ -60,11 +82,13 @@ def train_epoch(classifier: nn.Module, batches: Batches, featurize: Callable[[to
         labels = labels.to(device, non_blocking=True)
         with torch.no_grad():
             feats = featurize(inputs.to(device, non_blocking=True))
-        loss = F.cross_entropy(classifier(feats), labels)
+        logits = _per_head(classifier(feats))
+        # heads are independent: the sum of their mean losses gives each head its own gradient
+        losses = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.sum().backward()
         optimizer.step()
-        sums[0] += loss.detach() * len(labels)
+        sums[0] += losses.detach().mean() * len(labels)
         sums[1] += len(labels)
     if reduce:
         distributed.all_reduce_sum_(sums)
@@ -73,27 +97,35 @@ def train_epoch(classifier: nn.Module, batches: Batches, featurize: Callable[[to
 
 
 @torch.no_grad()
-def evaluate(classifier: nn.Module, batches: Batches, featurize: Callable[[torch.Tensor], torch.Tensor],
-             num_classes: int, device: torch.device, reduce: bool) -> dict[str, float]:
-    """Top-1/top-5 (top-min(5, classes)) in percent and mean loss; `reduce` sums the counts of all ranks, which is
-    exact when each rank saw a disjoint shard (features.ShardSampler)."""
+def evaluate_heads(classifier: nn.Module, batches: Batches, featurize: Callable[[torch.Tensor], torch.Tensor],
+                   num_classes: int, device: torch.device, reduce: bool) -> list[dict[str, float]]:
+    """Per head: top-1/top-5 (top-min(5, classes)) in percent and mean loss; `reduce` sums the counts of all ranks,
+    which is exact when each rank saw a disjoint shard (features.ShardSampler)."""
     classifier.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, samples
+    sums: torch.Tensor | None = None  # per head: correct@1, correct@5, loss, samples
     for inputs, labels in batches:
         labels = labels.to(device, non_blocking=True)
-        logits = classifier(featurize(inputs.to(device, non_blocking=True)))
-        top = logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]
-        sums[0] += top[:, 0].sum()
-        sums[1] += top.any(dim=1).sum()
-        sums[2] += F.cross_entropy(logits.double(), labels, reduction="sum")
-        sums[3] += len(labels)
+        logits = _per_head(classifier(featurize(inputs.to(device, non_blocking=True))))
+        if sums is None:
+            sums = torch.zeros(len(logits), 4, dtype=torch.float64, device=device)
+        top = logits.topk(min(5, num_classes), dim=2).indices == labels[None, :, None]
+        sums[:, 0] += top[:, :, 0].sum(dim=1)
+        sums[:, 1] += top.any(dim=2).sum(dim=1)
+        sums[:, 2] += torch.stack([F.cross_entropy(head.double(), labels, reduction="sum") for head in logits])
+        sums[:, 3] += len(labels)
+    if sums is None:
+        raise ValueError("the validation set is empty")
     if reduce:
         distributed.all_reduce_sum_(sums)
-    correct1, correct5, loss, samples = sums.tolist()
-    if samples == 0:
-        raise ValueError("the validation set is empty")
-    return {"top1": 100.0 * correct1 / samples, "top5": 100.0 * correct5 / samples, "loss": loss / samples,
-            "num_samples": int(samples)}
+    return [{"top1": 100.0 * correct1 / samples, "top5": 100.0 * correct5 / samples, "loss": loss / samples,
+             "num_samples": int(samples)} for correct1, correct5, loss, samples in sums.tolist()]
+
+
+def evaluate(classifier: nn.Module, batches: Batches, featurize: Callable[[torch.Tensor], torch.Tensor],
+             num_classes: int, device: torch.device, reduce: bool) -> dict[str, float]:
+    """evaluate_heads of a single classifier."""
+    (metrics,) = evaluate_heads(classifier, batches, featurize, num_classes, device, reduce)
+    return metrics
 
 
 def should_validate(epoch: int, epochs: int, val_freq: int) -> bool:
@@ -170,16 +202,62 @@ def fit(classifier: nn.Module, train_batches: Callable[[int], Batches], val_batc
             if distributed.is_main_process():
                 print(f"Accuracy at epoch {epoch} of the network on the {last['num_samples']} test images: "
                       f"{last['top1']:.1f}%\nMax accuracy so far: {best['top1']:.2f}%", flush=True)
-        if distributed.is_main_process():
-            save_checkpoint({"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best, "run": run},
-                            checkpoint_path)
-            with open(os.path.join(output_dir, "log_linear.txt"), "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
+        _end_epoch(output_dir, record, {"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
+                                        "run": run})
     if last is None:  # resumed after the last epoch: evaluate the restored classifier
         last = evaluate(classifier, val_batches(), featurize, num_classes, device, reduce)
     return {"final": last, "best": best}
+
+
+def _end_epoch(output_dir: str, record: dict[str, Any], state: dict[str, Any]) -> None:
+    """Main process: the epoch's atomic checkpoint (what a rerun resumes from), its log_linear.txt line."""
+    if not distributed.is_main_process():
+        return
+    save_checkpoint(state, os.path.join(output_dir, CHECKPOINT_NAME))
+    with open(os.path.join(output_dir, "log_linear.txt"), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def fit_lr_grid(heads: LinearHeads, train_batches: Callable[[int], Batches], holdout_batches: Callable[[], Batches],
+                test_batches: Callable[[], Batches], *, num_classes: int, epochs: int, output_dir: str,
+                run: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Train every head of the grid in one pass over the same batches (official optimizer and cosine schedule, each
+    head at its own lr), choose the head with the best top-1 on the train hold-out after the last epoch, and
+    report that head alone on the test set: the test set never picks the lr. Resumes like `fit`; the final
+    checkpoint also holds the chosen head as `classifier`, so --evaluate reads it like a single probe's."""
+    optimizer = torch.optim.SGD(heads.param_groups(), momentum=0.9, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0.0)
+    checkpoint_path = os.path.join(output_dir, CHECKPOINT_NAME)
+    start = 0
+    if os.path.isfile(checkpoint_path):
+        state = load_checkpoint(checkpoint_path)
+        if state.get("run") != run:
+            raise ValueError(f"{checkpoint_path} belongs to another linear probe ({state.get('run')}); "
+                             f"this one is {run}; use another --output_dir")
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["epoch"]
+        print(f"resumed linear probe from {checkpoint_path} after epoch {start}", flush=True)
+    for epoch in range(start, epochs):
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        train_loss = train_epoch(heads, train_batches(epoch), lambda x: x, optimizer, device, reduce=False)
+        scheduler.step()
+        _end_epoch(output_dir, {"epoch": epoch, "lrs": lrs, "train_loss": train_loss},
+                   {"heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "run": run})
+    holdout = [metrics["top1"] for metrics in evaluate_heads(heads, holdout_batches(), lambda x: x, num_classes,
+                                                             device, reduce=False)]
+    chosen = max(range(len(holdout)), key=holdout.__getitem__)  # the first of equals: the smallest lr
+    test = evaluate(heads.heads[chosen], test_batches(), lambda x: x, num_classes, device, reduce=False)
+    grid = {"lrs": heads.lrs, "holdout_top1": holdout, "chosen": chosen, "chosen_lr": heads.lrs[chosen]}
+    state = load_checkpoint(checkpoint_path)
+    save_checkpoint({**state, "classifier": heads.heads[chosen].state_dict(), "lr_grid": grid}, checkpoint_path)
+    print(f"lr grid: hold-out top-1 {', '.join(f'{lr:g}: {top1:.1f}' for lr, top1 in zip(heads.lrs, holdout))}; "
+          f"chose lr {heads.lrs[chosen]:g}", flush=True)
+    return {"final": test, "best": {**test, "epoch": epochs - 1}, "lr_grid": grid}
 
 
 def tensor_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int,

@@ -23,7 +23,7 @@ BASELINE = {"arch": "vit_tiny", "patch_size": 8, "img_size": 32}
 def test_fast_mode_on_sparo_encoding_learns_and_says_it_is_fast(image_folder, tmp_path, capsys):
     checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
     results = eval_linear.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
-                                "--fast", "--epochs", "20", "--lr", "25"])
+                                "--fast", "--epochs", "20", "--lr_grid", "25"])
     protocol, _, _, _, top1, _ = SUMMARY.search(capsys.readouterr().out).groups()
     assert protocol.startswith("FAST MODE") and "no augmentation" in protocol
     assert float(top1) >= 90.0
@@ -52,7 +52,7 @@ def test_official_protocol_on_baseline_uses_last_four_cls_tokens(image_folder, t
 def test_fast_mode_resumes_exactly_after_an_interruption(image_folder, tmp_path, monkeypatch, capsys):
     checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
     cache = str(tmp_path / "cache")
-    flags = ["--fast", "--epochs", "4", "--lr", "1", "--batch_size_per_gpu", "8"]
+    flags = ["--fast", "--epochs", "4", "--lr_grid", "1", "--batch_size_per_gpu", "8"]
     whole = eval_linear.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
                               "--dump_features", cache, *flags, "--output_dir", str(tmp_path / "whole")])
 
@@ -102,7 +102,7 @@ def test_validation_epochs_and_headline_are_official(feature_cache, tmp_path, ca
     """Official DINO validates when `epoch % val_freq == 0 or epoch == epochs - 1` (0-based) and reports the best
     top-1 ("Max accuracy so far"); the summary leads with it and keeps the final one."""
     results = eval_linear.main(["--load_features", feature_cache, "--fast", "--epochs", "5", "--val_freq", "3",
-                                "--lr", "0.5", "--output_dir", str(tmp_path / "probe"), "--local-rank=0",
+                                "--lr_grid", "0.5", "--output_dir", str(tmp_path / "probe"), "--local-rank=0",
                                 "--dist_url", "env://"])
     out = capsys.readouterr().out
     log = [json.loads(line) for line in (tmp_path / "probe" / "log_linear.txt").read_text().splitlines()]
@@ -122,7 +122,7 @@ def test_validation_epochs_and_headline_are_official(feature_cache, tmp_path, ca
 
 def test_evaluate_validates_a_trained_head_without_training(feature_cache, tmp_path, capsys, monkeypatch):
     probe_dir = str(tmp_path / "probe")
-    trained = eval_linear.main(["--load_features", feature_cache, "--fast", "--epochs", "3", "--lr", "0.5",
+    trained = eval_linear.main(["--load_features", feature_cache, "--fast", "--epochs", "3", "--lr_grid", "0.5",
                                 "--output_dir", probe_dir])
     head = torch.load(os.path.join(probe_dir, "checkpoint_linear.pth"), weights_only=True)["classifier"]
     cached = features.load_features(feature_cache)
@@ -186,3 +186,49 @@ def test_flags_that_do_not_apply_are_errors(image_folder, tmp_path):
         torch.save(tensor, official_dump / f"{name}.pth")
     with pytest.raises(ValueError, match="holds an official DINO dump .* needs the raw features"):
         eval_linear.main(["--load_features", str(official_dump), "--fast", "--epochs", "1"])
+
+
+def test_fast_lr_grid_trains_every_head_in_one_pass_and_chooses_on_a_train_holdout(feature_cache, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """Each head of the grid equals a single probe trained alone at its lr on the same batches; the reported head
+    is the one with the best hold-out top-1 (the test set never picks), and --evaluate reads it back."""
+    calls = []
+    real_train_epoch = linear_probe.train_epoch
+    monkeypatch.setattr(linear_probe, "train_epoch", lambda *a, **k: calls.append(1) or real_train_epoch(*a, **k))
+    grid = ["0.001", "0.1", "10"]
+    results = eval_linear.main(["--load_features", feature_cache, "--fast", "--epochs", "3", "--lr_grid", *grid,
+                                "--batch_size_per_gpu", "8", "--holdout_fraction", "0.25",
+                                "--output_dir", str(tmp_path / "grid")])
+    out = capsys.readouterr().out
+    assert len(calls) == 3  # one pass per epoch for all heads
+    chosen = results["lr_grid"]["chosen"]
+    assert results["lr_grid"]["lrs"] == pytest.approx([float(lr) * 8 / 256 for lr in grid])
+    holdout = results["lr_grid"]["holdout_top1"]
+    assert chosen == holdout.index(max(holdout))
+    assert f"lr {results['lr_grid']['chosen_lr']:g} chosen among 3 on a 0.25 train hold-out" in out
+
+    # reference: the chosen head alone, trained with its own optimizer on the same 75% of the train features
+    data = features.load_features(feature_cache)
+    order = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))
+    kept = order[round(0.25 * len(order)):].sort().values
+    torch.manual_seed(0)
+    heads = linear_probe.LinearHeads(data.train_features.shape[1], data.num_classes, [1.0] * 3)
+    single = heads.heads[chosen]  # same init as the grid's head: the grid draws its heads in this order
+    optimizer = torch.optim.SGD(single.parameters(), lr=results["lr_grid"]["chosen_lr"], momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 3, eta_min=0.0)
+    for epoch in range(3):
+        generator = torch.Generator().manual_seed(epoch)
+        for x, y in linear_probe.tensor_batches(data.train_features[kept], data.train_labels[kept], 8, generator):
+            loss = torch.nn.functional.cross_entropy(single(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    logits = single(data.val_features)
+    top1 = 100.0 * float((logits.argmax(1) == data.val_labels).float().mean())
+    assert results["final"]["top1"] == pytest.approx(top1, abs=1e-6)
+    evaluated = eval_linear.main(["--load_features", feature_cache, "--fast", "--evaluate",
+                                  "--output_dir", str(tmp_path / "grid")])
+    assert evaluated["evaluate"]["top1"] == pytest.approx(top1, abs=1e-6)
+    with pytest.raises(ValueError, match="--fast trains one head per --lr_grid value"):
+        eval_linear.main(["--load_features", feature_cache, "--fast", "--lr", "0.5"])
