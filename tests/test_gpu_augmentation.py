@@ -1,6 +1,11 @@
 """The batched tensor multi-crop against torchvision's functional ops (per sample) and against the CPU PIL pipeline
-(statistics of outputs on crafted images whose augmentation is observable)."""
+(statistics of outputs on crafted images whose augmentation is observable), and both pipelines against the recipe:
+colour-jitter strengths and blur read back from their output images."""
 from __future__ import annotations
+
+import colorsys
+import math
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -193,6 +198,134 @@ def test_blur_and_jitter_parameters_per_view():
         assert (first_op - 0.25).abs().max() < 0.03
     lows, highs = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
     assert (params[0].factors >= lows).all() and (params[0].factors <= highs).all()
+
+
+# ------------------------------------------- jitter strengths and blur, read back from uncropped outputs
+# With crop scale (1, 1) and an image exactly the crop size, RandomResizedCrop returns the whole image in both
+# pipelines (PIL and roi_align copy it unchanged), so each later op acts on known pixels and can be measured.
+JITTER_P = 0.8  # official ColorJitter(0.4, 0.4, 0.2, 0.1) applied with p = 0.8
+CONTRAST, SATURATION, HUE = 0.4, 0.2, 0.1
+
+
+def _uncropped(pipeline: str, pixels: np.ndarray, n: int, local_crops: int,
+               measure: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Per view, `measure` of n augmentations of the (s, s, 3) uint8 image `pixels`, cropped as a whole (scale
+    (1, 1), s px global and local crops); `measure` takes (k, 3, s, s) pixel values in 0..255."""
+    size = pixels.shape[0]
+    recipe = dict(global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), local_crops_number=local_crops,
+                  global_crop_size=size, local_crop_size=size)
+    views = 2 + local_crops
+    if pipeline == "cpu":
+        augment, image = MultiCropAugmentation(**recipe), Image.fromarray(pixels)
+        torch.manual_seed(0)
+        draws = [augment(image) for _ in range(n)]
+        batches = [[torch.stack([crops[view] for crops in draws]) for view in range(views)]]
+    else:
+        augment, tensor = BatchedMultiCrop(**recipe), torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        generator = torch.Generator().manual_seed(0)
+        batches = [augment([tensor] * min(100, n - start), generator=generator) for start in range(0, n, 100)]
+    return [torch.cat([measure(_unnormalize(batch[view]) * 255) for batch in batches]) for view in range(views)]
+
+
+def _bands(size: int, *colours: tuple[float, float, float]) -> np.ndarray:
+    """Horizontal bands of solid colour (a horizontal flip leaves them in place)."""
+    image = np.zeros((size, size, 3))
+    for index, colour in enumerate(colours):
+        image[index * size // len(colours):(index + 1) * size // len(colours)] = colour
+    return image.round().astype(np.uint8)
+
+
+def _band_centres(count: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(k, 3, s, s) -> (k, count, 3): the mean colour of the two middle rows of each band (far from where the blur
+    mixes neighbouring bands)."""
+    def measure(pixels: torch.Tensor) -> torch.Tensor:
+        size = pixels.shape[-1]
+        middles = [(2 * index + 1) * size // (2 * count) for index in range(count)]
+        return torch.stack([pixels[:, :, m - 1:m + 1].mean((2, 3)) for m in middles], dim=1)
+    return measure
+
+
+def _hue(rgb: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([colorsys.rgb_to_hsv(*(channel / 255 for channel in pixel))[0] for pixel in rgb.tolist()])
+
+
+def _assert_jitter_factor(values: torch.Tensor, strength: float, identity: float = 1.0) -> None:
+    """`values`, one factor per output read back from the pixels, follow the recipe: `identity` when the jitter
+    was not applied (probability 0.2), otherwise uniform in identity +- strength (std strength / sqrt(3))."""
+    deviation = values.double() - identity
+    untouched = (deviation.abs() < 0.02 * strength).double().mean().item()
+    assert abs(untouched - (1 - JITTER_P + JITTER_P * 0.02)) < 0.05, untouched
+    assert abs(deviation.std().item() - strength * math.sqrt(JITTER_P / 3)) < 0.1 * strength, deviation.std()
+    large = (deviation.abs() > strength / 2).double().mean().item()
+    assert abs(large - JITTER_P / 2) < 0.06, large
+    assert abs(deviation.mean().item()) < 0.05 * strength
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "batched"])
+def test_contrast_saturation_and_hue_strengths_read_back_from_the_outputs(pipeline):
+    """Two crafted images make the jitter factors readable per output (views without solarization):
+    - gray bands 40 | 80: saturation, hue and grayscale leave gray alone, brightness scales both bands and
+      contrast scales their difference around the image mean (their average), so
+      contrast = ((b - a) / (b + a)) / ((80 - 40) / (80 + 40));
+    - gray 60 | gray 120 | colour (115, 65, 80): the gray difference gives brightness x contrast, the colour's
+      chroma (max - min channel) is scaled by brightness x contrast x saturation (blends toward a gray) and kept by
+      the hue rotation, and only the hue op moves the colour's hue."""
+    contrast_image = _bands(24, (40, 40, 40), (80, 80, 80))
+    colour = (115.0, 65.0, 80.0)
+    colour_image = _bands(24, (60, 60, 60), (120, 120, 120), colour)
+    unsolarized = [0, 2, 3]  # global 2 may be solarized (threshold 128)
+    views = _uncropped(pipeline, contrast_image, 300, 2, _band_centres(2))
+    bands = torch.cat([views[view] for view in unsolarized])[..., 0]
+    contrast = ((bands[:, 1] - bands[:, 0]) / (bands[:, 1] + bands[:, 0])) / (40 / 120)
+    _assert_jitter_factor(contrast, CONTRAST)
+
+    views = _uncropped(pipeline, colour_image, 300, 2, _band_centres(3))
+    bands = torch.cat([views[view] for view in unsolarized])
+    assert bands.max() < 250 and bands.min() > 5  # no clipping: the formulas above hold
+    coloured = bands[:, 2].amax(1) - bands[:, 2].amin(1) > 1  # grayscale outputs (p = 0.2) carry no saturation
+    assert abs(coloured.double().mean().item() - 0.8) < 0.05
+    bands = bands[coloured]
+    brightness_contrast = (bands[:, 1, 0] - bands[:, 0, 0]) / (120 - 60)
+    chroma = (bands[:, 2].amax(1) - bands[:, 2].amin(1)) / (max(colour) - min(colour))
+    _assert_jitter_factor(chroma / brightness_contrast, SATURATION)
+    shift = torch.remainder(_hue(bands[:, 2]) - _hue(torch.tensor([colour]))[0] + 0.5, 1.0) - 0.5
+    _assert_jitter_factor(shift, HUE, identity=0.0)
+
+
+def _edge_spread(rows: torch.Tensor) -> torch.Tensor:
+    """Standard deviation (px) of the derivative of each row of a step edge: 0 for a sharp step, the blur's sigma
+    once blurred (the derivative of a blurred step is the blur kernel)."""
+    kernel = torch.diff(rows.double(), dim=1)
+    weights = kernel / kernel.sum(dim=1, keepdim=True)
+    x = torch.arange(kernel.shape[1], dtype=torch.float64)
+    mean = (weights * x).sum(dim=1, keepdim=True)
+    return (weights * (x - mean) ** 2).sum(dim=1).clamp(min=0).sqrt()
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "batched"])
+def test_blur_strength_and_rate_read_back_from_the_outputs(pipeline):
+    """A vertical step edge 0 | 64 (below the solarize threshold after any jitter) through 112 px crops of itself:
+    sigma is uniform in [0.05, 1.0] px (official [0.1, 2.0] at 224 px, times 112 / 224; global and local crops have
+    one size here, so this holds whichever crop sets the range), drawn with p = 1, 0.1, 0.5 for global 1, global 2
+    and local crops. The edge profile's spread measures sigma; it equals sigma above ~0.6 px and may round to 0
+    below ~0.3 px, and an unblurred edge has spread 0."""
+    size, n, low, high = 112, 300, 0.05, 1.0
+    edge = np.zeros((size, size, 3), dtype=np.uint8)
+    edge[:, size // 2:] = 64
+    views = _uncropped(pipeline, edge, n, 1, lambda pixels: pixels[:, 0, size // 2])
+    for view, p in enumerate((1.0, 0.1, 0.5)):
+        spread = _edge_spread(views[view])
+
+        def assert_rate(observed: float, lower: float, upper: float) -> None:
+            slack = 0.01 + 3 * math.sqrt(max(lower * (1 - lower), upper * (1 - upper)) / n)
+            assert lower - slack <= observed <= upper + slack, (pipeline, view, observed, lower, upper)
+
+        sharp = (spread < 0.05).double().mean().item()
+        assert_rate(sharp, 1 - p, 1 - p + p * (0.3 - low) / (high - low))
+        strong = (spread > 0.7).double().mean().item()
+        assert_rate(strong, p * (high - 0.7) / (high - low), p * (high - 0.7) / (high - low))
+        if p >= 0.5:
+            assert 0.9 * high <= spread.max().item() <= 1.05 * high, (pipeline, view, spread.max())
 
 
 # ------------------------------------------------------------------------------------- interface
