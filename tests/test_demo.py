@@ -1,13 +1,15 @@
 """The quickstart demo end to end at a tiny size: train, k-NN, raw-pixel baseline on the same subset."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from sparo_dino import datasets, demo, knn
+import eval_knn
+from sparo_dino import datasets, demo, features, knn
 
 needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(datasets.FASHION_MNIST_DIR),
                                          reason="Debian's dataset-fashion-mnist is not installed (make data)")
@@ -39,13 +41,31 @@ def test_raw_pixel_baseline_uses_pixels_in_unit_range(tmp_path):
 
 
 @needs_fashion_mnist
-def test_demo_trains_evaluates_and_reports_honestly(tmp_path, capsys):
-    tiny = demo.Profile("tiny", num_train=64, num_test=32, epochs=1, warmup_epochs=0, batch_size=16, local_crops=1)
+def test_demo_trains_evaluates_and_reports_against_its_own_random_init(tmp_path, capsys):
+    """A tiny profile: the trained teacher's weights moved away from the init, the init baseline is the run's own
+    initial network on the same images with the same k-NN, and the one-line report carries all three numbers."""
+    tiny = demo.Profile("tiny", num_train=64, num_test=32, epochs=1, warmup_epochs=0, batch_size=16, local_crops=1,
+                        flags=("--patch_size", "16", "--out_dim", "256", "--lr", "0.01"))
     summary = demo.run(tmp_path, tiny, num_workers=0)
     out = capsys.readouterr().out
-    assert "20-NN classifier result: Top1:" in out
-    assert "vit_tiny_sparo 20-NN top-1" in out and "raw pixels, same k-NN, same 64 train / 32 test images" in out
-    assert 0.0 <= summary["sparo_top1"] <= 100.0 and summary["raw_pixel_top1"] > 30.0
-    if summary["sparo_top1"] <= summary["raw_pixel_top1"]:
-        assert "does not beat raw pixels yet" in out
-    assert (tmp_path / "train" / "checkpoint.pth").is_file()
+    saved = json.loads((tmp_path / "knn_checkpoint_teacher.json").read_text())
+    assert (saved["num_train"], saved["num_test"]) == (64, 32)
+    assert summary["trained_top1"] == saved["knn"]["20"]["top1"]
+    assert summary["init_top1"] == saved["init_baseline"]["20"]["top1"]
+    assert summary["raw_pixel_top1"] == demo.raw_pixel_top1(str(tmp_path / "data"))
+    assert (f"trained {summary['trained_top1']:.2f}% | same network at random init {summary['init_top1']:.2f}% | "
+            f"raw pixels {summary['raw_pixel_top1']:.2f}%  (same k-NN, same 64 train / 32 test images" in out)
+    assert demo.verdict(summary["trained_top1"], summary["init_top1"]) in out
+    assert summary["teacher_entropy"] > 0 and summary["kl"] >= 0
+
+    args = eval_knn.build_parser().parse_args(["--pretrained_weights", str(tmp_path / "train" / "checkpoint.pth")])
+    trained, _, _ = features.load_backbone(args)
+    initial, _, _ = features.load_backbone(args, at_init=True)
+    moved = [key for key, value in trained.state_dict().items() if not torch.equal(value, initial.state_dict()[key])]
+    assert "sparo.query" in moved and "blocks.0.attn.qkv.weight" in moved
+
+
+def test_verdict_names_the_bar() -> None:
+    assert demo.verdict(60.0, 54.0).startswith("training helped: +6.00 points")
+    assert "less than the 5 points" in demo.verdict(56.0, 54.0)
+    assert demo.verdict(50.0, 54.0).startswith("training did not help: -4.00 points")
