@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
 
-.PHONY: install data test demo
+.PHONY: install data test demo mutation
 
 install:
 	$(PIP_INSTALL) -e ".[test]"
@@ -21,3 +21,7 @@ test: install data
 # Train vit_tiny_sparo on Fashion-MNIST and report its 20-NN accuracy next to raw pixels (5-7 min measured on 2 CPU cores, plus the install).
 demo: install data
 	$(PYTHON) -m sparo_dino.demo
+
+# Curated mutation check (not part of `make test`/CI): every bug in tests/mutation/mutations.py must fail its tests.
+mutation: install data
+	OMP_NUM_THREADS=1 $(PYTHON) tests/mutation/run.py

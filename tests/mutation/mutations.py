@@ -1,0 +1,155 @@
+"""The curated mutation check's list: deliberate bugs in the recipe's constants and wiring, each with the tests
+that must catch it (`make mutation`, or `python tests/mutation/run.py [NAME ...]`).
+
+Each mutation replaces one exact snippet, which must occur exactly once in its file, so a list that no longer
+matches the code fails loudly (tests/test_mutations.py checks that in the default suite) instead of testing nothing.
+Add an entry when a feature lands: the bug a reviewer would try first, and the narrowest tests that claim to cover
+it (fastest first: the run stops at the first failure).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # repository-relative file
+    original: str  # exact snippet, found exactly once in `path`
+    replacement: str
+    tests: tuple[str, ...]  # pytest node ids (or files) that must fail with the mutation in place
+    bug: str  # the mistake it stands for
+
+    def apply(self, source: str) -> str:
+        """`source` (the text of `path`) with the bug in; ValueError unless the snippet occurs exactly once."""
+        count = source.count(self.original)
+        if count != 1:
+            raise ValueError(f"snippet found {count} times in {self.path} (expected once): {self.original!r}")
+        return source.replace(self.original, self.replacement)
+
+
+TRAIN = "tests/test_train.py::"
+RESUME_TESTS = (TRAIN + "test_stop_request_saves_and_the_rerun_resumes_exactly",
+                TRAIN + "test_resume_equals_straight_run")
+AUGMENTATION = "tests/test_gpu_augmentation.py::"
+JITTER_READ_BACK = AUGMENTATION + "test_contrast_saturation_and_hue_strengths_read_back_from_the_outputs"
+BLUR_READ_BACK = AUGMENTATION + "test_blur_strength_and_rate_read_back_from_the_outputs"
+JITTER_LINE = "v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)"
+BATCHED_JITTER_LINE = "BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # ------------------------------------------------------------------------- resume and training wiring
+    Mutation("resume-off", "sparo_dino/trainer.py", "source = self._resume_source()", "source = None",
+             (*RESUME_TESTS, TRAIN + "test_training_writes_checkpoints_logs_config_and_provenance",
+              "tests/test_preemption.py::test_sigterm_to_the_whole_job_saves_mid_epoch_and_resumes_exactly"),
+             "a rerun ignores the checkpoint and trains from scratch (deterministic, so the end state still matches)"),
+    Mutation("rng-restore-off", "sparo_dino/trainer.py", 'if "rng" in state and not restore_rng_state(',
+             'if False and not restore_rng_state(', (TRAIN + "test_resume_equals_straight_run",),
+             "resume does not restore the RNG streams (drop-path draws differ)"),
+    Mutation("optimizer-restore-off", "sparo_dino/trainer.py",
+             'self.optimizer.load_state_dict(state["optimizer"])', "pass", (TRAIN + "test_resume_equals_straight_run",),
+             "resume restarts the optimizer moments"),
+    Mutation("sampler-skip-off", "sparo_dino/trainer.py", "self.sampler.set_position(epoch, first * self.batch_size)",
+             "self.sampler.set_position(epoch, 0)", (TRAIN + "test_stop_request_saves_and_the_rerun_resumes_exactly",),
+             "a mid-epoch resume replays the samples the epoch already consumed"),
+    Mutation("optimizer-flag-ignored", "sparo_dino/trainer.py", "build_optimizer(args.optimizer,",
+             'build_optimizer("adamw",', (TRAIN + "test_precisions_optimizers_and_archs_train",),
+             "--optimizer sgd|lars silently trains with AdamW"),
+    Mutation("bf16-not-applied", "sparo_dino/trainer.py", 'if self.precision == "fp32":',
+             'if self.precision in ("fp32", "bf16"):', (TRAIN + "test_precisions_optimizers_and_archs_train",),
+             "--precision bf16 runs in fp32"),
+    # -------------------------------------------------------------------------------------- DINO loss
+    Mutation("center-momentum-default", "sparo_dino/loss.py", "center_momentum: float = 0.9",
+             "center_momentum: float = 0.5", ("tests/test_loss.py::test_center_is_ema_of_teacher_batch_mean",),
+             "the center's EMA momentum the trainer gets by default is not the official 0.9"),
+    Mutation("student-temperature", "sparo_dino/loss.py", "student_temp: float = 0.1", "student_temp: float = 0.2",
+             ("tests/test_loss.py::test_loss_matches_pairwise_reference",), "student temperature is not 0.1"),
+    Mutation("same-view-pairs", "sparo_dino/loss.py", "(q * (logp_sum - student_logp[t]))", "(q * logp_sum)",
+             ("tests/test_loss.py::test_loss_matches_pairwise_reference",),
+             "the loss also pairs each teacher crop with the student's view of the same crop"),
+    # ------------------------------------------------------------------------------------------ SPARO
+    Mutation("sparo-scale", "sparo_vit.py", "scores = queries @ keys.transpose(-2, -1) / math.sqrt(self.attn_dim)",
+             "scores = queries @ keys.transpose(-2, -1) / self.attn_dim",
+             ("tests/test_sparo_vit.py::test_sparo_matches_eq1_on_both_paths",),
+             "attention logits scaled by 1/D instead of 1/sqrt(D) (explicit path)"),
+    Mutation("sparo-scale-fused", "sparo_vit.py", "F.scaled_dot_product_attention(queries, keys, keys)",
+             "F.scaled_dot_product_attention(queries, keys, keys, scale=1.0)",
+             ("tests/test_sparo_vit.py::test_sparo_matches_eq1_on_both_paths",),
+             "attention logits not scaled by 1/sqrt(D) (fused path)"),
+    Mutation("sparo-group-order", "sparo_vit.py",
+             "self.query.to(keys.dtype).view(1, self.num_groups, self.group_size, self.attn_dim)",
+             "self.query.to(keys.dtype).view(1, self.group_size, self.num_groups, self.attn_dim).transpose(1, 2)",
+             ("tests/test_sparo_vit.py::test_sparo_matches_eq1_on_both_paths",),
+             "slot l uses key group l % num_groups instead of l // group_size"),
+    Mutation("pos-embed-no-offset", "sparo_vit.py", "DINO_INTERPOLATE_OFFSET = 0.1", "DINO_INTERPOLATE_OFFSET = 0.0",
+             ("tests/test_sparo_vit.py::test_local_crops_get_official_dino_position_embeddings",),
+             "position embeddings resized without official DINO's +0.1 in the scale factor"),
+    Mutation("pos-embed-antialias", "sparo_vit.py", 'mode="bicubic", align_corners=False)',
+             'mode="bicubic", align_corners=False, antialias=True)',
+             ("tests/test_sparo_vit.py::test_local_crops_get_official_dino_position_embeddings",),
+             "position embeddings resized with antialiasing (official DINO has none)"),
+    # ---------------------------------------------------------------------------------- evaluation
+    Mutation("knn-temperature-default", "sparo_dino/knn.py",
+             "num_classes: int, k: int = 20, temperature: float = 0.07, backend",
+             "num_classes: int, k: int = 20, temperature: float = 0.1, backend",
+             ("tests/test_knn.py::test_default_arguments_are_the_dino_protocol",),
+             "weighted_knn's default temperature is not 0.07"),
+    Mutation("knn-vote-temperature", "sparo_dino/knn.py", "weights = (similarities.float() / temperature).exp()",
+             "weights = (similarities.float() / (2 * temperature)).exp()",
+             ("tests/test_knn.py::test_weighted_knn_matches_brute_force",), "votes are not exp(sim / T)"),
+    Mutation("linear-probe-resume-restart", "sparo_dino/linear_probe.py", 'return state["epoch"], state["best"]',
+             "return 0, None", ("tests/test_eval_linear.py::test_fast_mode_resumes_exactly_after_an_interruption",),
+             "an interrupted linear probe reloads its head but trains again from epoch 0"),
+    # ----------------------------------------------------------------------------------- augmentation
+    Mutation("pil-solarize-p", "sparo_dino/augmentation.py", "v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2)",
+             "v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=0.5)",
+             ("tests/test_augmentation.py::test_solarize_only_on_second_global_crop_with_probability_one_fifth",),
+             "solarize probability of global crop 2 is not 0.2 (PIL pipeline)"),
+    Mutation("batched-solarize-p", "sparo_dino/gpu_augmentation.py", "GLOBAL2_SOLARIZE_P = 0.2",
+             "GLOBAL2_SOLARIZE_P = 0.5",
+             (AUGMENTATION + "test_flip_grayscale_and_solarize_rates_per_view[batched]",),
+             "solarize probability of global crop 2 is not 0.2 (batched pipeline)"),
+    Mutation("pil-contrast-cut", "sparo_dino/augmentation.py", JITTER_LINE,
+             JITTER_LINE.replace("contrast=0.4", "contrast=0.2"), (JITTER_READ_BACK + "[cpu]",),
+             "colour-jitter contrast strength 0.2 instead of 0.4 (PIL pipeline)"),
+    Mutation("pil-saturation-cut", "sparo_dino/augmentation.py", JITTER_LINE,
+             JITTER_LINE.replace("saturation=0.2", "saturation=0.1"), (JITTER_READ_BACK + "[cpu]",),
+             "colour-jitter saturation strength 0.1 instead of 0.2 (PIL pipeline)"),
+    Mutation("pil-hue-cut", "sparo_dino/augmentation.py", JITTER_LINE, JITTER_LINE.replace("hue=0.1", "hue=0.05"),
+             (JITTER_READ_BACK + "[cpu]",), "colour-jitter hue strength 0.05 instead of 0.1 (PIL pipeline)"),
+    Mutation("batched-contrast-cut", "sparo_dino/gpu_augmentation.py", BATCHED_JITTER_LINE,
+             "BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.2, 0.2, 0.1", (JITTER_READ_BACK + "[batched]",),
+             "colour-jitter contrast strength 0.2 instead of 0.4 (batched pipeline)"),
+    Mutation("batched-saturation-cut", "sparo_dino/gpu_augmentation.py", BATCHED_JITTER_LINE,
+             "BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.1, 0.1", (JITTER_READ_BACK + "[batched]",),
+             "colour-jitter saturation strength 0.1 instead of 0.2 (batched pipeline)"),
+    Mutation("batched-hue-cut", "sparo_dino/gpu_augmentation.py", BATCHED_JITTER_LINE,
+             "BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.05", (JITTER_READ_BACK + "[batched]",),
+             "colour-jitter hue strength 0.05 instead of 0.1 (batched pipeline)"),
+    Mutation("pil-blur-no-effect", "sparo_dino/augmentation.py",
+             "return image.filter(ImageFilter.GaussianBlur(radius=radius))", "return image",
+             (BLUR_READ_BACK + "[cpu]",), "the PIL blur draws a sigma but leaves the image as it was"),
+    Mutation("pil-global1-blur-p", "sparo_dino/augmentation.py", "[random_blur(global_crop_size, p=1.0)]",
+             "[random_blur(global_crop_size, p=0.5)]", (BLUR_READ_BACK + "[cpu]",),
+             "global crop 1 blurred with p = 0.5 instead of 1 (PIL pipeline)"),
+    Mutation("batched-blur-no-effect", "sparo_dino/gpu_augmentation.py",
+             "gaussian_blur(images.index_select(0, index), params.sigma[blurred], radius)",
+             "images.index_select(0, index)", (BLUR_READ_BACK + "[batched]",),
+             "the batched pipeline samples blur parameters but never blurs"),
+    Mutation("batched-blur-radius", "sparo_dino/gpu_augmentation.py", "radius = max(1, math.ceil(3 * spec.sigma[1]))",
+             "radius = max(1, math.ceil(spec.sigma[1]))", (BLUR_READ_BACK + "[batched]",),
+             "the batched blur kernel is cut at 1 sigma, blurring less than the drawn sigma"),
+    Mutation("blur-sigma-range", "sparo_dino/augmentation.py",
+             "BLUR_SIGMA_AT_REFERENCE: tuple[float, float] = (0.1, 2.0)",
+             "BLUR_SIGMA_AT_REFERENCE: tuple[float, float] = (0.1, 1.0)", (BLUR_READ_BACK,),
+             "blur sigma range [0.1, 1.0] px instead of the official [0.1, 2.0] at 224 px"),
+    Mutation("pil-local-blur-per-crop-size", "sparo_dino/augmentation.py", "[random_blur(global_crop_size, p=0.5)]",
+             "[random_blur(local_crop_size, p=0.5)]",
+             ("tests/test_augmentation.py::test_blur_probabilities_and_one_sigma_range_for_every_crop",),
+             "local crops' sigma range scaled to their own size again, not the run's global crop size (PIL)"),
+    Mutation("batched-local-blur-per-crop-size", "sparo_dino/gpu_augmentation.py",
+             "ViewSpec(local_crop_size, local_scale, LOCAL_BLUR_P, 0.0, sigma)",
+             "ViewSpec(local_crop_size, local_scale, LOCAL_BLUR_P, 0.0, blur_sigma_range(local_crop_size))",
+             (AUGMENTATION + "test_blur_and_jitter_parameters_per_view",),
+             "local crops' sigma range scaled to their own size again, not the run's global crop size (batched)"),
+)
