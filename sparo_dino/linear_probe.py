@@ -159,20 +159,22 @@ def load_head(path: str, classifier: LinearClassifier, run: dict[str, Any]) -> N
 
 
 def _resume(path: str, run: dict[str, Any], classifier: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, dict[str, Any] | None]:
-    """Restore a previous probe of the same run from `path`; (next epoch, best validation result so far)."""
+            scheduler: torch.optim.lr_scheduler.LRScheduler, key: str = "classifier"
+            ) -> tuple[int, dict[str, Any] | None]:
+    """Restore a previous probe of the same run from `path` (the trained module under `key`); (next epoch, best
+    validation result so far)."""
     if not os.path.isfile(path):
         return 0, None
     state = load_checkpoint(path)
     if state.get("run") != run:
         raise ValueError(f"{path} belongs to another linear probe ({state.get('run')}); "
                          f"this one is {run}; use another --output_dir")
-    classifier.load_state_dict(state["classifier"])
+    classifier.load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if distributed.is_main_process():
         print(f"resumed linear probe from {path} after epoch {state['epoch']}", flush=True)
-    return state["epoch"], state["best"]
+    return state["epoch"], state.get("best")
 
 
 def fit(classifier: nn.Module, train_batches: Callable[[int], Batches], val_batches: Callable[[], Batches],
@@ -230,17 +232,7 @@ def fit_lr_grid(heads: LinearHeads, train_batches: Callable[[int], Batches], hol
     optimizer = torch.optim.SGD(heads.param_groups(), momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0.0)
     checkpoint_path = os.path.join(output_dir, CHECKPOINT_NAME)
-    start = 0
-    if os.path.isfile(checkpoint_path):
-        state = load_checkpoint(checkpoint_path)
-        if state.get("run") != run:
-            raise ValueError(f"{checkpoint_path} belongs to another linear probe ({state.get('run')}); "
-                             f"this one is {run}; use another --output_dir")
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["epoch"]
-        print(f"resumed linear probe from {checkpoint_path} after epoch {start}", flush=True)
+    start, _ = _resume(checkpoint_path, run, heads, optimizer, scheduler, key="heads")
     for epoch in range(start, epochs):
         lrs = [group["lr"] for group in optimizer.param_groups]
         train_loss = train_epoch(heads, train_batches(epoch), lambda x: x, optimizer, device, reduce=False)
