@@ -68,6 +68,22 @@ sys.exit(code)
 '''
 
 
+# A test that fails while persistent data-loader workers run, holding their iterator in its traceback, as a
+# failure inside a training step does.
+FAILS_WITH_WORKERS = '''
+from torch.utils.data import DataLoader
+from sparo_dino.preemption import ignore_stop_signals
+
+
+def test_fails_while_workers_run():
+    loader = DataLoader(list(range(64)), batch_size=2, num_workers=2, persistent_workers=True,
+                        worker_init_fn=ignore_stop_signals)
+    batches = iter(loader)
+    next(batches)
+    assert False, "failed with the workers running"
+'''
+
+
 def write_wrapper(folder) -> str:
     path = os.path.join(folder, "faulty_main.py")
     with open(path, "w") as handle:
@@ -214,3 +230,14 @@ def test_unreadable_image_error_names_the_file(tmp_path, capsys, damage: bytes) 
     open(bad, "wb").write(damage)
     code = main_dino.main([*TINY, "--data_path", data, "--output_dir", str(tmp_path / "run"), "--epochs", "1"])
     assert code == 1 and bad in error_line(capsys.readouterr().err)
+
+
+def test_a_test_failing_with_data_loader_workers_running_ends_pytest(tmp_path, spawn) -> None:
+    """The workers ignore SIGTERM (see preemption.ignore_stop_signals), so without conftest's no_leaked_workers
+    pytest would print "1 failed" and then hang in multiprocessing's exit handler, which terminates and joins them."""
+    (tmp_path / "test_leak.py").write_text(FAILS_WITH_WORKERS)
+    tests = os.path.join(REPO, "tests")
+    job = spawn([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "test_leak.py"],
+                cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, tests])})
+    assert job.wait_exit(timeout=60) == 1, job.text
+    assert "1 failed" in job.text

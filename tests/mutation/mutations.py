@@ -58,6 +58,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("bf16-not-applied", "sparo_dino/trainer.py", 'if self.precision == "fp32":',
              'if self.precision in ("fp32", "bf16"):', (TRAIN + "test_precisions_optimizers_and_archs_train",),
              "--precision bf16 runs in fp32"),
+    Mutation("leaked-workers-kept", "tests/conftest.py", "if not multiprocessing.active_children():", "if True:",
+             ("tests/test_faults.py::test_a_test_failing_with_data_loader_workers_running_ends_pytest",),
+             "a test failing with data-loader workers running leaves them alive and pytest hangs at exit"),
     # -------------------------------------------------------------------------------------- DINO loss
     Mutation("center-momentum-default", "sparo_dino/loss.py", "center_momentum: float = 0.9",
              "center_momentum: float = 0.5", ("tests/test_loss.py::test_center_is_ema_of_teacher_batch_mean",),
