@@ -5,8 +5,8 @@ run the tests that claim to catch it, and print caught / NOT CAUGHT.
     python tests/mutation/run.py resume blur     # the mutations whose name contains one of these words
     python tests/mutation/run.py --list
 
-The copy holds the files git tracks plus untracked ones it does not ignore (the working tree as it is, uncommitted
-edits included). Before the mutations, the union of their tests runs once on the unmutated copy: a test that
+The copy is a git checkout of HEAD with the working tree laid over it (uncommitted edits and untracked, not ignored
+files included). Before the mutations, the union of their tests runs once on the unmutated copy: a test that
 already fails would "catch" everything. Exit status 0 only when every selected mutation was caught; a snippet that
 is missing or not unique, a selection that collects no test, a broken mutant (collection error) or a run past
 --timeout count as failures, so neither the list nor a hanging test can pass silently.
@@ -31,17 +31,21 @@ REPO = Path(__file__).resolve().parents[2]
 _FAILED_TEST = re.compile(r"^(FAILED|ERROR) (\S+)", re.MULTILINE)
 
 
-def repository_files(root: Path) -> list[str]:
-    """Files a fresh checkout plus the developer's untracked, not ignored work would hold."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                            check=True, capture_output=True).stdout.decode()
-    return [name for name in listed.split("\0") if name and (root / name).is_file()]
+def _git_files(root: Path, *options: str) -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "-z", *options], cwd=root, check=True, capture_output=True).stdout
+    return [name for name in listed.decode().split("\0") if name]
 
 
 def copy_repository(root: Path, target: Path) -> None:
-    for name in repository_files(root):
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / name, target / name)
+    """A git checkout of root's HEAD in the empty folder `target` (runs record their commit in provenance), with
+    root's working tree laid over it: tracked and untracked, not ignored files as they are now."""
+    subprocess.run(["git", "clone", "-q", "--shared", str(root), str(target)], check=True)
+    for name in _git_files(root, "--cached", "--others", "--exclude-standard"):
+        if (root / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, target / name)
+    for name in _git_files(root, "--deleted"):
+        (target / name).unlink(missing_ok=True)
 
 
 def run_pytest(copy: Path, tests: Sequence[str], timeout: float) -> tuple[int | None, str]:
