@@ -3,7 +3,8 @@
     python plot_logs.py out/dino out/dino_sparo --output curves.png [--keys train_loss knn_top1]
 
 Reads each run's log.txt (one JSON object per epoch, written by main_dino.py) and draws one panel per metric,
-one line per run. Without --keys it draws every numeric metric that any of the runs logged.
+one line per run. Without --keys it draws every numeric metric that any of the runs logged. The k-NN monitor's
+random-init value (knn_top1_init) is the first point of the knn_top1 curve, at epoch -1.
 """
 from __future__ import annotations
 
@@ -40,10 +41,20 @@ def read_log(run_dir: str) -> list[dict[str, float]]:
     return records
 
 
+INIT_SUFFIX = "_init"  # knn_top1_init: the metric of the untrained network, drawn at epoch -1 of its metric
+
+
 def numeric_keys(runs: dict[str, list[dict]]) -> list[str]:
     keys = {key for records in runs.values() for record in records for key, value in record.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"}
-    return sorted(keys)
+    return sorted(key for key in keys if not (key.endswith(INIT_SUFFIX) and key.removesuffix(INIT_SUFFIX) in keys))
+
+
+def curve(records: list[dict], key: str) -> list[tuple[float, float]]:
+    """(epoch, value) points of a metric; a value measured before training (`<key>_init`) comes first, at epoch
+    -1, so the curve shows what training added to the random init."""
+    points = [(-1, r[key + INIT_SUFFIX]) for r in records[:1] if isinstance(r.get(key + INIT_SUFFIX), (int, float))]
+    return points + [(r.get("epoch", i), r[key]) for i, r in enumerate(records) if isinstance(r.get(key), (int, float))]
 
 
 def plot_runs(runs: dict[str, list[dict]], keys: Sequence[str], path: str) -> str:
@@ -52,8 +63,7 @@ def plot_runs(runs: dict[str, list[dict]], keys: Sequence[str], path: str) -> st
     fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for name, records in runs.items():
-            points = [(r.get("epoch", i), r[key]) for i, r in enumerate(records)
-                      if isinstance(r.get(key), (int, float))]
+            points = curve(records, key)
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=2, label=name)
         ax.set_title(key, fontsize=9)

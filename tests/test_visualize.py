@@ -231,3 +231,11 @@ def test_visualize_attention_bad_input_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="image not found"):
         visualize_attention.main(["--pretrained_weights", str(plain), "--image_path", str(tmp_path / "nope.png"),
                                   "--arch", "vit_tiny", "--patch_size", "16"])
+
+
+def test_plot_logs_starts_the_knn_curve_at_the_random_init(tmp_path):
+    records = [{"epoch": 0, "train_loss": 5.0, "knn_top1": 60.0, "knn_top1_init": 54.0},
+               {"epoch": 1, "train_loss": 4.0, "knn_top1": 62.0}]
+    assert plot_logs.curve(records, "knn_top1") == [(-1, 54.0), (0, 60.0), (1, 62.0)]
+    assert plot_logs.curve(records, "train_loss") == [(0, 5.0), (1, 4.0)]
+    assert plot_logs.numeric_keys({"run": records}) == ["knn_top1", "train_loss"]  # no separate init panel
