@@ -31,6 +31,7 @@ class Mutation:
 TRAIN = "tests/test_train.py::"
 RESUME_TESTS = (TRAIN + "test_stop_request_saves_and_the_rerun_resumes_exactly",
                 TRAIN + "test_resume_equals_straight_run")
+DEMO = "tests/test_demo.py::test_demo_trains_evaluates_and_reports_against_its_own_random_init"
 AUGMENTATION = "tests/test_gpu_augmentation.py::"
 JITTER_READ_BACK = AUGMENTATION + "test_contrast_saturation_and_hue_strengths_read_back_from_the_outputs"
 BLUR_READ_BACK = AUGMENTATION + "test_blur_strength_and_rate_read_back_from_the_outputs"
@@ -103,6 +104,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("linear-probe-resume-restart", "sparo_dino/linear_probe.py", 'return state["epoch"], state.get("best")',
              "return 0, None", ("tests/test_eval_linear.py::test_fast_mode_resumes_exactly_after_an_interruption",),
              "an interrupted linear probe reloads its head but trains again from epoch 0"),
+    Mutation("demo-reports-top5", "sparo_dino/demo.py", 'trained_top1 = results["knn"]["20"]["top1"]',
+             'trained_top1 = results["knn"]["20"]["top5"]', (DEMO,), "the demo reports another number as its top-1"),
+    Mutation("demo-subset-labels-shifted", "sparo_dino/datasets.py",
+             'f"{split}-labels-idx1-ubyte"), labels[:count])', 'f"{split}-labels-idx1-ubyte"), labels[1:count + 1])',
+             (DEMO,), "the demo's Fashion-MNIST subset pairs each image with the next image's label"),
     # ----------------------------------------------------------------------------------- augmentation
     Mutation("pil-solarize-p", "sparo_dino/augmentation.py", "v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2)",
              "v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=0.5)",
