@@ -40,9 +40,10 @@ def machine() -> str:
 
 def record(table: Path, name: str, seed: int, changes: dict, flags: tuple[str, ...], summary: dict,
            images_per_s: float) -> None:
-    if not table.exists():
-        table.parent.mkdir(parents=True, exist_ok=True)
-        table.write_text(HEADER)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    if not table.exists() or HEADER not in table.read_text():
+        with table.open("a") as handle:
+            handle.write(HEADER)
     row = (f"| {name} | {seed} | {changes or '-'} | `{' '.join(flags) or '-'}` | {summary['train_seconds'] / 60:.1f} | "
            f"{summary['total_seconds'] / 60:.1f} | {images_per_s:.1f} | {summary['init_top1']:.2f} | "
            f"{summary['trained_top1']:.2f} | {summary['trained_top1'] - summary['init_top1']:+.2f} | "
