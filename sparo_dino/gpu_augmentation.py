@@ -16,6 +16,9 @@ only, ImageNet mean/std. Deliberate differences, all below the size of one uint8
 - pixel values stay float between ops, where PIL rounds to uint8 after every op;
 - the blur is an exact separable Gaussian (radius ceil(3 sigma_max), reflect padding, like torchvision's tensor
   blur), where PIL approximates the Gaussian with box blurs.
+
+On a GPU a batch costs the host no synchronisation: the parameters are drawn and selected on the CPU, and every
+CPU tensor reaches the device through pinned memory with an asynchronous copy (`to_device`).
 """
 from __future__ import annotations
 
@@ -78,6 +81,14 @@ class ViewParams:
     def cat(params: Sequence["ViewParams"]) -> "ViewParams":
         """Stack the parameters of several views (of the same crop size) view-major, as their crops are processed."""
         return ViewParams(*(torch.cat([getattr(p, name) for p in params]) for name in ViewParams.__dataclass_fields__))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait: a copy to a GPU from pageable memory may wait for
+    the device, one from pinned memory is queued behind the work already there. On the CPU: the tensor itself."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -174,8 +185,8 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     hue6 = torch.where(value == red, (green - blue) / safe_chroma,
                        torch.where(value == green, (blue - red) / safe_chroma + 2, (red - green) / safe_chroma + 4))
     hue = torch.remainder(hue6 / 6 + _per_sample(factor)[:, 0], 1.0)
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1)
-                        + 6 * hue[:, None], 6.0)
+    offsets = torch.arange(5.0, 0.0, -2.0, device=images.device).view(1, 3, 1, 1)  # 5, 3, 1 without a copy
+    k = torch.remainder(offsets + 6 * hue[:, None], 6.0)
     ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
     return value[:, None] - chroma[:, None] * ramp
 
@@ -195,8 +206,8 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tenso
             index = torch.nonzero(apply & (order[:, position] == op)).flatten()
             if index.numel() == 0:
                 continue
-            factor = factors[index, op].to(images.device, non_blocking=True)
-            index = index.to(images.device, non_blocking=True)
+            factor = to_device(factors[index, op], images.device)
+            index = to_device(index, images.device)
             images.index_copy_(0, index, function(images.index_select(0, index), factor))
     return images
 
@@ -213,7 +224,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
     torchvision's gaussian_blur(image, kernel_size=2 * radius + 1, sigma=s) of each sample."""
     n, channels, height, width = images.shape
     radius = min(radius, height - 1, width - 1)  # reflect padding needs pad < size
-    kernels = gaussian_kernels(sigma.to(images.device, torch.float32), radius).repeat_interleave(channels, dim=0)
+    kernels = gaussian_kernels(to_device(sigma.float(), images.device), radius).repeat_interleave(channels, dim=0)
     flat = images.reshape(1, n * channels, height, width)
     flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
     flat = F.conv2d(flat, kernels[:, None, None, :].to(images.dtype), groups=n * channels)
@@ -224,7 +235,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
 def solarize(images: torch.Tensor, apply: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD / 255) -> torch.Tensor:
     """Invert the pixels >= threshold of the samples where `apply` is set (PIL/torchvision solarize)."""
     inverted = torch.where(images >= threshold, 1 - images, images)
-    return torch.where(_per_sample(apply.to(images.device)), inverted, images)
+    return torch.where(_per_sample(to_device(apply, images.device)), inverted, images)
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
@@ -233,6 +244,8 @@ def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     """A list of uint8 (3, H_i, W_i) images -> (padded batch (B, 3, H_max, W_max), sizes (B, 2) = (H_i, W_i)).
 
     The padding repeats each image's last row and column, so bilinear samples at an image edge never read zeros.
+    (The resampling reads at most one pixel beyond an edge: a batch whose first padding row and column repeat the
+    edge, as gpu_data.pack_images makes them, gives the same crops.)
     """
     if len(images) == 0:
         raise ValueError("the batch of images is empty")
@@ -252,8 +265,9 @@ def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 
 class BatchedMultiCrop:
-    """uint8 images (a list of (3, H, W) tensors, or pad_images' (batch, sizes)) -> [global 1, global 2, local
-    1..N] as ImageNet-normalized (B, 3, size, size) tensors on the images' device: the trainer's crop list.
+    """uint8 images (a list of (3, H, W) tensors, or a padded (batch, sizes) as pad_images or gpu_data.pack_images
+    make them; sizes on the CPU) -> [global 1, global 2, local 1..N] as ImageNet-normalized (B, 3, size, size)
+    tensors on the images' device: the trainer's crop list.
 
     Randomness comes only from `generator` (a CPU torch.Generator; None = torch's global one), so a seed gives the
     same crops on any device.
@@ -306,20 +320,20 @@ class BatchedMultiCrop:
     def _augment(self, pixels: torch.Tensor, params: ViewParams, spec: ViewSpec) -> torch.Tensor:
         device = pixels.device
         batch_index = torch.arange(params.boxes.shape[0]) % pixels.shape[0]
-        rois = torch.cat([batch_index[:, None].float(), params.boxes], dim=1).to(device)
+        rois = to_device(torch.cat([batch_index[:, None].float(), params.boxes], dim=1), device)
         images = roi_align(pixels, rois, output_size=spec.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         images = images.div_(255).clamp_(0, 1)
-        images = torch.where(_per_sample(params.flip.to(device)), images.flip(-1), images)
+        images = torch.where(_per_sample(to_device(params.flip, device)), images.flip(-1), images)
         images = color_jitter(images, params.factors, params.order, params.jitter)
-        images = torch.where(_per_sample(params.gray.to(device)), rgb_to_grayscale(images, num_output_channels=3),
-                             images)
+        images = torch.where(_per_sample(to_device(params.gray, device)),
+                             rgb_to_grayscale(images, num_output_channels=3), images)
         blurred = torch.nonzero(params.blur).flatten()
         if blurred.numel():
             radius = max(1, math.ceil(3 * spec.sigma[1]))
-            index = blurred.to(device)
+            index = to_device(blurred, device)
             images.index_copy_(0, index, gaussian_blur(images.index_select(0, index), params.sigma[blurred], radius))
         if params.solarize.any():
             images = solarize(images, params.solarize)
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean = to_device(torch.tensor(IMAGENET_MEAN), device).view(1, 3, 1, 1)
+        std = to_device(torch.tensor(IMAGENET_STD), device).view(1, 3, 1, 1)
         return ((images - mean) / std).to(self.out_dtype)

@@ -64,10 +64,14 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
-    """The optimizer named by `--optimizer`; lr and weight decay are set by the schedules before every step."""
+def build_optimizer(name: str, groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer named by `--optimizer`; lr and weight decay are set by the schedules before every step.
+
+    `fused` makes AdamW update all parameters of a device and dtype in one kernel instead of several foreach
+    kernels (what the trainer uses on GPUs): the same update up to float rounding, and a state dict that loads
+    into either form. SGD and LARS ignore it."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0)
+        return torch.optim.AdamW(groups, lr=0.0, fused=fused or None)  # None: torch's default (foreach)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     if name == "lars":

@@ -2,8 +2,8 @@
 
 A request comes from SIGTERM/SIGUSR1 (what SLURM sends before a kill, outside submitit) or from submitit's
 `checkpoint()` callback. Only the ranks that got the signal know about it, so the trainer asks all ranks at each
-poll (`agreed_to_stop`) and they all stop after the same step. The process then exits with REQUEUE_EXIT_CODE, which
-tells a launcher "resume me" rather than "failed" or "done".
+step boundary (`StopPoll`) and they all stop after the same step. The process then exits with REQUEUE_EXIT_CODE,
+which tells a launcher "resume me" rather than "failed" or "done".
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import contextlib
 import signal
 import threading
 from types import FrameType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from sparo_dino import distributed
 
@@ -50,12 +51,77 @@ class StopRequest:
         A single process reads its own flag: no device tensor, so no host sync per step."""
         if distributed.get_world_size() == 1:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        flag = torch.full((1,), float(self.requested), device=device)  # a fill, not a blocking host-to-device copy
         distributed.all_reduce_sum_(flag)
-        stop = bool(flag.item() > 0)
-        if stop and not self.requested:
+        return self.note_agreement(bool(flag.item() > 0))
+
+    def note_agreement(self, any_rank: bool) -> bool:
+        """Pass through whether any rank asked to stop; when one did and this rank was not asked itself, record
+        that another rank asked, so this rank's announcement can say why."""
+        if any_rank and not self.requested:
             self.request("another rank was asked to stop")
-        return stop
+        return any_rank
+
+
+class StopPoll:
+    """Asks all ranks at every step boundary whether any was asked to stop; every rank gets the same answer at the
+    same boundary, so they all save the same position.
+
+    - one process: its own flag, read at each boundary (no collective): a request during step k stops after step k.
+    - several processes on CPUs (gloo): `agreed_to_stop` at each boundary, the same answer at once.
+    - several processes on GPUs (`asynchronous`): reading a device flag would stall the host until the GPU finished
+      the step, and the GPU would idle while the host prepares the next one. Instead each boundary launches the
+      all-reduce of this rank's flag (and its copy to pinned host memory) behind the step on the device, and reads
+      the poll launched at the previous boundary, which the GPU has normally finished by then (the host runs about
+      one step ahead). A request during step k therefore stops every rank after step k + 1.
+
+    Requests are never withdrawn, so a poll dropped by `reset` (at epoch ends, where the trainer asks
+    synchronously anyway) loses nothing.
+    """
+
+    def __init__(self, stop: StopRequest | None, device: torch.device, asynchronous: bool | None = None) -> None:
+        self.stop = stop
+        self.device = device
+        self.asynchronous = device.type == "cuda" if asynchronous is None else asynchronous
+        self._pending: Callable[[], bool] | None = None
+
+    def poll(self) -> bool:
+        """Whether every rank stops at this step boundary (call it at every boundary on every rank)."""
+        if self.stop is None:
+            return False
+        if distributed.get_world_size() == 1:
+            return self.stop.requested
+        if not self.asynchronous:
+            return self.stop.agreed_to_stop(self.device)
+        previous = self._pending() if self._pending is not None else False
+        self._pending = self._launch()
+        return self.stop.note_agreement(previous)
+
+    def reset(self) -> None:
+        """Finish and drop the poll in flight (before a synchronous agreement or the end of an epoch)."""
+        if self._pending is not None:
+            self._pending()
+            self._pending = None
+
+    def _launch(self) -> Callable[[], bool]:
+        assert self.stop is not None
+        flag = torch.full((1,), float(self.stop.requested), device=self.device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.SUM, async_op=True)
+        if self.device.type != "cuda":
+            def reduced() -> bool:
+                work.wait()
+                return bool(flag.item() > 0)
+            return reduced
+        work.wait()  # makes the current stream wait for the reduction; the host does not block
+        host = torch.empty(1, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def copied_to_host() -> bool:
+            copied.synchronize()  # the device reached the boundary that launched this poll
+            return bool(host.item() > 0)
+        return copied_to_host
 
 
 @contextlib.contextmanager
