@@ -15,12 +15,21 @@ from sparo_dino.config import bool_flag, parse_args
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
 from sparo_dino.datasets import DATASETS, FASHION_MNIST_DIR
 from sparo_dino.optim import OPTIMIZERS
+from sparo_dino.train_data import AUGMENTATIONS
+from sparo_dino.training_step import COMPILE_CHOICES
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SPARO_DEFAULTS = {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size": 1}
 # Flags that define the networks: a checkpoint trained with other values cannot be resumed.
 MODEL_KEYS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "img_size",
               "pos_embed_interpolation", *SPARO_DEFAULTS)
+
+
+def auto_or_bool(value: str | bool) -> str:
+    """`auto`, or a true/false flag (also YAML's booleans) spelled `true`/`false`."""
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    return "true" if bool_flag(value) else "false"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="autocast precision; auto = bf16 on GPUs that support it, fp32 on CPU")
     optim.add_argument("--use_fp16", default=None, type=bool_flag,
                        help="official DINO flag: when given, true means --precision fp16 and false fp32")
+    optim.add_argument("--compile", default="auto", type=auto_or_bool, choices=COMPILE_CHOICES,
+                       help="torch.compile student, teacher and loss; auto = true on GPUs (on CPUs compiling takes "
+                            "minutes)")
     optim.add_argument("--weight_decay", default=0.04, type=float, help="initial weight decay")
     optim.add_argument("--weight_decay_end", default=0.4, type=float, help="final weight decay (cosine)")
     optim.add_argument("--clip_grad", default=3.0, type=float,
@@ -89,6 +101,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="area range of the local crops")
     crops.add_argument("--global_crop_size", type=int, default=224, help="global crop size in pixels")
     crops.add_argument("--local_crop_size", type=int, default=96, help="local crop size in pixels")
+    crops.add_argument("--augmentation", default="auto", choices=AUGMENTATIONS,
+                       help="where the crops are made: cpu = PIL in the data-loader workers (the reference), gpu = "
+                            "workers only decode, the batch is cropped on the device; auto = gpu on GPUs, else cpu")
 
     run = parser.add_argument_group("data and run")
     run.add_argument("--dataset", default="imagefolder", choices=DATASETS, help="training data format")

@@ -1,47 +1,43 @@
-"""The DINO training loop: student/teacher, multi-crop data, one step function, epoch loop, checkpoints, resume.
+"""The DINO training loop: epochs of steps, logging, checkpoints, resume and stop requests.
 
 `train(args)` is the whole run for one process; main_dino.py and the submitit launcher both call it. The loop is
 built around `DinoTrainer.train_step` and an explicit (epoch, iteration) position, so a checkpoint can be written
-at any step boundary and resumed exactly: the sampler skips what the epoch already consumed, augmentation
-randomness is seeded per sample (SeededDataset) and the RNG streams of every rank are restored.
+at any step boundary and resumed exactly: the data (train_data.TrainingData) skips what the epoch already consumed
+and seeds every crop by its position, and the RNG streams of every rank are restored. The step itself (eager or
+compiled) is training_step.TrainingStep; between logging intervals the loop reads nothing from the device, except
+where it writes a checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sparo_dino import distributed
-from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
 from sparo_dino.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
                                    load_with_fallback, periodic_checkpoints, remove_stale_temporaries,
                                    restore_rng_state, save_checkpoint)
 from sparo_dino.config import args_to_dict, save_config
-from sparo_dino.datasets import build_dataset, require_min_size
 from sparo_dino.loss import DINOLoss
 from sparo_dino.networks import build_student_teacher, seed_everything
-from sparo_dino.optim import (build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter,
-                              ema_update_, param_groups, set_hyperparameters)
+from sparo_dino.optim import build_optimizer, param_groups
 from sparo_dino.periodic_knn import PeriodicKnn
-from sparo_dino.preemption import ignore_stop_signals
+from sparo_dino.preemption import StopPoll
 from sparo_dino.progress import MetricSums, ProgressLogger, all_finite, require_tensorboard
 from sparo_dino.provenance import append_provenance
 from sparo_dino.schedules import Schedules, scaled_lr
 from sparo_dino.train_args import MODEL_KEYS, resolve_precision
+from sparo_dino.train_data import TrainingData
+from sparo_dino.training_step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile
 
 if TYPE_CHECKING:
     from sparo_dino.preemption import StopRequest
-
-NUM_GLOBAL_CROPS = 2
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainingError(RuntimeError):
@@ -50,43 +46,6 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; training stopped before writing any checkpoint of the bad state."""
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch after its first `start` samples (exact mid-epoch resume)."""
-
-    start = 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-class SkipFlags(Dataset):
-    """Adds a third field to every sample: 1 when the image at that index was unreadable and replaced
-    (--skip_bad_images), so the main process can count replacements however many workers met them."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not yet set (e.g. during unpickling in a worker)
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        image, label = self.dataset[index]
-        bad = getattr(self.dataset, "bad_images", ())  # files this worker failed to decode, each failing every time
-        return image, label, int(bool(bad) and self.dataset.samples[index][0] in bad)
 
 
 def _normalize_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,8 +77,8 @@ class DinoTrainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.batch_size = args.batch_size_per_gpu
-        self.loader, self.sampler, self.dataset = self._build_data()
-        self.iters_per_epoch = self.sampler.num_samples // self.batch_size
+        self.data = self._build_data()
+        self.iters_per_epoch = self.data.iters_per_epoch
         self.knn = self._build_knn_monitor()
 
         seed_everything(args.seed)  # identical initial weights on every rank
@@ -129,10 +88,8 @@ class DinoTrainer:
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
         self.student_module = student.to(self.device)
         self.teacher.to(self.device)
-        self.student_params = list(self.student_module.parameters())
-        self.teacher_params = list(self.teacher.parameters())
-        self.trainable_params = [p for p in self.student_params if p.requires_grad]
-        self.optimizer = build_optimizer(args.optimizer, param_groups(self.student_module))
+        self.optimizer = build_optimizer(args.optimizer, param_groups(self.student_module),
+                                         fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.dino_loss = DINOLoss(args.out_dim, NUM_GLOBAL_CROPS + args.local_crops_number,
                                   args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs,
@@ -150,33 +107,22 @@ class DinoTrainer:
         if info.world_size > 1:
             self.student = DistributedDataParallel(
                 self.student_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step = TrainingStep(self.student, self.student_module, self.teacher, self.dino_loss, self.optimizer,
+                                 self.precision, self.device, compiled=resolve_compile(args.compile, self.device),
+                                 clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
+                                 scaler=self.scaler)
+        self.stop_poll = StopPoll(stop, self.device)
         self.checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
         self.progress = ProgressLogger(args.output_dir, args.epochs, self.iters_per_epoch,
                                        self.batch_size * info.world_size, self.device, args.tensorboard)
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _build_data(self) -> tuple[DataLoader, ResumableSampler, SeededDataset]:
-        args = self.args
-        transform = MultiCropAugmentation(**multicrop_kwargs(vars(args)))
-        images = build_dataset(args.dataset, args.data_path, transform=transform, skip_bad_images=args.skip_bad_images)
-        dataset = SeededDataset(SkipFlags(images), seed=args.seed)
+    def _build_data(self) -> TrainingData:
         try:
-            require_min_size(dataset, self.batch_size * self.info.world_size,
-                             f"training data {args.data_path} ({self.batch_size} per process x "
-                             f"{self.info.world_size} processes)")
-        except ValueError as error:
+            return TrainingData(vars(self.args), self.info.rank, self.info.world_size, self.device,
+                                crop_dtype=DTYPES[self.precision])
+        except ValueError as error:  # fewer images than one global batch
             raise TrainingError(str(error)) from error
-        sampler = ResumableSampler(dataset, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=True,
-                                   seed=args.seed)
-        # Own generator: creating an epoch's iterator draws a worker base seed, which must not shift the global
-        # stream that drop-path uses (a mid-epoch resume creates its iterator at another point of that stream).
-        # Worker seeds themselves do not matter, SeededDataset reseeds every sample.
-        loader = DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, num_workers=args.num_workers,
-                            pin_memory=self.device.type == "cuda", drop_last=True,
-                            persistent_workers=args.num_workers > 0,  # SeededDataset's epoch reaches them
-                            worker_init_fn=ignore_stop_signals,  # SIGTERM to the job must not kill the workers
-                            generator=torch.Generator().manual_seed(args.seed + self.info.rank))
-        return loader, sampler, dataset
 
     def _build_knn_monitor(self) -> PeriodicKnn | None:
         args = self.args
@@ -254,37 +200,14 @@ class DinoTrainer:
 
     # ------------------------------------------------------------------------------------------ training
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+        return self.step.autocast()
 
     def train_step(self, crops: list[torch.Tensor], epoch: int, global_iteration: int) -> torch.Tensor:
-        """One optimisation step; returns the metric vector (loss, teacher entropy, KL) on the device, unsynced."""
-        set_hyperparameters(self.optimizer, float(self.schedules.lr[global_iteration]),
-                            float(self.schedules.weight_decay[global_iteration]))
-        crops = [crop.to(self.device, non_blocking=True) for crop in crops]
-        with self.autocast():
-            with torch.no_grad():
-                teacher_output = self.teacher(crops[:NUM_GLOBAL_CROPS])
-            student_output = self.student(crops)
-        output = self.dino_loss(student_output, teacher_output, epoch)
-
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(output.loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            output.loss.backward()
-        if self.args.clip_grad:
-            clip_gradients_per_parameter(self.trainable_params, self.args.clip_grad)
-        cancel_last_layer_gradients(self.student_module, epoch, self.args.freeze_last_layer)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        ema_update_(self.teacher_params, self.student_params, float(self.schedules.momentum[global_iteration]))
-        return torch.stack([output.loss.detach(), output.teacher_entropy, output.kl])
+        """One optimisation step on crops already on the device; returns the metric vector (loss, teacher entropy,
+        KL) on the device, unsynced."""
+        return self.step(crops, epoch, lr=float(self.schedules.lr[global_iteration]),
+                         weight_decay=float(self.schedules.weight_decay[global_iteration]),
+                         momentum=float(self.schedules.momentum[global_iteration]))
 
     def hyperparameters(self, epoch: int, global_iteration: int) -> dict[str, float]:
         return {"lr": float(self.schedules.lr[global_iteration]),
@@ -302,7 +225,7 @@ class DinoTrainer:
                                  "--clip_grad)")
 
     def _stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop (a collective; polled at every step boundary when a stop is wired)."""
+        """Whether any rank was asked to stop, answered at once (a collective; at epoch ends, after the save)."""
         return self.stop is not None and self.stop.agreed_to_stop(self.device)
 
     def _check_window_and_save(self, epoch: int, window: MetricSums, window_first: int) -> None:
@@ -333,30 +256,30 @@ class DinoTrainer:
         a checkpoint of the position was written); returns the epoch's mean metrics over all ranks (plus, with
         --skip_bad_images, how many unreadable images were replaced in the part of the epoch this call ran)."""
         first = self.iteration
-        self.sampler.set_position(epoch, first * self.batch_size)
-        self.dataset.set_epoch(epoch)
+        self.data.start_epoch(epoch, first)
         self.progress.start_epoch(first)
         window, totals = MetricSums(), MetricSums()
         window_first = first
         skipped = torch.zeros((), dtype=torch.int64)
-        for iteration, (crops, _, replaced) in enumerate(self.loader, start=first):
+        for iteration, batch in enumerate(self.data.loader, start=first):
             global_iteration = epoch * self.iters_per_epoch + iteration
-            metrics = self.train_step(crops, epoch, global_iteration)
+            metrics = self.train_step(self.data.crops(batch, epoch, iteration), epoch, global_iteration)
             self.iteration = iteration + 1
             window.add(metrics)
             totals.add(metrics)
-            skipped += replaced.sum()
+            skipped += self.data.replaced(batch).sum()
             if self.iteration % self.args.print_freq == 0 or self.iteration == self.iters_per_epoch:
                 means = window.global_means()
                 self._check_finite(means, epoch, window_first, iteration)
                 self.progress.log_window(epoch, iteration, means, self.hyperparameters(epoch, global_iteration))
                 window.reset()
                 window_first = self.iteration
-            if self.iteration < self.iters_per_epoch and self._stop_agreed():  # epoch ends are polled in fit()
+            if self.iteration < self.iters_per_epoch and self.stop_poll.poll():  # epoch ends: fit() asks at once
                 self._save_and_stop(epoch, window, window_first)
                 break
             if self._periodic_save_due(epoch):
                 self._check_window_and_save(epoch, window, window_first)
+        self.stop_poll.reset()
         means = totals.global_means()
         if self.args.skip_bad_images:
             means["bad_images_skipped"] = int(distributed.all_reduce_sum_(skipped.to(self.device)).item())
@@ -406,6 +329,7 @@ class DinoTrainer:
         save_config(self.args, self.args.output_dir)
         append_provenance(self.args.output_dir, args_to_dict(self.args),
                           {"world_size": self.info.world_size, "precision": self.precision,
+                           "augmentation": self.data.pipeline, "compiled": self.step.compiled,
                            "device": str(self.device), "resumed_from": self.resumed_from,
                            "start_epoch": self.epoch, "start_iteration": self.iteration})
 

@@ -1,0 +1,132 @@
+"""The training data of one process: images -> sampler -> data loader -> the batch's crops on the device.
+
+Two pipelines make the same recipe (`--augmentation`):
+- cpu, the reference: PIL multi-crop per image in the data-loader workers (augmentation.MultiCropAugmentation),
+  seeded per sample from (seed, epoch, index) by SeededDataset;
+- gpu: the workers only decode and pack uint8 batches, the device makes every crop (gpu_data.DeviceMultiCrop),
+  seeded per batch from (seed, epoch, iteration, rank).
+auto picks gpu on CUDA devices and cpu elsewhere. Either way a run resumed mid-epoch, or run with another number of
+workers, sees exactly the crops of the uninterrupted run: the sampler skips what the epoch already consumed and no
+crop depends on a worker's history.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
+from sparo_dino.datasets import build_dataset, require_min_size
+from sparo_dino.gpu_data import DeviceMultiCrop, build_decoded_dataset, collate_decoded
+from sparo_dino.preemption import ignore_stop_signals
+
+AUGMENTATIONS = ("auto", "cpu", "gpu")
+
+
+def resolve_augmentation(augmentation: str, device: torch.device) -> str:
+    """The pipeline that runs: auto is gpu on CUDA devices, where the crops are cheap, and cpu elsewhere."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
+    if augmentation == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    return augmentation
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch after its first `start` samples (exact mid-epoch resume)."""
+
+    start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class SkipFlags(Dataset):
+    """Adds a third field to every sample: 1 when the image at that index was unreadable and replaced
+    (--skip_bad_images), so the main process can count replacements however many workers met them."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set (e.g. during unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        image, label = self.dataset[index]
+        bad = getattr(self.dataset, "bad_images", ())  # files this worker failed to decode, each failing every time
+        return image, label, int(bool(bad) and self.dataset.samples[index][0] in bad)
+
+
+class TrainingData:
+    """Batches of one process's share of the training images, and their crops on `device`.
+
+    A loader batch ends with the per-sample `replaced` flags (SkipFlags); `crops(batch, epoch, iteration)` gives
+    the trainer's crop list [global 1, global 2, local 1..N], each (batch, 3, size, size) on the device. Raises
+    ValueError when the data holds fewer images than one global batch.
+    """
+
+    def __init__(self, config: Mapping[str, Any], rank: int, world_size: int, device: torch.device,
+                 crop_dtype: torch.dtype = torch.float32) -> None:
+        self.pipeline = resolve_augmentation(config["augmentation"], device)
+        self.device = device
+        self.batch_size = config["batch_size_per_gpu"]
+        seed = config["seed"]
+        if self.pipeline == "cpu":
+            images = build_dataset(config["dataset"], config["data_path"],
+                                   transform=MultiCropAugmentation(**multicrop_kwargs(config)),
+                                   skip_bad_images=config["skip_bad_images"])
+            self.dataset: Dataset = SeededDataset(SkipFlags(images), seed=seed)
+            collate = None
+            self.device_crops: DeviceMultiCrop | None = None
+        else:
+            images = build_decoded_dataset(config["dataset"], config["data_path"], config,
+                                           skip_bad_images=config["skip_bad_images"])
+            self.dataset = SkipFlags(images)
+            collate = collate_decoded
+            self.device_crops = DeviceMultiCrop(config, seed, rank, device, out_dtype=crop_dtype)
+        require_min_size(self.dataset, self.batch_size * world_size,
+                         f"training data {config['data_path']} ({self.batch_size} per process x "
+                         f"{world_size} processes)")
+        self.sampler = ResumableSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.iters_per_epoch = self.sampler.num_samples // self.batch_size
+        workers = config["num_workers"]
+        # Own generator: creating an epoch's iterator draws a worker base seed, which must not shift the global
+        # stream that drop-path uses (a mid-epoch resume creates its iterator at another point of that stream).
+        # Worker seeds themselves do not matter: no crop depends on them.
+        self.loader = DataLoader(self.dataset, sampler=self.sampler, batch_size=self.batch_size, num_workers=workers,
+                                 collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
+                                 persistent_workers=workers > 0,  # SeededDataset's epoch reaches them
+                                 worker_init_fn=ignore_stop_signals,  # SIGTERM to the job must not kill the workers
+                                 generator=torch.Generator().manual_seed(seed + rank))
+
+    def start_epoch(self, epoch: int, iteration: int) -> None:
+        """Make the loader's next iterator yield `epoch`'s batches from `iteration` on."""
+        self.sampler.set_position(epoch, iteration * self.batch_size)
+        if isinstance(self.dataset, SeededDataset):
+            self.dataset.set_epoch(epoch)
+
+    def crops(self, batch: Sequence[Any], epoch: int, iteration: int) -> list[torch.Tensor]:
+        """The crop list of a loader batch, on the device (no host synchronisation)."""
+        if self.device_crops is None:
+            return [crop.to(self.device, non_blocking=True) for crop in batch[0]]
+        pixels, sizes = batch[0], batch[1]
+        return self.device_crops(pixels, sizes, epoch, iteration)
+
+    @staticmethod
+    def replaced(batch: Sequence[Any]) -> torch.Tensor:
+        """Per sample, 1 when its unreadable image was replaced by the next readable one (--skip_bad_images)."""
+        return batch[-1]
