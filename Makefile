@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
 
-.PHONY: install data test demo mutation
+.PHONY: install data test demo mutation bench
 
 install:
 	$(PIP_INSTALL) -e ".[test]"
@@ -17,6 +17,11 @@ data:
 # One OpenMP thread per process: the suite starts several processes (gloo DDP, submitit tasks) on small machines.
 test: install data
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
+
+# Every benchmark at the size that fits the machine (GPU: the issue's recipe; CPU: small sizes), one Markdown table
+# with the machine's facts in benchmarks/results/.
+bench: install
+	$(PYTHON) benchmarks/report.py
 
 # Train vit_tiny_sparo on Fashion-MNIST and report its 20-NN accuracy next to raw pixels (5-7 min measured on 2 CPU cores, plus the install).
 demo: install data

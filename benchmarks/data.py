@@ -1,12 +1,21 @@
-"""Multi-crop data throughput from a JPEG ImageFolder: the CPU PIL pipeline vs the batched tensor pipeline.
+"""Multi-crop data cost from a JPEG ImageFolder: the trainer's two pipelines (train_data.TrainingData).
 
-- cpu: what training uses today, build_dataset + MultiCropAugmentation (PIL decode and augmentation per image) in
-  --workers data-loader processes.
-- tensor: JPEG bytes read by the workers; decoded with torchvision.io.decode_jpeg on the GPU in one batched call
-  (--decode gpu, the default with CUDA) or in the workers (--decode cpu); then gpu_augmentation.BatchedMultiCrop on
-  the device for the whole batch.
-Both produce 2 global + N local normalized crops per image; img/s counts images (with all their crops) delivered to
-the device. --synthetic N writes N random JPEGs of about --synthetic_size px to a temporary ImageFolder.
+- cpu (`--augmentation cpu`, the reference): a data-loader worker decodes each image with PIL and makes its 2 global +
+  N local crops (augmentation.MultiCropAugmentation).
+- gpu (`--augmentation gpu`, the default on GPUs): a worker only decodes (gpu_data: PIL, large JPEGs at a reduced
+  DCT scale) and packs the batch into one uint8 tensor; the device makes the crops (gpu_data.DeviceMultiCrop).
+
+Two measurements:
+1. worker CPU time per image, in this process with one thread (CPU time, so other jobs on the machine count less
+   than in wall time): everything a data-loader worker does per image in each pipeline, the img/s one core feeds
+   and the ratio of the two pipelines. This is what decides whether a machine's cores can feed its GPUs.
+2. throughput through the real data loader with --workers processes: images (with all their crops) delivered to
+   the device per second. On a CPU-only machine the gpu pipeline's crops are made by the main process on the CPU,
+   so its number there says nothing about a GPU.
+With CUDA, a third pipeline for comparison: workers only read the JPEG bytes, nvjpeg decodes the batch on the GPU
+(torchvision.io.decode_jpeg), then the same device crops (not wired into the trainer).
+
+--synthetic N writes N random JPEGs of about --synthetic_size px to a temporary ImageFolder.
 """
 from __future__ import annotations
 
@@ -15,60 +24,73 @@ import os
 import sys
 import tempfile
 import time
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sparo_dino.augmentation import MultiCropAugmentation  # noqa: E402
-from sparo_dino.datasets import build_dataset  # noqa: E402
-from sparo_dino.gpu_augmentation import BatchedMultiCrop  # noqa: E402
+from common import Row, pick_device, synchronize, write_synthetic_jpegs  # noqa: E402
+from sparo_dino.gpu_data import collate_decoded  # noqa: E402
+from sparo_dino.train_args import parse_train_args  # noqa: E402
+from sparo_dino.train_data import TrainingData  # noqa: E402
+
+PIPELINES = ("cpu", "gpu")
 
 
-def write_synthetic_jpegs(root: str, count: int, size: int, seed: int = 0) -> str:
-    """`count` JPEGs (quality 90) of (0.75-1.25 x size) px per side in root/synthetic/: smooth random colour fields
-    plus noise, so they compress and decode roughly like photos rather than like white noise."""
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "synthetic")
-    os.makedirs(folder, exist_ok=True)
-    for index in range(count):
-        width, height = (int(size * rng.uniform(0.75, 1.25)) for _ in range(2))
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
-        pixels = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
-        pixels = np.clip(pixels + rng.normal(0, 8, pixels.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(os.path.join(folder, f"{index:06d}.jpg"), quality=90)
-    return root
+def training_config(args: argparse.Namespace, root: str, pipeline: str, workers: int) -> dict[str, Any]:
+    """main_dino.py's flags for this benchmark's data settings (defaults and validation of the real CLI)."""
+    argv = ["--data_path", root, "--augmentation", pipeline, "--num_workers", str(workers),
+            "--batch_size_per_gpu", str(args.batch_size), "--local_crops_number", str(args.local_crops_number),
+            "--global_crop_size", str(args.global_size), "--local_crop_size", str(args.local_size),
+            "--img_size", str(args.global_size), "--patch_size", str(args.patch_size)]
+    return vars(parse_train_args(argv))
 
 
-def decoded_rgb(path: str) -> torch.Tensor:
-    return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+def worker_ms_per_image(data: TrainingData, count: int) -> float:
+    """CPU milliseconds per image of a worker's whole job in this pipeline (sample loading and collation)."""
+    samples = range(count)
+    start = time.process_time()
+    batch = [data.dataset[index] for index in samples]
+    if data.pipeline == "gpu":
+        collate_decoded(batch)
+    else:
+        torch.utils.data.default_collate(batch)
+    return 1000 * (time.process_time() - start) / count
 
 
-def as_list(batch: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-    """Collate images of different sizes (JPEG bytes or decoded) into a plain list."""
-    return [item for item, _ in batch]
-
-
-def images_per_second(batches: Iterable, process, batch_size: int, warmup: int, timed: int,
+def images_per_second(batches: Iterable, process: Callable[[Any], Any], batch_size: int, warmup: int, timed: int,
                       device: torch.device) -> float:
-    """Pull warmup + timed batches through `process` (which moves them to the device); img/s of the timed ones."""
+    """Pull warmup + timed batches through `process` (which makes their crops on the device); img/s of the timed."""
     iterator = iter(batches)
     for _ in range(warmup):
         process(next(iterator))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(timed):
         process(next(iterator))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return batch_size * timed / (time.perf_counter() - start)
+
+
+def nvjpeg_rate(args: argparse.Namespace, root: str, device: torch.device, data: TrainingData) -> float:
+    """img/s of the GPU-decode variant: workers read bytes, nvjpeg decodes the batch, the device crops it."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    from sparo_dino.gpu_augmentation import pad_images
+
+    files = ImageFolder(root, loader=read_file)
+    loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.workers, drop_last=True,
+                                         collate_fn=lambda batch: [item for item, _ in batch])
+
+    def process(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        images = decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
+        pixels, sizes = pad_images(images)
+        return data.device_crops(pixels, sizes.cpu(), 0, 0)
+
+    return images_per_second(loader, process, args.batch_size, args.warmup, args.batches, device)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -77,77 +99,91 @@ def get_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_path", help="JPEG ImageFolder root (class subfolders)")
     source.add_argument("--synthetic", type=int, metavar="N", help="write N random JPEGs to a temporary folder")
-    parser.add_argument("--synthetic_size", type=int, default=400, help="side of the synthetic JPEGs (about)")
-    parser.add_argument("--workers", type=int, default=2, help="data-loader processes for both pipelines")
+    parser.add_argument("--synthetic_size", type=int, default=440,
+                        help="side of the synthetic JPEGs (about; 440 gives ImageNet's typical 330-550 px)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loader processes for the throughput runs")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=4, help="timed batches per pipeline")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches first (worker start-up)")
+    parser.add_argument("--cost_images", type=int, default=32, help="images timed for the per-image worker cost")
     parser.add_argument("--global_size", type=int, default=224)
     parser.add_argument("--local_size", type=int, default=96)
     parser.add_argument("--local_crops_number", type=int, default=10)
-    parser.add_argument("--device", default="auto", help="where the tensor pipeline runs: auto, cuda, cpu")
-    parser.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
-                        help="tensor pipeline JPEG decode: gpu (batched nvjpeg) or cpu (in the workers)")
+    parser.add_argument("--patch_size", type=int, default=16, help="only to satisfy the CLI's size checks")
+    parser.add_argument("--device", default="auto", help="where the gpu pipeline crops: auto, cuda, cpu")
     return parser
 
 
-def run(args: argparse.Namespace, root: str) -> None:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    decode_on_gpu = args.decode == "gpu" or (args.decode == "auto" and device.type == "cuda")
-    if decode_on_gpu and device.type != "cuda":
-        raise SystemExit("error: --decode gpu needs a CUDA --device")
+def run(args: argparse.Namespace, root: str) -> list[Row]:
+    device = pick_device(args.device)
     needed = args.batch_size * (args.warmup + args.batches)
-    crops = dict(local_crops_number=args.local_crops_number, global_crop_size=args.global_size,
-                 local_crop_size=args.local_size)
-    cpu_dataset = build_dataset("imagefolder", root, transform=MultiCropAugmentation(**crops))
-    if len(cpu_dataset) < needed:
-        raise SystemExit(f"error: {root} has {len(cpu_dataset)} images but --batch_size {args.batch_size} x "
-                         f"(--warmup {args.warmup} + --batches {args.batches}) needs {needed}")
+    try:
+        data = {pipeline: TrainingData(training_config(args, root, pipeline, args.workers), 0, 1, device)
+                for pipeline in PIPELINES}
+    except ValueError as error:  # fewer images than one batch
+        raise SystemExit(f"error: {error}") from error
+    count = len(data["cpu"].dataset)
+    if count < max(needed, args.cost_images):
+        raise SystemExit(f"error: {root} has {count} images but --batch_size {args.batch_size} x (--warmup "
+                         f"{args.warmup} + --batches {args.batches}) and --cost_images {args.cost_images} need "
+                         f"{max(needed, args.cost_images)}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name} | tensor pipeline decode on {'gpu' if decode_on_gpu else 'cpu workers'} | "
-          f"workers {args.workers} | cores {os.cpu_count()} | threads {torch.get_num_threads()} | "
-          f"{len(cpu_dataset)} images | crops 2x{args.global_size} + {args.local_crops_number}x{args.local_size}",
+    setting = f"2x{args.global_size} + {args.local_crops_number}x{args.local_size}"
+    print(f"device: {name} | workers {args.workers} | cores {os.cpu_count()} | {count} images | crops {setting}",
           flush=True)
-    loader_options = dict(batch_size=args.batch_size, num_workers=args.workers, shuffle=False, drop_last=True,
-                          pin_memory=device.type == "cuda")
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker's share: one core each
+    try:
+        cost = {pipeline: worker_ms_per_image(data[pipeline], args.cost_images) for pipeline in PIPELINES}
+    finally:
+        torch.set_num_threads(threads)
+    for pipeline in PIPELINES:
+        per_core = 1000 / cost[pipeline]
+        print(f"worker pipeline={pipeline} cpu_ms_per_image={cost[pipeline]:.2f} img/s_per_core={per_core:.1f}",
+              flush=True)
+        rows += [Row("data", f"{setting}, {pipeline} pipeline, one worker core", "worker CPU ms/image",
+                     f"{cost[pipeline]:.2f}"),
+                 Row("data", f"{setting}, {pipeline} pipeline, one worker core", "img/s one core feeds",
+                     f"{per_core:.1f}")]
+    ratio = cost["cpu"] / cost["gpu"]
+    print(f"ratio worker cost cpu/gpu: x{ratio:.2f}", flush=True)
+    rows.append(Row("data", setting, "worker CPU cost, cpu / gpu pipeline", f"x{ratio:.2f}"))
 
-    def to_device(batch: tuple[list[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-        return [crop.to(device, non_blocking=True) for crop in batch[0]]
-
-    cpu_rate = images_per_second(DataLoader(cpu_dataset, **loader_options), to_device, args.batch_size,
-                                 args.warmup, args.batches, device)
-    print(f"pipeline=cpu img/s={cpu_rate:.2f} img/s_per_worker={cpu_rate / max(1, args.workers):.2f}", flush=True)
-
-    augment = BatchedMultiCrop(**crops)
-    tensor_dataset = ImageFolder(root, loader=read_file if decode_on_gpu else decoded_rgb)
-    tensor_loader = DataLoader(tensor_dataset, collate_fn=as_list, **{**loader_options, "pin_memory": False})
-
-    def tensor_process(batch: list[torch.Tensor]) -> list[torch.Tensor]:
-        if decode_on_gpu:
-            images = decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
-        else:
-            images = [image.to(device, non_blocking=True) for image in batch]
-        return augment(images)
-
-    tensor_rate = images_per_second(tensor_loader, tensor_process, args.batch_size, args.warmup, args.batches,
-                                    device)
-    print(f"pipeline=tensor img/s={tensor_rate:.2f} device={device.type}", flush=True)
-    print(f"ratio tensor/cpu: img/s x{tensor_rate / cpu_rate:.2f}", flush=True)
+    rates = {}
+    for pipeline in PIPELINES:
+        source = data[pipeline]
+        source.start_epoch(0, 0)
+        rates[pipeline] = images_per_second(
+            source.loader, lambda batch, source=source: source.crops(batch, 0, 0), args.batch_size, args.warmup,
+            args.batches, device)
+        where = "device " + device.type if pipeline == "gpu" else "workers"
+        print(f"pipeline={pipeline} img/s={rates[pipeline]:.2f} crops_on={where}", flush=True)
+        rows.append(Row("data", f"{setting}, {pipeline} pipeline, {args.workers} workers, crops on {where}",
+                        "img/s", f"{rates[pipeline]:.2f}"))
+    print(f"ratio gpu/cpu pipeline: img/s x{rates['gpu'] / rates['cpu']:.2f}", flush=True)
+    if device.type == "cuda":
+        rate = nvjpeg_rate(args, root, device, data["gpu"])
+        print(f"pipeline=nvjpeg img/s={rate:.2f}", flush=True)
+        rows.append(Row("data", f"{setting}, nvjpeg decode on the GPU, {args.workers} workers read bytes", "img/s",
+                        f"{rate:.2f}"))
+    return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
-    if min(args.batch_size, args.batches) < 1 or args.warmup < 0 or args.workers < 0:
-        raise SystemExit("error: --batch_size and --batches must be >= 1, --warmup and --workers >= 0")
+def measure(args: argparse.Namespace) -> list[Row]:
+    if min(args.batch_size, args.batches, args.cost_images) < 1 or args.warmup < 0 or args.workers < 0:
+        raise SystemExit("error: --batch_size, --batches and --cost_images must be >= 1, --warmup and --workers >= 0")
     if args.data_path is not None:
         if not os.path.isdir(args.data_path):
             raise SystemExit(f"error: --data_path {args.data_path} is not a directory")
-        run(args, args.data_path)
-        return 0
+        return run(args, args.data_path)
     with tempfile.TemporaryDirectory(prefix="sparo_data_bench_") as root:
         write_synthetic_jpegs(root, args.synthetic, args.synthetic_size)
-        run(args, root)
+        return run(args, root)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    measure(get_parser().parse_args(argv))
     return 0
 
 

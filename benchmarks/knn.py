@@ -16,8 +16,10 @@ from typing import Sequence
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import Row, pick_device  # noqa: E402
 from sparo_dino import knn  # noqa: E402
 
 GIB = 2 ** 30
@@ -82,12 +84,11 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
+def measure(args: argparse.Namespace) -> list[Row]:
+    """Time each backend, print a line per backend, and return the results as rows."""
     if min(args.num_train, args.dim, args.num_test, args.k, args.num_classes, args.repeats) < 1:
         raise SystemExit("error: --num_train, --dim, --num_test, --k, --num_classes and --repeats must be >= 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     backends = [b for b in args.backends if b != "faiss" or knn.faiss is not None]
     if len(backends) < len(args.backends):
         print("faiss is not installed: skipping the faiss backend", flush=True)
@@ -103,13 +104,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     test = torch.randn(args.num_test, args.dim, generator=g).to(device)
     labels = torch.randint(0, args.num_classes, (args.num_train,), generator=g)
     seconds = {}
+    setting = f"bank {args.num_train} x {args.dim}, {args.num_test} queries, k={args.k}"
+    rows = []
     for backend in backends:
         seconds[backend] = time_backend(backend, train, labels, test, args.num_classes, args.k, args.repeats)
         where = ("GPU" if faiss_gpus else "CPU") if backend == "faiss" else str(device)
         print(f"backend={backend} ({where}) s={seconds[backend]:.6f} queries/s={args.num_test / seconds[backend]:.1f}",
               flush=True)
+        rows.append(Row("knn", f"{setting}, {backend} ({where})", "queries/s",
+                        f"{args.num_test / seconds[backend]:.1f}"))
     if len(seconds) == 2:
         print(f"ratio faiss/torch: queries/s x{seconds['torch'] / seconds['faiss']:.2f}", flush=True)
+        rows.append(Row("knn", setting, "faiss/torch queries/s", f"x{seconds['torch'] / seconds['faiss']:.2f}"))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    measure(get_parser().parse_args(argv))
     return 0
 
 

@@ -1,13 +1,14 @@
 """Training-step throughput of the DINO recipe: the reference path and the fast path in one run, on synthetic crops.
 
 One step = teacher forward on the 2 global crops, student forward on all crops, DINO loss, backward, per-parameter
-clipping, last-layer freeze rule, optimizer step, EMA of the teacher: the same building blocks as
-trainer.DinoTrainer.train_step (sparo_dino.loss / sparo_dino.optim), minus the schedule lookup. Crops are random
-tensors already on the device, so the numbers are the model's limit, not the data pipeline's.
+clipping, last-layer freeze rule, optimizer step, EMA of the teacher: training_step.TrainingStep, the object the
+trainer runs, minus the schedule lookup. Crops are random tensors already on the device, so the numbers are the
+model's limit, not the data pipeline's (benchmarks/train.py measures the whole trainer).
 
-- reference path: --precision (fp32 by default), eager.
+- reference path: --precision (fp32 by default), eager (main_dino.py --compile false --precision fp32).
 - fast path: autocast to --fast_precision (bf16), torch.compile of student, teacher and loss (--compile), fused
-  AdamW on CUDA. Everything else (foreach clipping and EMA, no host sync inside a step) is shared by both paths.
+  AdamW on CUDA: what main_dino.py runs on a GPU by default. Everything else (foreach clipping and EMA, no host
+  sync inside a step) is shared by both paths.
 
 Reported per arch and path: img/s (images, each with all its crops), ms/step, peak memory (CUDA: max allocated;
 CPU: the process's peak resident set size so far, which only grows), TFLOP/s from torch.utils.flop_counter on one
@@ -21,33 +22,46 @@ CPU smoke size: python benchmarks/step.py --device cpu --archs vit_tiny vit_tiny
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import Row, pick_device, synchronize  # noqa: E402
 from sparo_dino.config import bool_flag  # noqa: E402
 from sparo_dino.loss import DINOLoss  # noqa: E402
-from sparo_dino.optim import (build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter,  # noqa: E402
-                              ema_update_, param_groups, set_hyperparameters)
+from sparo_dino.networks import build_student_teacher  # noqa: E402
+from sparo_dino.optim import build_optimizer, param_groups  # noqa: E402
 from sparo_dino.progress import memory_mb  # noqa: E402
 from sparo_dino.train_args import get_args_parser  # noqa: E402
-from sparo_dino.trainer import build_student_teacher  # noqa: E402
+from sparo_dino.training_step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep  # noqa: E402
 
-NUM_GLOBAL = 2
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Fast (bf16 autocast) vs reference (fp32) on the same weights and crops: bf16 keeps 8 mantissa bits, so single
-# matmuls are off by ~0.4%; through a ViT and a 3-layer head the loss moves by well under 1% and the gradient
-# direction stays within a few degrees. Looser than this means a bug (wrong crops, weights or loss), not rounding.
-LOSS_RTOL = 1e-2
-GRAD_MIN_COSINE = 0.99
-GRAD_MAX_REL_L2 = 0.15
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a path's loss and gradients may be from the reference's on the same weights and crops."""
+    loss_rtol: float
+    grad_min_cosine: float
+    grad_max_rel_l2: float
+
+    def __str__(self) -> str:
+        return f"loss {self.loss_rtol:g}, cosine >= {self.grad_min_cosine}, rel L2 <= {self.grad_max_rel_l2:g}"
+
+
+# bf16 autocast vs fp32: bf16 keeps 8 mantissa bits, so single matmuls are off by ~0.4%; through a ViT and a 3-layer
+# head the loss moves by well under 1% and the gradient direction stays within a few degrees. Looser than this
+# means a bug (wrong crops, weights or loss), not rounding.
+PRECISION_TOLERANCE = Tolerance(loss_rtol=1e-2, grad_min_cosine=0.99, grad_max_rel_l2=0.15)
+# Compiled vs eager in fp32: Inductor fuses and reorders float sums (measured on CPU, vit_tiny: the same loss, gradients
+# 1.8e-6 relative L2); anything near these bounds is a different computation, not reassociation.
+COMPILE_TOLERANCE = Tolerance(loss_rtol=1e-5, grad_min_cosine=0.99999, grad_max_rel_l2=1e-4)
 
 
 def run_config(arch: str, args: argparse.Namespace, drop_path_rate: float | None = None) -> dict[str, Any]:
@@ -66,76 +80,31 @@ def synthetic_crops(config: dict[str, Any], device: torch.device, seed: int = 0)
     """2 global + N local normalized-looking crops (standard normal) of one batch, on the device."""
     g = torch.Generator().manual_seed(seed)
     batch = config["batch_size_per_gpu"]
-    sizes = [config["global_crop_size"]] * NUM_GLOBAL + [config["local_crop_size"]] * config["local_crops_number"]
+    sizes = [config["global_crop_size"]] * NUM_GLOBAL_CROPS + [config["local_crop_size"]] * config["local_crops_number"]
     return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in sizes]
 
 
-@dataclass
-class StepModel:
-    """Everything one training step touches; `student`/`teacher`/`loss` may be compiled wrappers of the modules."""
-    student_module: torch.nn.Module
-    student: Callable
-    teacher: Callable
-    loss_module: DINOLoss
-    loss: Callable
-    optimizer: torch.optim.Optimizer
-    student_params: list[torch.Tensor]
-    teacher_params: list[torch.Tensor]
-    trainable: list[torch.Tensor]
-    autocast_dtype: torch.dtype | None
-    device: torch.device
-
-
 def build_step_model(config: dict[str, Any], device: torch.device, precision: str, compile_models: bool,
-                     fused_optimizer: bool = False) -> StepModel:
-    torch.manual_seed(config["seed"])  # both paths start from the same weights
+                     fused_optimizer: bool = False) -> TrainingStep:
+    """A fresh student, teacher, loss and optimizer of `config` (the same weights for every call) in one step."""
+    torch.manual_seed(config["seed"])
     student, teacher = build_student_teacher(config)
     student, teacher = student.to(device), teacher.to(device)
-    loss = DINOLoss(config["out_dim"], NUM_GLOBAL + config["local_crops_number"], config["warmup_teacher_temp"],
+    loss = DINOLoss(config["out_dim"], NUM_GLOBAL_CROPS + config["local_crops_number"], config["warmup_teacher_temp"],
                     config["teacher_temp"], config["warmup_teacher_temp_epochs"], config["epochs"]).to(device)
-    groups = param_groups(student)
-    if fused_optimizer:
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=0.0, fused=True)
-    else:
-        optimizer = build_optimizer(config["optimizer"], groups)
-    set_hyperparameters(optimizer, config["lr"] * config["batch_size_per_gpu"] / 256, config["weight_decay"])
-    student_params = list(student.parameters())
-    wrap = torch.compile if compile_models else (lambda module: module)
-    return StepModel(student, wrap(student), wrap(teacher), loss, wrap(loss), optimizer, student_params,
-                     list(teacher.parameters()), [p for p in student_params if p.requires_grad],
-                     None if precision == "fp32" else DTYPES[precision], device)
+    optimizer = build_optimizer(config["optimizer"], param_groups(student), fused=fused_optimizer)
+    return TrainingStep(student, student, teacher, loss, optimizer, precision, device, compiled=compile_models,
+                        clip_grad=config["clip_grad"], freeze_last_layer=config["freeze_last_layer"])
 
 
-def _autocast(model: StepModel) -> contextlib.AbstractContextManager:
-    if model.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=model.device.type, dtype=model.autocast_dtype)
+def forward_loss(model: TrainingStep, crops: Sequence[torch.Tensor], epoch: int) -> torch.Tensor:
+    return model.forward(crops, epoch).loss
 
 
-def forward_loss(model: StepModel, crops: Sequence[torch.Tensor], epoch: int) -> torch.Tensor:
-    with _autocast(model):
-        with torch.no_grad():
-            teacher_output = model.teacher(list(crops[:NUM_GLOBAL]))
-        student_output = model.student(list(crops))
-    return model.loss(student_output, teacher_output, epoch).loss
-
-
-def train_step(model: StepModel, crops: Sequence[torch.Tensor], epoch: int = 1, clip_grad: float = 3.0,
-               freeze_last_layer: int = 1, momentum: float = 0.996) -> torch.Tensor:
-    """One full DINO step; returns the loss on the device (no host sync)."""
-    loss = forward_loss(model, crops, epoch)
-    model.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_gradients_per_parameter(model.trainable, clip_grad)
-    cancel_last_layer_gradients(model.student_module, epoch, freeze_last_layer)
-    model.optimizer.step()
-    ema_update_(model.teacher_params, model.student_params, momentum)
-    return loss.detach()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def train_step(model: TrainingStep, crops: Sequence[torch.Tensor], epoch: int = 1) -> torch.Tensor:
+    """One full DINO step at the peak lr of a batch of 64 and the base weight decay and momentum; returns the loss
+    on the device (no host sync)."""
+    return model(crops, epoch, lr=5e-4 * 64 / 256, weight_decay=0.04, momentum=0.996)[0]
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, reps: int = 10) -> float:
@@ -169,7 +138,7 @@ class Timing:
     peak_memory_mb: float
 
 
-def time_path(model: StepModel, crops: Sequence[torch.Tensor], steps: int, warmup: int) -> Timing:
+def time_path(model: TrainingStep, crops: Sequence[torch.Tensor], steps: int, warmup: int) -> Timing:
     device = model.device
     for _ in range(warmup):  # includes compilation on the fast path
         train_step(model, crops)
@@ -188,17 +157,17 @@ def time_path(model: StepModel, crops: Sequence[torch.Tensor], steps: int, warmu
 
 
 def compare_paths(config: dict[str, Any], device: torch.device, reference_precision: str, fast_precision: str,
-                  compile_models: bool) -> dict[str, float]:
+                  compile_models: bool, reference_compiled: bool = False) -> dict[str, float]:
     """Loss and gradients of the fast path vs the reference path from the same weights and crops (no drop-path,
     which would draw different masks): loss relative difference, cosine and relative L2 error of all gradients."""
     config = {**config, "drop_path_rate": 0.0}
     crops = synthetic_crops(config, device, seed=1)
     results = []
-    for precision, compiled in ((reference_precision, False), (fast_precision, compile_models)):
+    for precision, compiled in ((reference_precision, reference_compiled), (fast_precision, compile_models)):
         model = build_step_model(config, device, precision, compiled)
         loss = forward_loss(model, crops, epoch=1)
         loss.backward()
-        grads = torch.cat([p.grad.flatten().double() for p in model.trainable])
+        grads = torch.cat([p.grad.flatten().double() for p in model.trainable_params])
         results.append((loss.detach().double(), grads))
     (ref_loss, ref_grad), (fast_loss, fast_grad) = results
     return {"loss_reference": float(ref_loss), "loss_fast": float(fast_loss),
@@ -207,9 +176,9 @@ def compare_paths(config: dict[str, Any], device: torch.device, reference_precis
             "grad_rel_l2": float((fast_grad - ref_grad).norm() / ref_grad.norm())}
 
 
-def check_passes(result: dict[str, float]) -> bool:
-    return (result["loss_rel_diff"] <= LOSS_RTOL and result["grad_cosine"] >= GRAD_MIN_COSINE
-            and result["grad_rel_l2"] <= GRAD_MAX_REL_L2)
+def check_passes(result: dict[str, float], tolerance: Tolerance = PRECISION_TOLERANCE) -> bool:
+    return (result["loss_rel_diff"] <= tolerance.loss_rtol and result["grad_cosine"] >= tolerance.grad_min_cosine
+            and result["grad_rel_l2"] <= tolerance.grad_max_rel_l2)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -235,14 +204,12 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
+def measure(args: argparse.Namespace) -> list[Row]:
+    """Time both paths per arch, print one line per result, and return them as rows (a check row per arch says
+    PASS or FAIL)."""
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"error: --steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device} but CUDA is not available")
+    device = pick_device(args.device)
     on_gpu = device.type == "cuda"
     peak_dtype = torch.bfloat16 if on_gpu else torch.float32
     name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
@@ -251,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"matmul peak: {peak:.3f} TFLOP/s ({str(peak_dtype).removeprefix('torch.')}, measured)", flush=True)
     memory_kind = "cuda max allocated" if on_gpu else "cpu process peak RSS"
     fused = on_gpu and args.fast_precision != "fp16"  # fp16 needs a GradScaler, not benchmarked here
-    all_pass = True
+    setting = (f"batch {args.batch_size_per_gpu}, 2x{args.global_size} + {args.local_crops_number}x{args.local_size}, "
+               f"patch {args.patch_size}, out_dim {args.out_dim}")
+    rows = [Row("step", "matmul probe", f"peak TFLOP/s ({str(peak_dtype).removeprefix('torch.')})", f"{peak:.3f}")]
     for arch in args.archs:
         config = run_config(arch, args)
         crops = synthetic_crops(config, device)
@@ -267,19 +236,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"arch={arch} path={path} precision={precision} compile={compiled} img/s={timing.images_per_s:.2f} "
                   f"ms/step={timing.ms_per_step:.1f} peak_mem_MB={timing.peak_memory_mb:.0f} ({memory_kind}) "
                   f"TFLOP/s={tflops:.4f} util={100 * tflops / peak:.1f}%", flush=True)
+            path_setting = f"{arch}, {setting}, {path}: {precision}{', compiled' if compiled else ', eager'}"
+            rows += [Row("step", path_setting, "img/s", f"{timing.images_per_s:.2f}"),
+                     Row("step", path_setting, "ms/step", f"{timing.ms_per_step:.1f}"),
+                     Row("step", path_setting, f"peak memory MB ({memory_kind})", f"{timing.peak_memory_mb:.0f}"),
+                     Row("step", path_setting, "TFLOP/s (share of the matmul peak)",
+                         f"{tflops:.4f} ({100 * tflops / peak:.1f}%)")]
             del model
         ratio = timings["fast"].images_per_s / timings["reference"].images_per_s
         memory_ratio = timings["fast"].peak_memory_mb / timings["reference"].peak_memory_mb
         print(f"arch={arch} ratio fast/reference: img/s x{ratio:.2f} peak_mem x{memory_ratio:.2f}", flush=True)
+        rows.append(Row("step", f"{arch}, {setting}", "fast/reference img/s", f"x{ratio:.2f}"))
         if args.check:
             result = compare_paths(config, device, args.precision, args.fast_precision, args.compile)
             passed = check_passes(result)
-            all_pass &= passed
-            print(f"arch={arch} check: loss_rel_diff={result['loss_rel_diff']:.2e} "
-                  f"grad_cosine={result['grad_cosine']:.5f} grad_rel_l2={result['grad_rel_l2']:.2e} "
-                  f"(tolerance: loss {LOSS_RTOL:g}, cosine >= {GRAD_MIN_COSINE}, rel L2 <= {GRAD_MAX_REL_L2}) "
-                  f"{'PASS' if passed else 'FAIL'}", flush=True)
-    return 0 if all_pass else 1
+            verdict = (f"loss_rel_diff={result['loss_rel_diff']:.2e} grad_cosine={result['grad_cosine']:.5f} "
+                       f"grad_rel_l2={result['grad_rel_l2']:.2e} (tolerance: {PRECISION_TOLERANCE}) "
+                       f"{'PASS' if passed else 'FAIL'}")
+            print(f"arch={arch} check: {verdict}", flush=True)
+            rows.append(Row("step", f"{arch}, {setting}", "fast vs reference loss and gradients", verdict))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    rows = measure(get_parser().parse_args(argv))
+    return 1 if any(row.value.endswith("FAIL") for row in rows) else 0
 
 
 if __name__ == "__main__":
