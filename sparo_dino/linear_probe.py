@@ -102,21 +102,21 @@ def evaluate_heads(classifier: nn.Module, batches: Batches, featurize: Callable[
     """Per head: top-1/top-5 (top-min(5, classes)) in percent and mean loss; `reduce` sums the counts of all ranks,
     which is exact when each rank saw a disjoint shard (features.ShardSampler)."""
     classifier.eval()
-    sums: torch.Tensor | None = None  # per head: correct@1, correct@5, loss, samples
+    num_heads = len(classifier.heads) if isinstance(classifier, LinearHeads) else 1
+    # per head: correct@1, correct@5, loss, samples; zeros on a rank whose shard is empty, which still all-reduces
+    sums = torch.zeros(num_heads, 4, dtype=torch.float64, device=device)
     for inputs, labels in batches:
         labels = labels.to(device, non_blocking=True)
         logits = _per_head(classifier(featurize(inputs.to(device, non_blocking=True))))
-        if sums is None:
-            sums = torch.zeros(len(logits), 4, dtype=torch.float64, device=device)
         top = logits.topk(min(5, num_classes), dim=2).indices == labels[None, :, None]
         sums[:, 0] += top[:, :, 0].sum(dim=1)
         sums[:, 1] += top.any(dim=2).sum(dim=1)
         sums[:, 2] += torch.stack([F.cross_entropy(head.double(), labels, reduction="sum") for head in logits])
         sums[:, 3] += len(labels)
-    if sums is None:
-        raise ValueError("the validation set is empty")
     if reduce:
         distributed.all_reduce_sum_(sums)
+    if not sums[:, 3].all():
+        raise ValueError("the validation set is empty")
     return [{"top1": 100.0 * correct1 / samples, "top5": 100.0 * correct5 / samples, "loss": loss / samples,
              "num_samples": int(samples)} for correct1, correct5, loss, samples in sums.tolist()]
 
