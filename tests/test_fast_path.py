@@ -379,3 +379,19 @@ def test_stop_poll_gives_every_rank_the_same_boundary(tmp_path, spawn) -> None:
     for rank, output in enumerate(ranks):
         assert output.text.splitlines() == [f"False [0, 0, 1, 1, 1, 1] {reasons[rank]}",
                                             f"True [0, 0, 0, 1, 1, 1] {reasons[rank]}"], output.text
+
+
+def test_each_rank_draws_its_own_crops_and_each_position_its_own() -> None:
+    """The crop generator is seeded by (seed, epoch, iteration, rank): the same batch gets other crops on another
+    rank or at another position (ranks must not augment alike), and the same crops again at the same position."""
+    g = torch.Generator().manual_seed(0)
+    packed, sizes = pack_images([torch.randint(0, 256, (28, 28, 3), generator=g, dtype=torch.uint8)
+                                 for _ in range(4)])
+    cfg = {"global_crop_size": 16, "local_crop_size": 8, "global_crops_scale": (0.4, 1.0),
+           "local_crops_scale": (0.05, 0.4), "local_crops_number": 2}
+    rank0, rank1 = (DeviceMultiCrop(cfg, seed=0, rank=rank, device=torch.device("cpu")) for rank in (0, 1))
+    reference = rank0(packed, sizes, epoch=1, iteration=3)
+    assert all(torch.equal(a, b) for a, b in zip(reference, rank0(packed, sizes, epoch=1, iteration=3)))
+    for other in (rank1(packed, sizes, epoch=1, iteration=3), rank0(packed, sizes, epoch=1, iteration=4),
+                  rank0(packed, sizes, epoch=2, iteration=3)):
+        assert not torch.equal(reference[0], other[0])

@@ -93,6 +93,16 @@ MUTATIONS: tuple[Mutation, ...] = (
              'mode="bicubic", align_corners=False, antialias=True)',
              ("tests/test_sparo_vit.py::test_local_crops_get_official_dino_position_embeddings",),
              "position embeddings resized with antialiasing (official DINO has none)"),
+    # ------------------------------------------------------------------------------------ fast path
+    Mutation("crop-seed-ignores-rank", "sparo_dino/gpu_data.py",
+             "batch_seed(self.seed, epoch, iteration, self.rank)", "batch_seed(self.seed, epoch, iteration, 0)",
+             ("tests/test_fast_path.py::test_each_rank_draws_its_own_crops_and_each_position_its_own",),
+             "every rank augments its batch with the same random crops"),
+    Mutation("crop-seed-ignores-iteration", "sparo_dino/gpu_data.py",
+             "batch_seed(self.seed, epoch, iteration, self.rank)", "batch_seed(self.seed, epoch, 0, self.rank)",
+             ("tests/test_fast_path.py::test_each_rank_draws_its_own_crops_and_each_position_its_own",
+              "tests/test_fast_path.py::test_device_crops_are_the_recipe_on_the_sampled_images_seeded_by_position"),
+             "every batch of an epoch gets the same random crop parameters"),
     # ---------------------------------------------------------------------------------- evaluation
     Mutation("knn-temperature-default", "sparo_dino/knn.py",
              "num_classes: int, k: int = 20, temperature: float = 0.07, backend",
