@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,17 @@ def write_synthetic_jpegs(root: str, count: int, size: int, seed: int = 0) -> st
         pixels = np.clip(pixels + rng.normal(0, 8, pixels.shape), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f"{index:06d}.jpg"), quality=90)
     return root
+
+
+def on_image_folder(data_path: str | None, synthetic: int, synthetic_size: int, run: Callable[[str], T]) -> T:
+    """`run(root)` on the user's JPEG folder, or on `synthetic` generated JPEGs in a temporary folder."""
+    if data_path is not None:
+        if not os.path.isdir(data_path):
+            raise SystemExit(f"error: --data_path {data_path} is not a directory")
+        return run(data_path)
+    with tempfile.TemporaryDirectory(prefix="sparo_bench_images_") as root:
+        write_synthetic_jpegs(root, synthetic, synthetic_size)
+        return run(root)
 
 
 def cpu_model() -> str:

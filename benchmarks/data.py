@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import Row, pick_device, synchronize, write_synthetic_jpegs  # noqa: E402
+from common import Row, on_image_folder, pick_device, synchronize  # noqa: E402
 from sparo_dino.gpu_data import collate_decoded  # noqa: E402
 from sparo_dino.train_args import parse_train_args  # noqa: E402
 from sparo_dino.train_data import TrainingData  # noqa: E402
@@ -173,13 +172,7 @@ def run(args: argparse.Namespace, root: str) -> list[Row]:
 def measure(args: argparse.Namespace) -> list[Row]:
     if min(args.batch_size, args.batches, args.cost_images) < 1 or args.warmup < 0 or args.workers < 0:
         raise SystemExit("error: --batch_size, --batches and --cost_images must be >= 1, --warmup and --workers >= 0")
-    if args.data_path is not None:
-        if not os.path.isdir(args.data_path):
-            raise SystemExit(f"error: --data_path {args.data_path} is not a directory")
-        return run(args, args.data_path)
-    with tempfile.TemporaryDirectory(prefix="sparo_data_bench_") as root:
-        write_synthetic_jpegs(root, args.synthetic, args.synthetic_size)
-        return run(args, root)
+    return on_image_folder(args.data_path, args.synthetic, args.synthetic_size, lambda root: run(args, root))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

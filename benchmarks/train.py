@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import Row, pick_device, synchronize, write_synthetic_jpegs  # noqa: E402
+from common import Row, on_image_folder, pick_device, synchronize  # noqa: E402
 from sparo_dino.distributed import DistInfo  # noqa: E402
 from sparo_dino.progress import memory_mb  # noqa: E402
 from sparo_dino.train_args import parse_train_args  # noqa: E402
@@ -172,13 +172,7 @@ def run(args: argparse.Namespace, root: str) -> list[Row]:
 def measure(args: argparse.Namespace) -> list[Row]:
     if args.steps < 1 or args.warmup < 0 or args.workers < 0:
         raise SystemExit("error: --steps must be >= 1, --warmup and --workers >= 0")
-    if args.data_path is not None:
-        if not os.path.isdir(args.data_path):
-            raise SystemExit(f"error: --data_path {args.data_path} is not a directory")
-        return run(args, args.data_path)
-    with tempfile.TemporaryDirectory(prefix="sparo_train_bench_data_") as root:
-        write_synthetic_jpegs(root, args.synthetic, args.synthetic_size)
-        return run(args, root)
+    return on_image_folder(args.data_path, args.synthetic, args.synthetic_size, lambda root: run(args, root))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
