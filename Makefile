@@ -23,7 +23,8 @@ test: install data
 bench: install
 	$(PYTHON) benchmarks/report.py
 
-# Train vit_tiny_sparo on Fashion-MNIST and report its 20-NN accuracy next to raw pixels (5-7 min measured on 2 CPU cores, plus the install).
+# Train vit_tiny_sparo on Fashion-MNIST and report its 20-NN accuracy next to the same network at random init and raw
+# pixels (time on 2 CPU cores: not re-measured since the init baseline was added; see docs/demo_recipes.md).
 demo: install data
 	$(PYTHON) -m sparo_dino.demo
 
