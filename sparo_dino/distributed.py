@@ -47,9 +47,22 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> D
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = device  # binds the communicator to this GPU and avoids a barrier hang at start
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size, timeout), rank=rank,
+                            world_size=world_size, timeout=timeout, **kwargs)
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The env:// rendezvous store, with its keys under the torchrun restart attempt.
+
+    torchrun's agent keeps one store for all attempts of a job (workers connect to it as clients), so after a
+    restart (--max-restarts) the new workers would find the dead workers' gloo/NCCL addresses in it and wait for
+    them forever inside init_process_group. A prefix per TORCHELASTIC_RESTART_COUNT gives every attempt its own keys.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/default_pg", store)
 
 
 def is_dist() -> bool:
