@@ -243,7 +243,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = config.parse_args(build_parser(), argv)
     check_args(args)
-    info = distributed.init_distributed()
+    info = distributed.init_distributed(timeout_minutes=args.dist_timeout_minutes)
     try:
         probe = fast_probe(args, info) if args.fast else official_probe(args, info)
         if probe is None:

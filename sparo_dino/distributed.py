@@ -10,6 +10,7 @@ import argparse
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,14 @@ def _pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> DistInfo:
-    """Join the process group described by the environment, or run alone when there is none."""
+DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's default for collectives and the rendezvous
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
+    """Join the process group described by the environment, or run alone when there is none.
+
+    `timeout_minutes` bounds every collective: a rank that hangs makes the others fail after it instead of holding
+    the allocation (see `collective_failure`)."""
     if dist.is_available() and dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, _pick_device(local_rank))
@@ -60,9 +67,55 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     restart (--max-restarts) the new workers would find the dead workers' gloo/NCCL addresses in it and wait for
     them forever inside init_process_group. A prefix per TORCHELASTIC_RESTART_COUNT gives every attempt its own keys.
     """
+    global _store
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
-    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/default_pg", store)
+    _store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore("default_pg", _store)
+
+
+_store: dist.Store | None = None  # this attempt's rendezvous store, kept to ask which ranks are alive after a failure
+_COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that timed out or lost a peer. gloo raises plain RuntimeErrors for both, NCCL DistBackendError."""
+    if not is_dist():
+        return False
+    return isinstance(error, dist.DistError) or any(text in str(error) for text in _COLLECTIVE_FAILURES)
+
+
+def unresponsive_ranks(wait_s: float = 10.0) -> list[int] | None:
+    """The ranks that do not report within `wait_s` after a failed collective (None: the store is gone too).
+
+    Every live rank whose collective failed calls this and marks itself in the store, so the ranks left unmarked
+    are the ones that hang or died. gloo's own message does not say which peer it waited for."""
+    if _store is None:
+        return None
+    try:
+        _store.set(f"failed_collective/{get_rank()}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(get_world_size()) if not _store.check([f"failed_collective/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except RuntimeError:  # the store lived in a process that is gone
+        return None
+
+
+def describe_collective_failure(error: BaseException, where: str, timeout_minutes: float) -> str:
+    """One line for a failed collective: this rank, where it was, who did not arrive, and torch's own reason."""
+    missing = unresponsive_ranks()
+    if missing is None:
+        who = "the rendezvous store is unreachable, so the missing ranks are unknown"
+    elif missing:
+        who = f"rank(s) {', '.join(map(str, missing))} did not arrive (hung or dead)"
+    else:
+        who = "every rank reported the failure, so a peer connection broke"
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return (f"rank {get_rank()}: a collective failed {where} (--dist_timeout_minutes {timeout_minutes:g}); "
+            f"{who}; torch: {reason}")
 
 
 def is_dist() -> bool:
@@ -123,11 +176,16 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="only env:// (torchrun, torch.distributed.launch and submitit set the environment)")
     group.add_argument("--local_rank", "--local-rank", type=int, default=0,
                        help="set by torch.distributed.launch; ignored (LOCAL_RANK from the environment is used)")
+    group.add_argument("--dist_timeout_minutes", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+                       help="how long a collective waits for the other ranks before the run fails naming the "
+                            "ranks that did not arrive (a hung or dead rank)")
     return parser
 
 
 def check_launcher_args(args: argparse.Namespace) -> None:
     """Refuse a rendezvous other than env://, which is the only one the process group is set up from."""
+    if not args.dist_timeout_minutes > 0:
+        raise ValueError(f"--dist_timeout_minutes must be > 0, got {args.dist_timeout_minutes}")
     if args.dist_url != "env://":
         raise ValueError(f"--dist_url {args.dist_url} is not supported; launch with torchrun or "
                          "torch.distributed.launch (env://)")

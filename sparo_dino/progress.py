@@ -46,6 +46,47 @@ class MetricSums:
     def reset(self) -> None:
         self._sums, self.steps = None, 0
 
+    def gathered(self) -> dict[str, Any]:
+        """Every rank's sums (one row per rank) and the step count, for a checkpoint written inside an epoch, so the
+        resumed epoch's log.txt means equal an uninterrupted run's. A collective."""
+        if self._sums is None:
+            return {"sums": None, "steps": 0}
+        return {"sums": distributed.all_gather_tensor(self._sums[None]).cpu(), "steps": self.steps}
+
+    def restore(self, state: Mapping[str, Any] | None, device: torch.device) -> None:
+        """Continue from `gathered()`'s state; with another number of ranks the means restart at the resume."""
+        self.reset()
+        if not state or state["sums"] is None or state["sums"].shape[0] != distributed.get_world_size():
+            return
+        self._sums = state["sums"][distributed.get_rank()].to(device).clone()
+        self.steps = int(state["steps"])
+
+
+def trim_log(output_dir: str, epochs_done: int) -> int:
+    """Keep only log.txt's records of the epochs a resumed checkpoint holds; returns how many lines were dropped.
+
+    An epoch's record is appended just before its checkpoint is written, so a kill between the two (or inside the
+    append) leaves a record, or half of one, that the resumed run writes again."""
+    path = os.path.join(output_dir, LOG_NAME)
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as handle:
+        lines = handle.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("epoch", epochs_done) < epochs_done:
+            kept.append(line)
+    if len(kept) < len(lines):
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as handle:
+            handle.write("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)
+    return len(lines) - len(kept)
+
 
 def all_finite(means: Mapping[str, float]) -> bool:
     return all(math.isfinite(value) for value in means.values())

@@ -29,7 +29,7 @@ from sparo_dino.networks import build_student_teacher, seed_everything
 from sparo_dino.optim import build_optimizer, param_groups
 from sparo_dino.periodic_knn import PeriodicKnn
 from sparo_dino.preemption import StopPoll
-from sparo_dino.progress import MetricSums, ProgressLogger, all_finite, require_tensorboard
+from sparo_dino.progress import LOG_NAME, MetricSums, ProgressLogger, all_finite, require_tensorboard, trim_log
 from sparo_dino.provenance import append_provenance
 from sparo_dino.schedules import Schedules, scaled_lr
 from sparo_dino.train_args import MODEL_KEYS, resolve_precision
@@ -102,6 +102,7 @@ class DinoTrainer:
 
         seed_everything(args.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
         self.epoch, self.iteration = 0, 0
+        self.epoch_sums = MetricSums()  # the running epoch's metrics, saved with a checkpoint inside the epoch
         self.resumed_from = self._resume()
         self.student: nn.Module = self.student_module
         if info.world_size > 1:
@@ -178,6 +179,7 @@ class DinoTrainer:
         if self.iteration >= self.iters_per_epoch:
             raise CheckpointError(f"{path} stopped at iteration {self.iteration} of an epoch, but this run has "
                                   f"{self.iters_per_epoch} iterations per epoch (other data or batch size?)")
+        self.epoch_sums.restore(state.get("epoch_sums"), self.device)
         if "rng" in state and not restore_rng_state(state["rng"], self.info.rank, self.device):
             warnings.warn(f"{path} has no RNG state for rank {self.info.rank} (written by fewer processes); "
                           "drop-path randomness of this rank restarts from the seed", stacklevel=2)
@@ -258,7 +260,9 @@ class DinoTrainer:
         first = self.iteration
         self.data.start_epoch(epoch, first)
         self.progress.start_epoch(first)
-        window, totals = MetricSums(), MetricSums()
+        window, totals = MetricSums(), self.epoch_sums
+        if first == 0:
+            totals.reset()
         window_first = first
         skipped = torch.zeros((), dtype=torch.int64)
         for iteration, batch in enumerate(self.data.loader, start=first):
@@ -297,6 +301,7 @@ class DinoTrainer:
             "iteration": self.iteration,
             "config": args_to_dict(self.args),
             "rng": capture_rng_state(self.device),
+            "epoch_sums": self.epoch_sums.gathered() if self.iteration else None,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -326,6 +331,10 @@ class DinoTrainer:
             return
         for path in remove_stale_temporaries(self.args.output_dir):
             print(f"removed {path}, a partial checkpoint of a killed run", flush=True)
+        dropped = trim_log(self.args.output_dir, self.epoch)
+        if dropped:
+            print(f"dropped {dropped} line(s) of {LOG_NAME} written after the checkpoint's epoch {self.epoch} "
+                  "(the run was killed before saving it)", flush=True)
         save_config(self.args, self.args.output_dir)
         append_provenance(self.args.output_dir, args_to_dict(self.args),
                           {"world_size": self.info.world_size, "precision": self.precision,
@@ -390,10 +399,17 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> bool:
     return. Returns whether all epochs are done (False: stopped early, resume from the checkpoint).
     """
     owns_group = not distributed.is_dist()
-    info = distributed.init_distributed()
+    info = distributed.init_distributed(timeout_minutes=args.dist_timeout_minutes)
     try:
         trainer = DinoTrainer(args, info, stop)
-        trainer.fit()
+        try:
+            trainer.fit()
+        except RuntimeError as error:
+            if isinstance(error, (TrainingError, CheckpointError)) or not distributed.is_collective_failure(error):
+                raise
+            where = f"in epoch {trainer.epoch} after step {trainer.iteration}/{trainer.iters_per_epoch}"
+            raise TrainingError(distributed.describe_collective_failure(error, where, args.dist_timeout_minutes)) \
+                from error
         return not trainer.stopped
     finally:
         if owns_group:

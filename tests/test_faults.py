@@ -23,14 +23,19 @@ from test_train import EVERY_STEP, TINY, assert_same_training_state, error_line,
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs main_dino.main with two optional faults: SLOW_SAVE_S stretches every checkpoint write over that many seconds
-# (printing SAVE_BEGIN/SAVE_END) so a kill can land inside it, and SIGTERM_AT="epoch,iteration,rank" makes that
-# rank send itself SIGTERM right after the step that ends at (epoch, iteration).
+# Runs main_dino.main with optional faults: SLOW_SAVE_S stretches every checkpoint write over that many seconds
+# (printing SAVE_BEGIN/SAVE_END) so a kill can land inside it; SIGTERM_AT="epoch,iteration,rank" makes that rank send
+# itself SIGTERM right after the step that ends at (epoch, iteration), HANG_AT="epoch,iteration,rank" makes it stop
+# answering there (a hung rank); FULL_DISK_AFTER=N makes every checkpoint write after the first N fail as a full
+# disk does. Each process first prints "RANK r PID p ATTEMPT a" (a = torchrun's restart count), for kills by rank.
 WRAPPER = '''
-import io, os, signal, sys, time
+import errno, io, os, signal, sys, time
 import torch
 import main_dino
 from sparo_dino import trainer
+
+print(f"RANK {os.environ.get('RANK', '0')} PID {os.getpid()} ATTEMPT {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+      flush=True)
 
 pause = float(os.environ.get("SLOW_SAVE_S", "0"))
 if pause:
@@ -50,17 +55,31 @@ if pause:
 
     torch.save = slow_save
 
-if os.environ.get("SIGTERM_AT"):
-    at = tuple(int(v) for v in os.environ["SIGTERM_AT"].split(","))
-    step = trainer.DinoTrainer.train_step
+full_after = int(os.environ.get("FULL_DISK_AFTER", "-1"))
+if full_after >= 0:
+    real_save, saves = torch.save, []
 
-    def step_then_signal(self, crops, epoch, global_iteration):
-        metrics = step(self, crops, epoch, global_iteration)
-        if (epoch, global_iteration % self.iters_per_epoch + 1, self.info.rank) == at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
+    def disk_fills_up(obj, handle, *args, **kwargs):
+        saves.append(1)
+        if len(saves) <= full_after:
+            return real_save(obj, handle, *args, **kwargs)
+        handle.write(b"\\0" * 4096)
+        print(f"DISK FULL {time.time()}", flush=True)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    trainer.DinoTrainer.train_step = step_then_signal
+    torch.save = disk_fills_up
+
+for variable, fault in (("SIGTERM_AT", lambda: os.kill(os.getpid(), signal.SIGTERM)),
+                        ("HANG_AT", lambda: (print(f"HANGING {time.time()}", flush=True), time.sleep(3600)))):
+    if os.environ.get(variable):
+        def step_then_fault(self, crops, epoch, global_iteration, at=tuple(map(int, os.environ[variable].split(","))),
+                            fault=fault, step=trainer.DinoTrainer.train_step):
+            metrics = step(self, crops, epoch, global_iteration)
+            if (epoch, global_iteration % self.iters_per_epoch + 1, self.info.rank) == at:
+                fault()
+            return metrics
+
+        trainer.DinoTrainer.train_step = step_then_fault
 
 code = main_dino.main(sys.argv[1:])
 print(f"RANK {os.environ.get('RANK', '0')} EXIT {code}", flush=True)
