@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
 
-.PHONY: install data test demo mutation bench
+.PHONY: install data test demo mutation bench chaos
 
 install:
 	$(PIP_INSTALL) -e ".[test]"
@@ -31,3 +31,8 @@ demo: install data
 # Curated mutation check (not part of `make test`/CI): every bug in tests/mutation/mutations.py must fail its tests.
 mutation: install data
 	OMP_NUM_THREADS=1 $(PYTHON) tests/mutation/run.py
+
+# The full chaos loop (not in `make test`/CI, which runs its first 2 kills): 5 SIGKILLs of ranks and of the whole
+# torchrun job on 2 gloo processes, then the run must equal an uninterrupted one bit for bit.
+chaos: install data
+	CHAOS_KILLS=5 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -s tests/test_chaos.py -k kills

@@ -21,12 +21,24 @@ import torch
 
 from sparo_dino import demo
 
-# name -> (changes to the CPU profile, main_dino.py flags on top of configs/fmnist_vit_tiny_sparo.yaml)
+# name -> (changes to the CPU profile, main_dino.py flags on top of configs/fmnist_vit_tiny_sparo.yaml); the
+# exploration runs of docs/demo_recipes.md (B, C1, C3, D2, E1) as full demo runs on the demo's 4096 images
 FAST = ("--out_dim", "1024", "--lr", "0.002", "--momentum_teacher", "0.99")  # shorter-schedule recipe
+SHORT = ("--freeze_last_layer", "0", "--drop_path_rate", "0", "--weight_decay_end", "0.04")  # no official brakes
+SHARP = ("--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02")
 CANDIDATES: dict[str, tuple[dict, tuple[str, ...]]] = {
     "baseline": ({}, ()),  # the profile before the search: official lr and momentum, patch 4, 128 steps
     "p16_e6": ({"epochs": 6}, ("--patch_size", "16", *FAST)),
-    "p8_e3": ({"epochs": 3}, ("--patch_size", "8", *FAST)),
+    "p8_e3": ({"epochs": 3}, ("--patch_size", "8", *FAST)),  # run B
+    "p8_b32": ({"epochs": 2, "batch_size": 32}, ("--patch_size", "8", *SHORT, "--lr", "0.002",
+                                                  "--momentum_teacher", "0.98", "--out_dim", "1024")),  # C1
+    "p16_b32": ({"epochs": 4, "batch_size": 32}, ("--patch_size", "16", *SHORT, "--lr", "0.002",
+                                                   "--momentum_teacher", "0.98", "--out_dim", "1024")),  # C3
+    "p16_b32_sharp": ({"epochs": 4, "batch_size": 32}, ("--patch_size", "16", *SHORT, *SHARP, "--lr", "0.002",
+                                                         "--momentum_teacher", "0.98", "--out_dim", "1024")),  # D2
+    "p16_b32_slow": ({"epochs": 8, "batch_size": 32, "warmup_epochs": 1},
+                     ("--patch_size", "16", *SHORT, "--lr", "0.001", "--momentum_teacher", "0.99",
+                      "--out_dim", "1024")),  # E1
 }
 
 HEADER = ("| candidate | seed | profile changes | flags | train min | total min | img/s | init top-1 | trained top-1 "
