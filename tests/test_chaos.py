@@ -54,6 +54,18 @@ def log_records(folder) -> list[dict]:
     return [{k: v for k, v in record.items() if k != "epoch_time_s"} for record in records]
 
 
+def kill_workers(pids) -> None:
+    """torchrun starts each worker in its own session: killing the agent's group leaves them running. Only pids
+    that still run the test's wrapper are killed (a finished worker's pid may have been reused)."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if b"faulty_main.py" in handle.read():
+                    os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
 def worker_pids(job: OutputLines, attempt: int) -> dict[int, int]:
     """rank -> pid of the workers of torchrun's restart `attempt`, once both have started."""
     job.wait_for(f"ATTEMPT {attempt}", count=2, timeout=120)
@@ -69,7 +81,8 @@ def uninterrupted(data, tmp_path_factory) -> str:
     return str(out)
 
 
-def test_kills_of_ranks_and_of_the_whole_job_end_bit_identical(data, uninterrupted, tmp_path, spawn) -> None:
+def test_kills_of_ranks_and_of_the_whole_job_end_bit_identical(data, uninterrupted, tmp_path, spawn,
+                                                                  request) -> None:
     """SIGKILL at seeded random moments after a step was logged: torchrun restarts the group from checkpoint.pth
     by itself after a rank's death (the restarted workers must not hang in the rendezvous), the same command
     continues after the whole job died, and the finished run equals the uninterrupted one bit for bit."""
@@ -78,6 +91,8 @@ def test_kills_of_ranks_and_of_the_whole_job_end_bit_identical(data, uninterrupt
     rng = random.Random(0)
     started = time.monotonic()
     job, attempt, launches, outputs = spawn(argv, cwd=tmp_path, env=ENV), 0, 1, []
+    request.addfinalizer(lambda: kill_workers(int(pid) for line in outputs + [job.text]
+                                              for _, pid, _ in _RANK_LINE.findall(line)))
     for target in KILL_PLAN[:KILLS]:
         pids = worker_pids(job, attempt)
         assert job.wait_for("Epoch [", count=rng.randint(1, 5), timeout=120), job.text  # steps of this attempt
@@ -85,8 +100,7 @@ def test_kills_of_ranks_and_of_the_whole_job_end_bit_identical(data, uninterrupt
         assert "EXIT 0" not in job.text, "the run ended before the kill"
         if target == "everything":
             os.killpg(job.process.pid, signal.SIGKILL)
-            for pid in pids.values():
-                os.kill(pid, signal.SIGKILL)
+            kill_workers(pids.values())
             job.wait_exit(timeout=60)
             outputs.append(job.text)
             job, attempt, launches = spawn(argv, cwd=tmp_path, env=ENV), 0, launches + 1
