@@ -21,15 +21,18 @@ import torch
 
 from sparo_dino import demo
 
-# name -> (changes to the CPU profile, main_dino.py flags on top of configs/fmnist_vit_tiny_sparo.yaml); the
-# exploration runs of docs/demo_recipes.md (B, C1, C3, D2, E1) as full demo runs on the demo's 4096 images
+# name -> (changes to the CPU profile, main_dino.py flags replacing its own on top of
+# configs/fmnist_vit_tiny_sparo.yaml); the exploration runs of docs/demo_recipes.md (B, C1, C3, D2, E1) as full demo
+# runs on the demo's 4096 images
 FAST = ("--out_dim", "1024", "--lr", "0.002", "--momentum_teacher", "0.99")  # shorter-schedule recipe
-SHORT = ("--freeze_last_layer", "0", "--drop_path_rate", "0", "--weight_decay_end", "0.04")  # no official brakes
+SHORT = demo.SHORT_RUN_FLAGS
 SHARP = ("--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02")
 CANDIDATES: dict[str, tuple[dict, tuple[str, ...]]] = {
-    "baseline": ({}, ()),  # the profile before the search: official lr and momentum, patch 4, 128 steps
-    "p16_e6": ({"epochs": 6}, ("--patch_size", "16", *FAST)),
-    "p8_e3": ({"epochs": 3}, ("--patch_size", "8", *FAST)),  # run B
+    "cpu": ({}, demo.PROFILES["cpu"].flags),  # what `make demo` runs on CPU
+    # the profile before the search: official lr and momentum, patch 4, 128 steps of 64
+    "baseline": ({"epochs": 2, "batch_size": 64}, ()),
+    "p16_e6": ({"epochs": 6, "batch_size": 64}, ("--patch_size", "16", *FAST)),
+    "p8_e3": ({"epochs": 3, "batch_size": 64}, ("--patch_size", "8", *FAST)),  # run B
     "p8_b32": ({"epochs": 2, "batch_size": 32}, ("--patch_size", "8", *SHORT, "--lr", "0.002",
                                                   "--momentum_teacher", "0.98", "--out_dim", "1024")),  # C1
     "p16_b32": ({"epochs": 4, "batch_size": 32}, ("--patch_size", "16", *SHORT, "--lr", "0.002",
