@@ -5,7 +5,7 @@
 It runs the same entry points a researcher uses (main_dino.main, eval_knn.main with
 configs/fmnist_vit_tiny_sparo.yaml), and prints the encoding's k-NN accuracy next to the same network at its random
 init and raw pixels, measured with the same k-NN code on the same images. On a GPU it trains on the full 60k
-images; on 2 CPU cores it trains for 256 steps on a subset, which the best recipe searched so far turns into an
+images; on 2 CPU cores it trains for 384 steps on a subset, which the best recipe searched so far turns into an
 encoding a few points better than its random init, short of the 5 points that count as learning
 (docs/demo_recipes.md). It says so rather than hiding it.
 """
@@ -52,9 +52,9 @@ class Profile:
 # demo_recipes.md); shared with sparo_dino.demo_search's candidates.
 SHORT_RUN_FLAGS = ("--freeze_last_layer", "0", "--drop_path_rate", "0", "--weight_decay_end", "0.04")
 PROFILES = {
-    # 256 steps of 32 at patch 16 with the search's best recipe (run E1 of docs/demo_recipes.md): what fits 10
+    # 384 steps of 32 at patch 16 with the search's best recipe (run E1 of docs/demo_recipes.md): what fits 10
     # minutes of train + eval on 2 cores. It gains a few points over its random init, short of the 5 that count.
-    "cpu": Profile("cpu", num_train=4096, num_test=2000, epochs=2, warmup_epochs=1, batch_size=32, local_crops=2,
+    "cpu": Profile("cpu", num_train=4096, num_test=2000, epochs=3, warmup_epochs=1, batch_size=32, local_crops=2,
                    flags=("--patch_size", "16", *SHORT_RUN_FLAGS, "--lr", "0.001", "--momentum_teacher", "0.99",
                           "--out_dim", "1024")),
     "gpu": Profile("gpu", num_train=None, num_test=None, epochs=10, warmup_epochs=2, batch_size=256,

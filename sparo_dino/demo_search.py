@@ -29,6 +29,7 @@ SHORT = demo.SHORT_RUN_FLAGS
 SHARP = ("--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02")
 CANDIDATES: dict[str, tuple[dict, tuple[str, ...]]] = {
     "cpu": ({}, demo.PROFILES["cpu"].flags),  # what `make demo` runs on CPU
+    "cpu_e2": ({"epochs": 2}, demo.PROFILES["cpu"].flags),  # the same for 256 steps
     # the profile before the search: official lr and momentum, patch 4, 128 steps of 64
     "baseline": ({"epochs": 2, "batch_size": 64}, ()),
     "p16_e6": ({"epochs": 6, "batch_size": 64}, ("--patch_size", "16", *FAST)),
