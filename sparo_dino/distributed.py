@@ -34,13 +34,14 @@ def _pick_device(local_rank: int) -> torch.device:
 
 
 DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's default for collectives and the rendezvous
+_store: dist.Store | None = None  # this attempt's rendezvous store, kept to ask which ranks are alive after a failure
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
     """Join the process group described by the environment, or run alone when there is none.
 
     `timeout_minutes` bounds every collective: a rank that hangs makes the others fail after it instead of holding
-    the allocation (see `collective_failure`)."""
+    the allocation (see `describe_collective_failure`)."""
     if dist.is_available() and dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, _pick_device(local_rank))
@@ -74,7 +75,6 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     return dist.PrefixStore("default_pg", _store)
 
 
-_store: dist.Store | None = None  # this attempt's rendezvous store, kept to ask which ranks are alive after a failure
 _COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
 
 
