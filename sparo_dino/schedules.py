@@ -56,11 +56,12 @@ class Schedules:
 
     @classmethod
     def for_run(cls, *, lr: float, min_lr: float, warmup_epochs: int, weight_decay: float, weight_decay_end: float,
-                momentum_teacher: float, epochs: int, iters_per_epoch: int) -> "Schedules":
+                momentum_teacher: float, epochs: int, iters_per_epoch: int,
+                final_momentum_teacher: float = 1.0) -> "Schedules":
         """`lr` must already be scaled to the total batch (see `scaled_lr`)."""
         return cls(lr=cosine_schedule(lr, min_lr, epochs, iters_per_epoch, warmup_epochs=warmup_epochs),
                    weight_decay=cosine_schedule(weight_decay, weight_decay_end, epochs, iters_per_epoch),
-                   momentum=cosine_schedule(momentum_teacher, 1.0, epochs, iters_per_epoch),
+                   momentum=cosine_schedule(momentum_teacher, final_momentum_teacher, epochs, iters_per_epoch),
                    iters_per_epoch=iters_per_epoch)
 
     def epoch_means(self, epoch: int) -> dict[str, float]:

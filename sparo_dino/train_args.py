@@ -51,7 +51,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--norm_last_layer", default=True, type=bool_flag,
                        help="fix the weight-norm magnitude of the head's last layer (more stable)")
     model.add_argument("--momentum_teacher", default=0.996, type=float,
-                       help="base EMA momentum of the teacher, cosine-scheduled to 1")
+                       help="base EMA momentum of the teacher, cosine-scheduled to --final_momentum_teacher")
+    model.add_argument("--final_momentum_teacher", default=1.0, type=float,
+                       help="teacher momentum at the end of the cosine (DINOv2's name; official DINO fixes it at 1). "
+                            "Below 1, a short run's teacher keeps following the student instead of freezing")
     model.add_argument("--use_bn_in_head", default=False, type=bool_flag, help="batch norm in the DINO head MLP")
     model.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth of the student")
     model.add_argument("--grad_checkpointing", default=False, type=bool_flag,
@@ -188,6 +191,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
         _fail(parser, f"warmup epochs (lr {args.warmup_epochs}, teacher temp {args.warmup_teacher_temp_epochs}) "
                       f"cannot exceed --epochs {args.epochs}")
+    for name in ("momentum_teacher", "final_momentum_teacher"):
+        if not 0 <= getattr(args, name) <= 1:
+            _fail(parser, f"--{name} must be in [0, 1], got {getattr(args, name)}")
     for name in ("global_crops_scale", "local_crops_scale"):
         scale = list(getattr(args, name))
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:

@@ -98,7 +98,7 @@ class DinoTrainer:
             lr=scaled_lr(args.lr, self.batch_size, info.world_size), min_lr=args.min_lr,
             warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
             weight_decay_end=args.weight_decay_end, momentum_teacher=args.momentum_teacher, epochs=args.epochs,
-            iters_per_epoch=self.iters_per_epoch)
+            iters_per_epoch=self.iters_per_epoch, final_momentum_teacher=args.final_momentum_teacher)
 
         seed_everything(args.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
         self.epoch, self.iteration = 0, 0

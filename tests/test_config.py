@@ -48,6 +48,7 @@ def test_precision_resolution() -> None:
     (["--warmup_epochs", "20", "--epochs", "10"], "cannot exceed --epochs 10"),
     (["--arch", "vit_huge"], "invalid choice: 'vit_huge'"),
     (["--dist_url", "tcp://host:1234"], "not supported"),
+    (["--final_momentum_teacher", "1.5"], "--final_momentum_teacher must be in [0, 1], got 1.5"),
 ])
 def test_bad_flags_fail_with_one_line(argv, message, capsys) -> None:
     with pytest.raises(SystemExit):

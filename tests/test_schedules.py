@@ -59,6 +59,20 @@ def test_run_schedules() -> None:
     assert all(len(a) == 20 for a in (schedules.lr, schedules.weight_decay, schedules.momentum))
 
 
+def test_final_teacher_momentum() -> None:
+    """Official DINO's momentum cosine ends at 1; DINOv2's final_momentum_teacher sets that end, and equal to the base
+    value it keeps the teacher's momentum constant."""
+    def momentum(final: float) -> np.ndarray:
+        return Schedules.for_run(lr=1e-3, min_lr=1e-6, warmup_epochs=0, weight_decay=0.04, weight_decay_end=0.4,
+                                 momentum_teacher=0.99, epochs=2, iters_per_epoch=5,
+                                 final_momentum_teacher=final).momentum
+    official = [1.0 + 0.5 * (0.99 - 1.0) * (1 + math.cos(math.pi * i / 10)) for i in range(10)]
+    np.testing.assert_allclose(momentum(1.0), official)
+    np.testing.assert_allclose(momentum(0.99), [0.99] * 10)
+    half_way = momentum(0.995)[5]
+    assert half_way == pytest.approx(0.995 + 0.5 * (0.99 - 0.995) * (1 + math.cos(math.pi / 2)))
+
+
 def test_epoch_means_are_the_official_log_values() -> None:
     """Official DINO logs train_lr / train_wd as the mean of the per-step values of the epoch (its MetricLogger's
     global_avg), not the last step's value."""
