@@ -2,7 +2,8 @@
 
 Each path builds the real trainer (trainer.DinoTrainer from main_dino.py's flags, no files written) and runs its data
 loader, its crops (train_data.TrainingData.crops) and its step (DinoTrainer.train_step), as the training loop does:
-- reference: --augmentation cpu --compile false --precision fp32 (PIL crops in the workers, eager fp32);
+- reference: --augmentation cpu --compile false --precision fp32 --fused_adamw false (PIL crops in the workers,
+  eager fp32, foreach AdamW);
 - fast: --augmentation gpu --compile auto --precision auto (main_dino.py's default on a GPU: crops made on the
   device, compiled bf16 step, fused AdamW).
 After --warmup steps (compilation, worker start-up), --steps timed steps give img/s and where the time went:
@@ -35,7 +36,8 @@ from sparo_dino.progress import memory_mb  # noqa: E402
 from sparo_dino.train_args import parse_train_args  # noqa: E402
 from sparo_dino.trainer import DinoTrainer  # noqa: E402
 
-PATHS = {"reference": ["--augmentation", "cpu", "--compile", "false", "--precision", "fp32"],
+PATHS = {"reference": ["--augmentation", "cpu", "--compile", "false", "--precision", "fp32",
+                       "--fused_adamw", "false"],
          "fast": ["--augmentation", "gpu", "--precision", "auto"]}
 
 

@@ -95,6 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear learning-rate warmup")
     optim.add_argument("--min_lr", default=1e-6, type=float, help="final learning rate (cosine)")
     optim.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer")
+    optim.add_argument("--fused_adamw", default=True, type=bool_flag,
+                       help="AdamW as one fused kernel per device (GPUs and CPUs) instead of torch's foreach kernels: "
+                            "the same update up to float rounding; false is the reference path")
 
     crops = parser.add_argument_group("multi-crop")
     crops.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.0),

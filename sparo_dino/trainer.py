@@ -89,7 +89,7 @@ class DinoTrainer:
         self.student_module = student.to(self.device)
         self.teacher.to(self.device)
         self.optimizer = build_optimizer(args.optimizer, param_groups(self.student_module),
-                                         fused=self.device.type == "cuda")
+                                         fused=args.fused_adamw)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.dino_loss = DINOLoss(args.out_dim, NUM_GLOBAL_CROPS + args.local_crops_number,
                                   args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs,
