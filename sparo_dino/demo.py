@@ -95,7 +95,7 @@ def verdict(trained: float, initial: float) -> str:
     if gain >= LEARNED_MARGIN:
         return f"training helped: {gain:+.2f} points over the same network at random init"
     if gain > 0:
-        return (f"training barely moved the encoding: {gain:+.2f} points over its random init, less than the "
+        return (f"training fell short: {gain:+.2f} points over its random init, less than the "
                 f"{LEARNED_MARGIN:g} points that count as learning here")
     return f"training did not help: {gain:+.2f} points against the same network at random init"
 

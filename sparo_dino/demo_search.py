@@ -26,6 +26,7 @@ from sparo_dino import demo
 # runs on the demo's 4096 images
 FAST = ("--out_dim", "1024", "--lr", "0.002", "--momentum_teacher", "0.99")  # shorter-schedule recipe
 SHORT = demo.SHORT_RUN_FLAGS
+NOLOCAL = (*demo.PROFILES["cpu"].flags, "--final_momentum_teacher", "0.99", "--augmentation", "gpu")
 SHARP = ("--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02")
 CANDIDATES: dict[str, tuple[dict, tuple[str, ...]]] = {
     "cpu": ({}, demo.PROFILES["cpu"].flags),  # what `make demo` runs on CPU
@@ -50,6 +51,11 @@ CANDIDATES: dict[str, tuple[dict, tuple[str, ...]]] = {
     # the same for 768 steps, with AdamW fused on the CPU (the default since this run)
     "nolocal_e6": ({"epochs": 6, "local_crops": 0},
                    (*demo.PROFILES["cpu"].flags, "--final_momentum_teacher", "0.99", "--augmentation", "gpu")),
+    # nolocal_e5 with twice the lr, or with a sharper teacher (its entropy starts near uniform)
+    "nolocal_lr2": ({"epochs": 5, "local_crops": 0},
+                    (*NOLOCAL, "--lr", "0.002")),
+    "nolocal_sharp": ({"epochs": 5, "local_crops": 0},
+                      (*NOLOCAL, "--teacher_temp", "0.025", "--warmup_teacher_temp", "0.025")),
 }
 
 HEADER = ("| candidate | seed | profile changes | flags | train min | total min | img/s | init top-1 | trained top-1 "

@@ -75,7 +75,8 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     return dist.PrefixStore("default_pg", _store)
 
 
-_COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
+# gloo's transport errors; narrow on purpose: a DataLoader's "timed out after N seconds" is not a collective's
+_COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
 
 
 def is_collective_failure(error: BaseException) -> bool:

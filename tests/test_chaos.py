@@ -19,7 +19,7 @@ import pytest
 
 import main_dino
 from conftest import OutputLines, make_image_folder
-from sparo_dino import checkpoint
+from sparo_dino import checkpoint, distributed
 from test_faults import temporaries, write_wrapper
 from test_train import TINY, assert_same_training_state, error_line, load
 
@@ -166,3 +166,14 @@ def test_dist_timeout_must_be_positive(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main_dino.main([*TINY, "--data_path", str(tmp_path), "--dist_timeout_minutes", "0"])
     assert "--dist_timeout_minutes must be > 0, got 0.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("message, collective", [
+    ("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 6000ms for recv operation to complete", True),
+    ("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500", True),
+    ("DataLoader timed out after 60 seconds", False),  # a data-loader stall is not a lost rank
+    ("CUDA out of memory", False),
+])
+def test_only_collective_errors_are_reported_as_collective_failures(monkeypatch, message, collective) -> None:
+    monkeypatch.setattr(distributed, "is_dist", lambda: True)
+    assert distributed.is_collective_failure(RuntimeError(message)) is collective
