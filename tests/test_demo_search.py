@@ -13,10 +13,15 @@ from sparo_dino.train_args import parse_train_args
 @pytest.mark.parametrize("name", list(demo_search.CANDIDATES))
 def test_every_candidate_parses_as_main_dino_flags(name: str) -> None:
     changes, flags = demo_search.CANDIDATES[name]
-    profile = dataclasses.replace(demo.PROFILES["cpu"], **changes)
+    profile = dataclasses.replace(demo_search.BASE, **changes)
     args = parse_train_args(["--config", str(demo.CONFIGS["vit_tiny_sparo"]), "--epochs", str(profile.epochs),
                              "--warmup_epochs", str(profile.warmup_epochs), *flags])
     assert args.arch == "vit_tiny_sparo" and args.epochs == profile.epochs
+
+
+def test_the_cpu_candidate_is_the_demos_profile() -> None:
+    changes, flags = demo_search.CANDIDATES["cpu"]
+    assert dataclasses.replace(demo_search.BASE, **changes, flags=flags, name="cpu") == demo.PROFILES["cpu"]
 
 
 def test_each_run_appends_a_row_under_one_header(tmp_path, monkeypatch) -> None:
