@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("baseline")
     group.add_argument("--init_baseline", action="store_true",
                        help="also evaluate the network the run started from (same config and seed, random init) on "
-                            "the same images with the same k-NN, and report the difference")
+                            "the same images with the same k-NN, and report the difference (with --per_slot, per "
+                            "slot too)")
     return parser
 
 
@@ -109,6 +110,11 @@ def run_knn(data: features.FeatureSet, args: argparse.Namespace, device: torch.d
     return results
 
 
+def _slot_spread(top1: list[float]) -> str:
+    best = max(range(len(top1)), key=top1.__getitem__)
+    return f"best {top1[best]:.2f} (slot {best}), mean {sum(top1) / len(top1):.2f}, worst {min(top1):.2f}"
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """The official one-line-per-k summary, then the random-init baseline and the slot analysis."""
     lines = [f"{k}-NN classifier result: Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}"
@@ -121,9 +127,10 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     if "per_slot" in results:
         k, top1 = results["per_slot"]["k"], results["per_slot"]["top1"]
         lines += [f"slot {slot} {k}-NN Top1: {acc:.2f}" for slot, acc in enumerate(top1)]
-        best = max(range(len(top1)), key=top1.__getitem__)
-        lines.append(f"per-slot {k}-NN Top1: best {top1[best]:.2f} (slot {best}), "
-                     f"mean {sum(top1) / len(top1):.2f}, worst {min(top1):.2f}")
+        lines.append(f"per-slot {k}-NN Top1: {_slot_spread(top1)}")
+    if "init_per_slot" in results:
+        k, top1 = results["init_per_slot"]["k"], results["init_per_slot"]["top1"]
+        lines.append(f"per-slot {k}-NN Top1 at random init: {_slot_spread(top1)}")
     if "selected_slots" in results:
         selected = results["selected_slots"]
         lines.append(f"selected slots (best first on a {selected['holdout_fraction']:g} train hold-out): "
@@ -151,9 +158,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if data is None:  # features live on the main process only
             return None
         results = run_knn(data, args, info.device)
-        if initial is not None:
-            results["init_baseline"] = run_knn(initial, argparse.Namespace(**{**vars(args), "per_slot": False,
-                                                                            "select_slots": None}), info.device)["knn"]
+        if initial is not None:  # with --per_slot also per slot: what each slot holds before any training
+            baseline = run_knn(initial, argparse.Namespace(**{**vars(args), "select_slots": None}), info.device)
+            results["init_baseline"] = baseline["knn"]
+            if "per_slot" in baseline:
+                results["init_per_slot"] = baseline["per_slot"]
         results["provenance"] = provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})
         for line in summary_lines(results):
             print(line, flush=True)
