@@ -54,7 +54,8 @@ SHORT_RUN_FLAGS = ("--freeze_last_layer", "0", "--drop_path_rate", "0", "--weigh
 PROFILES = {
     # 640 steps of 32 at patch 16 with the search's best recipe (docs/demo_recipes.md): run E1's lr and teacher
     # momentum, no local crops (1.6x the images per second, faster learning per step), the momentum held at 0.99 so
-    # the teacher keeps following the student to the end, crops batched in the main process (15% faster on 2 cores).
+    # the teacher keeps following the student to the end, crops batched in the main process (with fused AdamW x1.33
+    # the img/s of PIL crops and foreach AdamW on 2 cores, benchmarks/train.py).
     # About 7 minutes of train + eval on 2 cores; it gains 4-5 points over its random init, at the 5 that count.
     "cpu": Profile("cpu", num_train=4096, num_test=2000, epochs=5, warmup_epochs=1, batch_size=32, local_crops=0,
                    flags=("--patch_size", "16", *SHORT_RUN_FLAGS, "--lr", "0.001", "--momentum_teacher", "0.99",
