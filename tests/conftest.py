@@ -121,10 +121,9 @@ class OutputLines:
                 raise AssertionError(f"no {marker!r} within {timeout} s; output so far:\n{self.text}") from None
             if line is None:
                 return False
-            if marker in line:
-                count -= 1
-                if count == 0:
-                    return True
+            count -= line.count(marker)  # two processes' writes may share a line
+            if count <= 0:
+                return True
 
     def wait_exit(self, timeout: float = 120) -> int:
         """The exit status, once the process ended and its output was read to the end."""

@@ -32,7 +32,8 @@ ITERS_PER_EPOCH = 4  # 32 images, 2 ranks x 4 per step
 # is followed by the same command again.
 KILL_PLAN = ("rank 0", "everything", "rank 1", "rank 0", "rank 1")
 KILLS = int(os.environ.get("CHAOS_KILLS", "2"))
-_RANK_LINE = re.compile(r"^RANK (\d+) PID (\d+) ATTEMPT (\d+)$", re.MULTILINE)
+# not anchored at the line's start: another process's unterminated text may precede the marker on its line
+_RANK_LINE = re.compile(r"RANK (\d+) PID (\d+) ATTEMPT (\d+)$", re.MULTILINE)
 _STEP_LINE = re.compile(r"^Epoch \[\d+/\d+\] it \[\d+/\d+\]", re.MULTILINE)
 
 
@@ -68,7 +69,7 @@ def kill_workers(pids) -> None:
 
 def worker_pids(job: OutputLines, attempt: int) -> dict[int, int]:
     """rank -> pid of the workers of torchrun's restart `attempt`, once both have started."""
-    job.wait_for(f"ATTEMPT {attempt}", count=2, timeout=120)
+    assert job.wait_for(f"ATTEMPT {attempt}", count=2, timeout=120), job.text
     return {int(rank): int(pid) for rank, pid, seen in _RANK_LINE.findall(job.text) if int(seen) == attempt}
 
 

@@ -28,14 +28,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # itself SIGTERM right after the step that ends at (epoch, iteration), HANG_AT="epoch,iteration,rank" makes it stop
 # answering there (a hung rank); FULL_DISK_AFTER=N makes every checkpoint write after the first N fail as a full
 # disk does. Each process first prints "RANK r PID p ATTEMPT a" (a = torchrun's restart count), for kills by rank.
+# Markers go out with one os.write per line: print() under PYTHONUNBUFFERED writes the text and its newline
+# separately, so two ranks' markers could share a line ("...ATTEMPT 1RANK 0 ...") and a wait for them would miss one.
 WRAPPER = '''
 import errno, io, os, signal, sys, time
 import torch
 import main_dino
 from sparo_dino import trainer
 
-print(f"RANK {os.environ.get('RANK', '0')} PID {os.getpid()} ATTEMPT {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
-      flush=True)
+
+def say(line):
+    os.write(1, (line + "\\n").encode())
+
+
+say(f"RANK {os.environ.get('RANK', '0')} PID {os.getpid()} ATTEMPT {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
 
 pause = float(os.environ.get("SLOW_SAVE_S", "0"))
 if pause:
@@ -45,13 +51,13 @@ if pause:
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
         data = buffer.getvalue()
-        print("SAVE_BEGIN", flush=True)
+        say("SAVE_BEGIN")
         chunk = -(-len(data) // 8)
         for start in range(0, len(data), chunk):
             handle.write(data[start:start + chunk])
             handle.flush()
             time.sleep(pause / 8)
-        print("SAVE_END", flush=True)
+        say("SAVE_END")
 
     torch.save = slow_save
 
@@ -64,13 +70,13 @@ if full_after >= 0:
         if len(saves) <= full_after:
             return real_save(obj, handle, *args, **kwargs)
         handle.write(b"\\0" * 4096)
-        print(f"DISK FULL {time.time()}", flush=True)
+        say(f"DISK FULL {time.time()}")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     torch.save = disk_fills_up
 
 for variable, fault in (("SIGTERM_AT", lambda: os.kill(os.getpid(), signal.SIGTERM)),
-                        ("HANG_AT", lambda: (print(f"HANGING {time.time()}", flush=True), time.sleep(3600)))):
+                        ("HANG_AT", lambda: (say(f"HANGING {time.time()}"), time.sleep(3600)))):
     if os.environ.get(variable):
         def step_then_fault(self, crops, epoch, global_iteration, at=tuple(map(int, os.environ[variable].split(","))),
                             fault=fault, step=trainer.DinoTrainer.train_step):
@@ -82,7 +88,8 @@ for variable, fault in (("SIGTERM_AT", lambda: os.kill(os.getpid(), signal.SIGTE
         trainer.DinoTrainer.train_step = step_then_fault
 
 code = main_dino.main(sys.argv[1:])
-print(f"RANK {os.environ.get('RANK', '0')} EXIT {code}", flush=True)
+sys.stdout.flush()
+say(f"RANK {os.environ.get('RANK', '0')} EXIT {code}")
 sys.exit(code)
 '''
 
