@@ -75,6 +75,12 @@ CANDIDATES: dict[str, tuple[dict, tuple[str, ...]]] = {
     # nolocal_sharp at patch 8: a lower random init (more room), 3x the cost per step
     "p8_nolocal_sharp": ({"epochs": 3, "local_crops": 0},
                          (*NOLOCAL, "--patch_size", "8", "--teacher_temp", "0.025", "--warmup_teacher_temp", "0.025")),
+    # patch 8 trained on 16 px global crops (2x2 tokens: the cost of a patch-16 step) and evaluated at 32 px (4x4
+    # tokens, its lower random init): the low-resolution training of DINO's local crops, for the whole run; with
+    # the official crop scales, or with smaller crops so objects appear at about the size the 32 px view shows
+    "p8_g16": ({"epochs": 5, "local_crops": 0}, (*NOLOCAL, "--patch_size", "8", "--global_crop_size", "16")),
+    "p8_g16_zoom": ({"epochs": 5, "local_crops": 0},
+                    (*NOLOCAL, "--patch_size", "8", "--global_crop_size", "16", "--global_crops_scale", "0.25", "1")),
 }
 
 HEADER = ("| candidate | seed | profile changes | flags | train min | total min | img/s | init top-1 | trained top-1 "
