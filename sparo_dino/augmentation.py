@@ -128,6 +128,9 @@ class MultiCropAugmentation:
         return crops
 
 
+EVAL_RESIZE_RATIO = 256 / 224  # official Resize 256 / CenterCrop 224, for evaluation views of other sizes
+
+
 def eval_transform(resize_size: int = 256, crop_size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
     """Official k-NN / linear-probe evaluation preprocessing: bicubic resize of the short side, centre crop."""
     return v2.Compose([v2.Resize(resize_size, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(crop_size)]

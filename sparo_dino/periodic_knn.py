@@ -20,7 +20,6 @@ from sparo_dino import augmentation, distributed, features, knn
 
 K = 20
 TEMPERATURE = 0.07
-EVAL_RESIZE_RATIO = 256 / 224  # official Resize 256 / CenterCrop 224, scaled to the run's crop size
 
 
 def _fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
@@ -34,9 +33,9 @@ def _fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
 class PeriodicKnn:
     """The monitor's data, built (and checked) once at start-up; `top1(backbone)` is a collective."""
 
-    def __init__(self, dataset: str, path: str, subset: int, crop_size: int, batch_size: int, num_workers: int,
-                 device: torch.device, seed: int = 0) -> None:
-        transform = augmentation.eval_transform(round(crop_size * EVAL_RESIZE_RATIO), crop_size)
+    def __init__(self, dataset: str, path: str, subset: int, resize_size: int, crop_size: int, batch_size: int,
+                 num_workers: int, device: torch.device, seed: int = 0) -> None:
+        transform = augmentation.eval_transform(resize_size, crop_size)
         train, val = features.build_splits(argparse.Namespace(dataset=dataset, data_path=path), transform, transform)
         self.num_classes = len(train.classes)
         self.train = _fixed_subset(train, subset, seed)

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 import sparo_vit
+from sparo_dino import augmentation
 from sparo_dino.config import bool_flag, parse_args
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
 from sparo_dino.datasets import DATASETS, FASHION_MNIST_DIR
@@ -140,6 +141,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "the Fashion-MNIST IDX folder (default for fashion_mnist: --data_path)")
     knn.add_argument("--knn_subset", default=5000, type=int,
                      help="at most this many images of each split (a fixed random subset), to keep the monitor cheap")
+    knn.add_argument("--knn_crop_size", default=None, type=int,
+                     help="centre crop of the monitor's images, as eval_knn.py --crop_size (default: "
+                          "--global_crop_size); set it when a run trains at another resolution than it is evaluated")
+    knn.add_argument("--knn_resize_size", default=None, type=int,
+                     help="resize before the centre crop, as eval_knn.py --resize_size (default: the crop x 256/224)")
     add_launcher_args(parser)
     return parser
 
@@ -177,14 +183,18 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         if changed:
             _fail(parser, f"SPARO flag(s) {', '.join('--' + k for k in changed)} need a SPARO arch "
                           f"(e.g. {args.arch}_sparo), got --arch {args.arch}")
-    for name in ("global_crop_size", "local_crop_size", "img_size"):
+    args.knn_crop_size = args.global_crop_size if args.knn_crop_size is None else args.knn_crop_size
+    if args.knn_resize_size is None:
+        args.knn_resize_size = round(args.knn_crop_size * augmentation.EVAL_RESIZE_RATIO)
+    for name in ("global_crop_size", "local_crop_size", "img_size", "knn_crop_size"):
         if getattr(args, name) % args.patch_size:
             _fail(parser, f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}")
     if args.knn_every and args.knn_data_path is None:
         if args.dataset != "fashion_mnist":
             _fail(parser, "--knn_every needs --knn_data_path (a folder holding train/ and val/ ImageFolders)")
         args.knn_data_path = args.data_path  # the IDX folder holds the labelled train and test splits too
-    for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size", "knn_subset"):
+    for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size", "knn_subset",
+                 "knn_crop_size", "knn_resize_size"):
         if getattr(args, name) < 1:
             _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("local_crops_number", "num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",

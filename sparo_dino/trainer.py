@@ -130,8 +130,8 @@ class DinoTrainer:
         if not args.knn_every:
             return None
         try:
-            return PeriodicKnn(args.dataset, args.knn_data_path, args.knn_subset, args.global_crop_size,
-                               self.batch_size, args.num_workers, self.device, seed=args.seed)
+            return PeriodicKnn(args.dataset, args.knn_data_path, args.knn_subset, args.knn_resize_size,
+                               args.knn_crop_size, self.batch_size, args.num_workers, self.device, seed=args.seed)
         except ValueError as error:
             raise TrainingError(f"--knn_data_path: {error}") from error
 

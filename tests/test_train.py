@@ -370,6 +370,39 @@ def test_periodic_knn_logs_the_teacher_accuracy_that_eval_knn_reports(images, st
     assert all(torch.equal(a[part][key], b[part][key]) for part in ("teacher", "student") for key in a[part])
 
 
+def test_periodic_knn_evaluates_at_its_own_resolution(images, tmp_path, monkeypatch) -> None:
+    """A run that trains on 16 px global crops and is judged at 32 px (the CPU demo) monitors the 32 px view:
+    --knn_resize_size / --knn_crop_size give the number eval_knn.py reports with the same --resize_size /
+    --crop_size; without them the monitor evaluates at the training resolution (resize 18, crop 16)."""
+    import eval_knn
+    from sparo_dino import augmentation
+
+    views = []
+    real_eval_transform = augmentation.eval_transform
+    monkeypatch.setattr(augmentation, "eval_transform",
+                        lambda resize, crop: views.append((resize, crop)) or real_eval_transform(resize, crop))
+    labelled = make_image_folder(tmp_path / "labelled", num_classes=3, per_class=6, size=32, splits=("train", "val"))
+    low_res = ["--epochs", "1", "--global_crop_size", "16", "--local_crops_number", "0", "--knn_every", "1",
+               "--knn_data_path", labelled, "--knn_subset", "100"]
+    assert run(images, str(tmp_path / "default"), *low_res).code == 0
+    assert views == [(18, 16)]
+    out = str(tmp_path / "run")
+    assert run(images, out, *low_res, "--knn_resize_size", "32", "--knn_crop_size", "32").code == 0
+    assert views[1:] == [(32, 32)]
+    monitored = json.loads(open(os.path.join(out, "log.txt")).readline())["knn_top1"]
+    evaluated = eval_knn.main(["--pretrained_weights", os.path.join(out, "checkpoint.pth"), "--data_path", labelled,
+                               "--resize_size", "32", "--crop_size", "32", "--nb_knn", "20", "--num_workers", "0",
+                               "--batch_size_per_gpu", "8", "--knn_backend", "torch",
+                               "--output_dir", str(tmp_path / "eval")])
+    assert monitored == pytest.approx(evaluated["knn"]["20"]["top1"])
+
+
+def test_knn_crop_size_must_suit_the_patch_size(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_train_args([*TINY, "--data_path", "x", "--knn_crop_size", "20"])
+    assert "--knn_crop_size 20 is not divisible by --patch_size 8" in capsys.readouterr().err
+
+
 def test_knn_every_needs_labelled_data(images, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         parse_train_args([*TINY, "--data_path", "x", "--knn_every", "1"])
