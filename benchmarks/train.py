@@ -55,7 +55,7 @@ class Split:
 def trainer_argv(args: argparse.Namespace, arch: str, root: str, output_dir: str, path: str) -> list[str]:
     compile_flag = ["--compile", args.compile] if path == "fast" else []
     return ["--arch", arch, "--data_path", root, "--output_dir", output_dir, "--patch_size", str(args.patch_size),
-            "--img_size", str(args.global_size), "--global_crop_size", str(args.global_size),
+            "--img_size", str(args.img_size or args.global_size), "--global_crop_size", str(args.global_size),
             "--local_crop_size", str(args.local_size), "--local_crops_number", str(args.local_crops_number),
             "--out_dim", str(args.out_dim), "--batch_size_per_gpu", str(args.batch_size_per_gpu),
             "--num_workers", str(args.workers), *PATHS[path], *compile_flag]
@@ -122,6 +122,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--batch_size_per_gpu", type=int, default=64)
     parser.add_argument("--global_size", type=int, default=224)
+    parser.add_argument("--img_size", type=int, default=None,
+                        help="position-embedding grid (default: --global_size); the CPU demo trains 16 px crops of a "
+                             "32 px grid")
     parser.add_argument("--local_size", type=int, default=96)
     parser.add_argument("--local_crops_number", type=int, default=10, help="the issue's 2x224 + 10x96")
     parser.add_argument("--patch_size", type=int, default=16)
@@ -138,7 +141,8 @@ def run(args: argparse.Namespace, root: str) -> list[Row]:
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setting = (f"batch {args.batch_size_per_gpu}, 2x{args.global_size} + {args.local_crops_number}x{args.local_size}, "
-               f"patch {args.patch_size}, out_dim {args.out_dim}, {args.workers} workers")
+               f"img_size {args.img_size or args.global_size}, patch {args.patch_size}, out_dim {args.out_dim}, "
+               f"{args.workers} workers")
     print(f"device: {name} | torch {torch.__version__} | cores {os.cpu_count()} | {setting}", flush=True)
     rows = []
     for arch in args.archs:
