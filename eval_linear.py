@@ -8,7 +8,8 @@ final-norm CLS of the --n_last_blocks - 1 blocks before SPARO in front of it); f
 the last --n_last_blocks blocks (4, official ViT-S recipe), plus the mean patch token with --avgpool_patchtokens true.
 Official protocol: RandomResizedCrop + flip, SGD momentum 0.9, weight decay 0, cosine over --epochs, lr x batch/256,
 validation on official DINO's epochs, checkpoint each epoch (an interrupted probe resumes). `--fast` trains the same
-classifier on cached centre-crop features instead (no augmentation; labelled FAST MODE in every output). Prints
+classifier on cached centre-crop features instead (no augmentation; labelled FAST MODE in every output), with
+`--init_baseline` also on the features of the run's random-init network. Prints
 `Linear probe result [<protocol>]: best Top1: X (epoch E, ...), final Top1: ...` and writes results_linear.json to
 the output folder. `--evaluate` only validates a trained head and prints official DINO's accuracy line.
 """
@@ -30,6 +31,7 @@ from sparo_dino import augmentation, config, distributed, features, linear_probe
 DEFAULT_N_LAST_BLOCKS = 4
 # --fast's base lrs: official 1e-3 and around it, up to where unnormalized SPARO encodings of a short run need it
 DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+INIT_BASELINE_DIR = "init_baseline"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--holdout_fraction", type=float, default=0.1,
                        help="--fast with several --lr_grid values: share of the train features that chooses the lr")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--init_baseline", action="store_true",
+                       help="--fast: also probe the network the run started from (same config and seed, random init) "
+                            "on the same images with the same lr grid and hold-out, and report the difference")
     return parser
 
 
@@ -154,12 +159,13 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
                  _output_dir(args, tag, "official"), info.device, reduce=True)
 
 
-def fast_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Probe | None:
+def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bool = False) -> Probe | None:
     """Fast mode: features extracted once (all ranks), classifier trained on the main process (None elsewhere).
 
     With several --lr_grid values the classifier is one head per lr (linear_probe.LinearHeads), trained on the
-    train features minus a seeded hold-out that chooses among them (`holdout_batches`)."""
-    data = features.compute_features(args, info.device, kind_resolver(args))
+    train features minus a seeded hold-out that chooses among them (`holdout_batches`). `at_init`: the same probe
+    on the features of the run's random-init network, in the output folder's init_baseline/."""
+    data = features.compute_features(args, info.device, kind_resolver(args), at_init=at_init)
     if data is None:
         return None
     train_features = data.train_features.to(info.device)
@@ -187,8 +193,12 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Probe | 
     run = {"protocol": "fast", "kind": data.meta["kind"], "dim": train_features.shape[1], "num_classes": classes,
            "tag": data.meta["tag"], "epochs": args.epochs, "lr": lrs[0] if len(lrs) == 1 else lrs,
            "total_batch_size": args.batch_size_per_gpu, "options": data.meta["options"]}
-    probe = Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run,
-                  _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False)
+    output_dir = _output_dir(args, data.meta["tag"], "fast")
+    if at_init:
+        run["at_init"] = True  # a resumed head must come from the same network
+        output_dir = os.path.join(output_dir, INIT_BASELINE_DIR)
+    probe = Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run, output_dir, info.device,
+                  reduce=False)
     if holdout is not None:
         probe.run["holdout_fraction"] = args.holdout_fraction
         probe.holdout_batches = lambda: linear_probe.tensor_batches(*holdout, args.batch_size_per_gpu)
@@ -222,6 +232,32 @@ def summary_line(results: dict[str, Any]) -> str:
     return line
 
 
+def init_baseline_line(results: dict[str, Any]) -> str:
+    """The trained probe next to the same probe on the random-init network: the final top-1 of each (the lr grid's
+    choice is made on the train hold-out, so final is what both report)."""
+    initial = results["init_baseline"]
+    protocol = linear_probe.PROTOCOLS[results["run"]["protocol"]]
+    line = (f"Linear probe at random init (same arch, seed and images) [{protocol}]: final Top1: "
+            f"{initial['final']['top1']:.2f}, Top5: {initial['final']['top5']:.2f}")
+    if "lr_grid" in initial:
+        line += f"; lr {initial['lr_grid']['chosen_lr']:g} chosen on the same hold-out"
+    gain = results["final"]["top1"] - initial["final"]["top1"]
+    return line + f"; trained minus init: {gain:+.2f} points of Top1"
+
+
+def train(args: argparse.Namespace, probe: Probe) -> dict[str, Any]:
+    """Train `probe`'s head (every head of an lr grid) and validate it; resumes from its output folder."""
+    os.makedirs(probe.output_dir, exist_ok=True)
+    if probe.holdout_batches is not None:
+        return linear_probe.fit_lr_grid(probe.classifier, probe.train_batches, probe.holdout_batches,
+                                        probe.val_batches, num_classes=probe.run["num_classes"], epochs=args.epochs,
+                                        output_dir=probe.output_dir, run=probe.run, device=probe.device)
+    return linear_probe.fit(probe.classifier, probe.train_batches, probe.val_batches, probe.featurize,
+                            num_classes=probe.run["num_classes"], epochs=args.epochs, lr=probe.run["lr"],
+                            val_freq=args.val_freq, output_dir=probe.output_dir, run=probe.run, device=probe.device,
+                            reduce=probe.reduce, model=probe.model)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Flags that cannot work together, refused before any process group, file or model is touched."""
     if args.epochs < 1 or args.val_freq < 1:
@@ -235,6 +271,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.fast and args.lr != build_parser().get_default("lr"):
         raise ValueError("--fast trains one head per --lr_grid value; for a single lr give --lr_grid LR (--lr is the "
                          "official protocol's)")
+    if args.init_baseline and (not args.fast or args.evaluate or args.load_features):
+        raise ValueError("--init_baseline needs --fast training from --pretrained_weights (a training checkpoint), "
+                         "not the official protocol, --evaluate or --load_features")
     if min(args.lr_grid) <= 0 or not 0 < args.holdout_fraction < 1:
         raise ValueError("--lr_grid values must be > 0 and --holdout_fraction in (0, 1)")
     distributed.check_launcher_args(args)
@@ -245,27 +284,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     check_args(args)
     info = distributed.init_distributed(timeout_minutes=args.dist_timeout_minutes)
     try:
+        # the baseline first: a checkpoint that cannot give it fails before the long extraction
+        initial = fast_probe(args, info, at_init=True) if args.init_baseline else None
         probe = fast_probe(args, info) if args.fast else official_probe(args, info)
         if probe is None:
             return None
         if args.evaluate:
             return evaluate_head(args, probe)
-        os.makedirs(probe.output_dir, exist_ok=True)
-        if probe.holdout_batches is not None:
-            results = linear_probe.fit_lr_grid(probe.classifier, probe.train_batches, probe.holdout_batches,
-                                               probe.val_batches, num_classes=probe.run["num_classes"],
-                                               epochs=args.epochs, output_dir=probe.output_dir, run=probe.run,
-                                               device=probe.device)
-        else:
-            results = linear_probe.fit(probe.classifier, probe.train_batches, probe.val_batches, probe.featurize,
-                                       num_classes=probe.run["num_classes"], epochs=args.epochs, lr=probe.run["lr"],
-                                       val_freq=args.val_freq, output_dir=probe.output_dir, run=probe.run,
-                                       device=probe.device, reduce=probe.reduce, model=probe.model)
+        results = train(args, probe)
         if not distributed.is_main_process():
             return None
         results = {**results, "run": probe.run,
                    "provenance": provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})}
         print(summary_line(results), flush=True)
+        if initial is not None:
+            results["init_baseline"] = {**train(args, initial), "run": initial.run}
+            print(init_baseline_line(results), flush=True)
         config.save_config(args, probe.output_dir, name="config_linear.yaml")
         features.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results

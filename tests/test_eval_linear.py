@@ -232,3 +232,46 @@ def test_fast_lr_grid_trains_every_head_in_one_pass_and_chooses_on_a_train_holdo
     assert evaluated["evaluate"]["top1"] == pytest.approx(top1, abs=1e-6)
     with pytest.raises(ValueError, match="--fast trains one head per --lr_grid value"):
         eval_linear.main(["--load_features", feature_cache, "--fast", "--lr", "0.5"])
+
+
+def test_init_baseline_is_the_same_probe_on_the_runs_initial_network(image_folder, tmp_path, capsys):
+    """--fast --init_baseline: the trained probe is unchanged, and the baseline equals a fast probe (same lr grid and
+    hold-out) of a checkpoint that holds the run's initial network as its weights; one line gives the difference."""
+    import main_dino
+    from test_features import training_checkpoint
+    from test_train import TINY
+
+    sparo = ["--arch", "vit_tiny_sparo", "--num_slots", "4", "--slot_dim", "8", "--attn_dim", "8"]
+    assert main_dino.main([*TINY, *sparo, "--data_path", os.path.join(image_folder, "train"), "--epochs", "1",
+                           "--lr", "0.05", "--output_dir", str(tmp_path / "run")]) == 0
+    checkpoint = str(tmp_path / "run" / "checkpoint.pth")
+    probe = ["--data_path", image_folder, *SMALL_IMAGES, "--fast", "--epochs", "3", "--lr_grid", "0.1", "10",
+             "--holdout_fraction", "0.25"]
+    capsys.readouterr()
+    results = eval_linear.main(["--pretrained_weights", checkpoint, *probe, "--init_baseline",
+                                "--output_dir", str(tmp_path / "with_baseline")])
+    out = capsys.readouterr().out
+    alone = eval_linear.main(["--pretrained_weights", checkpoint, *probe, "--output_dir", str(tmp_path / "alone")])
+    assert results["final"] == alone["final"] and results["lr_grid"] == alone["lr_grid"]
+
+    args = eval_linear.build_parser().parse_args(["--pretrained_weights", checkpoint])
+    initial, options, _ = features.load_backbone(args, at_init=True)
+    init_path = tmp_path / "init" / "checkpoint.pth"
+    init_path.parent.mkdir()
+    torch.save(training_checkpoint(initial, options), init_path)
+    at_init = eval_linear.main(["--pretrained_weights", str(init_path), *probe, "--output_dir", str(tmp_path / "i")])
+    assert results["init_baseline"]["final"] == at_init["final"]
+    assert results["init_baseline"]["lr_grid"] == at_init["lr_grid"]
+    assert results["init_baseline"]["run"]["at_init"] is True
+    assert (tmp_path / "with_baseline" / eval_linear.INIT_BASELINE_DIR / linear_probe.CHECKPOINT_NAME).exists()
+    gain = results["final"]["top1"] - at_init["final"]["top1"]
+    assert (f"Linear probe at random init (same arch, seed and images) [FAST MODE" in out
+            and f"final Top1: {at_init['final']['top1']:.2f}" in out and f"trained minus init: {gain:+.2f}" in out)
+    saved = json.loads((tmp_path / "with_baseline" / "results_linear.json").read_text())
+    assert saved["init_baseline"]["final"]["top1"] == at_init["final"]["top1"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--fast", "--evaluate"], ["--fast", "--load_features", "x"]])
+def test_init_baseline_needs_fast_training_from_a_checkpoint(flags, image_folder, tmp_path):
+    with pytest.raises(ValueError, match="--init_baseline needs --fast training from --pretrained_weights"):
+        eval_linear.main(["--pretrained_weights", "x", "--data_path", image_folder, *flags, "--init_baseline"])
