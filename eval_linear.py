@@ -164,7 +164,7 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
 
     With several --lr_grid values the classifier is one head per lr (linear_probe.LinearHeads), trained on the
     train features minus a seeded hold-out that chooses among them (`holdout_batches`). `at_init`: the same probe
-    on the features of the run's random-init network, in the output folder's init_baseline/."""
+    on the features of the run's random-init network (main puts it in the trained probe's init_baseline/)."""
     data = features.compute_features(args, info.device, kind_resolver(args), at_init=at_init)
     if data is None:
         return None
@@ -193,12 +193,10 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
     run = {"protocol": "fast", "kind": data.meta["kind"], "dim": train_features.shape[1], "num_classes": classes,
            "tag": data.meta["tag"], "epochs": args.epochs, "lr": lrs[0] if len(lrs) == 1 else lrs,
            "total_batch_size": args.batch_size_per_gpu, "options": data.meta["options"]}
-    output_dir = _output_dir(args, data.meta["tag"], "fast")
     if at_init:
         run["at_init"] = True  # a resumed head must come from the same network
-        output_dir = os.path.join(output_dir, INIT_BASELINE_DIR)
-    probe = Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run, output_dir, info.device,
-                  reduce=False)
+    probe = Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run,
+                  _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False)
     if holdout is not None:
         probe.run["holdout_fraction"] = args.holdout_fraction
         probe.holdout_batches = lambda: linear_probe.tensor_batches(*holdout, args.batch_size_per_gpu)
@@ -297,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         results = {**results, "run": probe.run,
                    "provenance": provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})}
         print(summary_line(results), flush=True)
-        if initial is not None:
+        if initial is not None:  # beside the trained head, whatever the init features' tag
+            initial.output_dir = os.path.join(probe.output_dir, INIT_BASELINE_DIR)
             results["init_baseline"] = {**train(args, initial), "run": initial.run}
             print(init_baseline_line(results), flush=True)
         config.save_config(args, probe.output_dir, name="config_linear.yaml")

@@ -248,8 +248,7 @@ def test_init_baseline_is_the_same_probe_on_the_runs_initial_network(image_folde
     probe = ["--data_path", image_folder, *SMALL_IMAGES, "--fast", "--epochs", "3", "--lr_grid", "0.1", "10",
              "--holdout_fraction", "0.25"]
     capsys.readouterr()
-    results = eval_linear.main(["--pretrained_weights", checkpoint, *probe, "--init_baseline",
-                                "--output_dir", str(tmp_path / "with_baseline")])
+    results = eval_linear.main(["--pretrained_weights", checkpoint, *probe, "--init_baseline"])  # default folder
     out = capsys.readouterr().out
     alone = eval_linear.main(["--pretrained_weights", checkpoint, *probe, "--output_dir", str(tmp_path / "alone")])
     assert results["final"] == alone["final"] and results["lr_grid"] == alone["lr_grid"]
@@ -263,11 +262,12 @@ def test_init_baseline_is_the_same_probe_on_the_runs_initial_network(image_folde
     assert results["init_baseline"]["final"] == at_init["final"]
     assert results["init_baseline"]["lr_grid"] == at_init["lr_grid"]
     assert results["init_baseline"]["run"]["at_init"] is True
-    assert (tmp_path / "with_baseline" / eval_linear.INIT_BASELINE_DIR / linear_probe.CHECKPOINT_NAME).exists()
+    folder = tmp_path / "run" / "linear_fast_checkpoint_teacher"
+    assert (folder / eval_linear.INIT_BASELINE_DIR / linear_probe.CHECKPOINT_NAME).exists()
     gain = results["final"]["top1"] - at_init["final"]["top1"]
     assert (f"Linear probe at random init (same arch, seed and images) [FAST MODE" in out
             and f"final Top1: {at_init['final']['top1']:.2f}" in out and f"trained minus init: {gain:+.2f}" in out)
-    saved = json.loads((tmp_path / "with_baseline" / "results_linear.json").read_text())
+    saved = json.loads((folder / "results_linear.json").read_text())
     assert saved["init_baseline"]["final"]["top1"] == at_init["final"]["top1"]
 
 
