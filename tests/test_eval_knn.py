@@ -258,26 +258,37 @@ def torchvision_folder(root, transform):
     return ImageFolder(root, transform=transform)
 
 
-def test_init_baseline_with_per_slot_gives_each_slot_at_random_init(image_folder, tmp_path, capsys):
-    """--init_baseline --per_slot: the per-slot numbers at init are those of a checkpoint that holds the run's initial
-    network as its weights (the at-init rebuild checked against plain loading)."""
+def trained_sparo_run(image_folder, folder) -> str:
+    """checkpoint.pth of one epoch of a tiny SPARO run (4 slots) on the fixture's train images."""
     import main_dino
     from test_train import TINY
 
     sparo = ["--arch", "vit_tiny_sparo", "--num_slots", "4", "--slot_dim", "8", "--attn_dim", "8"]
     assert main_dino.main([*TINY, *sparo, "--data_path", os.path.join(image_folder, "train"), "--epochs", "1",
-                           "--lr", "0.05", "--output_dir", str(tmp_path / "run")]) == 0
-    checkpoint = str(tmp_path / "run" / "checkpoint.pth")
+                           "--lr", "0.05", "--output_dir", str(folder)]) == 0
+    return os.path.join(str(folder), "checkpoint.pth")
+
+
+def initial_network_checkpoint(checkpoint: str, folder) -> str:
+    """A training checkpoint that holds, as its weights, the network `checkpoint`'s run started from."""
+    args = eval_knn.build_parser().parse_args(["--pretrained_weights", checkpoint])
+    initial, options, _ = features.load_backbone(args, at_init=True)
+    os.makedirs(folder)
+    path = os.path.join(str(folder), "checkpoint.pth")
+    torch.save(training_checkpoint(initial, options), path)
+    return path
+
+
+def test_init_baseline_with_per_slot_gives_each_slot_at_random_init(image_folder, tmp_path, capsys):
+    """--init_baseline --per_slot: the per-slot numbers at init are those of a checkpoint that holds the run's initial
+    network as its weights (the at-init rebuild checked against plain loading)."""
+    checkpoint = trained_sparo_run(image_folder, tmp_path / "run")
     flags = [image_folder, *SMALL_IMAGES, "--nb_knn", "5", "--knn_backend", "torch", "--per_slot", "--slot_knn", "5"]
     capsys.readouterr()
     results = eval_knn.main(["--pretrained_weights", checkpoint, "--init_baseline", "--data_path", *flags])
     out = capsys.readouterr().out
-    args = eval_knn.build_parser().parse_args(["--pretrained_weights", checkpoint])
-    initial, options, _ = features.load_backbone(args, at_init=True)
-    init_path = os.path.join(str(tmp_path / "init"), "checkpoint.pth")
-    os.makedirs(os.path.dirname(init_path))
-    torch.save(training_checkpoint(initial, options), init_path)
-    at_init = eval_knn.main(["--pretrained_weights", init_path, "--data_path", *flags])
+    at_init = eval_knn.main(["--pretrained_weights", initial_network_checkpoint(checkpoint, tmp_path / "init"),
+                             "--data_path", *flags])
     assert results["init_per_slot"]["top1"] == pytest.approx(at_init["per_slot"]["top1"])
     assert len(results["init_per_slot"]["top1"]) == 4 and "selected_slots" not in results
     assert "per-slot 5-NN Top1 at random init: best " in out

@@ -12,7 +12,7 @@ import torch
 import eval_linear
 from sparo_dino import features, linear_probe
 from sparo_dino.checkpoint import CheckpointError
-from test_eval_knn import SMALL_IMAGES, write_checkpoint
+from test_eval_knn import SMALL_IMAGES, initial_network_checkpoint, trained_sparo_run, write_checkpoint
 from test_features import SPARO_TINY
 
 SUMMARY = re.compile(r"^Linear probe result \[(.+)\]: best Top1: ([\d.]+) \(epoch (\d+), Top5 ([\d.]+)\), "
@@ -237,14 +237,7 @@ def test_fast_lr_grid_trains_every_head_in_one_pass_and_chooses_on_a_train_holdo
 def test_init_baseline_is_the_same_probe_on_the_runs_initial_network(image_folder, tmp_path, capsys):
     """--fast --init_baseline: the trained probe is unchanged, and the baseline equals a fast probe (same lr grid and
     hold-out) of a checkpoint that holds the run's initial network as its weights; one line gives the difference."""
-    import main_dino
-    from test_features import training_checkpoint
-    from test_train import TINY
-
-    sparo = ["--arch", "vit_tiny_sparo", "--num_slots", "4", "--slot_dim", "8", "--attn_dim", "8"]
-    assert main_dino.main([*TINY, *sparo, "--data_path", os.path.join(image_folder, "train"), "--epochs", "1",
-                           "--lr", "0.05", "--output_dir", str(tmp_path / "run")]) == 0
-    checkpoint = str(tmp_path / "run" / "checkpoint.pth")
+    checkpoint = trained_sparo_run(image_folder, tmp_path / "run")
     probe = ["--data_path", image_folder, *SMALL_IMAGES, "--fast", "--epochs", "3", "--lr_grid", "0.1", "10",
              "--holdout_fraction", "0.25"]
     capsys.readouterr()
@@ -253,12 +246,8 @@ def test_init_baseline_is_the_same_probe_on_the_runs_initial_network(image_folde
     alone = eval_linear.main(["--pretrained_weights", checkpoint, *probe, "--output_dir", str(tmp_path / "alone")])
     assert results["final"] == alone["final"] and results["lr_grid"] == alone["lr_grid"]
 
-    args = eval_linear.build_parser().parse_args(["--pretrained_weights", checkpoint])
-    initial, options, _ = features.load_backbone(args, at_init=True)
-    init_path = tmp_path / "init" / "checkpoint.pth"
-    init_path.parent.mkdir()
-    torch.save(training_checkpoint(initial, options), init_path)
-    at_init = eval_linear.main(["--pretrained_weights", str(init_path), *probe, "--output_dir", str(tmp_path / "i")])
+    at_init = eval_linear.main(["--pretrained_weights", initial_network_checkpoint(checkpoint, tmp_path / "init"),
+                                *probe, "--output_dir", str(tmp_path / "i")])
     assert results["init_baseline"]["final"] == at_init["final"]
     assert results["init_baseline"]["lr_grid"] == at_init["lr_grid"]
     assert results["init_baseline"]["run"]["at_init"] is True
