@@ -4,7 +4,13 @@ DINO's k-NN score is the cosine top-k of L2-normalized features with votes exp(s
 search with the largest k serves every k, because the top-k of a sorted top-k_max are its first k columns.
 faiss (IndexFlatIP, exact) does the search when installed, a chunked torch matmul is the reference and the fallback.
 `device` says where the search runs (eval_knn's official --use_cuda): the torch backend moves the features there,
-faiss uses a GPU index only when allowed and it has a GPU. Features are L2-normalized here, so already normalized
+faiss uses a GPU index (on that GPU) only when allowed and it has one; plan_search says what really runs.
+
+Memory at ImageNet scale (1.28M x 4096 SPARO bank, 21 GB fp32): the torch backend holds ONE normalized bank on the
+device (built chunk by chunk, optionally fp16) and searches query chunks x bank chunks, merging top-k across bank
+chunks, so beyond the bank the peak is bounded by the chunk sizes. Chunked, not sharded over ranks, on purpose:
+the slot analysis, slot selection, feature dumps and --load_features all need the whole bank in one process, and
+the main process's host memory (where the gathered bank lives) holds 21 GB easily where a GPU may not. Features are L2-normalized here, so already normalized
 ones (an official DINO dump) give the same neighbours. SPARO encodings are L2-normalized as a whole (not per slot);
 per-slot analysis views the encoding as (num_slots, slot_dim) and scores each slot alone, and slot selection ranks
 slots on a held-out part of the TRAIN set only, so the test set never influences which slots are kept (paper
@@ -14,19 +20,46 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "faiss", "torch")
-# Elements of one (test chunk x train) similarity block in the torch backend: 2**27 fp32 = 512 MiB.
+# How the torch backend holds the L2-normalized bank: fp16 halves its memory (1.28M x 4096: 21 -> 10.5 GB).
+BANK_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+# Bank rows per step of normalizing and of searching: bounds the transient fp32 copy of the bank.
+_BANK_CHUNK_ROWS = 65536
+# Elements of one (query chunk x bank chunk) similarity block in the torch backend: 2**27 fp32 = 512 MiB.
 _TORCH_BLOCK_ELEMENTS = 2 ** 27
 
 try:
     import faiss
 except ImportError:  # faiss is an optional extra (faiss-cpu or faiss-gpu)
     faiss = None
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Where and how a search really runs, resolved from what was asked: results files record this, not the ask."""
+    backend: str  # faiss | torch
+    device: torch.device
+    bank_dtype: str  # a BANK_DTYPES key
+
+    def describe(self) -> str:
+        return f"{self.backend} on {self.device}, {self.bank_dtype} bank"
+
+
+def _faiss_gpus() -> int:
+    return getattr(faiss, "get_num_gpus", lambda: 0)() if faiss is not None else 0
+
+
+def _cuda(device: torch.device | None) -> torch.device:
+    """A CUDA device with its index (faiss needs the number): this process's current GPU when none is given."""
+    if device is not None and device.index is not None:
+        return device
+    return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -43,47 +76,111 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
+def plan_search(backend: str = "auto", device: torch.device | str | None = None, bank_dtype: str = "fp32",
+                features_device: torch.device | str = "cpu") -> SearchPlan:
+    """Resolve backend and device once, so a request that cannot be honoured is said, not hidden.
+
+    `device` None: the torch backend searches where the features are, faiss on its GPU when it has one.
+    "auto" takes faiss only where it can do what was asked (a GPU search needs faiss-gpu, an fp16 bank the torch
+    backend), else the torch backend on the asked device. An explicit faiss asked for a GPU it does not have
+    (faiss-cpu) searches on the CPU with a warning."""
+    if bank_dtype not in BANK_DTYPES:
+        raise ValueError(f"unknown k-NN bank dtype {bank_dtype!r}; choose from {', '.join(BANK_DTYPES)}")
+    wanted = torch.device(device) if device is not None else None
+    wants_gpu = wanted is not None and wanted.type == "cuda"
+    if backend == "auto" and faiss is not None and (bank_dtype != "fp32" or (wants_gpu and not _faiss_gpus())):
+        backend = "torch"
+    backend = resolve_backend(backend)
+    if backend == "torch":
+        return SearchPlan("torch", wanted or torch.device(features_device), bank_dtype)
+    if bank_dtype != "fp32":
+        raise ValueError(f"--bank_dtype {bank_dtype} needs the torch backend (faiss's flat index holds fp32); "
+                         "use --knn_backend torch or auto")
+    if wanted is None:
+        wanted = _cuda(None) if _faiss_gpus() else torch.device("cpu")
+    if wanted.type == "cuda" and not _faiss_gpus():
+        warnings.warn(f"k-NN search on {wanted} was asked (--use_cuda) but this faiss has no GPU (faiss-cpu): "
+                      "searching on the CPU; install faiss-gpu or use --knn_backend torch to search on the GPU")
+        wanted = torch.device("cpu")
+    return SearchPlan("faiss", _cuda(wanted) if wanted.type == "cuda" else wanted, "fp32")
+
+
 @functools.lru_cache(maxsize=1)
 def _faiss_gpu_resources():
     """One set of GPU scratch memory for all searches (per-slot analysis runs one search per slot)."""
     return faiss.StandardGpuResources()
 
 
-def _faiss_search(train: torch.Tensor, test: torch.Tensor, k: int, use_gpu: bool
+def _faiss_index(dim: int, device: torch.device):
+    """Exact inner-product index on `device`: a GPU index on this rank's own GPU, not faiss's default GPU 0."""
+    if device.type != "cuda":
+        return faiss.IndexFlatIP(dim)
+    config = faiss.GpuIndexFlatConfig()
+    config.device = device.index
+    return faiss.GpuIndexFlatIP(_faiss_gpu_resources(), dim, config)
+
+
+def _faiss_search(train: torch.Tensor, test: torch.Tensor, k: int, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    train_np = train.detach().to("cpu", torch.float32).contiguous().numpy()
-    test_np = test.detach().to("cpu", torch.float32).contiguous().numpy()
-    dim = train_np.shape[1]
-    if use_gpu and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-        index = faiss.GpuIndexFlatIP(_faiss_gpu_resources(), dim)
-    else:
-        index = faiss.IndexFlatIP(dim)
-    index.add(train_np)
-    sims, idx = index.search(test_np, k)
+    index = _faiss_index(train.shape[1], device)
+    index.add(train.numpy())
+    sims, idx = index.search(test.numpy(), k)
     return torch.from_numpy(sims), torch.from_numpy(idx).long()
 
 
+def normalized_rows(features: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32
+                    ) -> torch.Tensor:
+    """L2-normalized rows on `device` in `dtype`, made a chunk at a time.
+
+    Why chunks: moving the bank and then normalizing it held two fp32 copies on the device (42 GB for an ImageNet
+    SPARO bank); here the peak is the result plus one fp32 chunk. Rows are normalized in fp32, then cast."""
+    out = torch.empty(features.shape, dtype=dtype, device=device)
+    for start in range(0, features.shape[0], _BANK_CHUNK_ROWS):
+        chunk = features[start:start + _BANK_CHUNK_ROWS].to(device, non_blocking=True).float()
+        out[start:start + chunk.shape[0]] = F.normalize(chunk, dim=1)
+    return out
+
+
+def merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor], k: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (similarities, indices) per row of two candidate sets, sorted by decreasing similarity."""
+    if best is None:
+        return new
+    sims, idx = torch.cat((best[0], new[0]), dim=1), torch.cat((best[1], new[1]), dim=1)
+    top, where = sims.topk(min(k, sims.shape[1]), dim=1, largest=True, sorted=True)
+    return top, idx.gather(1, where)
+
+
 def _torch_search(train: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    test = test.to(train.device)
-    chunk = max(1, _TORCH_BLOCK_ELEMENTS // max(1, train.shape[0]))
+    """Exact top-k over query chunks x bank chunks, each chunk's top-k merged into the running one, so the peak is
+    one (query chunk x bank chunk) block, whatever the bank and query counts. An fp16 bank chunk is widened to fp32
+    before the product: fp16 rounds the stored features, never the similarities."""
+    bank_rows = min(train.shape[0], _BANK_CHUNK_ROWS)
+    query_rows = max(1, _TORCH_BLOCK_ELEMENTS // bank_rows)
     sims, idx = [], []
-    for start in range(0, test.shape[0], chunk):
-        block = test[start:start + chunk] @ train.T
-        top_sims, top_idx = block.topk(k, dim=1, largest=True, sorted=True)
-        sims.append(top_sims.cpu())
-        idx.append(top_idx.cpu())
+    for start in range(0, test.shape[0], query_rows):
+        queries = test[start:start + query_rows]
+        best = None
+        for offset in range(0, train.shape[0], bank_rows):
+            block = queries @ train[offset:offset + bank_rows].float().T
+            top, where = block.topk(min(k, block.shape[1]), dim=1, largest=True, sorted=True)
+            best = merge_topk(best, (top, where + offset), k)
+        sims.append(best[0].cpu())
+        idx.append(best[1].cpu())
     if not sims:
         return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
     return torch.cat(sims), torch.cat(idx)
 
 
 def search_topk(train_features: torch.Tensor, test_features: torch.Tensor, k: int,
-                backend: str = "auto", device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                backend: str = "auto", device: torch.device | str | None = None, bank_dtype: str = "fp32"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact cosine top-k: L2-normalize both sets, return (similarities, train indices), each (num_test, k') on CPU,
     sorted by decreasing similarity, with k' = min(k, num_train).
 
-    `device`: where the search runs. None keeps the torch backend on the train features' device and lets faiss use a
-    GPU whenever it has one; a CPU device keeps faiss on the CPU too (the bank may not fit in GPU memory)."""
+    `device` and `backend` as plan_search resolves them; a CPU device keeps faiss on the CPU too (the bank may not
+    fit in GPU memory). `bank_dtype` fp16 stores the normalized bank in fp16 (torch backend): each similarity is
+    then within 2**-11 of fp32's (|a . (b - fp16(b))| <= 2**-11 for unit vectors), the k-th best too."""
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError("k-NN features must be 2-D (num_samples, dim), got "
                          f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
@@ -95,14 +192,15 @@ def search_topk(train_features: torch.Tensor, test_features: torch.Tensor, k: in
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, train_features.shape[0])
-    backend = resolve_backend(backend)
-    if backend == "torch" and device is not None:
-        train_features, test_features = train_features.to(device), test_features.to(device)
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    if backend == "faiss" and test.shape[0] > 0:
-        return _faiss_search(train, test, k, use_gpu=device is None or torch.device(device).type == "cuda")
-    return _torch_search(train, test, k)
+    plan = plan_search(backend, device, bank_dtype, train_features.device)
+    if plan.backend == "faiss":
+        if test_features.shape[0] == 0:
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+        cpu = torch.device("cpu")  # faiss reads host memory, whichever device it searches on
+        return _faiss_search(normalized_rows(train_features, cpu), normalized_rows(test_features, cpu), k,
+                             plan.device)
+    train = normalized_rows(train_features, plan.device, BANK_DTYPES[plan.bank_dtype])
+    return _torch_search(train, normalized_rows(test_features, plan.device), k)
 
 
 def vote(similarities: torch.Tensor, neighbor_labels: torch.Tensor, num_classes: int,
@@ -125,19 +223,21 @@ def _check_labels(labels: torch.Tensor, num_features: int, num_classes: int) -> 
 
 def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                num_classes: int, ks: Sequence[int], temperature: float = 0.07,
-               backend: str = "auto", device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
+               backend: str = "auto", device: torch.device | str | None = None, bank_dtype: str = "fp32"
+               ) -> dict[int, torch.Tensor]:
     """Class scores for several k from one search with the largest k; k is clipped to the train size."""
     train_labels = _check_labels(train_labels, train_features.shape[0], num_classes)
-    sims, idx = search_topk(train_features, test_features, max(ks), backend, device)
+    sims, idx = search_topk(train_features, test_features, max(ks), backend, device, bank_dtype)
     neighbor_labels = train_labels[idx]
     return {k: vote(sims[:, :k], neighbor_labels[:, :k], num_classes, temperature) for k in ks}
 
 
 def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  num_classes: int, k: int = 20, temperature: float = 0.07, backend: str = "auto",
-                 device: torch.device | str | None = None) -> torch.Tensor:
+                 device: torch.device | str | None = None, bank_dtype: str = "fp32") -> torch.Tensor:
     """Weighted k-NN class scores (num_test, num_classes): cosine top-k, votes exp(sim / T) summed per class."""
-    return knn_scores(train_features, train_labels, test_features, num_classes, [k], temperature, backend, device)[k]
+    return knn_scores(train_features, train_labels, test_features, num_classes, [k], temperature, backend, device,
+                      bank_dtype)[k]
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -165,15 +265,15 @@ def keep_slots(features: torch.Tensor, num_slots: int, slots: Sequence[int]) -> 
 
 def per_slot_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                   test_labels: torch.Tensor, num_slots: int, num_classes: int, k: int = 20,
-                  temperature: float = 0.07, backend: str = "auto", device: torch.device | str | None = None
-                  ) -> list[float]:
+                  temperature: float = 0.07, backend: str = "auto", device: torch.device | str | None = None,
+                  bank_dtype: str = "fp32") -> list[float]:
     """k-NN top-1 (percent) of each slot used alone as the encoding."""
     train_slots = slot_view(train_features, num_slots)
     test_slots = slot_view(test_features, num_slots)
     accuracies = []
     for slot in range(num_slots):
         scores = weighted_knn(train_slots[:, slot], train_labels, test_slots[:, slot], num_classes, k,
-                              temperature, backend, device)
+                              temperature, backend, device, bank_dtype)
         accuracies.append(topk_accuracy(scores, test_labels)[0])
     return accuracies
 
@@ -192,8 +292,8 @@ def holdout_split(num_samples: int, holdout_fraction: float, seed: int = 0) -> t
 
 def select_slots(train_features: torch.Tensor, train_labels: torch.Tensor, num_slots: int, num_select: int,
                  num_classes: int, holdout_fraction: float = 0.1, k: int = 20, temperature: float = 0.07,
-                 seed: int = 0, backend: str = "auto", device: torch.device | str | None = None
-                 ) -> tuple[list[int], list[float]]:
+                 seed: int = 0, backend: str = "auto", device: torch.device | str | None = None,
+                 bank_dtype: str = "fp32") -> tuple[list[int], list[float]]:
     """Rank slots by their k-NN top-1 on a held-out part of the train set and keep the best `num_select`.
 
     Takes the train set only, by design: the test set cannot leak into the choice of slots.
@@ -204,6 +304,7 @@ def select_slots(train_features: torch.Tensor, train_labels: torch.Tensor, num_s
     train_labels = torch.as_tensor(train_labels).long().cpu()
     fit, holdout = holdout_split(train_features.shape[0], holdout_fraction, seed)
     accuracies = per_slot_top1(train_features[fit], train_labels[fit], train_features[holdout],
-                               train_labels[holdout], num_slots, num_classes, k, temperature, backend, device)
+                               train_labels[holdout], num_slots, num_classes, k, temperature, backend, device,
+                               bank_dtype)
     ranked = sorted(range(num_slots), key=lambda slot: (-accuracies[slot], slot))
     return ranked[:num_select], accuracies

@@ -141,12 +141,19 @@ def test_keep_slots_takes_whole_slot_blocks():
     assert kept.tolist() == [[6, 7, 8, 0, 1, 2], [18, 19, 20, 12, 13, 14]]
 
 
-class FakeGpuIndex:
-    """Stands in for faiss.GpuIndexFlatIP on a machine without GPU: records that it was built, searches exactly."""
-    built = 0
+class FakeGpuIndexConfig:
+    """Stands in for faiss.GpuIndexFlatConfig (absent from faiss-cpu)."""
+    device = 0
 
-    def __init__(self, resources, dim):
+
+class FakeGpuIndex:
+    """Stands in for faiss.GpuIndexFlatIP on a machine without GPU: records the GPU it was put on, searches exactly."""
+    built = 0
+    devices: list[int] = []
+
+    def __init__(self, resources, dim, config):
         FakeGpuIndex.built += 1
+        FakeGpuIndex.devices.append(config.device)
         self.index = knn.faiss.IndexFlatIP(dim)
 
     def add(self, vectors):
@@ -161,15 +168,72 @@ def test_search_device_decides_whether_faiss_uses_its_gpu(monkeypatch):
     monkeypatch.setattr(knn.faiss, "get_num_gpus", lambda: 1, raising=False)
     monkeypatch.setattr(knn.faiss, "GpuIndexFlatIP", FakeGpuIndex, raising=False)
     monkeypatch.setattr(knn.faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(knn.faiss, "GpuIndexFlatConfig", FakeGpuIndexConfig, raising=False)
     knn._faiss_gpu_resources.cache_clear()
     train, labels, test = random_problem()
     expected = brute_force_scores(train, labels, test, 4, 5, 0.07)
-    FakeGpuIndex.built = 0
-    for device, gpu_indexes in ((torch.device("cpu"), 0), ("cpu", 0), (None, 1), (torch.device("cuda"), 2)):
+    FakeGpuIndex.built, FakeGpuIndex.devices = 0, []
+    for device, gpu_indexes in ((torch.device("cpu"), 0), ("cpu", 0), (None, 1), (torch.device("cuda"), 2),
+                                ("cuda:3", 3)):
         got = knn.weighted_knn(train, labels, test, 4, k=5, backend="faiss", device=device)
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
         assert FakeGpuIndex.built == gpu_indexes, device
+    assert FakeGpuIndex.devices == [0, 0, 3]  # rank 3's local GPU, not faiss's default GPU 0
     knn._faiss_gpu_resources.cache_clear()  # drop the fake resources
+
+
+def test_a_gpu_search_that_faiss_cpu_cannot_do_is_said_not_hidden(monkeypatch):
+    """faiss-cpu and --use_cuda: auto searches with torch on the GPU; an explicit faiss warns and says it ran on
+    the CPU (the results JSON records the plan, so it cannot claim cuda)."""
+    monkeypatch.setattr(knn.faiss, "get_num_gpus", lambda: 0, raising=False)
+    cuda = torch.device("cuda", 2)
+    assert knn.plan_search("auto", cuda) == knn.SearchPlan("torch", cuda, "fp32")
+    with pytest.warns(UserWarning, match="faiss has no GPU"):
+        assert knn.plan_search("faiss", cuda) == knn.SearchPlan("faiss", torch.device("cpu"), "fp32")
+    assert knn.plan_search("auto", "cpu") == knn.SearchPlan("faiss", torch.device("cpu"), "fp32")
+    assert knn.plan_search("auto", None, "fp16") == knn.SearchPlan("torch", torch.device("cpu"), "fp16")
+    with pytest.raises(ValueError, match="--bank_dtype fp16 needs the torch backend"):
+        knn.plan_search("faiss", "cpu", "fp16")
+    with pytest.raises(ValueError, match="unknown k-NN bank dtype 'bf16'"):
+        knn.plan_search("torch", "cpu", "bf16")
+
+
+@pytest.mark.parametrize("bank_rows,block", [(7, 7 * 5), (1, 3), (60, 60)])
+def test_search_chunked_over_queries_and_bank_merges_to_the_exact_top_k(monkeypatch, bank_rows, block):
+    """Bank chunks of 7 (or 1) rows and query chunks of 5 (or 3): top-k merged across chunks is the brute force."""
+    monkeypatch.setattr(knn, "_BANK_CHUNK_ROWS", bank_rows)
+    monkeypatch.setattr(knn, "_TORCH_BLOCK_ELEMENTS", block)
+    train, labels, test = random_problem()
+    for k in (1, 5, 20, 60):
+        got = knn.weighted_knn(train, labels, test, 4, k=k, backend="torch")
+        torch.testing.assert_close(got.double(), brute_force_scores(train, labels, test, 4, k, 0.07), rtol=1e-4,
+                                   atol=1e-6)
+
+
+def test_fp16_bank_stays_within_the_stated_tolerance_of_fp32():
+    """Normalized, then cast: every sorted top-k similarity within 2**-11 of the fp32 reference (|a.(b - fp16(b))|
+    <= 2**-11 for unit vectors), votes within exp(2**-11 / T) - 1 = 0.7% where the neighbours agree, and the
+    same predictions but for near ties."""
+    gen = torch.Generator().manual_seed(3)
+    centers = torch.randn(10, 256, generator=gen)
+    train_labels = torch.randint(10, (3000,), generator=gen)
+    test_labels = torch.randint(10, (500,), generator=gen)
+    train = centers[train_labels] + 2.0 * torch.randn(3000, 256, generator=gen)
+    test = centers[test_labels] + 2.0 * torch.randn(500, 256, generator=gen)
+    sims32, idx32 = knn.search_topk(train, test, 20, backend="torch")
+    sims16, idx16 = knn.search_topk(train, test, 20, backend="torch", bank_dtype="fp16")
+    assert sims16.dtype == torch.float32
+    assert (sims16 - sims32).abs().max() <= 2 ** -11 + 1e-6
+    assert 0 < (sims16 - sims32).abs().max()  # the bank really was rounded
+    scores32 = knn.weighted_knn(train, train_labels, test, 10, backend="torch")
+    scores16 = knn.weighted_knn(train, train_labels, test, 10, backend="torch", bank_dtype="fp16")
+    same = (idx16 == idx32).all(dim=1)
+    assert same.float().mean() > 0.9
+    ratio = scores16[same] / scores32[same].clamp_min(1e-30)
+    assert ((ratio - 1).abs()[scores32[same] > 0]).max() <= math.exp(2 ** -11 / 0.07) - 1 + 1e-5
+    assert (scores16.argmax(1) == scores32.argmax(1)).float().mean() >= 0.99
+    top1_32 = knn.topk_accuracy(scores32, test_labels)[0]
+    assert knn.topk_accuracy(scores16, test_labels)[0] == pytest.approx(top1_32, abs=1.0)
 
 
 def test_torch_search_runs_on_the_given_device():
