@@ -34,6 +34,15 @@ def _one_line(error: BaseException) -> str:
     return last
 
 
+# Errors that end a run with their one line instead of a traceback: bad data, checkpoints, runs, a lost rank.
+USER_ERRORS = (TrainingError, CheckpointError, FileNotFoundError, BadImageError)
+
+
+def _print_user_error(error: BaseException) -> None:
+    if isinstance(error, USER_ERRORS):
+        print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> int:
     """Train; returns the exit status: 0 done, 1 a one-line error, REQUEUE_EXIT_CODE stopped early with a
     checkpoint to resume from.
@@ -45,10 +54,9 @@ def main(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> 
     args = parse_train_args(argv)
     with contextlib.nullcontext(stop) if stop is not None else stop_on_signals() as stop:
         try:
-            finished = train(args, stop)
-        except (TrainingError, CheckpointError, FileNotFoundError, BadImageError) as error:
-            print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)
-            return 1
+            finished = train(args, stop, report_error=_print_user_error)
+        except USER_ERRORS:
+            return 1  # its line was printed before the process group went down
     return 0 if finished else REQUEUE_EXIT_CODE
 
 

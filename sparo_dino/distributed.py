@@ -7,12 +7,12 @@ variables with submitit's TorchDistributedEnvironment, so no shared folder is ne
 from __future__ import annotations
 
 import argparse
-
+import contextlib
 import datetime
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -168,6 +168,37 @@ def cleanup() -> None:
     """Destroy the process group so the job exits instead of hanging in NCCL teardown."""
     if is_dist():
         dist.destroy_process_group()
+
+
+def abort() -> None:
+    """Tear the process group down without waiting for the peers.
+
+    After an error on one rank the others may be blocked in a collective; a coordinated destroy (NCCL) would wait
+    for them until the collective timeout. torch < 2.5 has no abort: the group is then left to the process exit."""
+    abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if is_dist() and abort_group is not None:
+        abort_group()
+
+
+@contextlib.contextmanager
+def process_group(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+                  report_error: Callable[[BaseException], None] | None = None) -> Iterator[DistInfo]:
+    """Join the process group of the environment for the body; a group created here is also torn down here.
+
+    On success the group is destroyed in step with the peers. On an error, `report_error` prints it first (a
+    teardown must never stand between a failing rank and its message), then a group created here is aborted."""
+    owns_group = not is_dist()
+    info = init_distributed(timeout_minutes=timeout_minutes)
+    try:
+        yield info
+    except BaseException as error:
+        if report_error is not None:
+            report_error(error)
+        if owns_group:
+            abort()
+        raise
+    if owns_group:
+        cleanup()
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import argparse
 import contextlib
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -390,17 +390,18 @@ class DinoTrainer:
         return records
 
 
-def train(args: argparse.Namespace, stop: StopRequest | None = None) -> bool:
+def train(args: argparse.Namespace, stop: StopRequest | None = None,
+          report_error: Callable[[BaseException], None] | None = None) -> bool:
     """Run (or continue) the DINO training described by `args` in this process.
 
-    Joins the process group given by the environment (torchrun, submitit) or runs alone, and destroys the group
-    it created on the way out, so jobs exit instead of hanging in NCCL teardown. With `stop`, a request (signal
-    handler, submitit's checkpoint callback) makes every rank save a checkpoint at the next step boundary and
-    return. Returns whether all epochs are done (False: stopped early, resume from the checkpoint).
+    Joins the process group given by the environment (torchrun, submitit) or runs alone. A group created here is
+    destroyed on success, so jobs exit instead of hanging in NCCL teardown; on an error `report_error` prints it
+    first and the group is aborted, since the peers may be stuck in a collective that a coordinated destroy would
+    wait for. With `stop`, a request (signal handler, submitit's checkpoint callback) makes every rank save a
+    checkpoint at the next step boundary and return. Returns whether all epochs are done (False: stopped early,
+    resume from the checkpoint).
     """
-    owns_group = not distributed.is_dist()
-    info = distributed.init_distributed(timeout_minutes=args.dist_timeout_minutes)
-    try:
+    with distributed.process_group(args.dist_timeout_minutes, report_error) as info:
         trainer = DinoTrainer(args, info, stop)
         try:
             trainer.fit()
@@ -411,6 +412,3 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> bool:
             raise TrainingError(distributed.describe_collective_failure(error, where, args.dist_timeout_minutes)) \
                 from error
         return not trainer.stopped
-    finally:
-        if owns_group:
-            distributed.cleanup()

@@ -20,7 +20,7 @@ import pytest
 import main_dino
 from conftest import OutputLines, make_image_folder
 from sparo_dino import checkpoint, distributed
-from test_faults import temporaries, write_wrapper
+from test_faults import WRAPPER, temporaries, write_wrapper
 from test_train import TINY, assert_same_training_state, error_line, load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,6 +169,51 @@ def test_a_hung_rank_is_named_after_the_collective_timeout(data, tmp_path, spawn
                            "(--dist_timeout_minutes 0.1); rank(s) 1 did not arrive (hung or dead); torch: "), line
     assert "Timed out" in line
     assert 6 <= waited < 6 + 10 + 10  # the timeout, the 10 s wait for the others' reports, start-up slack
+
+
+# NCCL's destroy_process_group waits for every peer; gloo's returns at once. The prefix makes a destroy block as
+# NCCL's does while a peer is stuck, and FAIL_AT="epoch,iteration,rank" makes that rank's training fail after the step.
+BLOCKING_DESTROY = '''
+import os, time
+import torch.distributed
+from sparo_dino import trainer
+
+
+def destroy_waits_for_the_peers(*args, **kwargs):
+    os.write(1, b"DESTROY\\n")
+    time.sleep(3600)
+
+
+torch.distributed.destroy_process_group = destroy_waits_for_the_peers
+at = tuple(map(int, os.environ["FAIL_AT"].split(",")))
+
+
+def step_then_fail(self, crops, epoch, global_iteration, step=trainer.DinoTrainer.train_step):
+    metrics = step(self, crops, epoch, global_iteration)
+    if (epoch, global_iteration % self.iters_per_epoch + 1, self.info.rank) == at:
+        os.write(1, f"FAILING {time.time()}\\n".encode())
+        raise trainer.TrainingError(f"injected failure on rank {self.info.rank}")
+    return metrics
+
+
+trainer.DinoTrainer.train_step = step_then_fail
+'''
+
+
+def test_a_failing_rank_prints_its_error_first_and_aborts_instead_of_a_blocking_destroy(data, tmp_path, spawn):
+    """Rank 1 fails after step 2 while rank 0 goes on into the next collective. Its line must come out at once and
+    its process group be aborted, not destroyed: a coordinated destroy (NCCL) would wait for rank 0 until the
+    collective timeout, with nothing printed."""
+    script = tmp_path / "failing_main.py"
+    script.write_text(BLOCKING_DESTROY + WRAPPER)
+    job = spawn(command(str(script), data, tmp_path / "run", "--ckpt_every_iters", "0", restarts=0), cwd=tmp_path,
+                env={**ENV, "FAIL_AT": "0,2,1"})
+    code = job.wait_exit(timeout=120)
+    text = job.text
+    failed_at = float(re.search(r"FAILING ([\d.]+)", text).group(1))
+    assert "error: injected failure on rank 1" in text and "RANK 1 EXIT 1" in text, text[-3000:]
+    assert "DESTROY" not in text and code != 0, text[-3000:]
+    assert time.time() - failed_at < 30  # the default 30-minute timeout never came into play
 
 
 def test_dist_timeout_must_be_positive(tmp_path, capsys) -> None:
