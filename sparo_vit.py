@@ -291,8 +291,12 @@ class DINOHead(nn.Module):
         magnitude.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        # The last layer's outputs are cosines in [-1, 1]: in bf16 they are rounded to ~0.004, which the teacher's
+        # temperature 0.04 turns into ~0.1 nats of noise. From the normalization on, the head computes in fp32.
+        x = self.mlp(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.normalize(x.float(), dim=-1, p=2)
+            return self.last_layer(x)
 
 
 class MultiCropWrapper(nn.Module):

@@ -77,7 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="autocast precision; auto = bf16 on GPUs that support it, fp32 on CPU")
+                       help="autocast precision; auto = bf16 on GPUs with native bf16 (compute capability >= 8), fp16 "
+                            "with a gradient scaler on older GPUs, fp32 on CPU")
     optim.add_argument("--use_fp16", default=None, type=bool_flag,
                        help="official DINO flag: when given, true means --precision fp16 and false fp32")
     optim.add_argument("--compile", default="auto", type=auto_or_bool, choices=COMPILE_CHOICES,
@@ -163,9 +164,18 @@ def resolve_precision(precision: str, use_fp16: bool | None, device: torch.devic
         return wanted
     if precision != "auto":
         return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp16"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 itself. torch.cuda.is_bf16_supported() also says yes where bf16 is only
+    emulated (V100: several times slower than fp16), so auto would pick the slow path there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the keyword: bf16 tensor cores arrived with compute capability 8.0
+        return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:

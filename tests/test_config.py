@@ -40,6 +40,32 @@ def test_precision_resolution() -> None:
         resolve_precision("bf16", True, cpu)
 
 
+def fake_gpu(monkeypatch, native: bool, emulated: bool, capability: tuple[int, int]) -> None:
+    """A GPU as torch.cuda describes it: V100 = bf16 emulated only (capability 7.0), A100/H100 = native (8.0+)."""
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or (including_emulation and emulated)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+@pytest.mark.parametrize("native, capability, expected", [(False, (7, 0), "fp16"), (True, (9, 0), "bf16")],
+                         ids=["V100-emulated-bf16", "H100"])
+def test_auto_precision_picks_bf16_only_where_the_gpu_has_it(monkeypatch, native, capability, expected) -> None:
+    fake_gpu(monkeypatch, native=native, emulated=True, capability=capability)
+    assert resolve_precision("auto", None, torch.device("cuda", 0)) == expected
+    assert resolve_precision("bf16", None, torch.device("cuda", 0)) == "bf16"  # asked for: honoured
+
+
+def test_auto_precision_without_the_emulation_keyword_reads_the_capability(monkeypatch) -> None:
+    """torch versions whose is_bf16_supported has no including_emulation keyword."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert resolve_precision("auto", None, torch.device("cuda", 0)) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_precision("auto", None, torch.device("cuda", 0)) == "bf16"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--arch", "vit_small", "--num_slots", "32"], "--num_slots need a SPARO arch"),
     (["--global_crop_size", "30", "--patch_size", "8"], "--global_crop_size 30 is not divisible"),
