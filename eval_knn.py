@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
     group.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
     group.add_argument("--knn_backend", type=str, default="auto", choices=knn.BACKENDS,
-                       help="exact search: faiss when installed (GPU index when faiss sees a GPU), else torch")
+                       help="exact search: faiss when installed and able to search where asked (a GPU search needs "
+                            "faiss-gpu), else torch; the results record what ran")
+    group.add_argument("--bank_dtype", type=str, default="fp32", choices=list(knn.BANK_DTYPES),
+                       help="torch backend: how the L2-normalized train bank is held; fp16 halves it (ImageNet x "
+                            "SPARO: 10.5 GB instead of 21) with similarities within 2**-11 of fp32's; fp32 gives "
+                            "the official number exactly")
     group.add_argument("--use_cuda", type=config.bool_flag, default=True,
                        help="official flag: search the feature bank on the GPU (false: on the CPU, when the bank "
                             "does not fit in GPU memory); on a machine without GPU the search runs on the CPU")
@@ -76,17 +81,20 @@ def search_device(use_cuda: bool, device: torch.device) -> torch.device:
 
 def run_knn(data: features.FeatureSet, args: argparse.Namespace, device: torch.device | None = None
             ) -> dict[str, Any]:
-    """All k-NN numbers of one evaluation as a JSON-ready dict (accuracies in percent)."""
-    backend = knn.resolve_backend(args.knn_backend)
-    where = search_device(args.use_cuda, device or torch.device("cpu"))
+    """All k-NN numbers of one evaluation as a JSON-ready dict (accuracies in percent); `backend`, `device` and
+    `bank_dtype` are where the search really ran, which --use_cuda alone does not say (faiss-cpu)."""
+    plan = knn.plan_search(args.knn_backend, search_device(args.use_cuda, device or torch.device("cpu")),
+                           args.bank_dtype)
+    backend, where, bank_dtype = plan.backend, plan.device, plan.bank_dtype
     train, val = data.train_features, data.val_features
     train_labels, val_labels = data.train_labels, data.val_labels
     num_classes = data.num_classes
-    scores = knn.knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend, where)
+    scores = knn.knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend, where,
+                            bank_dtype)
     results: dict[str, Any] = {"knn": _accuracies(scores, val_labels), "num_train": len(train_labels),
                                "num_test": len(val_labels), "num_classes": num_classes,
                                "temperature": args.temperature, "backend": backend, "device": str(where),
-                               "meta": data.meta}
+                               "bank_dtype": bank_dtype, "meta": data.meta}
     if not args.per_slot and args.select_slots is None:
         return results
     num_slots = data.meta["options"].get("num_slots")
@@ -96,14 +104,14 @@ def run_knn(data: features.FeatureSet, args: argparse.Namespace, device: torch.d
     if args.per_slot:
         results["per_slot"] = {"k": args.slot_knn, "top1": knn.per_slot_top1(
             train, train_labels, val, val_labels, num_slots, num_classes, args.slot_knn, args.temperature, backend,
-            where)}
+            where, bank_dtype)}
     if args.select_slots is not None:
         slots, holdout_top1 = knn.select_slots(train, train_labels, num_slots, args.select_slots, num_classes,
                                                args.holdout_fraction, args.slot_knn, args.temperature, args.seed,
-                                               backend, where)
+                                               backend, where, bank_dtype)
         kept = knn.knn_scores(knn.keep_slots(train, num_slots, slots), train_labels,
                               knn.keep_slots(val, num_slots, slots), num_classes, args.nb_knn, args.temperature,
-                              backend, where)
+                              backend, where, bank_dtype)
         results["selected_slots"] = {"slots": slots, "holdout_fraction": args.holdout_fraction,
                                      "seed": args.seed, "k": args.slot_knn, "holdout_top1": holdout_top1,
                                      "knn": _accuracies(kept, val_labels)}
@@ -119,6 +127,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     """The official one-line-per-k summary, then the random-init baseline and the slot analysis."""
     lines = [f"{k}-NN classifier result: Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}"
              for k, acc in results["knn"].items()]
+    lines.append(f"k-NN search: {results['backend']} on {results['device']}, {results['bank_dtype']} bank")
     for k, acc in results.get("init_baseline", {}).items():
         gain = results["knn"][k]["top1"] - acc["top1"]
         lines.append(f"{k}-NN classifier result at random init (same arch, seed and images): Top1: {acc['top1']:.2f}, "

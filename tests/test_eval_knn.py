@@ -303,3 +303,38 @@ def test_init_baseline_needs_a_training_checkpoint(image_folder, tmp_path):
                        "--init_baseline"])
     with pytest.raises(ValueError, match="needs --pretrained_weights .* not --load_features"):
         eval_knn.main(["--load_features", str(tmp_path), "--init_baseline"])
+
+
+def _overlapping_features(num_train=300, num_test=120, dim=64, slots=4):
+    """Three classes that overlap enough for k-NN to err: accuracies far from 100 show changed neighbours."""
+    gen = torch.Generator().manual_seed(1)
+    centers = torch.randn(3, dim, generator=gen)
+    train_labels, test_labels = torch.arange(num_train) % 3, torch.arange(num_test) % 3
+    return features.FeatureSet(centers[train_labels] + torch.randn(num_train, dim, generator=gen) * 3,
+                               train_labels, centers[test_labels] + torch.randn(num_test, dim, generator=gen) * 3,
+                               test_labels, ["a", "b", "c"], {"kind": "sparo_encoding", "options": {"num_slots": slots}})
+
+
+def test_results_record_where_the_search_really_ran(monkeypatch, capsys):
+    """faiss-cpu with --use_cuda on a GPU rank: the JSON and the summary say faiss on the CPU, with one warning
+    (the per-slot searches do not repeat it)."""
+    monkeypatch.setattr(eval_knn.knn.faiss, "get_num_gpus", lambda: 0, raising=False)
+    args = eval_knn.build_parser().parse_args(["--knn_backend", "faiss", "--nb_knn", "5", "--per_slot"])
+    with pytest.warns(UserWarning, match="faiss has no GPU") as caught:
+        results = eval_knn.run_knn(_overlapping_features(), args, torch.device("cuda", 1))
+    assert len([w for w in caught if "faiss has no GPU" in str(w.message)]) == 1
+    assert (results["backend"], results["device"], results["bank_dtype"]) == ("faiss", "cpu", "fp32")
+    assert "k-NN search: faiss on cpu, fp32 bank" in eval_knn.summary_lines(results)
+
+
+def test_fp16_bank_flag_gives_the_fp32_result():
+    data = _overlapping_features()
+    parse = eval_knn.build_parser().parse_args
+    fp32 = eval_knn.run_knn(data, parse(["--nb_knn", "5", "20", "--per_slot", "--slot_knn", "5"]))
+    fp16 = eval_knn.run_knn(data, parse(["--nb_knn", "5", "20", "--per_slot", "--slot_knn", "5",
+                                         "--bank_dtype", "fp16"]))
+    assert (fp16["backend"], fp16["bank_dtype"]) == ("torch", "fp16")  # auto: fp16 is a torch-backend bank
+    assert 50 < fp32["knn"]["20"]["top1"] < 95
+    assert fp16["knn"] == fp32["knn"] and fp16["per_slot"] == fp32["per_slot"]
+    with pytest.raises(ValueError, match="--bank_dtype fp16 needs the torch backend"):
+        eval_knn.run_knn(data, parse(["--knn_backend", "faiss", "--bank_dtype", "fp16"]))
