@@ -302,6 +302,8 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], dataset
     """(features (N, D) float32 CPU, labels (N,)) of the whole dataset in order on the main process, None elsewhere.
 
     Each rank runs its ShardSampler shard; results are gathered by position, so no sample is duplicated or lost.
+    The backbone runs in fp32 whatever autocast the caller is under: the training k-NN monitor (inside the
+    trainer's bf16/fp16 autocast) and eval_knn.py must report the same number for the same network.
     """
     if len(dataset) == 0:
         raise ValueError(f"cannot extract {name}: the dataset is empty")
@@ -312,7 +314,8 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], dataset
     features, labels = [], []
     started, report_every = time.time(), max(1, len(loader) // 10)
     for step, (images, targets) in enumerate(loader):
-        features.append(feature_fn(images.to(device, non_blocking=True)).float().cpu())
+        with torch.autocast(device.type, enabled=False):
+            features.append(feature_fn(images.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(targets).long())
         if distributed.is_main_process() and ((step + 1) % report_every == 0 or step + 1 == len(loader)):
             print(f"{name}: {step + 1}/{len(loader)} batches on rank 0 ({time.time() - started:.0f}s)", flush=True)

@@ -9,8 +9,6 @@ after it, would diverge.
 from __future__ import annotations
 
 import argparse
-import contextlib
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -45,16 +43,17 @@ class PeriodicKnn:
         self.device = device
 
     @torch.no_grad()
-    def top1(self, backbone: nn.Module, arch: str,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             label: str = "") -> float | None:
-        """Weighted 20-NN top-1 (percent) of `backbone`'s evaluation features on the main process, None elsewhere."""
+    def top1(self, backbone: nn.Module, arch: str, label: str = "") -> float | None:
+        """Weighted 20-NN top-1 (percent) of `backbone`'s evaluation features on the main process, None elsewhere.
+
+        Extracted by eval_knn.py's own path (features.extract_features), so in its fp32 whatever the trainer's
+        precision: under bf16 the monitor would otherwise report another number than eval_knn.py."""
         feature_fn = features.feature_function(backbone, features.feature_kind(arch))
         was_training = backbone.training
         backbone.eval()
         forked = [self.device] if self.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=forked), autocast():
+            with torch.random.fork_rng(devices=forked):
                 train = features.extract_features(feature_fn, self.train, self.batch_size, self.num_workers,
                                                   self.device, name="k-NN train features")
                 val = features.extract_features(feature_fn, self.val, self.batch_size, self.num_workers,

@@ -10,7 +10,6 @@ where it writes a checkpoint.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -201,9 +200,6 @@ class DinoTrainer:
             self.scaler.load_state_dict(state["scaler"])
 
     # ------------------------------------------------------------------------------------------ training
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return self.step.autocast()
-
     def train_step(self, crops: list[torch.Tensor], epoch: int, global_iteration: int) -> torch.Tensor:
         """One optimisation step on crops already on the device; returns the metric vector (loss, teacher entropy,
         KL) on the device, unsynced."""
@@ -348,7 +344,7 @@ class DinoTrainer:
         last = epoch + 1 == self.args.epochs
         if self.knn is None or not ((epoch + 1) % self.args.knn_every == 0 or last):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.args.arch, self.autocast)
+        top1 = self.knn.top1(self.teacher.backbone, self.args.arch)
         return {} if top1 is None else {"knn_top1": top1}
 
     def evaluate_init(self) -> dict[str, float]:
@@ -356,7 +352,7 @@ class DinoTrainer:
         starts: the baseline that tells training from no training. Logged with epoch 0 as knn_top1_init."""
         if self.knn is None or (self.epoch, self.iteration) != (0, 0):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.args.arch, self.autocast, label="at random init")
+        top1 = self.knn.top1(self.teacher.backbone, self.args.arch, label="at random init")
         return {} if top1 is None else {"knn_top1_init": top1}
 
     def fit(self) -> list[dict[str, Any]]:

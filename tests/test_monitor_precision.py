@@ -1,0 +1,49 @@
+"""The training k-NN monitor extracts features in eval_knn.py's precision (fp32), whatever the trainer's autocast:
+under --precision bf16 it would otherwise report a number eval_knn.py does not give for the same teacher."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import eval_knn
+from conftest import make_image_folder
+from sparo_dino import features
+from test_train import run
+
+
+def test_monitor_under_bf16_training_extracts_in_fp32_and_matches_eval_knn(images, tmp_path, monkeypatch):
+    computed_in = []
+    real_feature_function = features.feature_function
+
+    def spied_feature_function(backbone, kind):
+        """The dtype every linear layer of the backbone computes in (the final LayerNorm's output is fp32 under
+        autocast too, so the features' dtype alone would not tell)."""
+        compute = real_feature_function(backbone, kind)
+        dtypes = []
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+
+        def spied(batch):  # records the monitor's forward passes only, not the training steps'
+            dtypes.clear()
+            out = compute(batch)
+            computed_in.extend(dtypes)
+            return out
+
+        return spied
+
+    monkeypatch.setattr(features, "feature_function", spied_feature_function)
+    labelled = make_image_folder(tmp_path / "labelled", num_classes=3, per_class=6, size=32, splits=("train", "val"))
+    out = str(tmp_path / "run")
+    assert run(images, out, "--epochs", "1", "--precision", "bf16", "--knn_every", "1", "--knn_data_path", labelled,
+               "--knn_subset", "100").code == 0
+    assert computed_in and set(computed_in) == {torch.float32}, computed_in
+    monitored = json.loads(open(os.path.join(out, "log.txt")).readline())["knn_top1"]
+    evaluated = eval_knn.main(["--pretrained_weights", os.path.join(out, "checkpoint.pth"), "--data_path", labelled,
+                               "--resize_size", "37", "--crop_size", "32", "--nb_knn", "20", "--num_workers", "0",
+                               "--batch_size_per_gpu", "8", "--knn_backend", "torch",
+                               "--output_dir", str(tmp_path / "eval")])
+    assert monitored == pytest.approx(evaluated["knn"]["20"]["top1"])
