@@ -374,7 +374,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    state: Any = load_checkpoint(path, allow_pickle=True)  # named by the user: official DINO files may load
+    state: Any = load_checkpoint(path, allow_official=True)  # named by the user: official DINO files may load
     for key in ("teacher", "model", "state_dict"):
         if isinstance(state.get(key), dict):
             state = state[key]

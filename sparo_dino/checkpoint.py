@@ -4,15 +4,23 @@ A checkpoint is written to a temporary file in the same folder, fsynced and rena
 during the write leaves the previous checkpoint intact. Everything in it is plain data (state dicts, a config
 dict, RNG states as tensors and ints), so it loads with torch >= 2.6's safe default instead of failing on a
 pickled argparse Namespace like the official DINO checkpoints.
+
+Every file is loaded with weights_only=True, also one the user names: unpickling arbitrary objects would let a
+crafted checkpoint run code. Official DINO checkpoints load through an allow-list of the few value classes they
+pickle, scoped to the one load call.
 """
 from __future__ import annotations
 
+import argparse
+import codecs
+import contextlib
 import os
+import pathlib
 import pickle
 import random
 import re
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -110,32 +118,92 @@ def load_with_fallback(path: str, fallbacks: Sequence[str]) -> tuple[dict[str, A
         raise
 
 
-def _is_weights_only_refusal(error: Exception) -> bool:
-    return isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower()
+def _official_dino_globals() -> list[tuple[Any, str]]:
+    """The few classes and functions official DINO checkpoints pickle, each with the name its pickles use.
+
+    Official main_dino.py saves `args` (an argparse.Namespace; under run_with_submitit its output_dir is a
+    pathlib.PosixPath) and an optimizer whose param groups hold numpy float64 lr and weight decay (its schedules
+    are numpy arrays); eval_linear.py's checkpoint.pth.tar holds only plain data. Numpy scalars come back through
+    numpy's own scalar constructor; files written with numpy 1 name it numpy.core.multiarray.scalar, numpy 2
+    moved it to numpy._core, so both names map to the one function. Nothing here can run code: each entry only
+    builds a value from values."""
+    numpy_scalar = np.float64(0).__reduce__()[0]
+    return [(argparse.Namespace, "argparse.Namespace"), (pathlib.PosixPath, "pathlib.PosixPath"),
+            (numpy_scalar, "numpy.core.multiarray.scalar"), (numpy_scalar, "numpy._core.multiarray.scalar"),
+            (np.dtype, "numpy.dtype"), (type(np.dtype(np.float64)), "numpy.dtypes.Float64DType"),
+            (codecs.encode, "_codecs.encode")]  # bytes in protocol-2 pickles; allowed by default from torch 2.5
 
 
-def load_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, Any]:
-    """Load a checkpoint dict on CPU, or raise a one-line CheckpointError saying what is wrong with the file.
+def _safe_globals(allowed: list[tuple[Any, str]]) -> list[Any]:
+    """`allowed` as torch accepts it: (object, pickled name) pairs from torch 2.6; before, bare objects, which
+    torch matches under their current module and name only (so numpy-1 scalars need torch >= 2.6 with numpy 2)."""
+    if torch.__version__ >= "2.6":
+        return list(allowed)
+    return list(dict.fromkeys(value for value, _ in allowed))
 
-    `allow_pickle` permits files that need weights_only=False (official DINO checkpoints pickle a Namespace);
-    only pass it for a file the user named explicitly, since unpickling can run arbitrary code.
+
+@contextlib.contextmanager
+def _allowing(allowed: list[tuple[Any, str]]) -> Iterator[None]:
+    """Let weights_only loads inside the block accept `allowed`, and only there: other loads in the process stay
+    as strict as torch's default."""
+    entries = _safe_globals(allowed)
+    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5
+        with torch.serialization.safe_globals(entries):
+            yield
+        return
+    before = list(torch.serialization.get_safe_globals())  # torch 2.4: add, then restore the list by hand
+    torch.serialization.add_safe_globals(entries)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+def _refused_global(error: Exception) -> str | None:
+    """The global that torch's weights_only unpickler refused to load, as `module.name`; None for other errors."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return None
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return found[1] if found else None
+
+
+def _reason(error: Exception) -> str:
+    """The first line that says what is wrong, past the advice torch puts before its unpickler's own words."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+
+
+def _load_error(path: str, error: Exception, allow_official: bool) -> CheckpointError:
+    """The one line a user sees for a file torch.load refused."""
+    refused = _refused_global(error)
+    if refused is None:
+        return CheckpointError(f"checkpoint {path} is corrupt or truncated ({_reason(error)})")
+    if refused in {name for _, name in _official_dino_globals()}:
+        if not allow_official:
+            return CheckpointError(f"checkpoint {path} holds pickled Python objects ({refused}: an official DINO "
+                                   "checkpoint?); name it explicitly (--resume, --pretrained_weights) to load it")
+        return CheckpointError(f"checkpoint {path} names {refused}, which torch {torch.__version__} can only "
+                               "allow under its current name; loading it needs torch >= 2.6")
+    return CheckpointError(f"checkpoint {path} holds objects that are not allowed in a checkpoint ({refused}); it "
+                           "was not loaded, since unpickling them could run code")
+
+
+def load_checkpoint(path: str, allow_official: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict on CPU with weights_only=True, or raise a one-line CheckpointError saying what is
+    wrong with the file.
+
+    Nothing is ever unpickled beyond tensors and plain data, so a crafted file cannot run code. `allow_official`
+    also accepts the few safe classes official DINO checkpoints pickle (see _official_dino_globals); pass it for
+    a file the user named, while this run's own checkpoints must be plain data.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with _allowing(_official_dino_globals() if allow_official else []):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
-        if not _is_weights_only_refusal(error):
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason})") from error
-        if not allow_pickle:
-            raise CheckpointError(f"checkpoint {path} holds pickled Python objects (an official DINO checkpoint?); "
-                                  "name it with --resume to load it with weights_only=False") from error
-        warnings.warn(f"loading {path} with weights_only=False because you named it explicitly", stacklevel=2)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as retry_error:
-            raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({retry_error})") from retry_error
+        raise _load_error(path, error, allow_official) from error
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state

@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import sparo_vit
 from sparo_dino import augmentation, datasets, distributed, networks
 from sparo_dino.checkpoint import CheckpointError, load_checkpoint
-from sparo_dino.cli_errors import one_line
 
 MODEL_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size", "pos_embed_interpolation") + sparo_vit.SPARO_OPTIONS
 TRAINING_KEYS: tuple[str, ...] = ("teacher", "student")
@@ -107,8 +106,8 @@ def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 def read_weights(path: str, checkpoint_key: str = "teacher") -> Weights:
     """Read a training checkpoint (`checkpoint_key` network and its `config`) or a plain backbone state dict."""
-    # The user named this file, so a pickled official DINO checkpoint may load (load_checkpoint warns).
-    loaded = load_checkpoint(path, allow_pickle=True)
+    # The user named this file, so an official DINO checkpoint may load (its Namespace through an allow-list).
+    loaded = load_checkpoint(path, allow_official=True)
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dict or a state dict")
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -513,9 +512,8 @@ def write_results(results: Mapping[str, Any], path: str) -> str:
 
 
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run an evaluation entry point; bad input ends with one line naming the problem instead of a traceback (also
-    when a data-loader worker raised it and the message carries the worker's traceback)."""
+    """Run an evaluation entry point; bad input ends with one line naming the problem instead of a traceback."""
     try:
         main()
     except (ValueError, FileNotFoundError, CheckpointError, datasets.BadImageError) as error:
-        sys.exit(f"error: {one_line(error)}")
+        sys.exit(f"error: {error}")

@@ -138,7 +138,7 @@ def load_head(path: str, classifier: LinearClassifier, run: dict[str, Any]) -> N
 
     Reads this probe's checkpoint_linear.pth (key `classifier`; its recorded run must use the same features and
     classes) or official DINO's linear weights and checkpoint.pth.tar (key `state_dict`, DDP `module.` prefix)."""
-    state = load_checkpoint(path, allow_pickle=True)  # the user named this file (or it is this probe's own)
+    state = load_checkpoint(path, allow_official=True)  # the user named this file (or it is this probe's own)
     head = state.get("classifier", state.get("state_dict"))
     if not isinstance(head, dict):
         raise ValueError(f"{path} holds no linear head (no 'classifier' or 'state_dict' key); "

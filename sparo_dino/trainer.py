@@ -151,7 +151,7 @@ class DinoTrainer:
             return None
         path, named_by_user = source
         if named_by_user:
-            state = load_checkpoint(path, allow_pickle=True)
+            state = load_checkpoint(path, allow_official=True)
         else:  # this run's own file: a damaged one falls back to the newest loadable checkpointNNNN.pth
             state, path = load_with_fallback(path, periodic_checkpoints(self.args.output_dir))
         config = state.get("config")
