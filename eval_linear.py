@@ -164,19 +164,24 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
 
     With several --lr_grid values the classifier is one head per lr (linear_probe.LinearHeads), trained on the
     train features minus a seeded hold-out that chooses among them (`holdout_batches`). `at_init`: the same probe
-    on the features of the run's random-init network (main puts it in the trained probe's init_baseline/)."""
+    on the features of the run's random-init network (main puts it in the trained probe's init_baseline/).
+
+    The features stay in host memory and each batch moves to the device when the step needs it: the device then
+    holds the heads and one batch, not the 21 GB of an ImageNet SPARO bank. Not fp16 features on the device
+    instead: that still holds 10.5 GB, and the encodings are unnormalized, so fp16 would round (or overflow) the
+    very inputs whose probe accuracy is reported."""
     data = features.compute_features(args, info.device, kind_resolver(args), at_init=at_init)
     if data is None:
         return None
-    train_features = data.train_features.to(info.device)
-    train_labels = data.train_labels.to(info.device)
+    train_features, train_labels = data.train_features, data.train_labels
+    val_features, val_labels = data.val_features, data.val_labels
     classes = num_classes(args, data.num_classes)
     lrs = [linear_probe.scaled_lr(lr, args.batch_size_per_gpu) for lr in args.lr_grid]
     holdout: tuple[torch.Tensor, torch.Tensor] | None = None
     if len(lrs) > 1 and not args.evaluate:
         order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(args.seed))
         cut = max(1, round(args.holdout_fraction * len(order)))
-        held, kept = order[:cut].sort().values.to(info.device), order[cut:].sort().values.to(info.device)
+        held, kept = order[:cut].sort().values, order[cut:].sort().values
         holdout = (train_features[held], train_labels[held])
         train_features, train_labels = train_features[kept], train_labels[kept]
     torch.manual_seed(args.seed)
@@ -188,7 +193,7 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
         return linear_probe.tensor_batches(train_features, train_labels, args.batch_size_per_gpu, generator)
 
     def val_batches() -> linear_probe.Batches:
-        return linear_probe.tensor_batches(data.val_features, data.val_labels, args.batch_size_per_gpu)
+        return linear_probe.tensor_batches(val_features, val_labels, args.batch_size_per_gpu)
 
     run = {"protocol": "fast", "kind": data.meta["kind"], "dim": train_features.shape[1], "num_classes": classes,
            "tag": data.meta["tag"], "epochs": args.epochs, "lr": lrs[0] if len(lrs) == 1 else lrs,

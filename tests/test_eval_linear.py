@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import eval_linear
-from sparo_dino import features, linear_probe
+from sparo_dino import distributed, features, linear_probe
 from sparo_dino.checkpoint import CheckpointError
 from test_eval_knn import SMALL_IMAGES, initial_network_checkpoint, trained_sparo_run, write_checkpoint
 from test_features import SPARO_TINY
@@ -264,3 +264,20 @@ def test_init_baseline_is_the_same_probe_on_the_runs_initial_network(image_folde
 def test_init_baseline_needs_fast_training_from_a_checkpoint(flags, image_folder, tmp_path):
     with pytest.raises(ValueError, match="--init_baseline needs --fast training from --pretrained_weights"):
         eval_linear.main(["--pretrained_weights", "x", "--data_path", image_folder, *flags, "--init_baseline"])
+
+
+def test_fast_mode_keeps_features_in_host_memory_and_moves_one_batch_per_step(tmp_path):
+    """The device holds the heads and a batch, not the whole bank (21 GB for ImageNet x SPARO): on a "meta" device
+    every batch still comes from host memory, ready to move when its step runs."""
+    gen = torch.Generator().manual_seed(0)
+    cache = str(tmp_path / "cache")
+    features.save_features(features.FeatureSet(
+        torch.randn(40, 8, generator=gen), torch.arange(40) % 3, torch.randn(12, 8, generator=gen),
+        torch.arange(12) % 3, ["a", "b", "c"], {"kind": "sparo_encoding", "options": dict(SPARO_TINY), "tag": "t"}),
+        cache)
+    args = eval_linear.build_parser().parse_args(["--load_features", cache, "--fast", "--batch_size_per_gpu", "8"])
+    probe = eval_linear.fast_probe(args, distributed.DistInfo(0, 1, 0, torch.device("meta")))
+    assert next(probe.classifier.parameters()).device.type == "meta"
+    for batches in (probe.train_batches(0), probe.holdout_batches(), probe.val_batches()):
+        inputs, labels = next(iter(batches))
+        assert (inputs.device.type, labels.device.type) == ("cpu", "cpu")
