@@ -16,22 +16,11 @@ import sys
 from typing import Sequence
 
 from sparo_dino.checkpoint import CheckpointError
+from sparo_dino.cli_errors import one_line
 from sparo_dino.datasets import BadImageError
 from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
 from sparo_dino.train_args import parse_train_args
 from sparo_dino.trainer import TrainingError, train
-
-
-def _one_line(error: BaseException) -> str:
-    """The error's own message on one line. Errors raised in data-loader workers arrive wrapped in the worker's
-    traceback, whose last line is `module.Type: message`."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    last = lines[-1]
-    for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
-        last = last.removeprefix(prefix)
-    return last
 
 
 # Errors that end a run with their one line instead of a traceback: bad data, checkpoints, runs, a lost rank.
@@ -40,7 +29,7 @@ USER_ERRORS = (TrainingError, CheckpointError, FileNotFoundError, BadImageError)
 
 def _print_user_error(error: BaseException) -> None:
     if isinstance(error, USER_ERRORS):
-        print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> int:

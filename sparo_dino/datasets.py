@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sized
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 DATASETS: tuple[str, ...] = ("imagefolder", "fashion_mnist")
@@ -41,6 +41,8 @@ def load_rgb_image(path: str) -> Image.Image:
     try:
         with open(path, "rb") as handle:
             return Image.open(handle).convert("RGB")
+    except UnidentifiedImageError as error:  # its message would repeat the path inside a file object's repr
+        raise BadImageError(f"cannot read image {path}: not in an image format PIL can decode") from error
     except Exception as error:  # PIL raises many unrelated types for bad files; all mean "unreadable image"
         raise BadImageError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import sparo_vit
 from sparo_dino import augmentation, datasets, distributed, networks
 from sparo_dino.checkpoint import CheckpointError, load_checkpoint
+from sparo_dino.cli_errors import one_line
 
 MODEL_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size", "pos_embed_interpolation") + sparo_vit.SPARO_OPTIONS
 TRAINING_KEYS: tuple[str, ...] = ("teacher", "student")
@@ -512,8 +513,9 @@ def write_results(results: Mapping[str, Any], path: str) -> str:
 
 
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run an evaluation entry point; bad input ends with one line naming the problem instead of a traceback."""
+    """Run an evaluation entry point; bad input ends with one line naming the problem instead of a traceback (also
+    when a data-loader worker raised it and the message carries the worker's traceback)."""
     try:
         main()
     except (ValueError, FileNotFoundError, CheckpointError, datasets.BadImageError) as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {one_line(error)}")

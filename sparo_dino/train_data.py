@@ -11,7 +11,9 @@ crop depends on a worker's history.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
+import weakref
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -23,6 +25,8 @@ from sparo_dino.gpu_data import DeviceMultiCrop, build_decoded_dataset, collate_
 from sparo_dino.preemption import ignore_stop_signals
 
 AUGMENTATIONS = ("auto", "cpu", "gpu")
+# Training data whose loader workers may still run; see _close_at_exit.
+_OPEN: weakref.WeakSet[TrainingData] = weakref.WeakSet()
 
 
 def resolve_augmentation(augmentation: str, device: torch.device) -> str:
@@ -112,6 +116,24 @@ class TrainingData:
                                  persistent_workers=workers > 0,  # SeededDataset's epoch reaches them
                                  worker_init_fn=ignore_stop_signals,  # SIGTERM to the job must not kill the workers
                                  generator=torch.Generator().manual_seed(seed + rank))
+        _OPEN.add(self)
+
+    def close(self) -> None:
+        """Stop the loader's workers now (a later epoch would start new ones).
+
+        They ignore SIGTERM (preemption.ignore_stop_signals), so only this process can end them, and the loader
+        ends them only when its iterator is garbage collected; after an error the traceback keeps the iterator in
+        a reference cycle until the collector runs, which is too late at exit (see _close_at_exit). Workers are
+        asked to finish as the iterator's finalizer asks them; one still busy after that is killed."""
+        iterator = getattr(self.loader, "_iterator", None)  # the persistent workers' iterator, once an epoch ran
+        self.loader._iterator = None
+        if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+            return
+        iterator._shutdown_workers()
+        for worker in iterator._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
     def start_epoch(self, epoch: int, iteration: int) -> None:
         """Make the loader's next iterator yield `epoch`'s batches from `iteration` on."""
@@ -130,3 +152,14 @@ class TrainingData:
     def replaced(batch: Sequence[Any]) -> torch.Tensor:
         """Per sample, 1 when its unreadable image was replaced by the next readable one (--skip_bad_images)."""
         return batch[-1]
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close the training data still open when the interpreter exits, e.g. after a one-line error.
+
+    Otherwise multiprocessing's exit handler would send the workers SIGTERM, which they ignore, and wait for them
+    forever: the run would print its error and hang. atexit runs handlers in reverse order of registration, and
+    multiprocessing and torch's data loader registered theirs when imported above, so this one runs first."""
+    for data in list(_OPEN):
+        data.close()

@@ -64,7 +64,7 @@ def test_corrupt_image_error_names_the_file(tmp_path, truncate):
     dataset = build_dataset("imagefolder", root)
     with pytest.raises(BadImageError) as error:
         dataset[9]
-    assert path in one_line(error)
+    assert one_line(error).count(path) == 1 and "<_io." not in one_line(error)  # named once, no file-object repr
     assert isinstance(dataset[8][0], Image.Image)  # neighbours still load
 
 

@@ -267,3 +267,51 @@ def test_a_test_failing_with_data_loader_workers_running_ends_pytest(tmp_path, s
                 cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, tests])})
     assert job.wait_exit(timeout=60) == 1, job.text
     assert "1 failed" in job.text
+
+
+def corrupt_image_folder(root, splits=None) -> tuple[str, str]:
+    """A small ImageFolder with one file of garbage bytes; returns (root, the bad file)."""
+    data = make_image_folder(root, num_classes=2, per_class=8, size=32, splits=splits)
+    bad = os.path.join(data, *(["train"] if splits else []), "class_1", "img_002.png")
+    with open(bad, "wb") as handle:
+        handle.write(b"garbage bytes, not an image")
+    return data, bad
+
+
+def exits_with_one_error_line(spawn, command: list[str], bad: str, timeout: float = 45) -> None:
+    """The command, run as its own process, exits with status 1 and one `error:` line naming `bad`, no
+    traceback, within `timeout` seconds (a hang fails the test instead of hanging it)."""
+    job = spawn([sys.executable, *command], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    started = time.monotonic()
+    code = job.wait_exit(timeout=timeout)
+    assert code == 1, job.text
+    lines = [line for line in job.text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and bad in lines[0] and "Traceback" not in job.text, job.text
+    print(f"exited in {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.parametrize("workers,augmentation", [(1, "cpu"), (2, "gpu"), (10, "cpu")])
+def test_unreadable_image_with_loader_workers_exits_with_its_line(tmp_path, spawn, workers, augmentation) -> None:
+    """The worker's error reaches the main process, which prints its line and exits: the workers, which ignore
+    SIGTERM for preemption, must not keep multiprocessing's exit handler waiting for them."""
+    data, bad = corrupt_image_folder(tmp_path / "data")
+    exits_with_one_error_line(spawn, ["main_dino.py", *TINY, "--epochs", "1", "--data_path", data,
+                                      "--output_dir", str(tmp_path / "run"), "--num_workers", str(workers),
+                                      "--augmentation", augmentation], bad)
+
+
+@pytest.mark.parametrize("script", ["eval_knn.py", "eval_linear.py"])
+def test_unreadable_image_in_evaluation_workers_is_one_line(tmp_path, spawn, script) -> None:
+    data, bad = corrupt_image_folder(tmp_path / "data", splits=("train", "val"))
+    exits_with_one_error_line(spawn, [script, "--pretrained_weights", tiny_backbone(tmp_path), "--arch", "vit_tiny",
+                                      "--patch_size", "8", "--img_size", "32", "--data_path", data,
+                                      "--resize_size", "32", "--crop_size", "32", "--batch_size_per_gpu", "4",
+                                      "--num_workers", "2", "--output_dir", str(tmp_path / "out")], bad)
+
+
+def tiny_backbone(folder) -> str:
+    """A plain state dict of a randomly initialised vit_tiny/8 at 32 px."""
+    import sparo_vit
+    path = os.path.join(folder, "backbone.pth")
+    torch.save(sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32).state_dict(), path)
+    return path
