@@ -27,7 +27,9 @@ class LossOutput(NamedTuple):
 class DINOLoss(nn.Module):
     """DINO loss with centring and a per-epoch teacher temperature schedule.
 
-    The only state is the `center` buffer, so `state_dict()` is exactly what a checkpoint must keep.
+    The only state is the `center` buffer, so `state_dict()` is exactly what a checkpoint must keep. The schedule is
+    looked up outside `forward` (`teacher_temp`), and `forward` takes the temperature as a 0-d tensor: under
+    torch.compile a numpy lookup breaks the graph and a Python number is a constant, recompiled for every new value.
     """
 
     def __init__(self, out_dim: int, num_crops: int, warmup_teacher_temp: float, teacher_temp: float,
@@ -49,14 +51,21 @@ class DINOLoss(nn.Module):
         """Temperature of `epoch`; epochs past the schedule (a run extended on resume) keep the final value."""
         return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> LossOutput:
-        """Loss of one step, then the centre update with this step's teacher output.
+    def teacher_temp_tensor(self, epoch: int) -> torch.Tensor:
+        """`teacher_temp(epoch)` as the 0-d CPU tensor `forward` takes: a CPU scalar joins device tensors' arithmetic
+        (and Inductor's kernels) as a kernel argument, without a host-to-device copy."""
+        return torch.tensor(self.teacher_temp(epoch), dtype=torch.float32)
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                teacher_temp: torch.Tensor) -> LossOutput:
+        """Loss of one step at the teacher temperature `teacher_temp` (0-d tensor, see `teacher_temp_tensor`), then
+        the centre update with this step's teacher output.
 
         `student_output` is (num_crops * B, out_dim) ordered crop-major (as the multi-crop wrapper returns it) with
         the global crops first; `teacher_output` is (num_teacher_crops * B, out_dim). Both are computed in fp32.
         """
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.num_crops)
-        teacher_logq = F.log_softmax((teacher_output.float() - self.center) / self.teacher_temp(epoch), dim=-1)
+        teacher_logq = F.log_softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1)
         teacher_q = teacher_logq.exp()
         # sum_{v != t} <q_t, log p_v> = <q_t, sum_v log p_v> - <q_t, log p_t>: one log_softmax per crop, two products
         # per teacher crop instead of one per pair.

@@ -13,11 +13,13 @@ foreach kernels, and the step returns its metrics as a device tensor, read by th
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
+from sparo_dino import distributed
 from sparo_dino.loss import DINOLoss, LossOutput
 from sparo_dino.optim import cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update_, set_hyperparameters
 
@@ -35,18 +37,56 @@ def resolve_compile(flag: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if flag == "auto" else flag == "true"
 
 
-def _identity(module: nn.Module) -> Callable:
-    return module
+def _first_line(error: BaseException) -> str:
+    """The message a user can act on: a backend's failure wraps the error it raised (inner_exception), whose first
+    line names the problem, where the wrapper's own first line only names the backend."""
+    inner = getattr(error, "inner_exception", None)
+    if isinstance(inner, BaseException):
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class _EagerIfCompilationFails:
+    """A compiled module on its first step: a torch._dynamo error (tracing, or the backend's compilation, which
+    dynamo wraps as BackendCompilerFailed; Inductor's errors derive from it) runs the eager module instead and is
+    kept for TrainingStep to settle. Compilation happens before the compiled code runs, so nothing ran twice."""
+
+    def __init__(self, compiled: Callable, eager: nn.Module) -> None:
+        self.compiled, self.eager = compiled, eager
+        self.error: Exception | None = None
+
+    def __call__(self, *args: object) -> object:
+        if self.error is None:
+            try:
+                return self.compiled(*args)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                self.error = error
+        return self.eager(*args)
+
+
+def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
+    """Make AOTAutograd compile the backward graph with the forward (on torch versions that can), so that a failing
+    backward compilation surfaces in the guarded first forward, not in the middle of DDP's gradient all-reduce."""
+    config = torch._functorch.config
+    if not hasattr(config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return config.patch(force_non_lazy_backward_lowering=True)
 
 
 class TrainingStep:
     """The step over a run's student (`student` may be its DDP wrapper of `student_module`), teacher, DINO loss and
-    optimizer; the modules keep their state (checkpoints read them directly, not the compiled wrappers)."""
+    optimizer; the modules keep their state (checkpoints read them directly, not the compiled wrappers).
+
+    `compiled` wraps student, teacher and loss in torch.compile with `compile_backend` (tests pass "aot_eager", which
+    traces the same graphs without Inductor's code generation). If compiling fails on the first step, on any rank,
+    every rank continues eagerly after one warning: an 8-GPU job loses speed, not its allocation, and no two ranks
+    run different graphs."""
 
     def __init__(self, student: nn.Module, student_module: nn.Module, teacher: nn.Module, loss: DINOLoss,
                  optimizer: torch.optim.Optimizer, precision: str, device: torch.device, compiled: bool = False,
                  clip_grad: float = 3.0, freeze_last_layer: int = 1,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, compile_backend: str | Callable = "inductor") -> None:
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
         self.student_module = student_module
@@ -58,8 +98,10 @@ class TrainingStep:
         self.clip_grad = clip_grad
         self.freeze_last_layer = freeze_last_layer
         self.scaler = scaler
-        wrap = torch.compile if compiled else _identity
-        self.student, self.teacher, self.loss = wrap(student), wrap(teacher), wrap(loss)
+        self.networks: tuple[Callable, Callable, Callable] = (student, teacher, loss)
+        if compiled:
+            self.networks = tuple(_EagerIfCompilationFails(torch.compile(module, backend=compile_backend), module)
+                                  for module in self.networks)
         self.student_params = list(student_module.parameters())
         self.teacher_params = list(teacher.parameters())
         self.trainable_params = [p for p in self.student_params if p.requires_grad]
@@ -76,11 +118,37 @@ class TrainingStep:
 
     def forward(self, crops: Sequence[torch.Tensor], epoch: int) -> LossOutput:
         """Loss and diagnostics of the crops (updates the loss's center, as every training forward does)."""
+        if isinstance(self.networks[0], _EagerIfCompilationFails):
+            with _backward_compiled_with_forward():
+                output = self._forward(crops, epoch)
+            self._settle_compilation()
+            return output
+        return self._forward(crops, epoch)
+
+    def _forward(self, crops: Sequence[torch.Tensor], epoch: int) -> LossOutput:
+        student, teacher, loss = self.networks
         with self.autocast():
             with torch.no_grad():
-                teacher_output = self.teacher(list(crops[:NUM_GLOBAL_CROPS]))
-            student_output = self.student(list(crops))
-        return self.loss(student_output, teacher_output, epoch)
+                teacher_output = teacher(list(crops[:NUM_GLOBAL_CROPS]))
+            student_output = student(list(crops))
+        # the temperature is looked up here, outside the compiled loss (see DINOLoss)
+        return loss(student_output, teacher_output, self.loss_module.teacher_temp_tensor(epoch))
+
+    def _settle_compilation(self) -> None:
+        """After the first compiled forward: keep the compiled modules if every rank compiled all three, else run all
+        eagerly on every rank. One all-reduce and host read, on this step only (each rank's fallback ran the eager
+        module in place of the compiled one, so their collectives still matched up to here)."""
+        guards = self.networks
+        errors = [guard.error for guard in guards if guard.error is not None]
+        failed = torch.tensor(float(len(errors)), device=self.device)
+        if not distributed.all_reduce_sum_(failed).item():
+            self.networks = tuple(guard.compiled for guard in guards)
+            return
+        self.networks = tuple(guard.eager for guard in guards)
+        self.compiled = False
+        cause = _first_line(errors[0]) if errors else "on another rank"
+        warnings.warn(f"torch.compile failed ({cause}); training continues eagerly on every rank (slower, same "
+                      "results; --compile false skips compiling)", RuntimeWarning, stacklevel=3)
 
     def __call__(self, crops: Sequence[torch.Tensor], epoch: int, lr: float, weight_decay: float,
                  momentum: float) -> torch.Tensor:

@@ -43,7 +43,7 @@ def test_loss_matches_pairwise_reference(num_crops: int) -> None:
     center_before = module.center.clone()
     for epoch, temp in [(0, 0.04), (1, 0.055), (5, 0.07)]:
         module.center.copy_(center_before)
-        output = module(student, teacher, epoch)
+        output = module(student, teacher, module.teacher_temp_tensor(epoch))
         loss, entropy, kl = reference_dino_loss(student, teacher, center_before, num_crops, temp)
         assert output.loss.item() == pytest.approx(loss.item(), rel=1e-5)
         assert output.teacher_entropy.item() == pytest.approx(entropy.item(), rel=1e-4, abs=1e-5)
@@ -54,7 +54,7 @@ def test_gradient_matches_reference() -> None:
     torch.manual_seed(1)
     student = torch.randn(3 * 4, 16, requires_grad=True)
     teacher = torch.randn(2 * 4, 16)
-    DINOLoss(16, 3, 0.04, 0.04, 0, 1)(student, teacher, 0).loss.backward()
+    DINOLoss(16, 3, 0.04, 0.04, 0, 1)(student, teacher, torch.tensor(0.04)).loss.backward()
     ours = student.grad.clone()
     student.grad = None
     reference_dino_loss(student, teacher, torch.zeros(1, 16), 3, 0.04)[0].backward()
@@ -67,7 +67,7 @@ def test_center_is_ema_of_teacher_batch_mean() -> None:
     teacher = torch.randn(2 * 6, 8)
     module = DINOLoss(8, 2, 0.04, 0.04, 0, 1)
     module.center.fill_(1.0)
-    module(torch.randn(2 * 6, 8), teacher, 0)
+    module(torch.randn(2 * 6, 8), teacher, torch.tensor(0.04))
     torch.testing.assert_close(module.center, 0.9 * torch.ones(1, 8) + 0.1 * teacher.mean(0, keepdim=True))
     assert list(module.state_dict()) == ["center"]
 
@@ -76,10 +76,11 @@ def test_collapse_diagnostics_bounds() -> None:
     """A uniform teacher has entropy ln(K); identical student and teacher logits at equal temperature give KL 0."""
     out_dim = 10
     module = DINOLoss(out_dim, 2, 0.1, 0.1, 0, 1)
-    uniform = module(torch.randn(4, out_dim), torch.zeros(4, out_dim), 0)
+    uniform = module(torch.randn(4, out_dim), torch.zeros(4, out_dim), torch.tensor(0.1))
     assert uniform.teacher_entropy.item() == pytest.approx(math.log(out_dim), rel=1e-5)
     logits = torch.randn(2, out_dim)
-    same = DINOLoss(out_dim, 2, 0.1, 0.1, 0, 1)(torch.cat([logits, logits]), torch.cat([logits, logits]), 0)
+    same = DINOLoss(out_dim, 2, 0.1, 0.1, 0, 1)(torch.cat([logits, logits]), torch.cat([logits, logits]),
+                                                torch.tensor(0.1))
     # pairs are (teacher 0, student 1) and (teacher 1, student 0): the same image here, so KL is 0
     assert same.kl.item() == pytest.approx(0.0, abs=1e-5)
 

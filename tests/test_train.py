@@ -20,10 +20,10 @@ import yaml
 
 import main_dino
 from conftest import make_image_folder
-from sparo_dino.loss import DINOLoss
 from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest
 from sparo_dino.train_args import parse_train_args
 from sparo_dino.trainer import DinoTrainer, build_student_teacher
+from sparo_dino.training_step import TrainingStep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # vit_tiny/8 on 32 px globals and 16 px locals, 16 images, 4 per step: a few seconds per epoch-pair on CPU.
@@ -225,13 +225,13 @@ def test_last_layer_is_frozen_in_the_first_epoch(straight_run) -> None:
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch, capsys) -> None:
-    original = DINOLoss.forward
+    original = TrainingStep.forward
 
-    def poisoned(self, student_output, teacher_output, epoch):
-        output = original(self, student_output, teacher_output, epoch)
+    def poisoned(self, crops, epoch):
+        output = original(self, crops, epoch)
         return output._replace(loss=output.loss * float("nan")) if epoch == 1 else output
 
-    monkeypatch.setattr(DINOLoss, "forward", poisoned)
+    monkeypatch.setattr(TrainingStep, "forward", poisoned)
     out = str(tmp_path / "run")
     code, _, err = run(images, out, "--epochs", "3", "--saveckp_freq", "1", capsys=capsys)
     assert code == 1
