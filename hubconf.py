@@ -9,7 +9,9 @@ A training checkpoint is read through the evaluation scripts' loader (sparo_dino
 built from the checkpoint's own `config` (patch size, img_size, SPARO sizes) exactly as eval_knn.py builds it, and
 the weights load strictly. Plain backbone state dicts (such as official DINO's published ViT weights) work too;
 their patch size is 16 unless `patch_size=` says otherwise. No weights are published for this repository, so no
-entry point ever downloads anything: `pretrained=True` without `weights=` is an error.
+entry point ever downloads anything: `pretrained=True` without `weights=` is an error. The file is read with
+weights_only=True (official DINO checkpoints through sparo_dino.checkpoint's allow-list), so a crafted `weights=`
+file cannot run code.
 """
 import argparse as _argparse
 from typing import Any as _Any

@@ -36,6 +36,7 @@ AUGMENTATION = "tests/test_gpu_augmentation.py::"
 JITTER_READ_BACK = AUGMENTATION + "test_contrast_saturation_and_hue_strengths_read_back_from_the_outputs"
 BLUR_READ_BACK = AUGMENTATION + "test_blur_strength_and_rate_read_back_from_the_outputs"
 JITTER_LINE = "v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)"
+UNTRUSTED = "tests/test_untrusted_checkpoints.py::"
 BATCHED_JITTER_LINE = "BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1"
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -184,4 +185,19 @@ MUTATIONS: tuple[Mutation, ...] = (
              "record.get(\"epoch\", epochs_done) < epochs_done", "True",
              ("tests/test_progress.py::test_trim_log_keeps_the_checkpoints_epochs_and_drops_later_and_partial_lines",),
              "log.txt keeps records written after the checkpoint a killed run resumes from (duplicated epochs)"),
+    # ------------------------------------------------------------------------- checkpoints a user names
+    Mutation("checkpoint-unpickles", "sparo_dino/checkpoint.py",
+             "torch.load(path, map_location=\"cpu\", weights_only=True)",
+             "torch.load(path, map_location=\"cpu\", weights_only=False)",
+             (UNTRUSTED + "test_crafted_checkpoint_runs_no_code_and_fails_with_one_line",),
+             "a crafted --resume / --pretrained_weights / hub weights= file runs its code while loading"),
+    Mutation("official-numpy1-name-dropped", "sparo_dino/checkpoint.py",
+             "(numpy_scalar, \"numpy.core.multiarray.scalar\"), ", "",
+             (UNTRUSTED + "test_official_training_checkpoint_loads_as_usable_data",),
+             "official DINO checkpoints (written with numpy 1) no longer load under numpy 2"),
+    Mutation("allow-list-process-wide", "sparo_dino/checkpoint.py",
+             "with torch.serialization.safe_globals(entries):",
+             "if torch.serialization.add_safe_globals(entries) is None:",
+             (UNTRUSTED + "test_allow_list_does_not_leak_into_other_loads",),
+             "the official allow-list stays on for every later torch.load in the process"),
 )
