@@ -5,14 +5,25 @@ index when faiss has a GPU, IndexFlatIP on the CPU otherwise) and the chunked to
 The default bank is ImageNet train x SPARO encoding, 1.28M x 4096 fp32 = 21 GB: a GPU-machine run. On a CPU try
 --num_train 100000 --dim 4096. The bank is checked against free memory first, so a bank that does not fit stops
 with one line instead of an out-of-memory kill.
+
+`--memory` measures instead the peak memory of the torch backend's search (the bank given in host memory, as
+eval_knn.py gathers it) for an fp32 and an fp16 bank, chunked (the search's own chunk sizes) and unchunked (the bank
+normalized in one piece, one block of all queries x the whole bank), and prints each one's ratio to fp32 unchunked.
+`--scale S` divides the bank, the queries and the chunk sizes by S, so a CPU measures the ImageNet shape at 1/S.
+Peak memory: on CUDA torch's max_memory_allocated; on the CPU the process's peak resident set (VmHWM, reset
+through /proc/self/clear_refs before each search, after the heap's free blocks went back to the OS) minus its
+resident set before it, so the bank and the queries given to the search are not counted, everything the search
+allocates is. (Not tracemalloc: it sees Python's allocations only, not torch's tensors.)
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,6 +34,7 @@ from common import Row, pick_device  # noqa: E402
 from sparo_dino import knn  # noqa: E402
 
 GIB = 2 ** 30
+MIB = 2 ** 20
 
 
 def free_bytes(device: torch.device) -> int:
@@ -81,13 +93,96 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", nargs="+", default=["faiss", "torch"], choices=["faiss", "torch"])
     parser.add_argument("--device", default="auto", help="where the bank lives for the torch backend")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per backend after one warm-up run")
+    parser.add_argument("--memory", action="store_true",
+                        help="measure the torch search's peak memory (fp32/fp16 bank, chunked/unchunked) instead")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="divide the bank, the queries and the search's chunk sizes by this (1/64 fits a CPU)")
     return parser
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _trim_heap() -> None:
+    """Give the heap's free blocks back to the OS (glibc), so the resident set counts live memory only and a search
+    that reuses freed blocks still raises the peak it measures."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measure may then undercount reused blocks
+        pass
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Memory `run` needs at its peak beyond what was allocated before it (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    gc.collect()
+    _trim_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident set
+    except OSError as error:
+        raise SystemExit(f"error: --memory on the CPU needs Linux's /proc/self/clear_refs to reset the peak resident "
+                         f"set ({error})") from error
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+# (name, bank dtype, chunked)
+MEMORY_CASES = (("fp32 unchunked", "fp32", False), ("fp32 chunked", "fp32", True),
+                ("fp16 unchunked", "fp16", False), ("fp16 chunked", "fp16", True))
+
+
+def measure_memory(args: argparse.Namespace) -> list[Row]:
+    """Peak memory of knn_scores (torch backend) per MEMORY_CASES, with ratios to fp32 unchunked."""
+    device = pick_device(args.device)
+    num_train, num_test = max(1, args.num_train // args.scale), max(1, args.num_test // args.scale)
+    chunked = (max(1, knn._BANK_CHUNK_ROWS // args.scale), max(1, knn._TORCH_BLOCK_ELEMENTS // args.scale))
+    unchunked = (num_train, num_train * num_test)
+    require_memory(num_train, args.dim, ["torch"], torch.device("cpu"), False)
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(num_train, args.dim, generator=g)
+    test = torch.randn(num_test, args.dim, generator=g)
+    labels = torch.randint(0, args.num_classes, (num_train,), generator=g)
+    setting = (f"bank {num_train} x {args.dim} (1/{args.scale} of {args.num_train}), {num_test} queries, "
+               f"k={args.k}, on {device}")
+    print(f"peak memory of the torch search | {setting} | bank chunk {chunked[0]} rows, block {chunked[1]} elements",
+          flush=True)
+    saved = knn._BANK_CHUNK_ROWS, knn._TORCH_BLOCK_ELEMENTS
+    peaks, rows = {}, []
+    try:
+        for name, bank_dtype, is_chunked in MEMORY_CASES:
+            knn._BANK_CHUNK_ROWS, knn._TORCH_BLOCK_ELEMENTS = chunked if is_chunked else unchunked
+            started = time.perf_counter()
+            peaks[name] = peak_bytes(lambda: knn.knn_scores(train, labels, test, args.num_classes, [args.k],
+                                                            backend="torch", device=device, bank_dtype=bank_dtype),
+                                     device)
+            seconds = time.perf_counter() - started
+            ratio = peaks[name] / peaks[MEMORY_CASES[0][0]]
+            print(f"bank={name} peak_MiB={peaks[name] / MIB:.1f} ratio_to_fp32_unchunked={ratio:.3f} "
+                  f"s={seconds:.3f}", flush=True)
+            rows.append(Row("knn", f"{setting}, torch {name}", "peak MiB (ratio to fp32 unchunked)",
+                            f"{peaks[name] / MIB:.1f} ({ratio:.3f})"))
+    finally:
+        knn._BANK_CHUNK_ROWS, knn._TORCH_BLOCK_ELEMENTS = saved
+    return rows
+
+
 def measure(args: argparse.Namespace) -> list[Row]:
-    """Time each backend, print a line per backend, and return the results as rows."""
-    if min(args.num_train, args.dim, args.num_test, args.k, args.num_classes, args.repeats) < 1:
-        raise SystemExit("error: --num_train, --dim, --num_test, --k, --num_classes and --repeats must be >= 1")
+    """Time each backend (or with --memory, measure peak memory), print a line per case, return them as rows."""
+    if min(args.num_train, args.dim, args.num_test, args.k, args.num_classes, args.repeats, args.scale) < 1:
+        raise SystemExit("error: --num_train, --dim, --num_test, --k, --num_classes, --repeats and --scale must be "
+                         ">= 1")
+    if args.memory:
+        return measure_memory(args)
     device = pick_device(args.device)
     backends = [b for b in args.backends if b != "faiss" or knn.faiss is not None]
     if len(backends) < len(args.backends):

@@ -1,9 +1,10 @@
 """`make bench`: every benchmark at the size that fits the machine, in one Markdown table with the machine's facts.
 
 On a GPU: the issue's recipe (vit_small and vit_small_sparo, 64 images per GPU, 2x224 + 10x96 crops, out_dim 65536;
-a 1.28M x 4096 k-NN bank; ImageNet-sized synthetic JPEGs, a data-loader worker per core up to 16).
+a 1.28M x 4096 k-NN bank, and its search's peak memory at 1/4; ImageNet-sized synthetic JPEGs, a data-loader worker
+per core up to 16).
 On a CPU: small sizes that finish in minutes and show the scripts and the fast/reference ratios work; they say
-nothing about GPU speed.
+nothing about GPU speed. The k-NN search's peak memory is measured on that bank's shape at 1/64.
 
 Writes benchmarks/results/<date>-<time>-<device>.md (or --output) and prints its path. A benchmark that fails
 leaves a row saying so; the others still run.
@@ -37,7 +38,8 @@ def plans(on_gpu: bool, images: str, workers: int) -> list[tuple[str, object, li
         return [("step", step, []),
                 ("data", data, ["--data_path", images, "--workers", str(workers), "--batches", "8"]),
                 ("train", train, ["--data_path", images, "--workers", str(workers)]),
-                ("knn", knn, [])]
+                ("knn", knn, []),
+                ("knn", knn, ["--memory", "--scale", "4"])]  # unchunked fp32 at full scale needs ~93 GB
     small_model = ["--patch_size", "8", "--global_size", "32", "--local_size", "16", "--local_crops_number", "2"]
     return [("step", step, ["--device", "cpu", "--archs", "vit_tiny", "vit_tiny_sparo", "--batch_size_per_gpu", "4",
                             *small_model, "--out_dim", "256", "--steps", "3", "--warmup", "1", "--compile", "false"]),
@@ -46,7 +48,8 @@ def plans(on_gpu: bool, images: str, workers: int) -> list[tuple[str, object, li
             ("train", train, ["--data_path", images, "--device", "cpu", "--archs", "vit_tiny",
                               "--batch_size_per_gpu", "8", *small_model, "--out_dim", "256",
                               "--workers", str(workers), "--steps", "4", "--warmup", "1"]),
-            ("knn", knn, ["--device", "cpu", "--num_train", "20000", "--dim", "1024", "--num_test", "500"])]
+            ("knn", knn, ["--device", "cpu", "--num_train", "20000", "--dim", "1024", "--num_test", "500"]),
+            ("knn", knn, ["--device", "cpu", "--memory", "--scale", "64"])]  # the ImageNet x SPARO bank at 1/64
 
 
 def get_parser() -> argparse.ArgumentParser:

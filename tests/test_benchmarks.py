@@ -112,6 +112,24 @@ def test_knn_benchmark_prints_both_backends_and_ratio(capsys):
     assert _field(out, rf"ratio faiss/torch: queries/s x{NUMBER}")[0] > 0
 
 
+def test_knn_benchmark_measures_peak_memory_of_fp32_fp16_chunked_and_unchunked_banks(capsys):
+    """The ImageNet bank's shape at 1/256 (5004 x 512 here): chunking drops the second full fp32 copy and the
+    queries x bank block, fp16 halves the bank; the printed ratios are to fp32 unchunked."""
+    knn = _load("knn")
+    rows = knn.measure(knn.get_parser().parse_args(["--memory", "--scale", "256", "--dim", "512", "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert "bank 5004 x 512 (1/256 of 1281167), 39 queries" in out
+    peaks = {name: _field(out, rf"bank={name} peak_MiB={NUMBER} ratio_to_fp32_unchunked={NUMBER}")
+             for name in ("fp32 unchunked", "fp32 chunked", "fp16 unchunked", "fp16 chunked")}
+    bank = 5004 * 512 * 4 / 2 ** 20
+    assert peaks["fp32 unchunked"][1] == 1.0 and peaks["fp32 unchunked"][0] > 1.8 * bank
+    assert bank <= peaks["fp32 chunked"][0] < 1.4 * bank
+    assert bank / 2 <= peaks["fp16 chunked"][0] < 0.8 * bank
+    for name, (peak, ratio) in peaks.items():
+        assert ratio == pytest.approx(peak / peaks["fp32 unchunked"][0], abs=0.01), name  # MiB printed to 0.1
+    assert len(rows) == 4 and all(row.metric.startswith("peak MiB") for row in rows)
+
+
 def test_knn_benchmark_refuses_a_bank_that_does_not_fit():
     knn = _load("knn")
     with pytest.raises(SystemExit, match=r"1000000000 x 4096 fp32 bank is 15258.8 GiB .* GiB are free"):
