@@ -8,7 +8,9 @@ this same object, so what the benchmark times is what training runs.
 loss over the 65536-way head); the optimizer stays eager and, on GPUs, is the fused AdamW (optim.build_optimizer).
 Nothing here reads a device value on the host: the schedule values arrive as Python floats, clipping and EMA are
 foreach kernels, and the step returns its metrics as a device tensor, read by the trainer at the logging interval
-(fp16's GradScaler is the exception: its inf check reads the device; bf16 needs no scaler).
+(fp16's GradScaler is the exception: its inf check reads the device unless the optimizer is the fused AdamW, which
+takes the check's result on the device; bf16 needs no scaler). A compiled step reads one value on its first step
+only: whether every rank compiled (TrainingStep._settle_compilation).
 """
 from __future__ import annotations
 
