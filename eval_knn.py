@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.init_baseline and args.load_features:
         raise ValueError("--init_baseline needs --pretrained_weights (a training checkpoint), not --load_features")
     distributed.check_launcher_args(args)
+    features.check_output_dirs(args)
     info = distributed.init_distributed(timeout_minutes=args.dist_timeout_minutes)
     try:
         # the baseline first: a checkpoint that cannot give it fails before the long extraction

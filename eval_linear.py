@@ -285,6 +285,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = config.parse_args(build_parser(), argv)
     check_args(args)
+    features.check_output_dirs(args)
     info = distributed.init_distributed(timeout_minutes=args.dist_timeout_minutes)
     try:
         # the baseline first: a checkpoint that cannot give it fails before the long extraction

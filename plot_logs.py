@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sparo_dino.cli_errors import OutputDirError, require_writable_dirs  # noqa: E402
+
 LOG_NAME = "log.txt"
 
 
@@ -78,18 +80,30 @@ def plot_runs(runs: dict[str, list[dict]], keys: Sequence[str], path: str) -> st
     return path
 
 
+def check_output(path: str) -> None:
+    """Stop at once, with one line, when the PNG cannot be written where --output says: before reading any log."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --output {path} is a folder; name the PNG file to write")
+    try:
+        require_writable_dirs({"--output folder": os.path.dirname(os.path.abspath(path))})
+    except OutputDirError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="output dirs (or log.txt files) of training runs")
     parser.add_argument("--keys", nargs="*", default=None, help="metrics to draw (default: every numeric one)")
     parser.add_argument("--output", type=str, default="training_curves.png")
     args = parser.parse_args(argv)
+    check_output(args.output)
     runs = {os.path.basename(os.path.normpath(run)) or run: read_log(run) for run in args.runs}
     available = numeric_keys(runs)
     keys = args.keys or available
     missing = [key for key in keys if key not in available]
     if missing:
         raise SystemExit(f"error: metric(s) {', '.join(missing)} not in any log; logged: {', '.join(available)}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     path = plot_runs(runs, keys, args.output)
     print(f"{len(keys)} curves of {len(runs)} run(s) written to {path}")
     return path

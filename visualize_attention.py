@@ -28,6 +28,7 @@ from torchvision import transforms  # noqa: E402
 
 import sparo_vit  # noqa: E402
 from sparo_dino import features  # noqa: E402
+from sparo_dino.cli_errors import require_writable_dirs  # noqa: E402
 from visualize_slots import for_display, load_named_backbone  # noqa: E402
 
 OFFICIAL_PLAIN_DEFAULTS = {"arch": "vit_small", "patch_size": 8}  # official flag defaults (its paper figures)
@@ -96,6 +97,7 @@ def save_mask_figure(picture: torch.Tensor, mask: torch.Tensor, path: str) -> No
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     args = build_parser().parse_args(argv)
+    require_writable_dirs({"--output_dir": args.output_dir})
     if not args.pretrained_weights:
         raise ValueError("--pretrained_weights is required: no reference weights are downloaded")
     if args.image_path is None:

@@ -250,6 +250,7 @@ def render_comparison(args: argparse.Namespace, images: torch.Tensor, slot_rows:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = config.parse_args(build_parser(), argv)
+    features.check_output_dirs(args)
     backbone, options, tag = features.load_backbone(args)
     if not sparo_vit.is_sparo_arch(options["arch"]):
         raise ValueError(f"slot maps need a *_sparo checkpoint; {args.pretrained_weights} is {options['arch']}")

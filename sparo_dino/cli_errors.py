@@ -1,8 +1,16 @@
-"""How the command-line scripts end on a user's mistake: one line naming the problem.
+"""How the command-line scripts end on a user's mistake: one line naming the problem, and as early as possible.
 
-A traceback from a data-loader worker tells a user less than the one line at its end; every entry point shares this.
+A traceback from a data-loader worker, or an unwritable output folder found after minutes of training or feature
+extraction, tells a user less than one line at start-up; every entry point shares these two helpers.
 """
 from __future__ import annotations
+
+import os
+from typing import Mapping
+
+
+class OutputDirError(ValueError):
+    """An output folder that cannot receive files; the message names it and why."""
 
 
 def one_line(error: BaseException) -> str:
@@ -15,3 +23,31 @@ def one_line(error: BaseException) -> str:
     for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
         last = last.removeprefix(prefix)
     return last
+
+
+def require_writable_dirs(folders: Mapping[str, str | None]) -> None:
+    """Raise OutputDirError unless every output folder (flag -> folder; None: not used) can receive files or be
+    created: a file standing at it or at a parent, or a folder this user may not write to, is reported at start-up
+    instead of by the first write, which may come after hours of training or minutes of feature extraction.
+
+    Creates nothing (a launcher checks the flags on the submission host, and a folder may hold a placeholder such
+    as SLURM's %j): the nearest existing folder on the way up is the one that must be writable. `os.access` answers
+    for this user, root included, and says no on a read-only file system."""
+    for flag, path in folders.items():
+        if path is not None:
+            _require_writable_dir(path, flag)
+
+
+def _require_writable_dir(path: str, flag: str) -> None:
+    target = os.path.abspath(path)
+    existing = target
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        problem = "is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable by this user (permissions or a read-only file system)"
+    else:
+        return
+    where = f"{flag} {path}" if existing == target else f"{flag} {path} cannot be created: {existing}"
+    raise OutputDirError(f"{where} {problem}; choose another {flag}")

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import sparo_vit
 from sparo_dino import augmentation, datasets, distributed, networks
 from sparo_dino.checkpoint import CheckpointError, load_checkpoint
-from sparo_dino.cli_errors import one_line
+from sparo_dino.cli_errors import one_line, require_writable_dirs
 
 MODEL_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size", "pos_embed_interpolation") + sparo_vit.SPARO_OPTIONS
 TRAINING_KEYS: tuple[str, ...] = ("teacher", "student")
@@ -509,7 +509,15 @@ def default_output_dir(args: argparse.Namespace) -> str:
         return args.output_dir
     if args.pretrained_weights is not None:
         return os.path.dirname(os.path.abspath(args.pretrained_weights))
-    return os.path.abspath(args.load_features)
+    if args.load_features is not None:
+        return os.path.abspath(args.load_features)
+    raise ValueError("--pretrained_weights is required (or --load_features with cached features)")
+
+
+def check_output_dirs(args: argparse.Namespace) -> None:
+    """The folders an evaluation writes to (results, --dump_features) must take files: checked at start-up, so a
+    bad one stops the run before the process group, the weights and the feature extraction."""
+    require_writable_dirs({"--output_dir": default_output_dir(args), "--dump_features": args.dump_features})
 
 
 def write_results(results: Mapping[str, Any], path: str) -> str:

@@ -12,6 +12,7 @@ import torch
 
 import sparo_vit
 from sparo_dino import augmentation
+from sparo_dino.cli_errors import require_writable_dirs
 from sparo_dino.config import bool_flag, parse_args
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
 from sparo_dino.datasets import DATASETS, FASHION_MNIST_DIR
@@ -225,6 +226,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         setattr(args, name, [float(low), float(high)])
     try:
         resolve_precision(args.precision, args.use_fp16, torch.device("cpu"))
+        require_writable_dirs({"--output_dir": args.output_dir})
     except ValueError as error:
         _fail(parser, str(error))
     return args
