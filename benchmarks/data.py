@@ -5,13 +5,15 @@
 - gpu (`--augmentation gpu`, the default on GPUs): a worker only decodes (gpu_data: PIL, large JPEGs at a reduced
   DCT scale) and packs the batch into one uint8 tensor; the device makes the crops (gpu_data.DeviceMultiCrop).
 
-Two measurements:
+Three measurements:
 1. worker CPU time per image, in this process with one thread (CPU time, so other jobs on the machine count less
    than in wall time): everything a data-loader worker does per image in each pipeline, the img/s one core feeds
    and the ratio of the two pipelines. This is what decides whether a machine's cores can feed its GPUs.
 2. throughput through the real data loader with --workers processes: images (with all their crops) delivered to
    the device per second. On a CPU-only machine the gpu pipeline's crops are made by the main process on the CPU,
    so its number there says nothing about a GPU.
+3. the device multi-crop alone (random pixels already on the device) and the price of its blur's fixed shapes:
+   blurring every sample of a crop-size group vs only the samples that drew a blur (ratio and share of the crops).
 With CUDA, a third pipeline for comparison: workers only read the JPEG bytes, nvjpeg decodes the batch on the GPU
 (torchvision.io.decode_jpeg), then the same device crops (not wired into the trainer).
 
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import Row, on_image_folder, pick_device, synchronize  # noqa: E402
+from sparo_dino.gpu_augmentation import BatchedMultiCrop, ViewParams, gaussian_blur  # noqa: E402
 from sparo_dino.gpu_data import collate_decoded  # noqa: E402
 from sparo_dino.train_args import parse_train_args  # noqa: E402
 from sparo_dino.train_data import TrainingData  # noqa: E402
@@ -71,6 +74,53 @@ def images_per_second(batches: Iterable, process: Callable[[Any], Any], batch_si
         process(next(iterator))
     synchronize(device)
     return batch_size * timed / (time.perf_counter() - start)
+
+
+def ms_per_call(function: Callable[[], Any], device: torch.device, reps: int) -> float:
+    function()  # warm-up (and, on a GPU with cudnn.benchmark, the shape's autotuning)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        function()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - start) / reps
+
+
+def blur_cost(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """What the device blur's fixed shapes cost: ms per batch of the whole device multi-crop, and of its blur as it
+    runs (every sample of a crop-size group, one convolution shape per group, kept where the sample drew a blur)
+    against blurring only the samples that drew one (a shape per count, which cudnn.benchmark would tune one by one).
+    Images are --synthetic_size px random pixels already on the device, so JPEG decoding does not dilute the ratio."""
+    aug = BatchedMultiCrop(local_crops_number=args.local_crops_number, global_crop_size=args.global_size,
+                           local_crop_size=args.local_size)
+    generator = torch.Generator().manual_seed(0)
+    side = args.synthetic_size
+    sizes = torch.full((args.batch_size, 2), side)
+    pixels = torch.randint(0, 256, (args.batch_size, 3, side, side), generator=generator, dtype=torch.uint8)
+    pixels = pixels.to(device)
+    params = aug.sample(sizes, generator)
+    crops_ms = ms_per_call(lambda: aug.apply(pixels, sizes, params), device, args.batches)
+    setting = f"batch {args.batch_size}, 2x{args.global_size} + {args.local_crops_number}x{args.local_size}"
+    rows = [Row("data", f"{setting}, device multi-crop on {device.type}", "ms/batch", f"{crops_ms:.1f}")]
+    print(f"device crops ms/batch={crops_ms:.1f}", flush=True)
+    blur_ms = {"all": 0.0, "drawn": 0.0}
+    for name, views in (("global", slice(0, 2)), ("local", slice(2, None))):
+        group = ViewParams.cat(params[views])
+        if group.blur.numel() == 0:
+            continue
+        spec = aug.views[views][0]
+        images = torch.rand(group.blur.numel(), 3, spec.size, spec.size, generator=generator).to(device)
+        drawn = torch.nonzero(group.blur).flatten()
+        blur_ms["all"] += ms_per_call(lambda: gaussian_blur(images, group.sigma, spec.blur_radius), device,
+                                      args.batches)
+        blur_ms["drawn"] += ms_per_call(lambda: gaussian_blur(images[drawn.to(device)], group.sigma[drawn],
+                                                              spec.blur_radius), device, args.batches)
+        print(f"blur {name} crops: {drawn.numel()} of {group.blur.numel()} drew a blur", flush=True)
+    ratio = blur_ms["all"] / blur_ms["drawn"]
+    print(f"blur ms/batch whole groups={blur_ms['all']:.1f} drawn only={blur_ms['drawn']:.1f} ratio x{ratio:.2f} "
+          f"extra share of device crops={100 * (blur_ms['all'] - blur_ms['drawn']) / crops_ms:.1f}%", flush=True)
+    return rows + [Row("data", f"{setting}, blur on {device.type}", "ms/batch whole groups (fixed shapes) vs drawn "
+                       "samples only", f"{blur_ms['all']:.1f} vs {blur_ms['drawn']:.1f} (x{ratio:.2f})")]
 
 
 def nvjpeg_rate(args: argparse.Namespace, root: str, device: torch.device, data: TrainingData) -> float:
@@ -166,7 +216,7 @@ def run(args: argparse.Namespace, root: str) -> list[Row]:
         print(f"pipeline=nvjpeg img/s={rate:.2f}", flush=True)
         rows.append(Row("data", f"{setting}, nvjpeg decode on the GPU, {args.workers} workers read bytes", "img/s",
                         f"{rate:.2f}"))
-    return rows
+    return rows + blur_cost(args, device)
 
 
 def measure(args: argparse.Namespace) -> list[Row]:

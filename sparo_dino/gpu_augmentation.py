@@ -58,6 +58,12 @@ class ViewSpec:
     solarize_p: float
     sigma: tuple[float, float]
 
+    @property
+    def blur_radius(self) -> int:
+        """Half-width of the blur kernel: 3 of the largest sigma the view draws (the Gaussian's tails beyond are
+        below 0.3% of its mass)."""
+        return max(1, math.ceil(3 * self.sigma[1]))
+
 
 @dataclass
 class ViewParams:
@@ -327,11 +333,11 @@ class BatchedMultiCrop:
         images = color_jitter(images, params.factors, params.order, params.jitter)
         images = torch.where(_per_sample(to_device(params.gray, device)),
                              rgb_to_grayscale(images, num_output_channels=3), images)
-        blurred = torch.nonzero(params.blur).flatten()
-        if blurred.numel():
-            radius = max(1, math.ceil(3 * spec.sigma[1]))
-            index = to_device(blurred, device)
-            images.index_copy_(0, index, gaussian_blur(images.index_select(0, index), params.sigma[blurred], radius))
+        if params.blur.any():
+            # The whole batch, then a per-sample choice: the convolution sees one shape per crop size, however many
+            # samples drew a blur (a shape per count would make cudnn.benchmark tune each of ~B shapes).
+            images = torch.where(_per_sample(to_device(params.blur, device)),
+                                 gaussian_blur(images, params.sigma, spec.blur_radius), images)
         if params.solarize.any():
             images = solarize(images, params.solarize)
         mean = to_device(torch.tensor(IMAGENET_MEAN), device).view(1, 3, 1, 1)

@@ -73,6 +73,42 @@ def test_gaussian_blur_and_solarize_match_torchvision_per_sample():
     torch.testing.assert_close(solarize(images, apply), expected)
 
 
+def test_blurring_the_whole_batch_gives_each_sample_its_own_blur_bit_for_bit():
+    """The pipeline blurs every sample of a crop-size group and keeps the blurred ones (one convolution shape): each
+    sample's result is bitwise what blurring it alone gives (the grouped convolution keeps samples apart), so the
+    blurred crops are those of the former blur of the selected samples only."""
+    images = _images(n=7, size=20, seed=3)
+    sigma = torch.linspace(0.1, 2.0, 7)
+    together = gaussian_blur(images, sigma, radius=6)
+    for i in range(7):
+        assert torch.equal(together[i], gaussian_blur(images[i:i + 1], sigma[i:i + 1], radius=6)[0]), i
+
+
+def test_blur_convolution_shape_does_not_depend_on_how_many_samples_drew_a_blur(monkeypatch):
+    """With cudnn.benchmark (the trainer sets it on GPUs) every new convolution shape is autotuned; blurring the
+    whole group keeps one input shape per convolution and crop size, whatever the draws (global 2 blurs 10% of the
+    batch, locals 50%): 4 shapes over all seeds, each with 3 channels per crop of its group."""
+    shapes = set()
+    conv2d = F.conv2d
+
+    def spy(input, weight, *args, **kwargs):
+        shapes.add(tuple(input.shape))
+        return conv2d(input, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    batch, num_local = 8, 3
+    aug = BatchedMultiCrop(local_crops_number=num_local, global_crop_size=GLOBAL, local_crop_size=LOCAL)
+    images = [torch.randint(0, 256, (3, 40, 40), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+              for i in range(batch)]
+    draws = set()
+    for seed in range(6):
+        params = aug.sample(pad_images(images)[1], torch.Generator().manual_seed(seed))
+        draws.add(tuple(int(p.blur.sum()) for p in params))
+        aug.apply(*pad_images(images), params)
+    assert len(draws) > 1  # the seeds drew different numbers of blurred samples
+    assert {shape[1] for shape in shapes} == {3 * 2 * batch, 3 * num_local * batch} and len(shapes) == 4, shapes
+
+
 def _crop(aug: BatchedMultiCrop, image: torch.Tensor, box: list[float], size: int) -> torch.Tensor:
     """The pixels BatchedMultiCrop's resampling produces for one box (before any colour op)."""
     from torchvision.ops import roi_align
