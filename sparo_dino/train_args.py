@@ -6,14 +6,14 @@ Flags are declared once here so that main_dino.py, the submitit launcher and the
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 import sparo_vit
 from sparo_dino import augmentation
 from sparo_dino.cli_errors import require_writable_dirs
-from sparo_dino.config import bool_flag, parse_args
+from sparo_dino.config import args_to_dict, bool_flag, parse_args
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
 from sparo_dino.datasets import DATASETS, FASHION_MNIST_DIR
 from sparo_dino.optim import OPTIMIZERS
@@ -25,6 +25,15 @@ SPARO_DEFAULTS = {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size":
 # Flags that define the networks: a checkpoint trained with other values cannot be resumed.
 MODEL_KEYS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "img_size",
               "pos_embed_interpolation", *SPARO_DEFAULTS)
+# Flags that say how a run executes, not what it computes: a rerun in the same output dir may change them freely
+# (another machine picks another precision or augmentation device; logging, workers, checkpoint frequency). Every
+# other flag, and the number of processes (the total batch), changes the run's meaning: continuing with another
+# value needs --resume_overrides.
+RESUME_FREE_KEYS = frozenset({
+    "config", "output_dir", "resume", "resume_overrides", "num_workers", "print_freq", "tensorboard",
+    "saveckp_freq", "ckpt_every_iters", "skip_bad_images", "precision", "use_fp16", "compile", "fused_adamw",
+    "augmentation", "grad_checkpointing", "knn_every", "knn_data_path", "knn_subset", "knn_crop_size",
+    "knn_resize_size", "dist_url", "local_rank", "dist_timeout_minutes"})
 
 
 def auto_or_bool(value: str | bool) -> str:
@@ -130,6 +139,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "log.txt, instead of stopping with an error naming the file")
     run.add_argument("--resume", default=None, type=str,
                      help="checkpoint to start from when --output_dir has no checkpoint.pth yet")
+    run.add_argument("--resume_overrides", default=[], nargs="+", metavar="FLAG",
+                     help="continue this output dir's run with new values of these flags (names without --, e.g. "
+                          "epochs lr, or world_size for another number of processes); without it a rerun whose "
+                          "recipe differs from its checkpoint's stops and lists the differences")
     run.add_argument("--seed", default=0, type=int, help="random seed")
     run.add_argument("--num_workers", default=10, type=int, help="data-loading workers per process")
     run.add_argument("--print_freq", default=10, type=int, help="console log every N iterations")
@@ -150,6 +163,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="resize before the centre crop, as eval_knn.py --resize_size (default: the crop x 256/224)")
     add_launcher_args(parser)
     return parser
+
+
+def changed_recipe(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, str]:
+    """{key: "key=saved (this run: new)"} for every flag that changes the run's meaning and differs from the
+    checkpoint's config (plain data, so `current` is compared as args_to_dict writes it), except model flags (checked
+    separately: those can never be resumed), flags the checkpoint predates, and those named in --resume_overrides."""
+    allowed = RESUME_FREE_KEYS | set(MODEL_KEYS) | set(current.get("resume_overrides") or ())
+    return {key: f"{key}={saved[key]!r} (this run: {value!r})" for key, value in args_to_dict(dict(current)).items()
+            if key not in allowed and key in saved and saved[key] != value}
 
 
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
@@ -185,6 +207,10 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         check_launcher_args(args)
     except ValueError as error:
         _fail(parser, str(error))
+    unknown = sorted(set(args.resume_overrides) - set(vars(args)) - {"world_size"})
+    if unknown:
+        _fail(parser, f"--resume_overrides: unknown flag(s) {', '.join(unknown)}; valid: world_size, "
+                      f"{', '.join(sorted(set(vars(args)) - RESUME_FREE_KEYS - set(MODEL_KEYS)))}")
     if args.data_path is None:
         if args.dataset != "fashion_mnist":
             _fail(parser, "--data_path is required for --dataset imagefolder")

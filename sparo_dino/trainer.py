@@ -31,7 +31,7 @@ from sparo_dino.preemption import StopPoll
 from sparo_dino.progress import LOG_NAME, MetricSums, ProgressLogger, all_finite, require_tensorboard, trim_log
 from sparo_dino.provenance import append_provenance
 from sparo_dino.schedules import Schedules, scaled_lr
-from sparo_dino.train_args import MODEL_KEYS, resolve_precision
+from sparo_dino.train_args import MODEL_KEYS, changed_recipe, resolve_precision
 from sparo_dino.train_data import TrainingData
 from sparo_dino.training_step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile
 
@@ -165,6 +165,8 @@ class DinoTrainer:
         if differences:
             raise CheckpointError(f"{path} belongs to another model: {', '.join(differences)}; "
                                   "use matching flags or another --output_dir")
+        if not named_by_user:  # a rerun in the same output dir; a named --resume seeds a new run on purpose
+            self._check_same_recipe(path, {**config, **{k: state[k] for k in ("world_size",) if k in state}})
         try:
             self.student_module.load_state_dict(_normalize_state_dict(state["student"]))
             self.teacher.load_state_dict(_normalize_state_dict(state["teacher"]))
@@ -185,6 +187,14 @@ class DinoTrainer:
         if distributed.is_main_process():
             print(f"resumed from {path}: {self.epoch} epochs done, iteration {self.iteration}", flush=True)
         return path
+
+    def _check_same_recipe(self, path: str, saved: Mapping[str, Any]) -> None:
+        """Stop a rerun whose flags would silently change the run it continues (another lr, epochs, data...)."""
+        changes = changed_recipe(saved, {**vars(self.args), "world_size": self.info.world_size})
+        if changes:
+            raise CheckpointError(
+                f"{path} was trained with other settings: {', '.join(changes.values())}; to start afresh use another "
+                f"--output_dir, to continue with the new values on purpose add --resume_overrides {' '.join(changes)}")
 
     def _load_optimizer_state(self, state: Mapping[str, Any], path: str) -> None:
         if "config" not in state:
@@ -298,6 +308,7 @@ class DinoTrainer:
             "config": args_to_dict(self.args),
             "rng": capture_rng_state(self.device),
             "epoch_sums": self.epoch_sums.gathered() if self.iteration else None,
+            "world_size": self.info.world_size,  # with batch_size_per_gpu, the total batch (lr scaling, epoch length)
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()

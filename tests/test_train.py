@@ -193,12 +193,14 @@ def assert_written_by(optimizer_state: dict, name: str) -> None:
 ], ids=["bf16-lars", "fp16-sgd-bn", "sparo-checkpointing"])
 def test_precisions_optimizers_and_archs_train(images, tmp_path, flags, optimizer, dtype) -> None:
     """Each combination trains to finite weights, and the flags really act: every linear layer computed in the
-    requested precision (seen by a forward hook on all modules) and the checkpoint holds that optimizer's state."""
-    linear_output_dtypes = set()
+    requested precision (seen by a forward hook on all modules), except the DINO head's weight-normalized last layer,
+    which stays fp32, and the checkpoint holds that optimizer's state."""
+    linear_output_dtypes, last_layer_dtypes = set(), set()
 
     def record(module: torch.nn.Module, inputs, output) -> None:
         if isinstance(module, torch.nn.Linear):
-            linear_output_dtypes.add(output.dtype)
+            last_layer = torch.nn.utils.parametrize.is_parametrized(module)
+            (last_layer_dtypes if last_layer else linear_output_dtypes).add(output.dtype)
 
     hook = torch.nn.modules.module.register_module_forward_hook(record)
     try:
@@ -206,7 +208,7 @@ def test_precisions_optimizers_and_archs_train(images, tmp_path, flags, optimize
     finally:
         hook.remove()
     assert code == 0
-    assert linear_output_dtypes == {dtype}
+    assert linear_output_dtypes == {dtype} and last_layer_dtypes == {torch.float32}
     state = load(os.path.join(tmp_path / "run", "checkpoint.pth"))
     assert ("scaler" in state) == ("--use_fp16" in flags)
     assert_written_by(state["optimizer"], optimizer)
@@ -411,3 +413,53 @@ def test_knn_every_needs_labelled_data(images, tmp_path, capsys) -> None:
                     "--knn_data_path", str(tmp_path / "missing"), capsys=capsys)
     assert code == 1 and "missing" in error_line(err)
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")  # checked before training
+
+
+def _files(folder: str) -> dict[str, bytes]:
+    return {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+
+
+def test_rerun_with_another_recipe_stops_and_lists_the_differences(images, tmp_path, capsys) -> None:
+    """Another --lr and --epochs in the same output dir would continue the old run with new schedules: one line
+    names both differences and how to go on; nothing in the folder changes."""
+    out = str(tmp_path / "run")
+    assert run(images, out, "--epochs", "1").code == 0
+    before = _files(out)
+    code, _, err = run(images, out, "--epochs", "2", "--lr", "0.001", "--print_freq", "1", "--num_workers", "1",
+                       capsys=capsys)
+    assert code == 1
+    assert error_line(err) == (
+        f"error: {os.path.join(out, 'checkpoint.pth')} was trained with other settings: epochs=1 (this run: 2), "
+        "lr=0.0005 (this run: 0.001); to start afresh use another --output_dir, to continue with the new values on "
+        "purpose add --resume_overrides epochs lr")
+    assert _files(out) == before
+
+
+def test_rerun_with_other_data_or_another_number_of_processes_is_refused(images, tmp_path, capsys) -> None:
+    out = str(tmp_path / "run")
+    assert run(images, out, "--epochs", "1").code == 0
+    other = shutil.copytree(images, tmp_path / "copy")
+    code, _, err = run(str(other), out, "--epochs", "1", capsys=capsys)
+    assert code == 1 and f"data_path={images!r} (this run: {str(other)!r})" in error_line(err)
+    state = load(os.path.join(out, "checkpoint.pth"))
+    state["world_size"] = 8  # as if written by 8 processes: another total batch, so another lr and epoch length
+    torch.save(state, os.path.join(out, "checkpoint.pth"))
+    code, _, err = run(images, out, "--epochs", "1", capsys=capsys)
+    assert code == 1 and "world_size=8 (this run: 1)" in error_line(err) and "--resume_overrides world_size" in err
+
+
+def test_resume_overrides_continue_with_the_new_values_and_cosmetic_flags_pass(images, tmp_path, capsys) -> None:
+    out = str(tmp_path / "run")
+    assert run(images, out, "--epochs", "1", capsys=capsys).code == 0
+    code, console, _ = run(images, out, "--epochs", "2", "--resume_overrides", "epochs", *EVERY_STEP,
+                           "--num_workers", "1", "--saveckp_freq", "5", capsys=capsys)
+    assert code == 0 and "resumed from" in console
+    assert executed_steps(console) == steps_between((1, 0), (2, 0))
+    assert load(os.path.join(out, "checkpoint.pth"))["config"]["epochs"] == 2
+
+
+def test_resume_overrides_must_name_flags(images, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        run(images, str(tmp_path / "run"), "--resume_overrides", "learning_rate")
+    err = capsys.readouterr().err
+    assert "--resume_overrides: unknown flag(s) learning_rate; valid: " in err and " lr," in err
