@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch backend: how the L2-normalized train bank is held; fp16 halves it (ImageNet x "
                             "SPARO: 10.5 GB instead of 21) with similarities within 2**-11 of fp32's; fp32 gives "
                             "the official number exactly")
+    group.add_argument("--shard_bank", type=config.bool_flag, default=False,
+                       help="each rank keeps its own shard of the train features and searches it, and the ranks "
+                            "merge their top-k: no process holds the whole bank (ImageNet x SPARO: 21 GB), none "
+                            "gathers it; not with --per_slot, --select_slots, --dump_features or --load_features, "
+                            "which need the whole bank in one process")
     group.add_argument("--use_cuda", type=config.bool_flag, default=True,
                        help="official flag: search the feature bank on the GPU (false: on the CPU, when the bank "
                             "does not fit in GPU memory); on a machine without GPU the search runs on the CPU")
@@ -83,15 +88,21 @@ def run_knn(data: features.FeatureSet, args: argparse.Namespace, device: torch.d
             ) -> dict[str, Any]:
     """All k-NN numbers of one evaluation as a JSON-ready dict (accuracies in percent); `backend`, `device` and
     `bank_dtype` are where the search really ran, which --use_cuda alone does not say (faiss-cpu)."""
-    plan = knn.plan_search(args.knn_backend, search_device(args.use_cuda, device or torch.device("cpu")),
-                           args.bank_dtype)
+    device = device or torch.device("cpu")
+    plan = knn.plan_search(args.knn_backend, search_device(args.use_cuda, device), args.bank_dtype)
     backend, where, bank_dtype = plan.backend, plan.device, plan.bank_dtype
     train, val = data.train_features, data.val_features
     train_labels, val_labels = data.train_labels, data.val_labels
     num_classes = data.num_classes
-    scores = knn.knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend, where,
-                            bank_dtype)
-    results: dict[str, Any] = {"knn": _accuracies(scores, val_labels), "num_train": len(train_labels),
+    if "train_shard" in data.meta:  # this rank's shard of the bank (--shard_bank); every rank gets the scores
+        scores = knn.sharded_knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend,
+                                        where, bank_dtype, collective_device=device)
+        num_train = data.meta["train_shard"]["num_train"]
+    else:
+        scores = knn.knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend, where,
+                                bank_dtype)
+        num_train = len(train_labels)
+    results: dict[str, Any] = {"knn": _accuracies(scores, val_labels), "num_train": num_train,
                                "num_test": len(val_labels), "num_classes": num_classes,
                                "temperature": args.temperature, "backend": backend, "device": str(where),
                                "bank_dtype": bank_dtype, "meta": data.meta}
@@ -157,15 +168,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise ValueError(f"--select_slots must be >= 1, got {args.select_slots}")
     if args.init_baseline and args.load_features:
         raise ValueError("--init_baseline needs --pretrained_weights (a training checkpoint), not --load_features")
+    if args.shard_bank and (args.per_slot or args.select_slots is not None or args.dump_features or args.load_features):
+        raise ValueError("--shard_bank keeps the train features split over the ranks; --per_slot, --select_slots, "
+                         "--dump_features and --load_features need them in one process")
     distributed.check_launcher_args(args)
     features.check_output_dirs(args)
     info = distributed.init_distributed(timeout_minutes=args.dist_timeout_minutes)
     try:
         # the baseline first: a checkpoint that cannot give it fails before the long extraction
-        initial = (features.compute_features(args, info.device, kind_resolver(args), at_init=True)
-                   if args.init_baseline else None)
-        data = features.compute_features(args, info.device, kind_resolver(args), accept_official_dump=True)
-        if data is None:  # features live on the main process only
+        initial = (features.compute_features(args, info.device, kind_resolver(args), at_init=True,
+                                             shard_train=args.shard_bank) if args.init_baseline else None)
+        data = features.compute_features(args, info.device, kind_resolver(args), accept_official_dump=True,
+                                         shard_train=args.shard_bank)
+        if data is None:  # features live on the main process only (unless --shard_bank)
             return None
         results = run_knn(data, args, info.device)
         if initial is not None:  # with --per_slot also per slot: what each slot holds before any training
@@ -173,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             results["init_baseline"] = baseline["knn"]
             if "per_slot" in baseline:
                 results["init_per_slot"] = baseline["per_slot"]
+        if not distributed.is_main_process():  # --shard_bank: every rank searched, the main process reports
+            return None
         results["provenance"] = provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})
         for line in summary_lines(results):
             print(line, flush=True)

@@ -45,6 +45,8 @@ OFFICIAL_DUMP_FILES: dict[str, tuple[str, str]] = {"train": ("trainfeat.pth", "t
 OFFICIAL_DUMP_KIND = "official_dump"
 # Rows per rank and per collective when gathering features: bounds the extra (GPU) memory of the gather.
 _GATHER_ROWS = 4096
+# Where extracted features end up: gathered on the main process, gathered on every rank, or each rank's own shard.
+GATHER_SCOPES: tuple[str, ...] = ("main", "all", "local")
 
 
 def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -267,8 +269,10 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def gather_shards(local: torch.Tensor, num_samples: int, device: torch.device) -> torch.Tensor | None:
-    """Reassemble rows sharded by ShardSampler into dataset order on the main process (None on other ranks).
+def gather_shards(local: torch.Tensor, num_samples: int, device: torch.device, everywhere: bool = False
+                  ) -> torch.Tensor | None:
+    """Reassemble rows sharded by ShardSampler into dataset order on the main process (None on other ranks), or
+    with `everywhere` on every rank.
 
     Rows travel in fixed-size padded chunks, so ranks with one row fewer (or none) still join every collective
     and the padding is dropped by position, never mistaken for a sample.
@@ -283,7 +287,8 @@ def gather_shards(local: torch.Tensor, num_samples: int, device: torch.device) -
     width = widths.pop()
     local = local.reshape(len(local), width)
     per_rank = -(-num_samples // world)
-    output = torch.empty(num_samples, width, dtype=local.dtype) if distributed.is_main_process() else None
+    keep = everywhere or distributed.is_main_process()
+    output = torch.empty(num_samples, width, dtype=local.dtype) if keep else None
     for start in range(0, per_rank, _GATHER_ROWS):
         chunk = torch.zeros(min(_GATHER_ROWS, per_rank - start), width, dtype=local.dtype)
         mine = local[start:start + len(chunk)]
@@ -298,16 +303,19 @@ def gather_shards(local: torch.Tensor, num_samples: int, device: torch.device) -
 
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
-                     num_workers: int, device: torch.device, name: str = "features"
+                     num_workers: int, device: torch.device, name: str = "features", scope: str = "main"
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(features (N, D) float32 CPU, labels (N,)) of the whole dataset in order on the main process, None elsewhere.
 
     Each rank runs its ShardSampler shard; results are gathered by position, so no sample is duplicated or lost.
+    `scope` (GATHER_SCOPES): "all" gathers on every rank, "local" returns this rank's shard ungathered.
     The backbone runs in fp32 whatever autocast the caller is under: the training k-NN monitor (inside the
     trainer's bf16/fp16 autocast) and eval_knn.py must report the same number for the same network.
     """
     if len(dataset) == 0:
         raise ValueError(f"cannot extract {name}: the dataset is empty")
+    if scope not in GATHER_SCOPES:
+        raise ValueError(f"unknown gather scope {scope!r}; choose from {', '.join(GATHER_SCOPES)}")
     rank, world = distributed.get_rank(), distributed.get_world_size()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
                         num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
@@ -322,8 +330,10 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], dataset
             print(f"{name}: {step + 1}/{len(loader)} batches on rank 0 ({time.time() - started:.0f}s)", flush=True)
     local = torch.cat(features) if features else torch.empty(0, 0)
     local_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-    gathered = gather_shards(local, len(dataset), device)
-    gathered_labels = gather_shards(local_labels[:, None], len(dataset), device)
+    if scope == "local":
+        return local, local_labels
+    gathered = gather_shards(local, len(dataset), device, everywhere=scope == "all")
+    gathered_labels = gather_shards(local_labels[:, None], len(dataset), device, everywhere=scope == "all")
     if gathered is None:
         return None
     return gathered, gathered_labels[:, 0]
@@ -469,12 +479,15 @@ def release_cached_memory() -> None:
 
 
 def compute_features(args: argparse.Namespace, device: torch.device, kind_for: Callable[[str], str] = feature_kind,
-                     accept_official_dump: bool = False, at_init: bool = False) -> FeatureSet | None:
+                     accept_official_dump: bool = False, at_init: bool = False, shard_train: bool = False
+                     ) -> FeatureSet | None:
     """Features of train and val from --load_features or the backbone (main process gets them, others None).
 
     `kind_for(arch)` names the features the evaluation needs (default: what k-NN uses); `accept_official_dump`
     says whether L2-normalized features of an unknown model (an official DINO dump) will do, as they do for k-NN.
-    `at_init`: features of the run's random-init network (see load_backbone), never cached or dumped."""
+    `at_init`: features of the run's random-init network (see load_backbone), never cached or dumped.
+    `shard_train`: every rank gets a FeatureSet holding its own ShardSampler shard of train (never gathered: the
+    ImageNet x SPARO bank is 21 GB) and all of val; meta["train_shard"] says so and counts the whole train set."""
     if args.load_features is not None:
         if at_init:
             raise ValueError("the random-init baseline needs --pretrained_weights (a training checkpoint), not "
@@ -488,15 +501,20 @@ def compute_features(args: argparse.Namespace, device: torch.device, kind_for: C
     fn = feature_function(backbone, kind)
     transform = augmentation.eval_transform(args.resize_size, args.crop_size)
     splits = dict(zip(SPLITS, build_splits(args, transform, transform)))
+    scopes = {"train": "local", "val": "all"} if shard_train else {"train": "main", "val": "main"}
     results = {split: extract_features(fn, dataset, args.batch_size_per_gpu, args.num_workers, device,
-                                       name=f"{split} features") for split, dataset in splits.items()}
+                                       name=f"{split} features", scope=scopes[split])
+               for split, dataset in splits.items()}
     del backbone, fn
     release_cached_memory()
-    if not distributed.is_main_process():
+    if not distributed.is_main_process() and not shard_train:
         return None
     meta = {"kind": kind, "options": options, "tag": tag, "source": os.path.abspath(args.pretrained_weights),
             "checkpoint_key": args.checkpoint_key, "dataset": args.dataset,
             "resize_size": args.resize_size, "crop_size": args.crop_size}
+    if shard_train:
+        meta["train_shard"] = {"rank": distributed.get_rank(), "world_size": distributed.get_world_size(),
+                               "num_train": len(splits["train"])}
     features = FeatureSet(*results["train"], *results["val"], list(splits["train"].classes), meta)
     if args.dump_features is not None and not at_init:
         save_features(features, args.dump_features, args.dump_format)

@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from sparo_dino import distributed
+
 BACKENDS = ("auto", "faiss", "torch")
 # How the torch backend holds the L2-normalized bank: fp16 halves its memory (1.28M x 4096: 21 -> 10.5 GB).
 BANK_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
@@ -141,14 +143,18 @@ def normalized_rows(features: torch.Tensor, device: torch.device, dtype: torch.d
     return out
 
 
+def _best(sims: torch.Tensor, values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k highest similarities per row, sorted, with the values (indices or labels) that go with them."""
+    top, where = sims.topk(min(k, sims.shape[1]), dim=1, largest=True, sorted=True)
+    return top, values.gather(1, where)
+
+
 def merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor], k: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (similarities, indices) per row of two candidate sets, sorted by decreasing similarity."""
     if best is None:
         return new
-    sims, idx = torch.cat((best[0], new[0]), dim=1), torch.cat((best[1], new[1]), dim=1)
-    top, where = sims.topk(min(k, sims.shape[1]), dim=1, largest=True, sorted=True)
-    return top, idx.gather(1, where)
+    return _best(torch.cat((best[0], new[0]), dim=1), torch.cat((best[1], new[1]), dim=1), k)
 
 
 def _torch_search(train: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,6 +236,36 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_fe
     sims, idx = search_topk(train_features, test_features, max(ks), backend, device, bank_dtype)
     neighbor_labels = train_labels[idx]
     return {k: vote(sims[:, :k], neighbor_labels[:, :k], num_classes, temperature) for k in ks}
+
+
+def sharded_knn_scores(train_shard: torch.Tensor, train_shard_labels: torch.Tensor, test_features: torch.Tensor,
+                       num_classes: int, ks: Sequence[int], temperature: float = 0.07, backend: str = "auto",
+                       device: torch.device | str | None = None, bank_dtype: str = "fp32",
+                       collective_device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
+    """knn_scores over a train bank split across the ranks (each rank passes its own shard, the same test set).
+
+    Each rank searches its shard and labels its local top-k; all ranks all-gather the (similarity, label) pairs and
+    keep the k best, which are the global top-k because every global neighbour is in its own shard's top-k. No rank
+    ever holds the whole bank (21 GB at ImageNet x SPARO): each holds 1/world of it and world x k pairs per query.
+    `collective_device` carries the collective (the rank's GPU under NCCL). Every rank gets the scores."""
+    labels = _check_labels(train_shard_labels, train_shard.shape[0], num_classes)
+    num_train = int(distributed.all_reduce_sum_(torch.tensor([train_shard.shape[0]], device=collective_device)))
+    if num_train == 0:
+        raise ValueError("k-NN needs at least one train sample")
+    k = min(max(ks), num_train)
+    sims = torch.full((test_features.shape[0], k), float("-inf"))  # a shard with fewer than k rows pads with -inf
+    neighbor_labels = torch.zeros(test_features.shape[0], k, dtype=torch.long)
+    if train_shard.shape[0]:
+        local_sims, local_idx = search_topk(train_shard, test_features, k, backend, device, bank_dtype)
+        sims[:, :local_sims.shape[1]], neighbor_labels[:, :local_idx.shape[1]] = local_sims, labels[local_idx]
+    world = distributed.get_world_size()
+
+    def gathered(local: torch.Tensor) -> torch.Tensor:  # (world * Q, k) -> (Q, world * k)
+        every = distributed.all_gather_tensor(local.to(collective_device)).cpu()
+        return every.view(world, *local.shape).permute(1, 0, 2).reshape(local.shape[0], world * k)
+
+    sims, neighbor_labels = _best(gathered(sims), gathered(neighbor_labels), k)
+    return {kk: vote(sims[:, :kk], neighbor_labels[:, :kk], num_classes, temperature) for kk in ks}
 
 
 def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 import weakref
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 
-from sparo_dino import features
-from test_eval_knn import SMALL_IMAGES, write_checkpoint
-from test_features import SPARO_TINY
+from sparo_dino import distributed, features, knn
+from test_eval_knn import REPO, SMALL_IMAGES, write_checkpoint
+from test_features import SPARO_TINY, _free_port
+from test_knn import brute_force_scores, random_problem
 
 
 def test_cached_device_memory_is_released_once_the_backbone_is_gone(image_folder, tmp_path, monkeypatch):
@@ -36,3 +43,54 @@ def test_cached_device_memory_is_released_once_the_backbone_is_gone(image_folder
     data = features.compute_features(args, torch.device("cpu"))
     assert data is not None and len(data.train_features) == 24
     assert alive_at_release == [False]
+
+
+def _sharded_worker(rank: int, world: int, port: int, num_train: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = distributed.init_distributed("gloo")
+    knn._BANK_CHUNK_ROWS = 4  # bank-chunk merges inside each rank too
+    try:
+        train, labels, test = random_problem(num_train=num_train)
+        shard = slice(rank, None, world)  # ShardSampler's split: uneven, and empty on rank 1 with one train row
+        scores = knn.sharded_knn_scores(train[shard], labels[shard], test, 4, [1, 5, 20], backend="torch",
+                                        collective_device=info.device)
+        torch.save(scores, f"{out}.{rank}")
+    finally:
+        distributed.cleanup()
+
+
+@pytest.mark.parametrize("num_train", [61, 1])
+def test_bank_sharded_over_two_ranks_gives_the_unsharded_scores(tmp_path, num_train):
+    out = str(tmp_path / "scores")
+    mp.spawn(_sharded_worker, args=(2, _free_port(), num_train, out), nprocs=2, join=True)
+    train, labels, test = random_problem(num_train=num_train)
+    for rank in range(2):  # every rank gets the scores
+        scores = torch.load(f"{out}.{rank}")
+        for k in (1, 5, 20):
+            torch.testing.assert_close(scores[k].double(), brute_force_scores(train, labels, test, 4, k, 0.07),
+                                       rtol=1e-4, atol=1e-6)
+
+
+def test_eval_knn_shard_bank_on_two_ranks_reports_the_single_process_result(image_folder, tmp_path):
+    """torchrun with 2 gloo ranks and --shard_bank: each rank extracts and searches its half of train, rank 0 writes
+    the same accuracies as one process holding the whole bank (an odd train count: 24 images, shards of 12)."""
+    import eval_knn
+
+    checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
+    flags = ["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES, "--nb_knn", "5", "20",
+             "--knn_backend", "torch"]
+    alone = eval_knn.main([*flags, "--output_dir", str(tmp_path / "alone")])
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "eval_knn.py", *flags, "--shard_bank", "true", "--output_dir", str(tmp_path / "sharded")],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sharded = json.loads((tmp_path / "sharded" / "knn_checkpoint_teacher.json").read_text())
+    assert sharded["meta"]["train_shard"] == {"rank": 0, "world_size": 2, "num_train": 24}
+    assert sharded["num_train"] == alone["num_train"] == 24
+    for k, accuracy in alone["knn"].items():
+        assert sharded["knn"][k] == pytest.approx(accuracy), k
+    with pytest.raises(ValueError, match="--shard_bank keeps the train features split over the ranks"):
+        eval_knn.main([*flags, "--shard_bank", "true", "--per_slot"])
