@@ -8,9 +8,11 @@ faiss uses a GPU index (on that GPU) only when allowed and it has one; plan_sear
 
 Memory at ImageNet scale (1.28M x 4096 SPARO bank, 21 GB fp32): the torch backend holds ONE normalized bank on the
 device (built chunk by chunk, optionally fp16) and searches query chunks x bank chunks, merging top-k across bank
-chunks, so beyond the bank the peak is bounded by the chunk sizes. Chunked, not sharded over ranks, on purpose:
-the slot analysis, slot selection, feature dumps and --load_features all need the whole bank in one process, and
-the main process's host memory (where the gathered bank lives) holds 21 GB easily where a GPU may not. Features are L2-normalized here, so already normalized
+chunks, so beyond the bank the peak is bounded by the chunk sizes. Chunked by default rather than sharded over
+ranks: the slot analysis, slot selection, feature dumps and --load_features need the whole bank in one process, and
+the main process's host memory (where the gathered bank lives) holds 21 GB easily where a GPU may not. Where no
+process should hold it, sharded_knn_scores (eval_knn --shard_bank) searches each rank's shard and merges the
+ranks' top-k. Features are L2-normalized here, so already normalized
 ones (an official DINO dump) give the same neighbours. SPARO encodings are L2-normalized as a whole (not per slot);
 per-slot analysis views the encoding as (num_slots, slot_dim) and scores each slot alone, and slot selection ranks
 slots on a held-out part of the TRAIN set only, so the test set never influences which slots are kept (paper
