@@ -70,7 +70,8 @@ class _EagerIfCompilationFails:
 def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
     """Make AOTAutograd compile the backward graph with the forward (on torch versions that can), so that a failing
     backward compilation surfaces in the guarded first forward, not in the middle of DDP's gradient all-reduce."""
-    config = torch._functorch.config
+    from torch._functorch import config  # loaded with torch.compile, not with torch
+
     if not hasattr(config, "force_non_lazy_backward_lowering"):
         return contextlib.nullcontext()
     return config.patch(force_non_lazy_backward_lowering=True)
