@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
 
-.PHONY: install data test demo mutation bench chaos
+.PHONY: install data test demo mutation bench chaos gpu-check gpu-check-files
 
 install:
 	$(PIP_INSTALL) -e ".[test]"
@@ -36,3 +36,14 @@ mutation: install data
 # torchrun job on 2 gloo processes, then the run must equal an uninterrupted one bit for bit.
 chaos: install data
 	CHAOS_KILLS=5 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -s tests/test_chaos.py -k kills
+
+# What a GPU machine must show, in at most 8 minutes (no install: the device image brings torch, torchvision, timm):
+# GPU-only tests, a 224/96 vit_small_sparo run with every GPU default stopped by SIGTERM and resumed, a short
+# Fashion-MNIST GPU profile and `make bench`; one table in benchmarks/results/, exit 1 if a part failed. Without CUDA
+# the GPU parts say "skipped: no GPU" and the CPU half runs (compiled DDP on gloo, the GPU path's flags on the CPU).
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
+
+# Files the device machine lacks, into ignored folders that its runs carry: the Fashion-MNIST IDX files.
+gpu-check-files: data
+	mkdir -p .gpu_data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/* .gpu_data/fashion-mnist/

@@ -12,10 +12,10 @@ learning), though still below raw pixels. It says which side of the bar a run la
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ FULL_DATA_RAW_PIXEL_TOP1 = 84.59  # 60k-image bank, 10k test images, measured wi
 LEARNED_MARGIN = 5.0  # points of 20-NN top-1 over the random init that count as learning (issue 12's bar)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Profile:
     """How much of Fashion-MNIST and of the recipe fits in the time budget on this machine.
 
@@ -105,9 +105,10 @@ def verdict(trained: float, initial: float) -> str:
     return f"training did not help: {gain:+.2f} points against the same network at random init"
 
 
-def run(output_dir: Path, profile: Profile, num_workers: int, arch: str = "vit_tiny_sparo") -> dict[str, Any]:
+def run(output_dir: Path, profile: Profile, num_workers: int, arch: str = "vit_tiny_sparo",
+        data_path: str | None = None) -> dict[str, Any]:
     started = time.time()
-    source = fashion_mnist_folder(output_dir / "download")
+    source = data_path or fashion_mnist_folder(output_dir / "download")
     data_path = source
     if profile.num_train is not None:
         data_path = datasets.write_fashion_mnist_subset(source, str(output_dir / "data"), profile.num_train,
@@ -159,9 +160,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--arch", choices=tuple(CONFIGS), default="vit_tiny_sparo",
                         help="vit_tiny runs the same recipe without SPARO, for comparison")
     parser.add_argument("--num_workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)))
+    parser.add_argument("--data_path", default=None,
+                        help=f"folder of the Fashion-MNIST IDX files (default: {datasets.FASHION_MNIST_DIR}, else a "
+                             "torchvision download)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="shorten the profile to this many epochs (a quick check; its numbers are not the "
+                             "profile's)")
     args = parser.parse_args(argv)
     name = args.profile if args.profile != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    return run(args.output_dir.resolve(), PROFILES[name], args.num_workers, args.arch)
+    profile = PROFILES[name]
+    if args.epochs is not None:
+        profile = dataclasses.replace(profile, epochs=args.epochs, warmup_epochs=min(profile.warmup_epochs,
+                                                                                      args.epochs))
+    return run(args.output_dir.resolve(), profile, args.num_workers, args.arch, args.data_path)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,15 @@ def test_verdict_names_the_bar() -> None:
     assert demo.verdict(60.0, 54.0).startswith("training helped: +6.00 points")
     assert "less than the 5 points" in demo.verdict(56.0, 54.0)
     assert demo.verdict(50.0, 54.0).startswith("training did not help: -4.00 points")
+
+
+def test_demo_epochs_and_data_path_shorten_the_profile_for_a_quick_check(monkeypatch, tmp_path):
+    """`make gpu-check` runs the GPU profile for 2 epochs on IDX files it carries: the profile keeps everything
+    else, the warmup fits in the shorter run, and the named folder is used instead of a download."""
+    calls = []
+    monkeypatch.setattr(demo, "run", lambda output_dir, profile, workers, arch, data_path: calls.append(
+        (profile, data_path)))
+    demo.main(["--profile", "gpu", "--epochs", "1", "--data_path", str(tmp_path), "--output_dir", str(tmp_path)])
+    profile, data_path = calls[0]
+    assert profile == demo.dataclasses.replace(demo.PROFILES["gpu"], epochs=1, warmup_epochs=1)
+    assert data_path == str(tmp_path)
