@@ -121,10 +121,12 @@ class TrainingData:
     def close(self) -> None:
         """Stop the loader's workers now (a later epoch would start new ones).
 
-        They ignore SIGTERM (preemption.ignore_stop_signals), so only this process can end them, and the loader
-        ends them only when its iterator is garbage collected; after an error the traceback keeps the iterator in
-        a reference cycle until the collector runs, which is too late at exit (see _close_at_exit). Workers are
-        asked to finish as the iterator's finalizer asks them; one still busy after that is killed."""
+        They ignore SIGTERM (preemption.ignore_stop_signals), so only the stop request that the loader's iterator
+        sends from its finalizer ends them. After an error the iterator sits in the traceback's reference cycles:
+        that request then waits for the garbage collector, which runs it after closing the queues that would carry
+        it (the workers wait for indices forever), or never, when the interpreter exits first (see
+        _close_at_exit). Here the same request goes out while everything is alive; a worker still busy after it
+        is killed."""
         iterator = getattr(self.loader, "_iterator", None)  # the persistent workers' iterator, once an epoch ran
         self.loader._iterator = None
         if iterator is None or not hasattr(iterator, "_shutdown_workers"):

@@ -315,3 +315,27 @@ def tiny_backbone(folder) -> str:
     path = os.path.join(folder, "backbone.pth")
     torch.save(sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32).state_dict(), path)
     return path
+
+
+def test_closing_training_data_after_a_worker_error_ends_its_workers_at_once(tmp_path) -> None:
+    """What the exit hook relies on, in-process: the workers (which ignore SIGTERM) are gone right after close(),
+    although the failed iterator is still referenced, as a traceback references it."""
+    from sparo_dino.datasets import BadImageError
+    from sparo_dino.train_args import parse_train_args
+    from sparo_dino.train_data import TrainingData
+
+    data_dir, bad = corrupt_image_folder(tmp_path / "data")
+    config = vars(parse_train_args([*TINY, "--data_path", data_dir, "--output_dir", str(tmp_path / "run"),
+                                    "--num_workers", "2", "--augmentation", "cpu"]))
+    data = TrainingData(config, rank=0, world_size=1, device=torch.device("cpu"))
+    data.start_epoch(0, 0)
+    with pytest.raises(BadImageError, match=bad):
+        for _ in data.loader:
+            pass
+    failed = data.loader._iterator
+    workers = list(failed._workers)
+    assert all(worker.is_alive() for worker in workers)
+    started = time.monotonic()
+    data.close()
+    assert not any(worker.is_alive() for worker in workers) and time.monotonic() - started < 10
+    data.close()  # a second close (the exit hook after an explicit one) does nothing
