@@ -173,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                          "--dump_features and --load_features need them in one process")
     distributed.check_launcher_args(args)
     features.check_output_dirs(args)
-    info = distributed.init_distributed(timeout_minutes=args.dist_timeout_minutes)
-    try:
+    with distributed.process_group(args.dist_timeout_minutes, report_error=features.print_user_error) as info:
         # the baseline first: a checkpoint that cannot give it fails before the long extraction
         initial = (features.compute_features(args, info.device, kind_resolver(args), at_init=True,
                                              shard_train=args.shard_bank) if args.init_baseline else None)
@@ -196,8 +195,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         output_dir = features.default_output_dir(args)
         features.write_results(results, os.path.join(output_dir, f"knn_{data.meta['tag']}.json"))
         return results
-    finally:
-        distributed.cleanup()
 
 
 if __name__ == "__main__":

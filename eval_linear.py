@@ -286,8 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = config.parse_args(build_parser(), argv)
     check_args(args)
     features.check_output_dirs(args)
-    info = distributed.init_distributed(timeout_minutes=args.dist_timeout_minutes)
-    try:
+    with distributed.process_group(args.dist_timeout_minutes, report_error=features.print_user_error) as info:
         # the baseline first: a checkpoint that cannot give it fails before the long extraction
         initial = fast_probe(args, info, at_init=True) if args.init_baseline else None
         probe = fast_probe(args, info) if args.fast else official_probe(args, info)
@@ -308,8 +307,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         config.save_config(args, probe.output_dir, name="config_linear.yaml")
         features.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results
-    finally:
-        distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from sparo_dino.checkpoint import CheckpointError
-from sparo_dino.cli_errors import one_line
+from sparo_dino.cli_errors import print_once
 from sparo_dino.datasets import BadImageError
 from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
 from sparo_dino.train_args import parse_train_args
@@ -29,7 +29,7 @@ USER_ERRORS = (TrainingError, CheckpointError, FileNotFoundError, BadImageError)
 
 def _print_user_error(error: BaseException) -> None:
     if isinstance(error, USER_ERRORS):
-        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        print_once(error)
 
 
 def main(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> int:
@@ -44,8 +44,9 @@ def main(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> 
     with contextlib.nullcontext(stop) if stop is not None else stop_on_signals() as stop:
         try:
             finished = train(args, stop, report_error=_print_user_error)
-        except USER_ERRORS:
-            return 1  # its line was printed before the process group went down
+        except USER_ERRORS as error:
+            print_once(error)  # printed already when it ended a process group
+            return 1
     return 0 if finished else REQUEUE_EXIT_CODE
 
 

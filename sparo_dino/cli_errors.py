@@ -6,7 +6,8 @@ extraction, tells a user less than one line at start-up; every entry point share
 from __future__ import annotations
 
 import os
-from typing import Mapping
+import sys
+from typing import Mapping, NoReturn
 
 
 class OutputDirError(ValueError):
@@ -23,6 +24,19 @@ def one_line(error: BaseException) -> str:
     for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
         last = last.removeprefix(prefix)
     return last
+
+
+def print_once(error: BaseException) -> None:
+    """`error: <one line>` on stderr, once per error: a failing rank prints it before tearing its process group
+    down (a teardown must not stand between the rank and its message), and the entry point sees it again after."""
+    if not getattr(error, "_sparo_printed", False):
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        error._sparo_printed = True
+
+
+def exit_with(error: BaseException) -> NoReturn:
+    """End the script with status 1 and the error's line on stderr, unless print_once has shown it already."""
+    sys.exit(1 if getattr(error, "_sparo_printed", False) else f"error: {one_line(error)}")
 
 
 def require_writable_dirs(folders: Mapping[str, str | None]) -> None:

@@ -192,10 +192,11 @@ def process_group(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
     try:
         yield info
     except BaseException as error:
-        if report_error is not None:
-            report_error(error)
-        if owns_group:
-            abort()
+        if is_dist():  # alone, nothing stands between the error and the caller's own report
+            if report_error is not None:
+                report_error(error)
+            if owns_group:
+                abort()
         raise
     if owns_group:
         cleanup()

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import sparo_vit
 from sparo_dino import augmentation, datasets, distributed, networks
 from sparo_dino.checkpoint import CheckpointError, load_checkpoint
-from sparo_dino.cli_errors import one_line, require_writable_dirs
+from sparo_dino.cli_errors import exit_with, print_once, require_writable_dirs
 
 MODEL_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size", "pos_embed_interpolation") + sparo_vit.SPARO_OPTIONS
 TRAINING_KEYS: tuple[str, ...] = ("teacher", "student")
@@ -547,10 +546,20 @@ def write_results(results: Mapping[str, Any], path: str) -> str:
     return path
 
 
+# Errors of the evaluation scripts that end them with one line instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, datasets.BadImageError)
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run an evaluation entry point; bad input ends with one line naming the problem instead of a traceback (also
     when a data-loader worker raised it and the message carries the worker's traceback)."""
     try:
         main()
-    except (ValueError, FileNotFoundError, CheckpointError, datasets.BadImageError) as error:
-        sys.exit(f"error: {one_line(error)}")
+    except USER_ERRORS as error:
+        exit_with(error)
+
+
+def print_user_error(error: BaseException) -> None:
+    """The one line of a user's mistake (see run_cli); other errors keep their traceback."""
+    if isinstance(error, USER_ERRORS):
+        print_once(error)

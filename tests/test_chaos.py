@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import main_dino
 from conftest import OutputLines, make_image_folder
@@ -231,3 +232,31 @@ def test_dist_timeout_must_be_positive(tmp_path, capsys) -> None:
 def test_only_collective_errors_are_reported_as_collective_failures(monkeypatch, message, collective) -> None:
     monkeypatch.setattr(distributed, "is_dist", lambda: True)
     assert distributed.is_collective_failure(RuntimeError(message)) is collective
+
+
+def _one_process_group(tmp_path):
+    """init_distributed for a gloo group of one process (the environment of a real job is not needed here)."""
+    def init(backend=None, timeout_minutes=distributed.DEFAULT_TIMEOUT_MINUTES):
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                             world_size=1)
+        return distributed.DistInfo(0, 1, 0, torch.device("cpu"))
+    return init
+
+
+def test_process_group_reports_then_aborts_on_an_error_and_destroys_on_success(tmp_path, monkeypatch) -> None:
+    """What eval_knn.py, eval_linear.py and training share: the error's line before any teardown, an abort (never the
+    coordinated destroy) after an error, a destroy after success."""
+    events = []
+    monkeypatch.setattr(distributed, "init_distributed", _one_process_group(tmp_path))
+    real_abort, real_destroy = distributed.abort, torch.distributed.destroy_process_group
+    monkeypatch.setattr(distributed, "abort", lambda: (events.append("abort"), real_abort()))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group",
+                        lambda *a, **k: (events.append("destroy"), real_destroy(*a, **k)))
+    with pytest.raises(ValueError):
+        with distributed.process_group(report_error=lambda error: events.append(f"report {error}")):
+            raise ValueError("bad input")
+    assert events == ["report bad input", "abort"] and not distributed.is_dist()
+    events.clear()
+    with distributed.process_group(report_error=lambda error: events.append("report")):
+        assert distributed.is_dist()
+    assert events == ["destroy"] and not distributed.is_dist()

@@ -202,7 +202,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "the official allow-list stays on for every later torch.load in the process"),
     # ------------------------------------------------------------------------- GPU path and failure paths
     Mutation("failing-rank-destroys", "sparo_dino/distributed.py",
-             "        if owns_group:\n            abort()\n", "        if owns_group:\n            cleanup()\n",
+             "            if owns_group:\n                abort()\n", "            if owns_group:\n                cleanup()\n",
              ("tests/test_chaos.py::test_a_failing_rank_prints_its_error_first_and_aborts_instead_of_a_blocking_destroy",),
              "a failing rank's coordinated destroy waits (NCCL) for peers stuck in a collective, printing nothing"),
     Mutation("resume-recipe-unchecked", "sparo_dino/trainer.py",
