@@ -11,6 +11,8 @@ Parts, in order (each a subprocess with its own time limit, all under --deadline
                   with its 20-NN next to the same network's random init and raw pixels
   bench           benchmarks/report.py (`make bench`) at the official shape: vit_small(_sparo), 64 per GPU,
                   2x224 + 10x96 crops
+  bad-image       a corrupt image with the default 10 loader workers and crops (pinned batches on a GPU): one
+                  error line, exit 1 within seconds
   compile-ddp     (CPU half) torch.compile(DDP(student)) on 2 gloo processes (backend aot_eager) and the compile
                   fallback, with SPARO_COMPILE_TESTS=1
   cpu-gpu-path    (CPU half) the GPU path's flags at tiny size on the CPU, with the same SIGTERM / resume checks
@@ -136,6 +138,10 @@ def plan(args: argparse.Namespace, work: str, images: str, bench_table: str) -> 
                "--batch_size_per_gpu", "8", "--epochs", "100", "--num_workers", "1", "--print_freq", "1",
                "--augmentation", "gpu", "--precision", "bf16", "--compile", "false", "--fused_adamw", "true",
                "--data_path", images, "--output_dir", os.path.join(work, "cpu_gpu_path")]
+    bad_images = os.path.join(work, "bad_images")
+    bad_run = [python, "main_dino.py", "--arch", "vit_tiny", "--batch_size_per_gpu", "8", "--epochs", "1",
+               "--warmup_epochs", "0",
+               "--data_path", bad_images, "--output_dir", os.path.join(work, "bad_run")]  # default workers, crops
     img_per_s = lambda output: last_match(output, r"[0-9.]+ img/s")  # noqa: E731 - the trainer's progress lines
     data = fashion_mnist_dir()
     fmnist = [python, "-m", "sparo_dino.demo", "--profile", "gpu", "--epochs", str(args.fmnist_epochs),
@@ -150,6 +156,8 @@ def plan(args: argparse.Namespace, work: str, images: str, bench_table: str) -> 
         Part("fmnist", True, fmnist, 180, quote=lambda output: last_line(output, "20-NN top-1")),
         Part("bench", True, [python, "benchmarks/report.py", "--output", bench_table], 200,
              quote=lambda output: "rows in the bench table below"),
+        Part("bad-image", False, bad_run, 90, ok_codes=(1,), must_print=("cannot read image",),
+             quote=lambda output: last_line(output, "error:")),
         Part("compile-ddp", False, [*pytest, "tests/test_compile.py"], 300, env={"SPARO_COMPILE_TESTS": "1", "OMP_NUM_THREADS": "1"},
              quote=lambda output: last_line(output, "passed")),
         Part("cpu-gpu-path", False, cpu_run, 120, stop_after_s=20, must_print=("stopping",), quote=img_per_s),
@@ -193,6 +201,9 @@ def main(argv: Sequence[str] | None = None, cuda: bool | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sparo_gpu_check_") as work:
         images = os.path.join(work, "images")
         write_synthetic_jpegs(images, args.images if cuda else 64, 440 if cuda else 48)
+        write_synthetic_jpegs(os.path.join(work, "bad_images"), 32, 64)
+        with open(os.path.join(work, "bad_images", "synthetic", "000003.jpg"), "wb") as handle:
+            handle.write(b"not a jpeg")  # loader workers must not keep the process alive after its error
         bench_table = os.path.join(work, "bench.md")
         outcomes = [run_part(part, deadline - time.monotonic(), cuda)
                     for part in plan(args, work, images, bench_table) if not args.only or part.name in args.only]

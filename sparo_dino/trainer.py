@@ -394,6 +394,7 @@ class DinoTrainer:
                     break
         finally:
             self.progress.close()
+            self.data.close()  # the loader workers ignore SIGTERM: end them now, also after an error
         return records
 
 
