@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -23,6 +24,13 @@ from timm.models.vision_transformer import VisionTransformer
 from sparo_dino.checkpoint import load_checkpoint
 
 
+# The paper's DINO setting L = V = D = 64, g = 1: SPARO's signature, build_backbone and main_dino's flags all read
+# this one table (read-only, so no caller can change the defaults of the others).
+SPARO_DEFAULTS: Mapping[str, int] = MappingProxyType({"num_slots": 64, "slot_dim": 64, "attn_dim": 64,
+                                                      "group_size": 1})
+SPARO_OPTIONS: tuple[str, ...] = tuple(SPARO_DEFAULTS)
+
+
 class SPARO(nn.Module):
     """L single-head attentions with learned queries over all tokens (paper eq. 1).
 
@@ -31,8 +39,9 @@ class SPARO(nn.Module):
     [j*attn_dim:(j+1)*attn_dim] are key group j.
     """
 
-    def __init__(self, embed_dim: int, num_slots: int = 64, slot_dim: int = 64, attn_dim: int = 64,
-                 group_size: int = 1) -> None:
+    def __init__(self, embed_dim: int, num_slots: int = SPARO_DEFAULTS["num_slots"],
+                 slot_dim: int = SPARO_DEFAULTS["slot_dim"], attn_dim: int = SPARO_DEFAULTS["attn_dim"],
+                 group_size: int = SPARO_DEFAULTS["group_size"]) -> None:
         super().__init__()
         if min(embed_dim, num_slots, slot_dim, attn_dim, group_size) < 1:
             raise ValueError("SPARO sizes must be positive: "
@@ -92,8 +101,6 @@ _SIZES = {
     "vit_base": _ArchSpec(768, 12, 12),
 }
 ARCHS: tuple[str, ...] = tuple(list(_SIZES) + [f"{name}_sparo" for name in _SIZES])
-SPARO_OPTIONS: tuple[str, ...] = ("num_slots", "slot_dim", "attn_dim", "group_size")
-_SPARO_DEFAULTS = {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size": 1}
 # How position embeddings reach a crop whose patch grid differs from img_size's: "dino" is official DINO's
 # interpolation (the default: 96 px local crops then see exactly what the official ViT gives them), "timm" is
 # timm's resample_abs_pos_embed (by output size, antialiased when shrinking).
@@ -205,7 +212,7 @@ def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_pa
     if unknown:
         raise TypeError(f"unknown backbone option(s) {', '.join(unknown)}; SPARO options: {', '.join(SPARO_OPTIONS)}")
     if is_sparo_arch(arch):
-        sparo: dict[str, int] | None = {**_SPARO_DEFAULTS, **{k: int(v) for k, v in sparo_options.items()}}
+        sparo: dict[str, int] | None = {**SPARO_DEFAULTS, **{k: int(v) for k, v in sparo_options.items()}}
     elif sparo_options:
         raise ValueError(f"SPARO options {', '.join(sorted(sparo_options))} given to baseline arch {arch!r}; "
                          f"use {arch}_sparo")

@@ -21,10 +21,9 @@ from sparo_dino.train_data import AUGMENTATIONS
 from sparo_dino.training_step import COMPILE_CHOICES
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SPARO_DEFAULTS = {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size": 1}
 # Flags that define the networks: a checkpoint trained with other values cannot be resumed.
 MODEL_KEYS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "img_size",
-              "pos_embed_interpolation", *SPARO_DEFAULTS)
+              "pos_embed_interpolation", *sparo_vit.SPARO_OPTIONS)
 # Flags that say how a run executes, not what it computes: a rerun in the same output dir may change them freely
 # (another machine picks another precision or augmentation device; logging, workers, checkpoint frequency). Every
 # other flag, and the number of processes (the total batch), changes the run's meaning: continuing with another
@@ -71,10 +70,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--grad_checkpointing", default=False, type=bool_flag,
                        help="recompute block activations in backward to save memory")
     sparo = parser.add_argument_group("SPARO read-out (archs ending in _sparo)")
-    sparo.add_argument("--num_slots", default=SPARO_DEFAULTS["num_slots"], type=int, help="L, number of slots")
-    sparo.add_argument("--slot_dim", default=SPARO_DEFAULTS["slot_dim"], type=int, help="V, output size per slot")
-    sparo.add_argument("--attn_dim", default=SPARO_DEFAULTS["attn_dim"], type=int, help="D, key/query size")
-    sparo.add_argument("--group_size", default=SPARO_DEFAULTS["group_size"], type=int,
+    sparo_defaults = sparo_vit.SPARO_DEFAULTS
+    sparo.add_argument("--num_slots", default=sparo_defaults["num_slots"], type=int, help="L, number of slots")
+    sparo.add_argument("--slot_dim", default=sparo_defaults["slot_dim"], type=int, help="V, output size per slot")
+    sparo.add_argument("--attn_dim", default=sparo_defaults["attn_dim"], type=int, help="D, key/query size")
+    sparo.add_argument("--group_size", default=sparo_defaults["group_size"], type=int,
                        help="g, consecutive slots sharing one key projection")
 
     temperature = parser.add_argument_group("teacher temperature")
@@ -216,7 +216,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             _fail(parser, "--data_path is required for --dataset imagefolder")
         args.data_path = FASHION_MNIST_DIR
     if not sparo_vit.is_sparo_arch(args.arch):
-        changed = [k for k, v in SPARO_DEFAULTS.items() if getattr(args, k) != v]
+        changed = [k for k, v in sparo_vit.SPARO_DEFAULTS.items() if getattr(args, k) != v]
         if changed:
             _fail(parser, f"SPARO flag(s) {', '.join('--' + k for k in changed)} need a SPARO arch "
                           f"(e.g. {args.arch}_sparo), got --arch {args.arch}")
