@@ -1,5 +1,5 @@
-"""Do the two augmentation pipelines train the same thing? Short runs of main_dino.py with --augmentation cpu and
-gpu over several seeds: the loss curve per logged step and the teacher's k-NN at the end (with the untrained
+"""Do the two augmentation pipelines train the same thing? Short runs of main_dino.py with --augmentation per_image
+and batched over several seeds: the loss curve per logged step and the teacher's k-NN at the end (with the untrained
 network's, the run's own random-init baseline), per pipeline as mean and spread over the seeds.
 
 The pipelines agree when, at every logged step and for the final k-NN, the difference of their means stays within
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_dino  # noqa: E402
 from common import Row  # noqa: E402
 
-PIPELINES = ("cpu", "gpu")
+PIPELINES = ("per_image", "batched")
 _LOSS = re.compile(r"\| loss ([0-9.]+) \|")
 
 
@@ -74,30 +74,31 @@ def standard_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def agree(runs: dict[str, PipelineRuns], knn_resolution: float = 0.0) -> bool:
     """Whether every logged step's mean loss and the mean final k-NN differ by at most 3 standard errors (the k-NN
     at least by `knn_resolution`, one test image's worth of accuracy, when all seeds score alike)."""
-    cpu, gpu = runs["cpu"], runs["gpu"]
-    difference = (gpu.losses.mean(0) - cpu.losses.mean(0)).abs()
-    loss_ok = bool((difference <= 3 * standard_error(cpu.losses, gpu.losses)).all())
-    knn_bound = max(3 * float(standard_error(cpu.knn, gpu.knn)), knn_resolution)
-    return loss_ok and abs(float(gpu.knn.mean() - cpu.knn.mean())) <= knn_bound
+    per_image, batched = runs["per_image"], runs["batched"]
+    difference = (batched.losses.mean(0) - per_image.losses.mean(0)).abs()
+    loss_ok = bool((difference <= 3 * standard_error(per_image.losses, batched.losses)).all())
+    knn_bound = max(3 * float(standard_error(per_image.knn, batched.knn)), knn_resolution)
+    return loss_ok and abs(float(batched.knn.mean() - per_image.knn.mean())) <= knn_bound
 
 
 def summary(runs: dict[str, PipelineRuns]) -> list[Row]:
     """Mean and spread (std over seeds) per pipeline, and the difference with its standard error."""
-    cpu, gpu = runs["cpu"], runs["gpu"]
-    seeds = cpu.losses.shape[0]
+    per_image, batched = runs["per_image"], runs["batched"]
+    seeds = per_image.losses.shape[0]
     rows = []
     for name, run in runs.items():
         curve = ", ".join(f"{m:.3f}±{s:.3f}" for m, s in zip(run.losses.mean(0).tolist(), run.losses.std(0).tolist()))
         rows += [Row("agreement", f"{name} pipeline, {seeds} seeds", "loss per logged step (mean±std)", curve),
                  Row("agreement", f"{name} pipeline, {seeds} seeds", "k-NN top-1 (mean±std; random init)",
                      f"{run.knn.mean():.2f}±{run.knn.std():.2f}; {run.knn_init.mean():.2f}±{run.knn_init.std():.2f}")]
-    difference = gpu.losses.mean(0) - cpu.losses.mean(0)
-    error = standard_error(cpu.losses, gpu.losses)
-    rows += [Row("agreement", "gpu - cpu", "loss difference per step (standard error)",
+    difference = batched.losses.mean(0) - per_image.losses.mean(0)
+    error = standard_error(per_image.losses, batched.losses)
+    rows += [Row("agreement", "batched - per_image", "loss difference per step (standard error)",
                  ", ".join(f"{d:+.3f} ({e:.3f})" for d, e in zip(difference.tolist(), error.tolist()))),
-             Row("agreement", "gpu - cpu", "k-NN difference (standard error)",
-                 f"{gpu.knn.mean() - cpu.knn.mean():+.2f} ({standard_error(cpu.knn, gpu.knn):.2f})"),
-             Row("agreement", "gpu - cpu", "within 3 standard errors", "yes" if agree(runs) else "NO")]
+             Row("agreement", "batched - per_image", "k-NN difference (standard error)",
+                 f"{batched.knn.mean() - per_image.knn.mean():+.2f} "
+                 f"({standard_error(per_image.knn, batched.knn):.2f})"),
+             Row("agreement", "batched - per_image", "within 3 standard errors", "yes" if agree(runs) else "NO")]
     return rows
 
 

@@ -1,16 +1,16 @@
 """Multi-crop data cost from a JPEG ImageFolder: the trainer's two pipelines (train_data.TrainingData).
 
-- cpu (`--augmentation cpu`, the reference): a data-loader worker decodes each image with PIL and makes its 2 global +
-  N local crops (augmentation.MultiCropAugmentation).
-- gpu (`--augmentation gpu`, the default on GPUs): a worker only decodes (gpu_data: PIL, large JPEGs at a reduced
-  DCT scale) and packs the batch into one uint8 tensor; the device makes the crops (gpu_data.DeviceMultiCrop).
+- per_image (`--augmentation per_image`, the reference): a data-loader worker decodes each image with PIL and makes
+  its 2 global + N local crops (augmentation.MultiCropAugmentation).
+- batched (`--augmentation batched`, the default on GPUs): a worker only decodes (batched_data: PIL, large JPEGs at a
+  reduced DCT scale) and packs the batch into one uint8 tensor; the device makes the crops (batched_data.DeviceMultiCrop).
 
 Three measurements:
 1. worker CPU time per image, in this process with one thread (CPU time, so other jobs on the machine count less
    than in wall time): everything a data-loader worker does per image in each pipeline, the img/s one core feeds
    and the ratio of the two pipelines. This is what decides whether a machine's cores can feed its GPUs.
 2. throughput through the real data loader with --workers processes: images (with all their crops) delivered to
-   the device per second. On a CPU-only machine the gpu pipeline's crops are made by the main process on the CPU,
+   the device per second. On a CPU-only machine the batched pipeline's crops are made by the main process on the CPU,
    so its number there says nothing about a GPU.
 3. the device multi-crop alone (random pixels already on the device) and the price of its blur's fixed shapes:
    blurring every sample of a crop-size group vs only the samples that drew a blur (ratio and share of the crops).
@@ -33,12 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import Row, on_image_folder, pick_device, synchronize  # noqa: E402
-from sparo_dino.gpu_augmentation import BatchedMultiCrop, ViewParams, gaussian_blur  # noqa: E402
-from sparo_dino.gpu_data import collate_decoded  # noqa: E402
+from sparo_dino.batched_augmentation import BatchedMultiCrop, ViewParams, gaussian_blur  # noqa: E402
+from sparo_dino.batched_data import collate_decoded  # noqa: E402
 from sparo_dino.train_args import parse_train_args  # noqa: E402
 from sparo_dino.train_data import TrainingData  # noqa: E402
 
-PIPELINES = ("cpu", "gpu")
+PIPELINES = ("per_image", "batched")
 
 
 def training_config(args: argparse.Namespace, root: str, pipeline: str, workers: int) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def worker_ms_per_image(data: TrainingData, count: int) -> float:
     samples = range(count)
     start = time.process_time()
     batch = [data.dataset[index] for index in samples]
-    if data.pipeline == "gpu":
+    if data.pipeline == "batched":
         collate_decoded(batch)
     else:
         torch.utils.data.default_collate(batch)
@@ -128,7 +128,7 @@ def nvjpeg_rate(args: argparse.Namespace, root: str, device: torch.device, data:
     from torchvision.datasets import ImageFolder
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    from sparo_dino.gpu_augmentation import pad_images
+    from sparo_dino.batched_augmentation import pad_images
 
     files = ImageFolder(root, loader=read_file)
     loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.workers, drop_last=True,
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace, root: str) -> list[Row]:
                 for pipeline in PIPELINES}
     except ValueError as error:  # fewer images than one batch
         raise SystemExit(f"error: {error}") from error
-    count = len(data["cpu"].dataset)
+    count = len(data["per_image"].dataset)
     if count < max(needed, args.cost_images):
         raise SystemExit(f"error: {root} has {count} images but --batch_size {args.batch_size} x (--warmup "
                          f"{args.warmup} + --batches {args.batches}) and --cost_images {args.cost_images} need "
@@ -195,9 +195,9 @@ def run(args: argparse.Namespace, root: str) -> list[Row]:
                      f"{cost[pipeline]:.2f}"),
                  Row("data", f"{setting}, {pipeline} pipeline, one worker core", "img/s one core feeds",
                      f"{per_core:.1f}")]
-    ratio = cost["cpu"] / cost["gpu"]
-    print(f"ratio worker cost cpu/gpu: x{ratio:.2f}", flush=True)
-    rows.append(Row("data", setting, "worker CPU cost, cpu / gpu pipeline", f"x{ratio:.2f}"))
+    ratio = cost["per_image"] / cost["batched"]
+    print(f"ratio worker cost per_image/batched: x{ratio:.2f}", flush=True)
+    rows.append(Row("data", setting, "worker CPU cost, per_image / batched pipeline", f"x{ratio:.2f}"))
 
     rates = {}
     for pipeline in PIPELINES:
@@ -206,13 +206,13 @@ def run(args: argparse.Namespace, root: str) -> list[Row]:
         rates[pipeline] = images_per_second(
             source.loader, lambda batch, source=source: source.crops(batch, 0, 0), args.batch_size, args.warmup,
             args.batches, device)
-        where = "device " + device.type if pipeline == "gpu" else "workers"
+        where = "device " + device.type if pipeline == "batched" else "workers"
         print(f"pipeline={pipeline} img/s={rates[pipeline]:.2f} crops_on={where}", flush=True)
         rows.append(Row("data", f"{setting}, {pipeline} pipeline, {args.workers} workers, crops on {where}",
                         "img/s", f"{rates[pipeline]:.2f}"))
-    print(f"ratio gpu/cpu pipeline: img/s x{rates['gpu'] / rates['cpu']:.2f}", flush=True)
+    print(f"ratio batched/per_image pipeline: img/s x{rates['batched'] / rates['per_image']:.2f}", flush=True)
     if device.type == "cuda":
-        rate = nvjpeg_rate(args, root, device, data["gpu"])
+        rate = nvjpeg_rate(args, root, device, data["batched"])
         print(f"pipeline=nvjpeg img/s={rate:.2f}", flush=True)
         rows.append(Row("data", f"{setting}, nvjpeg decode on the GPU, {args.workers} workers read bytes", "img/s",
                         f"{rate:.2f}"))

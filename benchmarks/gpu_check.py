@@ -136,7 +136,7 @@ def plan(args: argparse.Namespace, work: str, images: str, bench_table: str) -> 
     cpu_run = [python, "main_dino.py", "--arch", "vit_tiny", "--patch_size", "8", "--img_size", "32",
                "--global_crop_size", "32", "--local_crop_size", "16", "--local_crops_number", "2", "--out_dim", "64",
                "--batch_size_per_gpu", "8", "--epochs", "100", "--num_workers", "1", "--print_freq", "1",
-               "--augmentation", "gpu", "--precision", "bf16", "--compile", "false", "--fused_adamw", "true",
+               "--augmentation", "batched", "--precision", "bf16", "--compile", "false", "--fused_adamw", "true",
                "--data_path", images, "--output_dir", os.path.join(work, "cpu_gpu_path")]
     bad_images = os.path.join(work, "bad_images")
     bad_run = [python, "main_dino.py", "--arch", "vit_tiny", "--batch_size_per_gpu", "8", "--epochs", "1",

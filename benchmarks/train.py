@@ -2,9 +2,9 @@
 
 Each path builds the real trainer (trainer.DinoTrainer from main_dino.py's flags, no files written) and runs its data
 loader, its crops (train_data.TrainingData.crops) and its step (DinoTrainer.train_step), as the training loop does:
-- reference: --augmentation cpu --compile false --precision fp32 --fused_adamw false (PIL crops in the workers,
+- reference: --augmentation per_image --compile false --precision fp32 --fused_adamw false (PIL crops in the workers,
   eager fp32, foreach AdamW);
-- fast: --augmentation gpu --compile auto --precision auto (main_dino.py's default on a GPU: crops made on the
+- fast: --augmentation batched --compile auto --precision auto (main_dino.py's default on a GPU: crops made on the
   device, compiled bf16 step, fused AdamW).
 After --warmup steps (compilation, worker start-up), --steps timed steps give img/s and where the time went:
 - CPU side: `data wait`, the time the loop waited for the data-loader workers (more than ~0 means the workers, not
@@ -36,9 +36,9 @@ from sparo_dino.progress import memory_mb  # noqa: E402
 from sparo_dino.train_args import parse_train_args  # noqa: E402
 from sparo_dino.trainer import DinoTrainer  # noqa: E402
 
-PATHS = {"reference": ["--augmentation", "cpu", "--compile", "false", "--precision", "fp32",
+PATHS = {"reference": ["--augmentation", "per_image", "--compile", "false", "--precision", "fp32",
                        "--fused_adamw", "false"],
-         "fast": ["--augmentation", "gpu", "--precision", "auto"]}
+         "fast": ["--augmentation", "batched", "--precision", "auto"]}
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """DINO's multi-crop augmentation, the evaluation transforms, and per-sample seeding of their randomness.
 
-The recipe is the official one (flip 0.5; colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8; grayscale p=0.2; global
-crop 1 blur p=1; global crop 2 blur p=0.1 and solarize p=0.2; local crops blur p=0.5; bicubic RandomResizedCrop;
-ImageNet mean/std), built from torchvision.transforms.v2 on PIL images, with PIL's Gaussian blur. Blur sigma is
-uniform in the official [0.1, 2.0] px times global_crop_size / 224, the same range for every crop of a run: exactly
-official for the 224/96 px recipe, and a 32/16 px Fashion-MNIST run is blurred in proportion instead of wiped out.
+The recipe is the official one, with its strengths and probabilities read from crop_recipe (flip 0.5; colour
+jitter (0.4, 0.4, 0.2, 0.1) with p=0.8; grayscale p=0.2; global crop 1 blur p=1; global crop 2 blur p=0.1 and
+solarize p=0.2; local crops blur p=0.5; bicubic RandomResizedCrop; ImageNet mean/std), built from
+torchvision.transforms.v2 on PIL images, with PIL's Gaussian blur. Blur sigma is uniform in the official [0.1, 2.0] px
+times global_crop_size / 224, the same range for every crop of a run: exactly official for the 224/96 px recipe, and
+a 32/16 px Fashion-MNIST run is blurred in proportion instead of wiped out.
 
 All randomness comes from torch's global generator, which SeededDataset reseeds per sample; that is what makes a
 resumed run (or one with a different number of workers) see exactly the same crops.
@@ -20,12 +21,12 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
+from sparo_dino.crop_recipe import (BLUR_REFERENCE_SIZE, BLUR_SIGMA_AT_REFERENCE, BRIGHTNESS, CONTRAST, FLIP_P,
+                                    GLOBAL1_BLUR_P, GLOBAL2_BLUR_P, GLOBAL2_SOLARIZE_P, GRAYSCALE_P, HUE, JITTER_P,
+                                    LOCAL_BLUR_P, SATURATION, SOLARIZE_THRESHOLD)
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# Official DINO: PIL GaussianBlur radius (= sigma) uniform in [0.1, 2.0] on every crop (224 px global, 96 px local).
-BLUR_SIGMA_AT_REFERENCE: tuple[float, float] = (0.1, 2.0)
-BLUR_REFERENCE_SIZE = 224
-SOLARIZE_THRESHOLD = 128
 
 
 def blur_sigma_range(global_crop_size: int) -> tuple[float, float]:
@@ -88,7 +89,7 @@ def check_multicrop_args(global_crops_scale: Sequence[float], local_crops_scale:
 
 def multicrop_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """The multi-crop recipe of a run config (training flags or a checkpoint's `config`), as keyword arguments of
-    either pipeline (MultiCropAugmentation here, gpu_augmentation.BatchedMultiCrop): one wiring for both."""
+    either pipeline (MultiCropAugmentation here, batched_augmentation.BatchedMultiCrop): one wiring for both."""
     return {"global_crops_scale": tuple(config["global_crops_scale"]),
             "local_crops_scale": tuple(config["local_crops_scale"]),
             "local_crops_number": config["local_crops_number"],
@@ -108,19 +109,21 @@ class MultiCropAugmentation:
         def crop_and_colour(size: int, scale: tuple[float, float]) -> list[v2.Transform]:
             return [
                 v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
-                v2.RandomHorizontalFlip(p=0.5),
-                v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
+                v2.RandomHorizontalFlip(p=FLIP_P),
+                v2.RandomApply([v2.ColorJitter(brightness=BRIGHTNESS, contrast=CONTRAST, saturation=SATURATION,
+                                               hue=HUE)], p=JITTER_P),
+                v2.RandomGrayscale(p=GRAYSCALE_P),
             ]
 
         self.global_transform1 = v2.Compose(crop_and_colour(global_crop_size, global_scale)
-                                            + [random_blur(global_crop_size, p=1.0)] + to_normalized_tensor())
+                                            + [random_blur(global_crop_size, p=GLOBAL1_BLUR_P)]
+                                            + to_normalized_tensor())
         self.global_transform2 = v2.Compose(crop_and_colour(global_crop_size, global_scale)
-                                            + [random_blur(global_crop_size, p=0.1),
-                                               v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2)]
+                                            + [random_blur(global_crop_size, p=GLOBAL2_BLUR_P),
+                                               v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=GLOBAL2_SOLARIZE_P)]
                                             + to_normalized_tensor())
         self.local_transform = v2.Compose(crop_and_colour(local_crop_size, local_scale)
-                                          + [random_blur(global_crop_size, p=0.5)] + to_normalized_tensor())
+                                          + [random_blur(global_crop_size, p=LOCAL_BLUR_P)] + to_normalized_tensor())
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         crops = [self.global_transform1(image), self.global_transform2(image)]

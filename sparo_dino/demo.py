@@ -61,7 +61,7 @@ PROFILES = {
     "cpu": Profile("cpu", num_train=4096, num_test=2000, epochs=5, warmup_epochs=1, batch_size=32, local_crops=0,
                    flags=("--patch_size", "8", "--global_crop_size", "16", *SHORT_RUN_FLAGS, "--lr", "0.001",
                           "--momentum_teacher", "0.99", "--final_momentum_teacher", "0.99", "--out_dim", "1024",
-                          "--augmentation", "gpu")),
+                          "--augmentation", "batched")),
     "gpu": Profile("gpu", num_train=None, num_test=None, epochs=10, warmup_epochs=2, batch_size=256,
                    local_crops=6),
 }

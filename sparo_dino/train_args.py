@@ -17,7 +17,7 @@ from sparo_dino.config import args_to_dict, bool_flag, parse_args
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
 from sparo_dino.datasets import DATASETS, FASHION_MNIST_DIR
 from sparo_dino.optim import OPTIMIZERS
-from sparo_dino.train_data import AUGMENTATIONS
+from sparo_dino.train_data import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
 from sparo_dino.training_step import COMPILE_CHOICES
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -119,9 +119,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="area range of the local crops")
     crops.add_argument("--global_crop_size", type=int, default=224, help="global crop size in pixels")
     crops.add_argument("--local_crop_size", type=int, default=96, help="local crop size in pixels")
-    crops.add_argument("--augmentation", default="auto", choices=AUGMENTATIONS,
-                       help="where the crops are made: cpu = PIL in the data-loader workers (the reference), gpu = "
-                            "workers only decode, the batch is cropped on the device; auto = gpu on GPUs, else cpu")
+    crops.add_argument("--augmentation", default="auto", choices=(*AUGMENTATIONS, *AUGMENTATION_ALIASES),
+                       help="how the crops are made, on any device: per_image = PIL per image in the data-loader "
+                            "workers (the reference), batched = workers only decode, each batch is cropped at once "
+                            "on the training device; auto = batched on GPUs, else per_image; the former names cpu "
+                            "and gpu mean per_image and batched")
 
     run = parser.add_argument_group("data and run")
     run.add_argument("--dataset", default="imagefolder", choices=DATASETS, help="training data format")
@@ -211,6 +213,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     if unknown:
         _fail(parser, f"--resume_overrides: unknown flag(s) {', '.join(unknown)}; valid: world_size, "
                       f"{', '.join(sorted(set(vars(args)) - RESUME_FREE_KEYS - set(MODEL_KEYS)))}")
+    args.augmentation = canonical_augmentation(args.augmentation)  # the resolved config says today's name
     if args.data_path is None:
         if args.dataset != "fashion_mnist":
             _fail(parser, "--data_path is required for --dataset imagefolder")

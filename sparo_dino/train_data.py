@@ -1,11 +1,11 @@
 """The training data of one process: images -> sampler -> data loader -> the batch's crops on the device.
 
-Two pipelines make the same recipe (`--augmentation`):
-- cpu, the reference: PIL multi-crop per image in the data-loader workers (augmentation.MultiCropAugmentation),
-  seeded per sample from (seed, epoch, index) by SeededDataset;
-- gpu: the workers only decode and pack uint8 batches, the device makes every crop (gpu_data.DeviceMultiCrop),
-  seeded per batch from (seed, epoch, iteration, rank).
-auto picks gpu on CUDA devices and cpu elsewhere. Either way a run resumed mid-epoch, or run with another number of
+Two pipelines make the same recipe (`--augmentation`); both run on any device:
+- per_image, the reference: PIL multi-crop per image in the data-loader workers
+  (augmentation.MultiCropAugmentation), seeded per sample from (seed, epoch, index) by SeededDataset;
+- batched: the workers only decode and pack uint8 batches, the training device makes every crop of a batch at
+  once (batched_data.DeviceMultiCrop), seeded per batch from (seed, epoch, iteration, rank).
+auto picks batched on CUDA devices and per_image elsewhere. Either way a run resumed mid-epoch, or run with another number of
 workers, sees exactly the crops of the uninterrupted run: the sampler skips what the epoch already consumed and no
 crop depends on a worker's history.
 """
@@ -21,21 +21,31 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
 from sparo_dino.datasets import build_dataset, require_min_size
-from sparo_dino.gpu_data import DeviceMultiCrop, build_decoded_dataset, collate_decoded
+from sparo_dino.batched_data import DeviceMultiCrop, build_decoded_dataset, collate_decoded
 from sparo_dino.preemption import ignore_stop_signals
 
-AUGMENTATIONS = ("auto", "cpu", "gpu")
+AUGMENTATIONS = ("auto", "per_image", "batched")
+# The pipelines' former names, kept for command lines, YAML files and the config of checkpoints that use them.
+AUGMENTATION_ALIASES = {"cpu": "per_image", "gpu": "batched"}
 # Training data whose loader workers may still run; see _close_at_exit.
 _OPEN: weakref.WeakSet[TrainingData] = weakref.WeakSet()
 
 
-def resolve_augmentation(augmentation: str, device: torch.device) -> str:
-    """The pipeline that runs: auto is gpu on CUDA devices, where the crops are cheap, and cpu elsewhere."""
-    if augmentation not in AUGMENTATIONS:
+def canonical_augmentation(augmentation: str) -> str:
+    """auto or a pipeline's name, with a former name (AUGMENTATION_ALIASES) replaced by today's."""
+    name = AUGMENTATION_ALIASES.get(augmentation, augmentation)
+    if name not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
-    if augmentation == "auto":
-        return "gpu" if device.type == "cuda" else "cpu"
-    return augmentation
+    return name
+
+
+def resolve_augmentation(augmentation: str, device: torch.device) -> str:
+    """The pipeline that runs: auto is batched on CUDA devices, where the batched crops are cheap, and per_image
+    elsewhere (on a CPU the PIL workers are faster than batched crops on the training threads)."""
+    name = canonical_augmentation(augmentation)
+    if name == "auto":
+        return "batched" if device.type == "cuda" else "per_image"
+    return name
 
 
 class ResumableSampler(DistributedSampler):
@@ -89,7 +99,7 @@ class TrainingData:
         self.device = device
         self.batch_size = config["batch_size_per_gpu"]
         seed = config["seed"]
-        if self.pipeline == "cpu":
+        if self.pipeline == "per_image":
             images = build_dataset(config["dataset"], config["data_path"],
                                    transform=MultiCropAugmentation(**multicrop_kwargs(config)),
                                    skip_bad_images=config["skip_bad_images"])

@@ -130,7 +130,7 @@ def test_shipped_configs_blur_every_crop_with_the_runs_sigma_range(config, sigma
     """The paper's ImageNet recipe blurs global and 96 px local crops alike with sigma in [0.1, 2.0] (official DINO),
     in both pipelines, as the trainer wires them; the 32/16 px Fashion-MNIST recipe in proportion to 32 px."""
     from sparo_dino.augmentation import multicrop_kwargs
-    from sparo_dino.gpu_augmentation import BatchedMultiCrop
+    from sparo_dino.batched_augmentation import BatchedMultiCrop
     from sparo_dino.train_args import parse_train_args
 
     args = parse_train_args(["--config", os.path.join(CONFIGS, config), "--data_path", "unused"])

@@ -1,11 +1,11 @@
 """The fast path main_dino.py runs on GPUs (device-side multi-crop, compiled step, fused AdamW, asynchronous stop
 poll) against the reference path (PIL multi-crop in the workers, eager step), proven on the CPU.
 
-- data: the gpu pipeline's crops are the recipe (BatchedMultiCrop) applied to the sampler's images in order, from a
+- data: the batched pipeline's crops are the recipe (BatchedMultiCrop) applied to the sampler's images in order, from a
   generator seeded by (seed, epoch, iteration, rank), whatever the worker count or the start position; both pipelines
   feed the same images in the same order with the same crop statistics; large JPEGs are decoded reduced, no smaller
   than the crops need;
-- training: a mid-epoch resume with --augmentation gpu is bit-exact; short runs of both pipelines reach the same
+- training: a mid-epoch resume with --augmentation batched is bit-exact; short runs of both pipelines reach the same
   loss and k-NN within the spread of seeds;
 - step: fused AdamW equals the foreach update; a whole epoch reads nothing from the device except at its logging
   interval (a dispatch mode that treats the networks' tensors and the image batch as device tensors);
@@ -34,8 +34,8 @@ import main_dino
 from conftest import make_image_folder
 from sparo_dino.datasets import FASHION_MNIST_DIR, BadImageError, write_fashion_mnist_subset
 from sparo_dino.distributed import DistInfo
-from sparo_dino.gpu_augmentation import BatchedMultiCrop, pad_images
-from sparo_dino.gpu_data import DeviceMultiCrop, load_rgb_image_reduced, min_decode_area, pack_images
+from sparo_dino.batched_augmentation import BatchedMultiCrop, pad_images
+from sparo_dino.batched_data import DeviceMultiCrop, load_rgb_image_reduced, min_decode_area, pack_images
 from sparo_dino.optim import build_optimizer, param_groups
 from sparo_dino.preemption import StopRequest
 from sparo_dino.progress import MetricSums
@@ -45,7 +45,7 @@ from sparo_dino.trainer import DinoTrainer
 from sparo_dino.training_step import TrainingStep, resolve_compile
 from test_train import EVERY_STEP, TINY, assert_same_training_state, executed_steps, logged_epochs, run, steps_between
 
-GPU = ("--augmentation", "gpu")
+BATCHED = ("--augmentation", "batched")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import agreement  # noqa: E402
@@ -58,8 +58,8 @@ def config(data: str, *extra: str) -> dict:
 # ----------------------------------------------------------------------------------------------------- flags
 def test_auto_picks_the_fast_path_on_gpus_only() -> None:
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert resolve_augmentation("auto", cuda) == "gpu" and resolve_augmentation("auto", cpu) == "cpu"
-    assert resolve_augmentation("gpu", cpu) == "gpu" and resolve_augmentation("cpu", cuda) == "cpu"
+    assert resolve_augmentation("auto", cuda) == "batched" and resolve_augmentation("auto", cpu) == "per_image"
+    assert resolve_augmentation("batched", cpu) == "batched" and resolve_augmentation("per_image", cuda) == "per_image"
     assert resolve_compile("auto", cuda) and not resolve_compile("auto", cpu)
     assert resolve_compile("true", cpu) and not resolve_compile("false", cuda)
     assert parse_train_args(["--data_path", "x", "--compile", "True"]).compile == "true"  # YAML's booleans too
@@ -88,9 +88,9 @@ def expected_crops(root: str, cfg: dict, epoch: int, iteration: int, rank: int =
 @pytest.mark.parametrize("workers", [0, 2])
 def test_device_crops_are_the_recipe_on_the_sampled_images_seeded_by_position(images, workers) -> None:
     """Epoch 1 started at iteration 2 (a mid-epoch resume): each batch's crops equal the spec exactly."""
-    cfg = config(images, *GPU, "--num_workers", str(workers))
+    cfg = config(images, *BATCHED, "--num_workers", str(workers))
     data = TrainingData(cfg, rank=0, world_size=1, device=torch.device("cpu"))
-    assert data.pipeline == "gpu"
+    assert data.pipeline == "batched"
     data.start_epoch(1, 2)
     seen = []
     for iteration, batch in enumerate(data.loader, start=2):
@@ -150,7 +150,7 @@ def test_both_pipelines_feed_the_same_images_in_order_with_the_same_crop_statist
     mean agrees within 4 standard errors and the pixel spread within 10% (bicubic PIL vs bilinear roi_align)."""
     root = make_image_folder(tmp_path / "data", num_classes=6, per_class=8, size=48)
     crops = {}
-    for pipeline in ("cpu", "gpu"):
+    for pipeline in ("per_image", "batched"):
         data = TrainingData(config(root, "--augmentation", pipeline, "--batch_size_per_gpu", "8"), 0, 1,
                             torch.device("cpu"))
         batches = []
@@ -159,27 +159,29 @@ def test_both_pipelines_feed_the_same_images_in_order_with_the_same_crop_statist
             batches += [data.crops(batch, epoch, iteration) for iteration, batch in enumerate(data.loader)]
         crops[pipeline] = [torch.cat([views[view] for views in batches]) for view in range(4)]
     colours = {p: torch.stack([view.mean(dim=(2, 3)) for view in crops[p]]) for p in crops}  # (views, samples, 3)
-    per_sample = torch.stack([colours["cpu"].mean(0).flatten(), colours["gpu"].mean(0).flatten()])
+    per_sample = torch.stack([colours["per_image"].mean(0).flatten(), colours["batched"].mean(0).flatten()])
     assert torch.corrcoef(per_sample)[0, 1] > 0.6
     for view in range(4):
-        cpu, gpu = colours["cpu"][view], colours["gpu"][view]
-        assert cpu.shape == gpu.shape == (144, 3)
-        standard_error = torch.sqrt((cpu.var(0) + gpu.var(0)) / len(cpu))
-        assert ((cpu.mean(0) - gpu.mean(0)).abs() <= 4 * standard_error).all(), view
-        assert abs(crops["cpu"][view].std() - crops["gpu"][view].std()) / crops["cpu"][view].std() < 0.1, view
+        per_image, batched = colours["per_image"][view], colours["batched"][view]
+        assert per_image.shape == batched.shape == (144, 3)
+        standard_error = torch.sqrt((per_image.var(0) + batched.var(0)) / len(per_image))
+        assert ((per_image.mean(0) - batched.mean(0)).abs() <= 4 * standard_error).all(), view
+        spread = crops["per_image"][view].std()
+        assert abs(spread - crops["batched"][view].std()) / spread < 0.1, view
 
 
 # -------------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
-def straight_gpu_run(images, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("straight_gpu"))
-    assert run(images, out, "--epochs", "2", *GPU).code == 0
+def straight_batched_run(images, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("straight_batched"))
+    assert run(images, out, "--epochs", "2", *BATCHED).code == 0
     return out
 
 
-def test_gpu_augmentation_resumes_exactly_mid_epoch_with_another_worker_count(images, straight_gpu_run, tmp_path,
-                                                                            monkeypatch, capsys) -> None:
-    """As test_train's stop test, with --augmentation gpu: stopped after (1, 1), saved at (1, 2); the rerun (2
+def test_batched_augmentation_resumes_exactly_mid_epoch_with_another_worker_count(images, straight_batched_run,
+                                                                                 tmp_path, monkeypatch,
+                                                                                 capsys) -> None:
+    """As test_train's stop test, with --augmentation batched: stopped after (1, 1), saved at (1, 2); the rerun (2
     workers instead of 0) runs the rest only and ends bit-identical to the uninterrupted run."""
     stop = StopRequest()
     step = DinoTrainer.train_step
@@ -192,20 +194,20 @@ def test_gpu_augmentation_resumes_exactly_mid_epoch_with_another_worker_count(im
 
     monkeypatch.setattr(DinoTrainer, "train_step", step_then_request)
     out = str(tmp_path / "run")
-    argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2", *GPU, *EVERY_STEP]
+    argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2", *BATCHED, *EVERY_STEP]
     assert main_dino.main(argv, stop=stop) == 75
     assert executed_steps(capsys.readouterr().out) == steps_between((0, 0), (1, 2))
     monkeypatch.undo()
     assert main_dino.main([*argv, "--num_workers", "2"]) == 0
     assert executed_steps(capsys.readouterr().out) == steps_between((1, 2), (2, 0))
     assert logged_epochs(out) == [0, 1]
-    assert_same_training_state(straight_gpu_run, out)
+    assert_same_training_state(straight_batched_run, out)
     provenance = [json.loads(line) for line in open(os.path.join(out, "provenance.jsonl"))]
-    assert {(p["augmentation"], p["compiled"]) for p in provenance} == {("gpu", False)}
+    assert {(p["augmentation"], p["compiled"]) for p in provenance} == {("batched", False)}
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Debian's dataset-fashion-mnist")
-def test_gpu_and_cpu_pipelines_train_alike_within_the_spread_of_seeds(tmp_path, capsys) -> None:
+def test_batched_and_per_image_pipelines_train_alike_within_the_spread_of_seeds(tmp_path, capsys) -> None:
     """benchmarks/agreement.py at a tiny size: 3 seeds x 2 pipelines, 4 steps of TINY on 64 Fashion-MNIST images at
     a learning rate that moves the weights (the k-NN on 200 test images leaves its random-init value; at 0.01 it
     does not), 80 s on 2 busy cores. Every logged loss and the final k-NN agree within 3 standard errors of the
@@ -214,12 +216,13 @@ def test_gpu_and_cpu_pipelines_train_alike_within_the_spread_of_seeds(tmp_path, 
     train_argv = [*TINY, "--dataset", "fashion_mnist", "--data_path", data, "--batch_size_per_gpu", "16",
                   "--epochs", "1", "--warmup_epochs", "0", "--lr", "0.05", "--knn_every", "1", "--knn_subset", "200"]
     runs = agreement.train_runs(train_argv, range(3), str(tmp_path / "runs"))
-    assert runs["cpu"].losses.shape == runs["gpu"].losses.shape == (3, 4)
-    assert (runs["cpu"].knn != runs["cpu"].knn_init).any()  # training changed the encoding
+    assert runs["per_image"].losses.shape == runs["batched"].losses.shape == (3, 4)
+    assert (runs["per_image"].knn != runs["per_image"].knn_init).any()  # training changed the encoding
     with capsys.disabled():
         print("\n" + "\n".join(f"{row.setting} | {row.metric}: {row.value}" for row in agreement.summary(runs)))
     assert agreement.agree(runs, knn_resolution=100 / 200)
-    broken = {**runs, "gpu": agreement.PipelineRuns(runs["gpu"].losses + 0.3, runs["gpu"].knn, runs["gpu"].knn_init)}
+    batched = runs["batched"]
+    broken = {**runs, "batched": agreement.PipelineRuns(batched.losses + 0.3, batched.knn, batched.knn_init)}
     assert not agreement.agree(broken)  # a shift of the loss curve by 0.3 is outside the spread
 
 
@@ -308,7 +311,7 @@ def test_an_epoch_reads_nothing_from_the_device_between_logging_intervals(images
     only: step 3's line, the epoch end's line and the epoch's means. The mode does see a read, so a sync added to
     the step fails this test."""
     args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"), "--epochs", "1",
-                             *GPU, "--print_freq", "3"])
+                             *BATCHED, "--print_freq", "3"])
     trainer = DinoTrainer(args, DistInfo(0, 1, 0, torch.device("cpu")), stop=StopRequest())
     device_crops, global_means = DeviceMultiCrop.__call__, MetricSums.global_means
     metric_reads = []
@@ -341,7 +344,7 @@ def test_on_a_gpu_crops_and_step_make_the_host_wait_for_nothing(images, tmp_path
     args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"), "--epochs", "1",
                              "--compile", "false"])
     trainer = DinoTrainer(args, DistInfo(0, 1, 0, torch.device("cuda", torch.cuda.current_device())))
-    assert trainer.data.pipeline == "gpu" and trainer.precision == "bf16" and trainer.optimizer.defaults["fused"]
+    assert trainer.data.pipeline == "batched" and trainer.precision == "bf16" and trainer.optimizer.defaults["fused"]
     trainer.data.start_epoch(0, 0)
     for iteration, batch in enumerate(trainer.data.loader):
         if iteration > 0:  # the first step allocates and initialises lazily

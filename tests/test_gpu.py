@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparo_dino.distributed import DistInfo
-from sparo_dino.gpu_data import DeviceMultiCrop
+from sparo_dino.batched_data import DeviceMultiCrop
 from sparo_dino.train_args import parse_train_args
 from sparo_dino.trainer import DinoTrainer
 from test_benchmarks import TINY_STEP, _load
@@ -52,7 +52,7 @@ def test_device_crops_from_pinned_batches_equal_the_cpu_crops(images, tmp_path):
     equal the same position's crops made on the CPU (same parameters from the CPU generator; kernels differ only
     in float rounding)."""
     args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"), "--epochs", "1",
-                             "--augmentation", "gpu", "--num_workers", "2", "--precision", "fp32"])
+                             "--augmentation", "batched", "--num_workers", "2", "--precision", "fp32"])
     trainer = DinoTrainer(args, DistInfo(0, 1, 0, _cuda()))
     trainer.data.start_epoch(0, 0)
     batch = next(iter(trainer.data.loader))

@@ -19,3 +19,40 @@ def test_sparo_defaults_have_one_definition_read_by_the_module_the_builder_and_t
     assert sparo_vit.SPARO_OPTIONS == tuple(defaults)
     parsed = train_args.get_args_parser().parse_args([])
     assert {name: getattr(parsed, name) for name in defaults} == dict(defaults)
+
+
+def _pil_ops(transform) -> dict[str, object]:
+    """The random ops of a v2.Compose, by class name (RandomApply's wrapped transform under its own name)."""
+    ops: dict[str, object] = {}
+    for op in transform.transforms:
+        inner = op.transforms[0] if type(op).__name__ == "RandomApply" else op
+        ops[type(inner).__name__] = (op, inner)
+    return ops
+
+
+def test_both_crop_pipelines_build_their_recipe_from_one_table() -> None:
+    from sparo_dino import crop_recipe
+    from sparo_dino.augmentation import MultiCropAugmentation
+    from sparo_dino.batched_augmentation import BatchedMultiCrop
+
+    official = {"FLIP_P": 0.5, "JITTER_P": 0.8, "BRIGHTNESS": 0.4, "CONTRAST": 0.4, "SATURATION": 0.2, "HUE": 0.1,
+                "GRAYSCALE_P": 0.2, "GLOBAL1_BLUR_P": 1.0, "GLOBAL2_BLUR_P": 0.1, "LOCAL_BLUR_P": 0.5,
+                "GLOBAL2_SOLARIZE_P": 0.2, "SOLARIZE_THRESHOLD": 128, "BLUR_SIGMA_AT_REFERENCE": (0.1, 2.0)}
+    assert {name: getattr(crop_recipe, name) for name in official} == official
+
+    pil = MultiCropAugmentation(local_crops_number=1)
+    first, second, local = (_pil_ops(t) for t in (pil.global_transform1, pil.global_transform2, pil.local_transform))
+    jitter_apply, jitter = first["ColorJitter"]
+    assert jitter_apply.p == crop_recipe.JITTER_P
+    assert jitter.brightness == (1 - crop_recipe.BRIGHTNESS, 1 + crop_recipe.BRIGHTNESS)
+    assert jitter.hue == (-crop_recipe.HUE, crop_recipe.HUE)
+    assert first["RandomHorizontalFlip"][1].p == crop_recipe.FLIP_P
+    assert first["RandomGrayscale"][1].p == crop_recipe.GRAYSCALE_P
+    assert [ops["RandomRadiusBlur"][0].p for ops in (first, second, local)] == [
+        crop_recipe.GLOBAL1_BLUR_P, crop_recipe.GLOBAL2_BLUR_P, crop_recipe.LOCAL_BLUR_P]
+    assert second["RandomSolarize"][1].p == crop_recipe.GLOBAL2_SOLARIZE_P
+
+    batched = BatchedMultiCrop(local_crops_number=1)
+    assert [(view.blur_p, view.solarize_p) for view in batched.views] == [
+        (crop_recipe.GLOBAL1_BLUR_P, 0.0), (crop_recipe.GLOBAL2_BLUR_P, crop_recipe.GLOBAL2_SOLARIZE_P),
+        (crop_recipe.LOCAL_BLUR_P, 0.0)]

@@ -1,6 +1,6 @@
-"""The batched tensor multi-crop against torchvision's functional ops (per sample) and against the CPU PIL pipeline
-(statistics of outputs on crafted images whose augmentation is observable), and both pipelines against the recipe:
-colour-jitter strengths and blur read back from their output images."""
+"""The batched tensor multi-crop against torchvision's functional ops (per sample) and against the per-image PIL
+pipeline (statistics of outputs on crafted images whose augmentation is observable), and both pipelines against the
+recipe: colour-jitter strengths and blur read back from their output images."""
 from __future__ import annotations
 
 import colorsys
@@ -16,7 +16,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from sparo_dino.augmentation import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, blur_sigma_range
-from sparo_dino.gpu_augmentation import (BatchedMultiCrop, adjust_brightness, adjust_contrast, adjust_hue,
+from sparo_dino.batched_augmentation import (BatchedMultiCrop, adjust_brightness, adjust_contrast, adjust_hue,
                                          adjust_saturation, color_jitter, gaussian_blur, pad_images,
                                          sample_crop_boxes, solarize)
 
@@ -169,16 +169,17 @@ def _unnormalize(crops: torch.Tensor) -> torch.Tensor:
 def both_pipelines() -> dict[str, dict[str, list[torch.Tensor]]]:
     """{pipeline: {image name: list over views of (n, 3, s, s) crops in [0, 1]}} for n copies of each image."""
     n = 400
-    cpu = MultiCropAugmentation(local_crops_number=NUM_LOCAL, global_crop_size=GLOBAL, local_crop_size=LOCAL)
+    per_image = MultiCropAugmentation(local_crops_number=NUM_LOCAL, global_crop_size=GLOBAL, local_crop_size=LOCAL)
     batched = BatchedMultiCrop(local_crops_number=NUM_LOCAL, global_crop_size=GLOBAL, local_crop_size=LOCAL)
-    out: dict[str, dict[str, list[torch.Tensor]]] = {"cpu": {}, "batched": {}}
+    out: dict[str, dict[str, list[torch.Tensor]]] = {"per_image": {}, "batched": {}}
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     for name, array in _crafted().items():
         pixels = np.ascontiguousarray(array.round().astype(np.uint8))
         pil = Image.fromarray(pixels)
-        per_call = [cpu(pil) for _ in range(n)]
-        out["cpu"][name] = [_unnormalize(torch.stack([crops[v] for crops in per_call])) for v in range(2 + NUM_LOCAL)]
+        per_call = [per_image(pil) for _ in range(n)]
+        out["per_image"][name] = [_unnormalize(torch.stack([crops[v] for crops in per_call]))
+                                  for v in range(2 + NUM_LOCAL)]
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
         out["batched"][name] = [_unnormalize(c) for c in batched([tensor] * n, generator=g)]
     return out
@@ -188,7 +189,7 @@ def _rate(values: torch.Tensor) -> float:
     return values.float().mean().item()
 
 
-@pytest.mark.parametrize("pipeline", ["cpu", "batched"])
+@pytest.mark.parametrize("pipeline", ["per_image", "batched"])
 def test_flip_grayscale_and_solarize_rates_per_view(both_pipelines, pipeline):
     crops = both_pipelines[pipeline]
     for view in range(2 + NUM_LOCAL):
@@ -208,15 +209,15 @@ def test_brightness_factor_distribution_agrees_between_pipelines(both_pipelines)
     def factors(pipeline: str) -> torch.Tensor:
         return torch.cat([c.mean((1, 2, 3)) for c in both_pipelines[pipeline]["gray80"]]) / (80 / 255)
 
-    cpu, batched = factors("cpu"), factors("batched")
+    per_image, batched = factors("per_image"), factors("batched")
     # Analytic: 1 with probability 0.2, else U(0.6, 1.4): mean 1, std sqrt(0.8 * 0.8**2 / 12) = 0.2066,
     # P(factor < 0.8) = 0.8 * 0.25 = 0.2.
-    for values in (cpu, batched):
+    for values in (per_image, batched):
         assert abs(values.mean().item() - 1.0) < 0.025
         assert abs(values.std().item() - 0.2066) < 0.02
         assert abs(_rate(values < 0.8) - 0.2) < 0.045
         assert values.min() > 0.59 and values.max() < 1.41
-    assert abs(cpu.mean() - batched.mean()) < 0.035 and abs(cpu.std() - batched.std()) < 0.025
+    assert abs(per_image.mean() - batched.mean()) < 0.035 and abs(per_image.std() - batched.std()) < 0.025
 
 
 def test_blur_and_jitter_parameters_per_view():
@@ -251,7 +252,7 @@ def _uncropped(pipeline: str, pixels: np.ndarray, n: int, local_crops: int,
     recipe = dict(global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), local_crops_number=local_crops,
                   global_crop_size=size, local_crop_size=size)
     views = 2 + local_crops
-    if pipeline == "cpu":
+    if pipeline == "per_image":
         augment, image = MultiCropAugmentation(**recipe), Image.fromarray(pixels)
         torch.manual_seed(0)
         draws = [augment(image) for _ in range(n)]
@@ -297,7 +298,7 @@ def _assert_jitter_factor(values: torch.Tensor, strength: float, identity: float
     assert abs(deviation.mean().item()) < 0.05 * strength
 
 
-@pytest.mark.parametrize("pipeline", ["cpu", "batched"])
+@pytest.mark.parametrize("pipeline", ["per_image", "batched"])
 def test_contrast_saturation_and_hue_strengths_read_back_from_the_outputs(pipeline):
     """Two crafted images make the jitter factors readable per output (views without solarization):
     - gray bands 40 | 80: saturation, hue and grayscale leave gray alone, brightness scales both bands and
@@ -338,7 +339,7 @@ def _edge_spread(rows: torch.Tensor) -> torch.Tensor:
     return (weights * (x - mean) ** 2).sum(dim=1).clamp(min=0).sqrt()
 
 
-@pytest.mark.parametrize("pipeline", ["cpu", "batched"])
+@pytest.mark.parametrize("pipeline", ["per_image", "batched"])
 def test_blur_strength_and_rate_read_back_from_the_outputs(pipeline):
     """A vertical step edge 0 | 64 (below the solarize threshold after any jitter) through 112 px crops of itself:
     sigma is uniform in [0.05, 1.0] px (official [0.1, 2.0] at 224 px, times 112 / 224; global and local crops have

@@ -1,15 +1,16 @@
-"""DINO multi-crop augmentation on batches of decoded uint8 image tensors, on any device (the GPU-side data path).
+"""DINO multi-crop augmentation on batches of decoded uint8 image tensors, on any device (`--augmentation batched`).
 
-The CPU pipeline (augmentation.MultiCropAugmentation) augments one PIL image at a time in data-loader workers; at
+The per-image pipeline (augmentation.MultiCropAugmentation) augments one PIL image at a time in data-loader workers; at
 about 41 img/s per core it cannot feed a GPU that trains at several hundred img/s. Here every random parameter of a
 whole batch is drawn at once from a torch.Generator (on the CPU, so results do not depend on the device), and each
 op runs once per crop-size group on the device, with per-sample factors broadcast instead of one call per image.
 
-Same recipe and parameter distributions as the CPU pipeline: RandomResizedCrop (torchvision's sampler, including its
-10 tries and the centre-crop fallback, vectorized), flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 in a random
-order of the four ops per sample (as torchvision), grayscale 0.2, Gaussian blur with sigma uniform in
-blur_sigma_range(global crop size), the same for every crop (global 1 p=1, global 2 p=0.1, locals p=0.5), solarize (threshold 128) p=0.2 on global 2
-only, ImageNet mean/std. Deliberate differences, all below the size of one uint8 level or the resampling kernel:
+Same recipe (the numbers come from crop_recipe) and parameter distributions as the per-image pipeline:
+RandomResizedCrop (torchvision's sampler, including its 10 tries and the centre-crop fallback, vectorized), flip 0.5,
+ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 in a random order of the four ops per sample (as torchvision), grayscale
+0.2, Gaussian blur with sigma uniform in blur_sigma_range(global crop size), the same for every crop (global 1 p=1,
+global 2 p=0.1, locals p=0.5), solarize (threshold 128) p=0.2 on global 2 only, ImageNet mean/std. Deliberate
+differences, all below the size of one uint8 level or the resampling kernel:
 - resampling is bilinear with box-filter antialiasing (torchvision.ops.roi_align, aligned=True, adaptive sampling
   ratio: every output pixel averages ceil(box / output)^2 bilinear samples of its cell), not PIL's antialiased
   bicubic; when a crop is upsampled the outermost samples may read one pixel beyond the crop (edges are replicated);
@@ -31,17 +32,10 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from sparo_dino.augmentation import (IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, check_multicrop_args,
-                                     blur_sigma_range)
+from sparo_dino.augmentation import IMAGENET_MEAN, IMAGENET_STD, check_multicrop_args, blur_sigma_range
+from sparo_dino.crop_recipe import (BRIGHTNESS, CONTRAST, FLIP_P, GLOBAL1_BLUR_P, GLOBAL2_BLUR_P, GLOBAL2_SOLARIZE_P,
+                                    GRAYSCALE_P, HUE, JITTER_P, LOCAL_BLUR_P, SATURATION, SOLARIZE_THRESHOLD)
 
-# The recipe's probabilities and jitter strengths (augmentation.py writes them inline in its transforms; the
-# statistical tests in tests/test_gpu_augmentation.py check that both pipelines agree on them).
-FLIP_P = 0.5
-JITTER_P = 0.8
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
-GRAYSCALE_P = 0.2
-GLOBAL1_BLUR_P, GLOBAL2_BLUR_P, LOCAL_BLUR_P = 1.0, 0.1, 0.5
-GLOBAL2_SOLARIZE_P = 0.2
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
 CROP_TRIES = 10  # torchvision RandomResizedCrop: tries before the centre-crop fallback
 # Order of the jitter factors in ViewParams.factors and of the op ids in ViewParams.order (torchvision's fn_idx).
@@ -251,7 +245,7 @@ def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
     The padding repeats each image's last row and column, so bilinear samples at an image edge never read zeros.
     (The resampling reads at most one pixel beyond an edge: a batch whose first padding row and column repeat the
-    edge, as gpu_data.pack_images makes them, gives the same crops.)
+    edge, as batched_data.pack_images makes them, gives the same crops.)
     """
     if len(images) == 0:
         raise ValueError("the batch of images is empty")
@@ -271,7 +265,7 @@ def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 
 class BatchedMultiCrop:
-    """uint8 images (a list of (3, H, W) tensors, or a padded (batch, sizes) as pad_images or gpu_data.pack_images
+    """uint8 images (a list of (3, H, W) tensors, or a padded (batch, sizes) as pad_images or batched_data.pack_images
     make them; sizes on the CPU) -> [global 1, global 2, local 1..N] as ImageNet-normalized (B, 3, size, size)
     tensors on the images' device: the trainer's crop list.
 

@@ -1,10 +1,10 @@
-"""The data path of `--augmentation gpu`: data-loader workers only decode, the device builds every crop.
+"""The data path of `--augmentation batched`: data-loader workers only decode, the training device builds every crop.
 
 The PIL pipeline spends most of a worker's time on twelve crops per image (resampling, colour jitter, blur), about
 41 images/s per core, so 16 cores cannot feed a GPU that trains at 1,500 images/s. Here a worker decodes an image
 to uint8 (with PIL, the decoder of the reference pipeline, so both paths see the same pixels) and packs a batch
 into one padded uint8 tensor in PIL's channels-last layout (row copies, no transpose); the main process moves it to
-the device, puts the channels first there, and gpu_augmentation.BatchedMultiCrop makes all crops of the batch.
+the device, puts the channels first there, and batched_augmentation.BatchedMultiCrop makes all crops of the batch.
 
 The crops' randomness comes from a generator seeded by (seed, epoch, iteration, rank): a batch gets the same crops
 whatever the number of workers, and a run resumed in the middle of an epoch continues with exactly the crops the
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from sparo_dino.augmentation import multicrop_kwargs
 from sparo_dino.datasets import CheckedImageFolder, build_dataset, load_rgb_image
-from sparo_dino.gpu_augmentation import BatchedMultiCrop
+from sparo_dino.batched_augmentation import BatchedMultiCrop
 
 
 def min_decode_area(config: Mapping[str, Any]) -> int:
