@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from sparo_dino import distributed
 from sparo_dino.checkpoint import load_checkpoint, save_checkpoint
+from sparo_dino.schedules import scaled_lr  # noqa: F401 - the probe scales its lr as training does
 
 PROTOCOLS = {
     "official": "official protocol",
@@ -65,11 +66,6 @@ class LinearHeads(nn.Module):
 def _per_head(logits: torch.Tensor) -> torch.Tensor:
     """Logits as (num_heads, B, C): a single classifier is one head."""
     return logits if logits.dim() == 3 else logits[None]
-
-
-def scaled_lr(lr: float, total_batch_size: int) -> float:
-    """The official linear rule: lr x total batch / 256."""
-    return lr * total_batch_size / 256.0
 
 
 def train_epoch(classifier: nn.Module, batches: Batches, featurize: Callable[[torch.Tensor], torch.Tensor],

@@ -40,9 +40,10 @@ def teacher_temperature_schedule(warmup_temp: float, temp: float, warmup_epochs:
     return np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs), np.full(epochs - warmup_epochs, temp)])
 
 
-def scaled_lr(lr: float, batch_size_per_gpu: int, world_size: int) -> float:
-    """Linear scaling rule of DINO: `lr` is the value for a total batch of 256."""
-    return lr * batch_size_per_gpu * world_size / 256.0
+def scaled_lr(lr: float, total_batch_size: int) -> float:
+    """The official linear scaling rule, of DINO training and of its linear probe alike: `lr` is the value for a
+    total batch (over all processes) of 256."""
+    return lr * total_batch_size / 256.0
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class DinoTrainer:
                                   args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs,
                                   args.epochs).to(self.device)
         self.schedules = Schedules.for_run(
-            lr=scaled_lr(args.lr, self.batch_size, info.world_size), min_lr=args.min_lr,
+            lr=scaled_lr(args.lr, self.batch_size * info.world_size), min_lr=args.min_lr,
             warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
             weight_decay_end=args.weight_decay_end, momentum_teacher=args.momentum_teacher, epochs=args.epochs,
             iters_per_epoch=self.iters_per_epoch, final_momentum_teacher=args.final_momentum_teacher)

@@ -46,8 +46,8 @@ def test_teacher_temperature_warmup() -> None:
 
 
 def test_linear_scaling_rule() -> None:
-    assert scaled_lr(5e-4, 64, 8) == pytest.approx(5e-4 * 2)
-    assert scaled_lr(5e-4, 32, 1) == pytest.approx(5e-4 / 8)
+    assert scaled_lr(5e-4, 64 * 8) == pytest.approx(5e-4 * 2)
+    assert scaled_lr(5e-4, 32) == pytest.approx(5e-4 / 8)
 
 
 def test_run_schedules() -> None:
