@@ -15,17 +15,21 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import eval_knn
-import main_dino
-from sparo_dino import datasets, knn
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # the entry scripts live in the checkout, they are not installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+import eval_knn  # noqa: E402
+import main_dino  # noqa: E402
+from sparo_dino import datasets, knn  # noqa: E402
+
 CONFIGS = {"vit_tiny_sparo": REPO_ROOT / "configs" / "fmnist_vit_tiny_sparo.yaml",
            "vit_tiny": REPO_ROOT / "configs" / "fmnist_vit_tiny.yaml"}
 FULL_DATA_RAW_PIXEL_TOP1 = 84.59  # 60k-image bank, 10k test images, measured with sparo_dino.knn (see README)
