@@ -25,6 +25,8 @@ def test_the_cpu_candidate_is_the_demos_profile() -> None:
 
 
 def test_each_run_appends_a_row_under_one_header(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(demo_search.CANDIDATES, "p8_b32", ({"epochs": 2, "batch_size": 32},
+                                                           ("--patch_size", "8", *demo.SHORT_RUN_FLAGS)))
     summaries = iter([{"trained_top1": 60.0, "init_top1": 54.0, "raw_pixel_top1": 78.15, "train_seconds": 300.0,
                        "total_seconds": 420.0, "teacher_entropy": 5.5, "kl": 0.4, "loss": 6.0},
                       {"trained_top1": 53.0, "init_top1": 55.0, "raw_pixel_top1": 78.15, "train_seconds": 240.0,
