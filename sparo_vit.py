@@ -105,7 +105,8 @@ ARCHS: tuple[str, ...] = tuple(list(_SIZES) + [f"{name}_sparo" for name in _SIZE
 # interpolation (the default: 96 px local crops then see exactly what the official ViT gives them), "timm" is
 # timm's resample_abs_pos_embed (by output size, antialiased when shrinking).
 POS_EMBED_INTERPOLATIONS: tuple[str, ...] = ("dino", "timm")
-# Official DINO adds this to the target grid before deriving the scale factor (facebookresearch/dino issue 8).
+# Official DINO adds this to the target grid before deriving the scale factor, so that floating-point error cannot
+# round the interpolated grid down a patch (its checkpoints were trained with it).
 DINO_INTERPOLATE_OFFSET = 0.1
 
 

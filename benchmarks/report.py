@@ -1,6 +1,6 @@
 """`make bench`: every benchmark at the size that fits the machine, in one Markdown table with the machine's facts.
 
-On a GPU: the issue's recipe (vit_small and vit_small_sparo, 64 images per GPU, 2x224 + 10x96 crops, out_dim 65536;
+On a GPU: the benchmark recipe (vit_small and vit_small_sparo, 64 images per GPU, 2x224 + 10x96 crops, out_dim 65536;
 a 1.28M x 4096 k-NN bank, and its search's peak memory at 1/4; ImageNet-sized synthetic JPEGs, a data-loader worker
 per core up to 16).
 On a CPU: small sizes that finish in minutes and show the scripts and the fast/reference ratios work; they say

@@ -12,7 +12,7 @@ After --warmup steps (compilation, worker start-up), --steps timed steps give im
 - device side: the device time of the crops and of the step, from CUDA events (GPU only; on a CPU the host times
   are the computation itself).
 
-GPU (the issue's recipe): python benchmarks/train.py --synthetic 1536 --workers 16
+GPU (the benchmark recipe): python benchmarks/train.py --synthetic 1536 --workers 16
 CPU smoke size: see `make bench` (benchmarks/report.py).
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ def get_parser() -> argparse.ArgumentParser:
                         help="position-embedding grid (default: --global_size); the CPU demo trains 16 px crops of a "
                              "32 px grid")
     parser.add_argument("--local_size", type=int, default=96)
-    parser.add_argument("--local_crops_number", type=int, default=10, help="the issue's 2x224 + 10x96")
+    parser.add_argument("--local_crops_number", type=int, default=10, help="the benchmark recipe: 2x224 + 10x96")
     parser.add_argument("--patch_size", type=int, default=16)
     parser.add_argument("--out_dim", type=int, default=65536)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="data-loader processes")

@@ -33,7 +33,9 @@ from sparo_dino import datasets, knn  # noqa: E402
 CONFIGS = {"vit_tiny_sparo": REPO_ROOT / "configs" / "fmnist_vit_tiny_sparo.yaml",
            "vit_tiny": REPO_ROOT / "configs" / "fmnist_vit_tiny.yaml"}
 FULL_DATA_RAW_PIXEL_TOP1 = 84.59  # 60k-image bank, 10k test images, measured with sparo_dino.knn (see README)
-LEARNED_MARGIN = 5.0  # points of 20-NN top-1 over the random init that count as learning (issue 12's bar)
+# Points of 20-NN top-1 over the same network's random init that count as learning: a random-init ViT already scores
+# about 54% on the demo's images, so the gain over it, not the accuracy, is the evidence.
+LEARNED_MARGIN = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Profile:
 # demo_recipes.md); shared with sparo_dino.demo_search's candidates.
 SHORT_RUN_FLAGS = ("--freeze_last_layer", "0", "--drop_path_rate", "0", "--weight_decay_end", "0.04")
 PROFILES = {
-    # 640 steps of 32 with the search's best recipe (docs/demo_recipes.md): run E1's lr and teacher momentum, no local
+    # 640 steps of 32 with the best recipe found (docs/demo_recipes.md): lr 1e-3 and teacher momentum 0.99, no local
     # crops (1.6x the images per second, faster learning per step), the momentum held at 0.99 so the teacher keeps
     # following the student to the end, crops batched in the main process (with fused AdamW x1.33 the img/s of PIL
     # crops and foreach AdamW on 2 cores, benchmarks/train.py). Patch 8 trained on 16 px global crops: a step costs
