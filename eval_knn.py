@@ -19,14 +19,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 import sparo_vit
-from sparo_dino import config, distributed, features, knn, provenance
+from sparo_dino import config, distributed, eval_cli, extraction, feature_cache, knn, provenance
 from sparo_dino.knn import weighted_knn  # noqa: F401  (public API: eval_knn.weighted_knn)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    features.add_feature_args(parser)
+    eval_cli.add_feature_args(parser)
     distributed.add_launcher_args(parser)
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
@@ -67,7 +67,7 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     def kind_for(arch: str) -> str:
         if (args.per_slot or args.select_slots is not None) and not sparo_vit.is_sparo_arch(arch):
             raise ValueError(f"--per_slot and --select_slots need a *_sparo arch, not {arch}")
-        return features.feature_kind(arch)
+        return extraction.feature_kind(arch)
     return kind_for
 
 
@@ -84,7 +84,7 @@ def search_device(use_cuda: bool, device: torch.device) -> torch.device:
     return device if use_cuda else torch.device("cpu")
 
 
-def run_knn(data: features.FeatureSet, args: argparse.Namespace, device: torch.device | None = None
+def run_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, device: torch.device | None = None
             ) -> dict[str, Any]:
     """All k-NN numbers of one evaluation as a JSON-ready dict (accuracies in percent); `backend`, `device` and
     `bank_dtype` are where the search really ran, which --use_cuda alone does not say (faiss-cpu)."""
@@ -172,12 +172,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise ValueError("--shard_bank keeps the train features split over the ranks; --per_slot, --select_slots, "
                          "--dump_features and --load_features need them in one process")
     distributed.check_launcher_args(args)
-    features.check_output_dirs(args)
-    with distributed.process_group(args.dist_timeout_minutes, report_error=features.print_user_error) as info:
+    eval_cli.check_output_dirs(args)
+    with distributed.process_group(args.dist_timeout_minutes, report_error=eval_cli.print_user_error) as info:
         # the baseline first: a checkpoint that cannot give it fails before the long extraction
-        initial = (features.compute_features(args, info.device, kind_resolver(args), at_init=True,
+        initial = (eval_cli.compute_features(args, info.device, kind_resolver(args), at_init=True,
                                              shard_train=args.shard_bank) if args.init_baseline else None)
-        data = features.compute_features(args, info.device, kind_resolver(args), accept_official_dump=True,
+        data = eval_cli.compute_features(args, info.device, kind_resolver(args), accept_official_dump=True,
                                          shard_train=args.shard_bank)
         if data is None:  # features live on the main process only (unless --shard_bank)
             return None
@@ -192,10 +192,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         results["provenance"] = provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})
         for line in summary_lines(results):
             print(line, flush=True)
-        output_dir = features.default_output_dir(args)
-        features.write_results(results, os.path.join(output_dir, f"knn_{data.meta['tag']}.json"))
+        output_dir = eval_cli.default_output_dir(args)
+        eval_cli.write_results(results, os.path.join(output_dir, f"knn_{data.meta['tag']}.json"))
         return results
 
 
 if __name__ == "__main__":
-    features.run_cli(main)
+    eval_cli.run_cli(main)

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import sparo_vit
-from sparo_dino import augmentation, config, distributed, features, linear_probe, provenance
+from sparo_dino import augmentation, config, distributed, eval_cli, extraction, linear_probe, provenance, weights
 
 DEFAULT_N_LAST_BLOCKS = 4
 # --fast's base lrs: official 1e-3 and around it, up to where unnormalized SPARO encodings of a short run need it
@@ -37,7 +37,7 @@ INIT_BASELINE_DIR = "init_baseline"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    features.add_feature_args(parser)
+    eval_cli.add_feature_args(parser)
     distributed.add_launcher_args(parser)
     group = parser.add_argument_group("linear probe")
     group.add_argument("--n_last_blocks", type=int, default=None,
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"encoding+cls: the CLS of the n-1 blocks before SPARO (default {DEFAULT_N_LAST_BLOCKS})")
     group.add_argument("--avgpool_patchtokens", type=config.bool_flag, default=False,
                        help="baselines: also the mean of the last block's patch tokens")
-    group.add_argument("--sparo_features", type=str, default="encoding", choices=features.SPARO_FEATURES,
+    group.add_argument("--sparo_features", type=str, default="encoding", choices=extraction.SPARO_FEATURES,
                        help="*_sparo archs (paper C.2): the encoding alone, or the final-norm CLS of the "
                             "n_last_blocks-1 blocks before SPARO followed by the encoding")
     group.add_argument("--num_labels", type=int, default=None,
@@ -84,10 +84,10 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
                 raise ValueError(f"--n_last_blocks/--avgpool_patchtokens apply to baseline archs; {arch} is probed "
                                  "on its SPARO encoding (--n_last_blocks also counts with --sparo_features "
                                  "encoding+cls)")
-            return features.feature_kind(arch, n_last_blocks, sparo_features=args.sparo_features)
+            return extraction.feature_kind(arch, n_last_blocks, sparo_features=args.sparo_features)
         if args.sparo_features != "encoding":
             raise ValueError(f"--sparo_features {args.sparo_features} applies to *_sparo archs, not {arch}")
-        return features.feature_kind(arch, n_last_blocks, args.avgpool_patchtokens)
+        return extraction.feature_kind(arch, n_last_blocks, args.avgpool_patchtokens)
     return kind_for
 
 
@@ -117,18 +117,19 @@ def _output_dir(args: argparse.Namespace, tag: str, protocol: str) -> str:
     if args.output_dir is not None:
         return args.output_dir
     prefix = "linear_fast" if protocol == "fast" else "linear"
-    return os.path.join(features.default_output_dir(args), f"{prefix}_{tag}")
+    return os.path.join(eval_cli.default_output_dir(args), f"{prefix}_{tag}")
 
 
 def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Probe:
     """Official protocol: augmented images through the frozen backbone every step, all ranks."""
-    backbone, options, tag = features.load_backbone(args)
+    backbone, options, tag = weights.load_backbone(args)
     backbone.to(info.device)
     kind = kind_resolver(args)(options["arch"])
-    featurize = features.feature_function(backbone, kind)
+    featurize = extraction.feature_function(backbone, kind)
     # Augmentation seeded per (seed, epoch, sample): a resumed probe sees the crops it would have seen.
-    train_set, val_set = features.build_splits(args, augmentation.linear_train_transform(args.crop_size),
-                                               augmentation.eval_transform(args.resize_size, args.crop_size))
+    train_set, val_set = extraction.build_splits(args.dataset, eval_cli.data_path(args),
+                                                 augmentation.linear_train_transform(args.crop_size),
+                                                 augmentation.eval_transform(args.resize_size, args.crop_size))
     train_set = augmentation.SeededDataset(train_set, args.seed)
     with torch.no_grad():
         dim = featurize(torch.zeros(1, 3, args.crop_size, args.crop_size, device=info.device)).shape[1]
@@ -144,7 +145,7 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
     train_loader = DataLoader(train_set, batch_size=args.batch_size_per_gpu, sampler=sampler,
                               num_workers=args.num_workers, pin_memory=pin)
     val_loader = DataLoader(val_set, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                            sampler=features.ShardSampler(len(val_set), info.rank, info.world_size), pin_memory=pin)
+                            sampler=extraction.ShardSampler(len(val_set), info.rank, info.world_size), pin_memory=pin)
 
     def train_batches(epoch: int) -> linear_probe.Batches:
         sampler.set_epoch(epoch)
@@ -170,7 +171,7 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
     holds the heads and one batch, not the 21 GB of an ImageNet SPARO bank. Not fp16 features on the device
     instead: that still holds 10.5 GB, and the encodings are unnormalized, so fp16 would round (or overflow) the
     very inputs whose probe accuracy is reported."""
-    data = features.compute_features(args, info.device, kind_resolver(args), at_init=at_init)
+    data = eval_cli.compute_features(args, info.device, kind_resolver(args), at_init=at_init)
     if data is None:
         return None
     train_features, train_labels = data.train_features, data.train_labels
@@ -285,8 +286,8 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = config.parse_args(build_parser(), argv)
     check_args(args)
-    features.check_output_dirs(args)
-    with distributed.process_group(args.dist_timeout_minutes, report_error=features.print_user_error) as info:
+    eval_cli.check_output_dirs(args)
+    with distributed.process_group(args.dist_timeout_minutes, report_error=eval_cli.print_user_error) as info:
         # the baseline first: a checkpoint that cannot give it fails before the long extraction
         initial = fast_probe(args, info, at_init=True) if args.init_baseline else None
         probe = fast_probe(args, info) if args.fast else official_probe(args, info)
@@ -305,9 +306,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             results["init_baseline"] = {**train(args, initial), "run": initial.run}
             print(init_baseline_line(results), flush=True)
         config.save_config(args, probe.output_dir, name="config_linear.yaml")
-        features.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
+        eval_cli.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results
 
 
 if __name__ == "__main__":
-    features.run_cli(main)
+    eval_cli.run_cli(main)

@@ -5,7 +5,7 @@
                              checkpoint_key="student")
     fresh = torch.hub.load(REPO, "vit_small_sparo", source="local", num_slots=32)  # weights=None: random init
 
-A training checkpoint is read through the evaluation scripts' loader (sparo_dino.features), so the backbone is
+A training checkpoint is read through the evaluation scripts' loader (sparo_dino.weights), so the backbone is
 built from the checkpoint's own `config` (patch size, img_size, SPARO sizes) exactly as eval_knn.py builds it, and
 the weights load strictly. Plain backbone state dicts (such as official DINO's published ViT weights) work too;
 their patch size is 16 unless `patch_size=` says otherwise. No weights are published for this repository, so no
@@ -13,11 +13,10 @@ entry point ever downloads anything: `pretrained=True` without `weights=` is an 
 weights_only=True (official DINO checkpoints through sparo_dino.checkpoint's allow-list), so a crafted `weights=`
 file cannot run code.
 """
-import argparse as _argparse
 from typing import Any as _Any
 
 import sparo_vit as _sparo_vit
-from sparo_dino import features as _features
+from sparo_dino import weights as _weights
 
 dependencies = ["torch", "torchvision", "timm"]
 
@@ -32,20 +31,20 @@ def _load(arch: str, pretrained: bool, weights: str | None, checkpoint_key: str,
             raise ValueError(f"no pretrained weights are published for {arch} and nothing is downloaded; "
                              "pass weights='path/to/checkpoint.pth'")
         return _sparo_vit.build_backbone(arch, **options)
-    unknown = sorted(set(options) - set(_features.MODEL_KEYS))
+    unknown = sorted(set(options) - set(_weights.BACKBONE_OPTION_KEYS))
     if unknown:
         raise TypeError(f"{', '.join(unknown)} cannot be set when loading weights; the model options are "
-                        f"{', '.join(key for key in _features.MODEL_KEYS if key != 'arch')}")
-    loaded = _features.read_weights(weights, checkpoint_key)
+                        f"{', '.join(key for key in _weights.BACKBONE_OPTION_KEYS if key != 'arch')}")
+    loaded = _weights.read_weights(weights, checkpoint_key)
     stored_arch = (loaded.config or {}).get("arch")
     if stored_arch is not None and stored_arch != arch:
         raise ValueError(f"{weights} holds a {stored_arch} backbone; load it with the {stored_arch!r} entry point")
-    flags = {key: options.get(key) for key in _features.MODEL_KEYS}
+    flags = {key: options.get(key) for key in _weights.BACKBONE_OPTION_KEYS}
     flags["arch"] = arch
     if loaded.config is None and flags["patch_size"] is None:
         flags["patch_size"] = _PLAIN_PATCH_SIZE
-    model_options = _features.resolve_model_options(_argparse.Namespace(**flags), loaded.config)
-    backbone = _features.build_frozen_backbone(model_options, loaded.state_dict, weights)
+    model_options = _weights.resolve_model_options(flags, loaded.config)
+    backbone = _weights.build_frozen_backbone(model_options, loaded.state_dict, weights)
     return backbone.requires_grad_(True)  # frozen for evaluation there; a hub user may fine-tune
 
 

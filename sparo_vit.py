@@ -9,7 +9,6 @@ module whose parameter names end up in checkpoints.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
@@ -17,11 +16,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
-
-from sparo_dino.checkpoint import load_checkpoint
 
 
 # The paper's DINO setting L = V = D = 64, g = 1: SPARO's signature, build_backbone and main_dino's flags all read
@@ -248,7 +245,7 @@ def _register(arch: str) -> None:
     def create(pretrained: bool = False, **kwargs: Any) -> DinoVisionTransformer:
         if pretrained:
             raise ValueError(f"no pretrained weights are published for {arch}; "
-                             "load a file with sparo_vit.load_pretrained_trunk")
+                             "load a file with sparo_dino.weights.load_pretrained_trunk")
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
         kwargs.pop("cache_dir", None)
@@ -373,56 +370,3 @@ def cls_attention_maps(backbone: DinoVisionTransformer, images: torch.Tensor
     grid_h = images.shape[-2] // backbone.patch_embed.patch_size[0]
     grid_w = images.shape[-1] // backbone.patch_embed.patch_size[1]
     return weights[:, :, prefix:].reshape(batch, attn.num_heads, grid_h, grid_w), weights[:, :, :prefix].sum(dim=-1)
-
-
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The backbone weights in a file the user named: a state dict, or one inside a checkpoint."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state: Any = load_checkpoint(path, allow_official=True)  # named by the user: official DINO files may load
-    for key in ("teacher", "model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    return state
-
-
-def load_pretrained_trunk(backbone: DinoVisionTransformer, source: str | Mapping[str, torch.Tensor]) -> list[str]:
-    """Initialize a backbone from a timm or official-DINO ViT state dict (or a file holding one).
-
-    For a SPARO backbone all blocks but the last go into the trunk and the last block is dropped, which is how
-    the paper suggests placing SPARO on a pre-trained model; the SPARO read-out keeps its fresh init. Returns the
-    names of the parameters that were not in the source (the read-out for SPARO archs).
-    """
-    state = _read_state_dict(source) if isinstance(source, str) else dict(source)
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for prefix in ("module.", "backbone."):
-            key = key.removeprefix(prefix)
-        if key.startswith(("head.", "fc_norm.", "last_layer", "mlp.")):
-            continue
-        cleaned[key] = value
-    if "pos_embed" in cleaned and cleaned["pos_embed"].shape != backbone.pos_embed.shape:
-        old_tokens = cleaned["pos_embed"].shape[1] - backbone.num_prefix_tokens
-        old_side = int(math.isqrt(old_tokens))
-        cleaned["pos_embed"] = resample_abs_pos_embed(
-            cleaned["pos_embed"], new_size=list(backbone.patch_embed.grid_size), old_size=[old_side, old_side],
-            num_prefix_tokens=backbone.num_prefix_tokens)
-    depth = len(backbone.blocks)
-    cleaned = {k: v for k, v in cleaned.items()
-               if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
-    own = backbone.state_dict()
-    for key, value in cleaned.items():
-        if key in own and own[key].shape != value.shape:
-            raise ValueError(f"pretrained weights do not fit this backbone: {key} has shape {tuple(value.shape)}, "
-                             f"expected {tuple(own[key].shape)} (another arch or patch size?)")
-    missing, unexpected = backbone.load_state_dict(cleaned, strict=False)
-    if unexpected:
-        raise ValueError(f"pretrained weights hold keys this backbone lacks: {', '.join(sorted(unexpected)[:5])}")
-    trunk_missing = [k for k in missing if not k.startswith("sparo.")]
-    if trunk_missing:
-        raise ValueError(f"pretrained weights lack trunk keys: {', '.join(sorted(trunk_missing)[:5])}")
-    return list(missing)

@@ -27,7 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 import sparo_vit  # noqa: E402
-from sparo_dino import features  # noqa: E402
+from sparo_dino import eval_cli, weights  # noqa: E402
 from sparo_dino.cli_errors import require_writable_dirs  # noqa: E402
 from visualize_slots import for_display, load_named_backbone  # noqa: E402
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch_size", type=int, default=None,
                         help="for a plain state dict (default 8); else read from the checkpoint's config")
     parser.add_argument("--pretrained_weights", type=str, default="", help="checkpoint or plain state dict")
-    parser.add_argument("--checkpoint_key", type=str, default="teacher", choices=features.TRAINING_KEYS)
+    parser.add_argument("--checkpoint_key", type=str, default="teacher", choices=weights.TRAINING_KEYS)
     parser.add_argument("--image_path", type=str, default=None, help="the image to visualize")
     parser.add_argument("--image_size", type=int, nargs="+", default=(480, 480),
                         help="Resize: (height, width), or one size for the shorter side")
@@ -134,4 +134,4 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    features.run_cli(main)
+    eval_cli.run_cli(main)

@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import sparo_vit  # noqa: E402
-from sparo_dino import config, datasets, features  # noqa: E402
+from sparo_dino import config, datasets, eval_cli, feature_cache, weights  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -41,10 +41,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    features.add_feature_args(parser)
+    eval_cli.add_feature_args(parser)
     group = parser.add_argument_group("images")
     group.add_argument("--images", type=str, nargs="*", default=None, help="image files and/or folders of images")
-    group.add_argument("--split", type=str, default="val", choices=features.SPLITS,
+    group.add_argument("--split", type=str, default="val", choices=feature_cache.SPLITS,
                        help="dataset split to draw images from when --images is not given")
     group.add_argument("--num_images", type=int, default=8, help="columns of the grid")
     group = parser.add_argument_group("slot selection")
@@ -77,14 +77,14 @@ def load_named_backbone(path: str, checkpoint_key: str, given: Mapping[str, Any]
     wins and `given` model options fill its gaps (a contradiction is an error). For a plain state dict,
     `plain_defaults` fill what is still unset, and `plain_hint` says which flags give the arch and patch size when
     they stay unknown."""
-    weights = features.read_weights(path, checkpoint_key)
-    flags = {key: given.get(key) for key in features.MODEL_KEYS}
-    if weights.config is None:
+    loaded = weights.read_weights(path, checkpoint_key)
+    flags = {key: given.get(key) for key in weights.BACKBONE_OPTION_KEYS}
+    if loaded.config is None:
         flags.update({key: value for key, value in (plain_defaults or {}).items() if flags.get(key) is None})
         if flags["arch"] is None or flags["patch_size"] is None:
             raise ValueError(f"{path} is a plain state dict without a config; {plain_hint}")
-    options = features.resolve_model_options(argparse.Namespace(**flags), weights.config)
-    return features.build_frozen_backbone(options, weights.state_dict, path), options, weights.tag
+    options = weights.resolve_model_options(flags, loaded.config)
+    return weights.build_frozen_backbone(options, loaded.state_dict, path), options, loaded.tag
 
 
 def image_files(entries: Sequence[str]) -> list[Path]:
@@ -103,7 +103,7 @@ def image_files(entries: Sequence[str]) -> list[Path]:
 
 
 def split_dataset(args: argparse.Namespace, transform):
-    return datasets.build_dataset(args.dataset, features.data_path(args), split=args.split, transform=transform)
+    return datasets.build_dataset(args.dataset, eval_cli.data_path(args), split=args.split, transform=transform)
 
 
 def load_images(args: argparse.Namespace) -> torch.Tensor:
@@ -250,14 +250,14 @@ def render_comparison(args: argparse.Namespace, images: torch.Tensor, slot_rows:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = config.parse_args(build_parser(), argv)
-    features.check_output_dirs(args)
-    backbone, options, tag = features.load_backbone(args)
+    eval_cli.check_output_dirs(args)
+    backbone, options, tag = weights.load_backbone(args)
     if not sparo_vit.is_sparo_arch(options["arch"]):
         raise ValueError(f"slot maps need a *_sparo checkpoint; {args.pretrained_weights} is {options['arch']}")
     images = load_images(args)
     maps, cls_share = sparo_vit.slot_attention_maps(backbone, images)
     slots = choose_slots(args, backbone.sparo.num_slots, maps, cls_share)
-    output_dir = features.default_output_dir(args)
+    output_dir = eval_cli.default_output_dir(args)
     os.makedirs(output_dir, exist_ok=True)
     outputs: dict[str, object] = {"slots": slots}
     slot_rows = map_rows("slot", maps, cls_share, slots)
@@ -282,4 +282,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    features.run_cli(main)
+    eval_cli.run_cli(main)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from sparo_dino import distributed
 from sparo_dino.checkpoint import load_checkpoint, save_checkpoint
 from sparo_dino.schedules import scaled_lr  # noqa: F401 - the probe scales its lr as training does
+from sparo_dino.weights import clean_state_dict
 
 PROTOCOLS = {
     "official": "official protocol",
@@ -96,7 +97,7 @@ def train_epoch(classifier: nn.Module, batches: Batches, featurize: Callable[[to
 def evaluate_heads(classifier: nn.Module, batches: Batches, featurize: Callable[[torch.Tensor], torch.Tensor],
                    num_classes: int, device: torch.device, reduce: bool) -> list[dict[str, float]]:
     """Per head: top-1/top-5 (top-min(5, classes)) in percent and mean loss; `reduce` sums the counts of all ranks,
-    which is exact when each rank saw a disjoint shard (features.ShardSampler)."""
+    which is exact when each rank saw a disjoint shard (extraction.ShardSampler)."""
     classifier.eval()
     num_heads = len(classifier.heads) if isinstance(classifier, LinearHeads) else 1
     # per head: correct@1, correct@5, loss, samples; zeros on a rank whose shard is empty, which still all-reduces
@@ -145,7 +146,7 @@ def load_head(path: str, classifier: LinearClassifier, run: dict[str, Any]) -> N
             if recorded.get(key) != run[key]:
                 raise ValueError(f"the head in {path} was trained with {key}={recorded.get(key)}, this evaluation "
                                  f"has {key}={run[key]}")
-    head = {key.removeprefix("module."): value for key, value in head.items()}
+    head = clean_state_dict(head)
     expected = {key: tuple(value.shape) for key, value in classifier.state_dict().items()}
     found = {key: tuple(getattr(value, "shape", ())) for key, value in head.items()}
     if found != expected:

@@ -8,13 +8,11 @@ after it, would diverge.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-from sparo_dino import augmentation, distributed, features, knn
+from sparo_dino import augmentation, distributed, extraction, knn
 
 K = 20
 TEMPERATURE = 0.07
@@ -34,7 +32,7 @@ class PeriodicKnn:
     def __init__(self, dataset: str, path: str, subset: int, resize_size: int, crop_size: int, batch_size: int,
                  num_workers: int, device: torch.device, seed: int = 0) -> None:
         transform = augmentation.eval_transform(resize_size, crop_size)
-        train, val = features.build_splits(argparse.Namespace(dataset=dataset, data_path=path), transform, transform)
+        train, val = extraction.build_splits(dataset, path, transform, transform)
         self.num_classes = len(train.classes)
         self.train = _fixed_subset(train, subset, seed)
         self.val = _fixed_subset(val, subset, seed + 1)
@@ -46,18 +44,18 @@ class PeriodicKnn:
     def top1(self, backbone: nn.Module, arch: str, label: str = "") -> float | None:
         """Weighted 20-NN top-1 (percent) of `backbone`'s evaluation features on the main process, None elsewhere.
 
-        Extracted by eval_knn.py's own path (features.extract_features), so in its fp32 whatever the trainer's
+        Extracted by eval_knn.py's own path (extraction.extract_features), so in its fp32 whatever the trainer's
         precision: under bf16 the monitor would otherwise report another number than eval_knn.py."""
-        feature_fn = features.feature_function(backbone, features.feature_kind(arch))
+        feature_fn = extraction.feature_function(backbone, extraction.feature_kind(arch))
         was_training = backbone.training
         backbone.eval()
         forked = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=forked):
-                train = features.extract_features(feature_fn, self.train, self.batch_size, self.num_workers,
-                                                  self.device, name="k-NN train features")
-                val = features.extract_features(feature_fn, self.val, self.batch_size, self.num_workers,
-                                                self.device, name="k-NN val features")
+                train = extraction.extract_features(feature_fn, self.train, self.batch_size, self.num_workers,
+                                                    self.device, name="k-NN train features")
+                val = extraction.extract_features(feature_fn, self.val, self.batch_size, self.num_workers,
+                                                  self.device, name="k-NN val features")
         finally:
             backbone.train(was_training)
         if not distributed.is_main_process():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import eval_knn
-from sparo_dino import datasets, demo, features, knn
+from sparo_dino import datasets, demo, knn, weights
 
 needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(datasets.FASHION_MNIST_DIR),
                                          reason="Debian's dataset-fashion-mnist is not installed (make data)")
@@ -90,8 +90,8 @@ def test_demo_trains_evaluates_and_reports_against_its_own_random_init(tmp_path,
     assert summary["teacher_entropy"] > 0 and summary["kl"] >= 0
 
     args = eval_knn.build_parser().parse_args(["--pretrained_weights", str(tmp_path / "train" / "checkpoint.pth")])
-    trained, _, _ = features.load_backbone(args)
-    initial, _, _ = features.load_backbone(args, at_init=True)
+    trained, _, _ = weights.load_backbone(args)
+    initial, _, _ = weights.load_backbone(args, at_init=True)
     moved = [key for key, value in trained.state_dict().items() if not torch.equal(value, initial.state_dict()[key])]
     assert "sparo.query" in moved and "blocks.0.attn.qkv.weight" in moved
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import eval_knn
 import sparo_vit
-from sparo_dino import features
+from sparo_dino import augmentation, feature_cache, weights
 from test_features import SPARO_TINY, training_checkpoint
 from test_knn import brute_force_scores
 
@@ -80,7 +80,7 @@ def test_cached_features_give_the_same_result_and_keep_the_test_set_out_of_slot_
     assert again["knn"] == first["knn"] and again["selected_slots"] == first["selected_slots"]
     assert os.path.isfile(os.path.join(cache, "knn_checkpoint_teacher.json"))  # default output: the cache folder
 
-    data = features.load_features(cache)
+    data = feature_cache.load_features(cache)
     args = eval_knn.build_parser().parse_args(flags)
     data.val_features = torch.randn_like(data.val_features) * 1e3  # a different test set...
     data.val_labels = data.val_labels.flip(0)
@@ -189,8 +189,8 @@ def test_official_dump_loads_and_gives_the_brute_force_knn(tmp_path, capsys):
     with pytest.raises(ValueError, match="need a \\*_sparo arch"):
         eval_knn.main(["--load_features", folder, "--per_slot", "--arch", "vit_small"])
     from_dump = eval_knn.main(["--load_features", folder, "--per_slot", "--num_slots", "4", "--slot_knn", "5"])
-    raw = eval_knn.run_knn(features.FeatureSet(train, train_labels, test, test_labels, ["a", "b", "c"],
-                                               {"kind": "sparo_encoding", "options": {"num_slots": 4}}),
+    raw = eval_knn.run_knn(feature_cache.FeatureSet(train, train_labels, test, test_labels, ["a", "b", "c"],
+                                                    {"kind": "sparo_encoding", "options": {"num_slots": 4}}),
                            eval_knn.build_parser().parse_args(["--per_slot", "--slot_knn", "5"]))
     assert from_dump["per_slot"]["top1"] == pytest.approx(raw["per_slot"]["top1"])
 
@@ -205,7 +205,7 @@ def test_dump_format_official_and_both(image_folder, sparo_checkpoint, tmp_path)
     eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
                    "--dump_features", official_only, "--dump_format", "official", *flags])
     assert sorted(os.listdir(official_only)) == sorted(official_files)
-    raw = features.load_features(str(tmp_path / "both"))  # the own format wins when both are present
+    raw = feature_cache.load_features(str(tmp_path / "both"))  # the own format wins when both are present
     assert raw.meta["kind"] == "sparo_encoding"
     official = torch.load(os.path.join(official_only, "trainfeat.pth"), weights_only=True)
     torch.testing.assert_close(official, F.normalize(raw.train_features, dim=1))
@@ -235,11 +235,11 @@ def test_init_baseline_is_the_runs_own_initial_network_on_the_same_images(image_
     out = capsys.readouterr().out
 
     args = eval_knn.build_parser().parse_args(["--pretrained_weights", checkpoint])
-    initial, _, _ = features.load_backbone(args, at_init=True)
-    trained, _, _ = features.load_backbone(args)
+    initial, _, _ = weights.load_backbone(args, at_init=True)
+    trained, _, _ = weights.load_backbone(args)
     assert all(torch.equal(value, untrained.state_dict()[key]) for key, value in initial.state_dict().items())
     assert not all(torch.equal(value, initial.state_dict()[key]) for key, value in trained.state_dict().items())
-    transform = eval_knn.features.augmentation.eval_transform(32, 32)
+    transform = augmentation.eval_transform(32, 32)
     splits = [torchvision_folder(os.path.join(image_folder, split), transform) for split in ("train", "val")]
     with torch.no_grad():
         (train_x, train_y), (val_x, val_y) = [(untrained(torch.stack([img for img, _ in split])),
@@ -272,7 +272,7 @@ def trained_sparo_run(image_folder, folder) -> str:
 def initial_network_checkpoint(checkpoint: str, folder) -> str:
     """A training checkpoint that holds, as its weights, the network `checkpoint`'s run started from."""
     args = eval_knn.build_parser().parse_args(["--pretrained_weights", checkpoint])
-    initial, options, _ = features.load_backbone(args, at_init=True)
+    initial, options, _ = weights.load_backbone(args, at_init=True)
     os.makedirs(folder)
     path = os.path.join(str(folder), "checkpoint.pth")
     torch.save(training_checkpoint(initial, options), path)
@@ -310,9 +310,10 @@ def _overlapping_features(num_train=300, num_test=120, dim=64, slots=4):
     gen = torch.Generator().manual_seed(1)
     centers = torch.randn(3, dim, generator=gen)
     train_labels, test_labels = torch.arange(num_train) % 3, torch.arange(num_test) % 3
-    return features.FeatureSet(centers[train_labels] + torch.randn(num_train, dim, generator=gen) * 3,
-                               train_labels, centers[test_labels] + torch.randn(num_test, dim, generator=gen) * 3,
-                               test_labels, ["a", "b", "c"], {"kind": "sparo_encoding", "options": {"num_slots": slots}})
+    return feature_cache.FeatureSet(centers[train_labels] + torch.randn(num_train, dim, generator=gen) * 3,
+                                    train_labels, centers[test_labels] + torch.randn(num_test, dim, generator=gen) * 3,
+                                    test_labels, ["a", "b", "c"],
+                                    {"kind": "sparo_encoding", "options": {"num_slots": slots}})
 
 
 def test_results_record_where_the_search_really_ran(monkeypatch, capsys):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import eval_linear
-from sparo_dino import distributed, features, linear_probe
+from sparo_dino import distributed, linear_probe
+from sparo_dino.feature_cache import FeatureSet, load_features, save_features
 from sparo_dino.checkpoint import CheckpointError
 from test_eval_knn import SMALL_IMAGES, initial_network_checkpoint, trained_sparo_run, write_checkpoint
 from test_features import SPARO_TINY
@@ -125,7 +126,7 @@ def test_evaluate_validates_a_trained_head_without_training(feature_cache, tmp_p
     trained = eval_linear.main(["--load_features", feature_cache, "--fast", "--epochs", "3", "--lr_grid", "0.5",
                                 "--output_dir", probe_dir])
     head = torch.load(os.path.join(probe_dir, "checkpoint_linear.pth"), weights_only=True)["classifier"]
-    cached = features.load_features(feature_cache)
+    cached = load_features(feature_cache)
     logits = cached.val_features @ head["linear.weight"].T + head["linear.bias"]  # independent reference
     expected = 100.0 * (logits.argmax(1) == cached.val_labels).double().mean().item()
     capsys.readouterr()
@@ -208,7 +209,7 @@ def test_fast_lr_grid_trains_every_head_in_one_pass_and_chooses_on_a_train_holdo
     assert f"lr {results['lr_grid']['chosen_lr']:g} chosen among 3 on a 0.25 train hold-out" in out
 
     # reference: the chosen head alone, trained with its own optimizer on the same 75% of the train features
-    data = features.load_features(feature_cache)
+    data = load_features(feature_cache)
     order = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))
     kept = order[round(0.25 * len(order)):].sort().values
     torch.manual_seed(0)
@@ -271,7 +272,7 @@ def test_fast_mode_keeps_features_in_host_memory_and_moves_one_batch_per_step(tm
     every batch still comes from host memory, ready to move when its step runs."""
     gen = torch.Generator().manual_seed(0)
     cache = str(tmp_path / "cache")
-    features.save_features(features.FeatureSet(
+    save_features(FeatureSet(
         torch.randn(40, 8, generator=gen), torch.arange(40) % 3, torch.randn(12, 8, generator=gen),
         torch.arange(12) % 3, ["a", "b", "c"], {"kind": "sparo_encoding", "options": dict(SPARO_TINY), "tag": "t"}),
         cache)

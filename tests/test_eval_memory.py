@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sparo_dino import distributed, features, knn
+from sparo_dino import distributed, eval_cli, knn, weights
 from test_eval_knn import REPO, SMALL_IMAGES, write_checkpoint
 from test_features import SPARO_TINY, _free_port
 from test_knn import brute_force_scores, random_problem
@@ -24,7 +24,7 @@ def test_cached_device_memory_is_released_once_the_backbone_is_gone(image_folder
     import eval_knn
 
     backbones, alive_at_release = [], []
-    real_load_backbone = features.load_backbone
+    real_load_backbone = weights.load_backbone
 
     def spied_load_backbone(*args, **kwargs):
         backbone, options, tag = real_load_backbone(*args, **kwargs)
@@ -35,12 +35,12 @@ def test_cached_device_memory_is_released_once_the_backbone_is_gone(image_folder
         gc.collect()
         alive_at_release.append(backbones[-1]() is not None)
 
-    monkeypatch.setattr(features, "load_backbone", spied_load_backbone)
+    monkeypatch.setattr(weights, "load_backbone", spied_load_backbone)
     monkeypatch.setattr(torch.cuda, "empty_cache", spied_empty_cache)
     checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
     args = eval_knn.build_parser().parse_args(["--pretrained_weights", checkpoint, "--data_path", image_folder,
                                                *SMALL_IMAGES])
-    data = features.compute_features(args, torch.device("cpu"))
+    data = eval_cli.compute_features(args, torch.device("cpu"))
     assert data is not None and len(data.train_features) == 24
     assert alive_at_release == [False]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,17 +11,17 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 import sparo_vit
-from sparo_dino import distributed, features, linear_probe
+from sparo_dino import distributed, extraction, feature_cache, linear_probe, weights
 
 SPARO_TINY = {"arch": "vit_tiny_sparo", "patch_size": 8, "img_size": 32, "num_slots": 4, "slot_dim": 16,
               "attn_dim": 16, "group_size": 1}
 
 
 def flags(**given):
-    """A namespace with every model flag unset unless given."""
-    values = {key: None for key in features.MODEL_KEYS}
+    """The evaluation flags with every model flag unset unless given."""
+    values = {key: None for key in weights.BACKBONE_OPTION_KEYS}
     values.update(given)
-    return SimpleNamespace(**values)
+    return values
 
 
 def training_checkpoint(backbone, config, student_prefix="module."):
@@ -39,21 +38,21 @@ def test_read_weights_takes_the_named_network_and_its_config(tmp_path):
     path = tmp_path / "checkpoint0003.pth"
     torch.save(training_checkpoint(backbone, {**SPARO_TINY, "lr": 0.1}), path)
     for key in ("teacher", "student"):
-        weights = features.read_weights(str(path), key)
-        assert set(weights.state_dict) == set(backbone.state_dict())
-        assert weights.config["num_slots"] == 4
-        assert weights.tag == f"checkpoint0003_{key}"
+        loaded = weights.read_weights(str(path), key)
+        assert set(loaded.state_dict) == set(backbone.state_dict())
+        assert loaded.config["num_slots"] == 4
+        assert loaded.tag == f"checkpoint0003_{key}"
 
 
 def test_plain_state_dict_and_missing_network(tmp_path):
     backbone = sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32)
     path = tmp_path / "weights.pth"
     torch.save(backbone.state_dict(), path)
-    weights = features.read_weights(str(path))
-    assert weights.config is None and weights.tag == "weights"
+    loaded = weights.read_weights(str(path))
+    assert loaded.config is None and loaded.tag == "weights"
     torch.save({"student": {"backbone.x": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match="no 'teacher' network"):
-        features.read_weights(str(path), "teacher")
+        weights.read_weights(str(path), "teacher")
 
 
 def test_official_pickled_checkpoint_loads(tmp_path):
@@ -61,57 +60,57 @@ def test_official_pickled_checkpoint_loads(tmp_path):
     path = tmp_path / "official.pth"
     args = argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=65536)
     torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}, "args": args}, path)
-    weights = features.read_weights(str(path))  # its Namespace loads through the allow-list, with no warning
-    assert weights.config["arch"] == "vit_tiny"
-    options = features.resolve_model_options(flags(img_size=32), weights.config)
+    loaded = weights.read_weights(str(path))  # its Namespace loads through the allow-list, with no warning
+    assert loaded.config["arch"] == "vit_tiny"
+    options = weights.resolve_model_options(flags(img_size=32), loaded.config)
     assert options == {"arch": "vit_tiny", "patch_size": 8, "img_size": 32}
 
 
 def test_config_wins_and_contradicting_flags_fail():
-    assert features.resolve_model_options(flags(), SPARO_TINY) == SPARO_TINY
-    assert features.resolve_model_options(flags(patch_size=8, num_slots=4), SPARO_TINY) == SPARO_TINY
+    assert weights.resolve_model_options(flags(), SPARO_TINY) == SPARO_TINY
+    assert weights.resolve_model_options(flags(patch_size=8, num_slots=4), SPARO_TINY) == SPARO_TINY
     with pytest.raises(ValueError, match="--patch_size 16 conflicts"):
-        features.resolve_model_options(flags(patch_size=16), SPARO_TINY)
+        weights.resolve_model_options(flags(patch_size=16), SPARO_TINY)
     with pytest.raises(ValueError, match="--num_slots 8 conflicts"):
-        features.resolve_model_options(flags(num_slots=8), SPARO_TINY)
+        weights.resolve_model_options(flags(num_slots=8), SPARO_TINY)
 
 
 def test_plain_state_dicts_need_arch_flags_and_baselines_reject_sparo_flags():
     with pytest.raises(ValueError, match="--arch and --patch_size required"):
-        features.resolve_model_options(flags(), None)
-    assert features.resolve_model_options(flags(arch="vit_small", patch_size=16), None) == {
+        weights.resolve_model_options(flags(), None)
+    assert weights.resolve_model_options(flags(arch="vit_small", patch_size=16), None) == {
         "arch": "vit_small", "patch_size": 16}
     with pytest.raises(ValueError, match="--num_slots apply only to \\*_sparo"):
-        features.resolve_model_options(flags(arch="vit_small", patch_size=16, num_slots=8), None)
+        weights.resolve_model_options(flags(arch="vit_small", patch_size=16, num_slots=8), None)
 
 
 def test_weights_of_another_model_are_refused():
     backbone = sparo_vit.build_backbone(**SPARO_TINY)
     other = {**SPARO_TINY, "num_slots": 8}
     with pytest.raises(ValueError, match="sparo.query has shape"):
-        features.build_frozen_backbone(other, backbone.state_dict(), "x.pth")
+        weights.build_frozen_backbone(other, backbone.state_dict(), "x.pth")
     with pytest.raises(ValueError, match="do not fit vit_tiny"):
-        features.build_frozen_backbone({"arch": "vit_tiny", "patch_size": 8, "img_size": 32},
-                                       backbone.state_dict(), "x.pth")
+        weights.build_frozen_backbone({"arch": "vit_tiny", "patch_size": 8, "img_size": 32},
+                                      backbone.state_dict(), "x.pth")
 
 
 def test_feature_kinds_match_the_backbone_outputs():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 32, 32)
     sparo = sparo_vit.build_backbone(**SPARO_TINY).eval()
-    assert features.feature_kind("vit_tiny_sparo", 4, True) == "sparo_encoding"
-    torch.testing.assert_close(features.feature_function(sparo, "sparo_encoding")(images), sparo(images))
+    assert extraction.feature_kind("vit_tiny_sparo", 4, True) == "sparo_encoding"
+    torch.testing.assert_close(extraction.feature_function(sparo, "sparo_encoding")(images), sparo(images))
     base = sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
-    torch.testing.assert_close(features.feature_function(base, "cls_last1")(images), base(images))
-    last4 = features.feature_function(base, features.feature_kind("vit_tiny", 4))(images)
+    torch.testing.assert_close(extraction.feature_function(base, "cls_last1")(images), base(images))
+    last4 = extraction.feature_function(base, extraction.feature_kind("vit_tiny", 4))(images)
     assert last4.shape == (2, 4 * 192)
     torch.testing.assert_close(last4[:, -192:], base(images))  # the last block's final-norm CLS
-    pooled = features.feature_function(base, "cls_last1_avgpool")(images)
+    pooled = extraction.feature_function(base, "cls_last1_avgpool")(images)
     # official DINO's layout: cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1), i.e. interleaved
     cls, mean = base(images), base.tokens(images)[:, 1:].mean(1)
     official = torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), dim=-1).reshape(2, -1)
     torch.testing.assert_close(pooled, official)
-    pooled4 = features.feature_function(base, "cls_last4_avgpool")(images)
+    pooled4 = extraction.feature_function(base, "cls_last4_avgpool")(images)
     torch.testing.assert_close(pooled4, torch.cat([last4[:, :-192], official], dim=1))
 
 
@@ -119,36 +118,36 @@ def test_sparo_encoding_plus_cls_of_the_blocks_before_sparo():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 32, 32)
     sparo = sparo_vit.build_backbone(**SPARO_TINY).eval()  # 11 trunk blocks + SPARO
-    assert features.feature_kind("vit_tiny_sparo", 4) == "sparo_encoding"  # the default reading (paper C.2)
-    kind = features.feature_kind("vit_tiny_sparo", 4, sparo_features="encoding+cls")
+    assert extraction.feature_kind("vit_tiny_sparo", 4) == "sparo_encoding"  # the default reading (paper C.2)
+    kind = extraction.feature_kind("vit_tiny_sparo", 4, sparo_features="encoding+cls")
     assert kind == "cls_last3+sparo_encoding"
     with torch.no_grad():
-        got = features.feature_function(sparo, kind)(images)
+        got = extraction.feature_function(sparo, kind)(images)
         cls3 = sparo.intermediate_cls(images, 3)  # final-norm CLS of trunk blocks 9, 10, 11
         encoding = sparo(images)
     assert got.shape == (2, 3 * 192 + 4 * 16)
     torch.testing.assert_close(got, torch.cat([*cls3, encoding], dim=1))
-    assert features.feature_kind("vit_tiny_sparo", 2, sparo_features="encoding+cls") == "cls_last1+sparo_encoding"
+    assert extraction.feature_kind("vit_tiny_sparo", 2, sparo_features="encoding+cls") == "cls_last1+sparo_encoding"
     with pytest.raises(ValueError, match="needs --n_last_blocks >= 2"):
-        features.feature_kind("vit_tiny_sparo", 1, sparo_features="encoding+cls")
+        extraction.feature_kind("vit_tiny_sparo", 1, sparo_features="encoding+cls")
     with pytest.raises(ValueError, match="the trunk has 11"):
-        features.feature_function(sparo, "cls_last12+sparo_encoding")
+        extraction.feature_function(sparo, "cls_last12+sparo_encoding")
     base = sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32)
     with pytest.raises(ValueError, match="does not apply to this backbone"):
-        features.feature_function(base, "cls_last3+sparo_encoding")
+        extraction.feature_function(base, "cls_last3+sparo_encoding")
 
 
 def _feature_set(num_train=6, num_val=4, dim=8):
     gen = torch.Generator().manual_seed(0)
     meta = {"kind": "sparo_encoding", "options": dict(SPARO_TINY), "tag": "checkpoint_teacher"}
-    return features.FeatureSet(torch.randn(num_train, dim, generator=gen) * 5, torch.arange(num_train) % 3,
-                               torch.randn(num_val, dim, generator=gen) * 5, torch.arange(num_val) % 2,
-                               ["a", "b", "c"], meta)
+    return feature_cache.FeatureSet(torch.randn(num_train, dim, generator=gen) * 5, torch.arange(num_train) % 3,
+                                    torch.randn(num_val, dim, generator=gen) * 5, torch.arange(num_val) % 2,
+                                    ["a", "b", "c"], meta)
 
 
 def test_official_dump_format_is_what_official_eval_knn_reads_and_writes(tmp_path):
     data = _feature_set()
-    features.save_features(data, str(tmp_path / "official"), "official")
+    feature_cache.save_features(data, str(tmp_path / "official"), "official")
     names = sorted(os.listdir(tmp_path / "official"))
     assert names == ["testfeat.pth", "testlabels.pth", "trainfeat.pth", "trainlabels.pth"]
     # official eval_knn.py: torch.load of plain tensors, L2-normalized features, int64 labels
@@ -156,20 +155,20 @@ def test_official_dump_format_is_what_official_eval_knn_reads_and_writes(tmp_pat
     test_labels = torch.load(tmp_path / "official" / "testlabels.pth", weights_only=True)
     torch.testing.assert_close(train, data.train_features / data.train_features.norm(dim=1, keepdim=True))
     assert test_labels.dtype == torch.int64 and test_labels.tolist() == [0, 1, 0, 1]
-    loaded = features.load_features(str(tmp_path / "official"))
-    assert loaded.meta["kind"] == features.OFFICIAL_DUMP_KIND and loaded.meta["options"] == {}
+    loaded = feature_cache.load_features(str(tmp_path / "official"))
+    assert loaded.meta["kind"] == feature_cache.OFFICIAL_DUMP_KIND and loaded.meta["options"] == {}
     assert loaded.num_classes == 3  # 0..max label: the dump names no classes
     torch.testing.assert_close(loaded.val_features.norm(dim=1), torch.ones(4))
 
-    features.save_features(data, str(tmp_path / "both"), "both")
+    feature_cache.save_features(data, str(tmp_path / "both"), "both")
     assert len(os.listdir(tmp_path / "both")) == 6
-    own = features.load_features(str(tmp_path / "both"))  # this repository's format wins: raw features + model
+    own = feature_cache.load_features(str(tmp_path / "both"))  # this repository's format wins: raw features + model
     assert own.meta == data.meta and torch.equal(own.train_features, data.train_features)
     with pytest.raises(FileNotFoundError, match="or an official DINO dump"):
-        features.load_features(str(tmp_path / "nothing"))
+        feature_cache.load_features(str(tmp_path / "nothing"))
     torch.save({"not": "a tensor"}, tmp_path / "official" / "trainfeat.pth")
     with pytest.raises(ValueError, match="not a tensor as official DINO dumps do"):
-        features.load_features(str(tmp_path / "official"))
+        feature_cache.load_features(str(tmp_path / "official"))
 
 
 def test_official_launch_flags_parse_and_only_env_rendezvous_is_accepted():
@@ -182,7 +181,7 @@ def test_official_launch_flags_parse_and_only_env_rendezvous_is_accepted():
 
 
 def test_shard_sampler_partitions_the_dataset():
-    shards = [list(features.ShardSampler(10, rank, 4)) for rank in range(4)]
+    shards = [list(extraction.ShardSampler(10, rank, 4)) for rank in range(4)]
     assert sorted(sum(shards, [])) == list(range(10))
     assert [len(shard) for shard in shards] == [3, 3, 2, 2]
 
@@ -205,13 +204,13 @@ def _gather_worker(rank: int, world: int, port: int, size: int, out: str) -> Non
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     info = distributed.init_distributed("gloo")
-    features._GATHER_ROWS = 2  # several gather rounds even on tiny data
+    extraction._GATHER_ROWS = 2  # several gather rounds even on tiny data
     try:
-        result = features.extract_features(lambda x: x, IndexDataset(size), batch_size=2, num_workers=0,
-                                           device=info.device)
+        result = extraction.extract_features(lambda x: x, IndexDataset(size), batch_size=2, num_workers=0,
+                                             device=info.device)
         torch.manual_seed(0)  # the same classifier on every rank
         classifier = linear_probe.LinearClassifier(2, 3)
-        shard = features.ShardSampler(size, rank, world)
+        shard = extraction.ShardSampler(size, rank, world)
         batches = [(torch.stack([IndexDataset(size)[i][0] for i in shard.indices]),
                     torch.tensor([i % 3 for i in shard.indices]))] if len(shard) else []
         metrics = linear_probe.evaluate(classifier, batches, lambda x: x, 3, info.device, reduce=True)

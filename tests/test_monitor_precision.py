@@ -10,13 +10,13 @@ import torch
 
 import eval_knn
 from conftest import make_image_folder
-from sparo_dino import features
+from sparo_dino import extraction
 from test_train import run
 
 
 def test_monitor_under_bf16_training_extracts_in_fp32_and_matches_eval_knn(images, tmp_path, monkeypatch):
     computed_in = []
-    real_feature_function = features.feature_function
+    real_feature_function = extraction.feature_function
 
     def spied_feature_function(backbone, kind):
         """The dtype every linear layer of the backbone computes in (the final LayerNorm's output is fp32 under
@@ -35,7 +35,7 @@ def test_monitor_under_bf16_training_extracts_in_fp32_and_matches_eval_knn(image
 
         return spied
 
-    monkeypatch.setattr(features, "feature_function", spied_feature_function)
+    monkeypatch.setattr(extraction, "feature_function", spied_feature_function)
     labelled = make_image_folder(tmp_path / "labelled", num_classes=3, per_class=6, size=32, splits=("train", "val"))
     out = str(tmp_path / "run")
     assert run(images, out, "--epochs", "1", "--precision", "bf16", "--knn_every", "1", "--knn_data_path", labelled,

@@ -17,7 +17,7 @@ import sparo_vit
 import visualize_attention
 import visualize_slots
 from conftest import make_image_folder
-from sparo_dino import distributed, features
+from sparo_dino import distributed, eval_cli
 from sparo_dino.cli_errors import OutputDirError, one_line, require_writable_dirs
 from test_train import TINY
 
@@ -48,7 +48,7 @@ def nothing_starts(monkeypatch) -> None:
         raise AssertionError("work started before the output folder was checked")
 
     monkeypatch.setattr(distributed, "init_distributed", started)
-    monkeypatch.setattr(features, "load_backbone", started)
+    monkeypatch.setattr("sparo_dino.weights.load_backbone", started)
     monkeypatch.setattr(visualize_attention, "load_named_backbone", started)
     monkeypatch.setattr(plot_logs, "read_log", started)
 
@@ -56,7 +56,7 @@ def nothing_starts(monkeypatch) -> None:
 def cli_error(main, argv: list[str]) -> str:
     """The one line a run_cli entry point exits with."""
     with pytest.raises(SystemExit) as ended:
-        features.run_cli(lambda: main(argv))
+        eval_cli.run_cli(lambda: main(argv))
     message = str(ended.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import sparo_vit
-from sparo_vit import SPARO, DINOHead, MultiCropWrapper, build_backbone, load_pretrained_trunk, slot_attention_maps
+from sparo_dino.weights import load_pretrained_trunk
+from sparo_vit import SPARO, DINOHead, MultiCropWrapper, build_backbone, slot_attention_maps
 
 torch.manual_seed(0)
 

@@ -1,7 +1,7 @@
 """Checkpoints a user names are data, never code.
 
 A crafted file whose unpickling would run code is refused by every entry point that reads a file the user names
-(--pretrained_weights through features.read_weights, --linear_weights, hub `weights=`, load_pretrained_trunk,
+(--pretrained_weights through weights.read_weights, --linear_weights, hub `weights=`, load_pretrained_trunk,
 main_dino --resume): one line names the file and the refused global, and the code never runs.
 
 Official DINO checkpoints still load. What they hold is written out here from facebookresearch/dino: main_dino.py
@@ -28,7 +28,8 @@ import eval_knn
 import eval_linear
 import main_dino
 import sparo_vit
-from sparo_dino import checkpoint, features, linear_probe
+from sparo_dino import checkpoint, eval_cli, extraction, linear_probe, weights
+from sparo_dino.feature_cache import FeatureSet, save_features
 from sparo_dino.checkpoint import CheckpointError, load_checkpoint
 from sparo_dino.networks import build_student_teacher
 from sparo_dino.train_args import parse_train_args
@@ -78,18 +79,18 @@ def write_crafted(folder: pathlib.Path, payload: str) -> tuple[str, str, str]:
 def feature_cache(folder: pathlib.Path) -> str:
     """Cached features of a vit_tiny, enough for eval_linear --fast --evaluate to reach --linear_weights."""
     options = {"arch": "vit_tiny", "patch_size": 8, "img_size": 32}
-    kind = features.feature_kind("vit_tiny", eval_linear.DEFAULT_N_LAST_BLOCKS)
+    kind = extraction.feature_kind("vit_tiny", eval_linear.DEFAULT_N_LAST_BLOCKS)
     meta = {"kind": kind, "options": options, "tag": "cache", "source": "test"}
-    data = features.FeatureSet(torch.randn(6, 768), torch.tensor([0, 1, 2] * 2), torch.randn(3, 768),
-                               torch.tensor([0, 1, 2]), ["a", "b", "c"], meta)
-    features.save_features(data, str(folder / "cache"))
+    data = FeatureSet(torch.randn(6, 768), torch.tensor([0, 1, 2] * 2), torch.randn(3, 768),
+                      torch.tensor([0, 1, 2]), ["a", "b", "c"], meta)
+    save_features(data, str(folder / "cache"))
     return str(folder / "cache")
 
 
 def cli_error(main, argv: list[str]) -> str:
-    """The line an evaluation script exits with (its __main__ runs features.run_cli)."""
+    """The line an evaluation script exits with (its __main__ runs eval_cli.run_cli)."""
     with pytest.raises(SystemExit) as info:
-        features.run_cli(lambda: main(argv))
+        eval_cli.run_cli(lambda: main(argv))
     return str(info.value.code)
 
 
@@ -118,7 +119,7 @@ ENTRY_POINTS = {
     "hub weights=": lambda path, folder, images, capsys: raised(
         torch.hub.load, REPO, "vit_tiny", source="local", weights=path),
     "load_pretrained_trunk": lambda path, folder, images, capsys: raised(
-        sparo_vit.load_pretrained_trunk, sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32), path),
+        weights.load_pretrained_trunk, sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32), path),
     "main_dino --resume": main_dino_error,
 }
 
@@ -226,13 +227,13 @@ def test_official_checkpoint_loads_through_eval_hub_and_trunk(official, tmp_path
     path = save(state, str(tmp_path / "checkpoint.pth"), "numpy 1")
     expected = {key.removeprefix("backbone."): value for key, value in state["teacher"].items()
                 if key.startswith("backbone.")}
-    weights = features.read_weights(path)
-    assert weights.config["arch"] == "vit_tiny" and weights.config["patch_size"] == 8
-    torch.testing.assert_close(weights.state_dict, expected)
+    loaded = weights.read_weights(path)
+    assert loaded.config["arch"] == "vit_tiny" and loaded.config["patch_size"] == 8
+    torch.testing.assert_close(loaded.state_dict, expected)
     hub = torch.hub.load(REPO, "vit_tiny", source="local", weights=path)
     torch.testing.assert_close(hub.state_dict(), expected)
     trunk = sparo_vit.build_backbone("vit_tiny", patch_size=8, img_size=32)
-    assert sparo_vit.load_pretrained_trunk(trunk, path) == []
+    assert weights.load_pretrained_trunk(trunk, path) == []
     torch.testing.assert_close(trunk.state_dict(), expected)
 
 

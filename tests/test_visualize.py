@@ -40,7 +40,7 @@ def test_attention_grid_png_has_one_row_per_slot_and_one_column_per_image(image_
 def test_different_slots_give_different_maps(image_folder, checkpoint):
     args = visualize_slots.build_parser().parse_args(["--pretrained_weights", checkpoint, "--data_path", image_folder,
                                                       *SMALL])
-    backbone, _, _ = visualize_slots.features.load_backbone(args)
+    backbone, _, _ = visualize_slots.weights.load_backbone(args)
     images = visualize_slots.load_images(args)
     maps, cls_share = sparo_vit.slot_attention_maps(backbone, images)
     num_slots = maps.shape[1]
@@ -60,7 +60,7 @@ def test_selection_by_entropy_and_by_per_slot_knn(image_folder, checkpoint, tmp_
     assert out["slots"] == [1, 3]
     args = visualize_slots.build_parser().parse_args(["--pretrained_weights", checkpoint, "--data_path", image_folder,
                                                       *SMALL, "--num_slots_shown", "2"])
-    backbone, _, _ = visualize_slots.features.load_backbone(args)
+    backbone, _, _ = visualize_slots.weights.load_backbone(args)
     maps, cls_share = sparo_vit.slot_attention_maps(backbone, visualize_slots.load_images(args))
     chosen = visualize_slots.choose_slots(args, 4, maps, cls_share)
     entropy = visualize_slots.attention_entropy(maps, cls_share)

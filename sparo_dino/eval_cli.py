@@ -1,0 +1,181 @@
+"""What eval_knn.py and eval_linear.py share: their flags, the features they evaluate, their output and errors.
+
+The features of both splits come from --load_features (a cache, checked against the flags) or from the backbone of
+--pretrained_weights (sparo_dino.weights) run over the dataset (sparo_dino.extraction), optionally dumped for later
+(sparo_dino.feature_cache). Results go next to the checkpoint unless --output_dir says otherwise; a user's mistake
+ends the script with one line instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import torch
+
+import sparo_vit
+from sparo_dino import augmentation, datasets, distributed, extraction, feature_cache, weights
+from sparo_dino.checkpoint import CheckpointError
+from sparo_dino.cli_errors import exit_with, print_once, require_writable_dirs
+from sparo_dino.feature_cache import FeatureSet
+
+
+def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags every evaluation shares: weights, architecture, data, preprocessing, caching, output."""
+    group = parser.add_argument_group("weights and architecture")
+    group.add_argument("--pretrained_weights", type=str, default=None,
+                       help="training checkpoint (with teacher/student/config) or a plain backbone state dict")
+    group.add_argument("--checkpoint_key", type=str, default="teacher", choices=weights.TRAINING_KEYS,
+                       help="which network of a training checkpoint to evaluate")
+    group.add_argument("--arch", type=str, default=None, choices=sparo_vit.ARCHS,
+                       help="read from the checkpoint's config; required for a plain state dict")
+    group.add_argument("--patch_size", type=int, default=None,
+                       help="read from the checkpoint's config; required for a plain state dict")
+    group.add_argument("--img_size", type=int, default=None,
+                       help="position-embedding grid of the backbone (config; default 224 for a plain state dict)")
+    for option in sparo_vit.SPARO_OPTIONS:
+        group.add_argument(f"--{option}", type=int, default=None,
+                           help="SPARO option, read from the checkpoint's config (default 64 / 1 for a plain state dict)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", type=str, default="imagefolder", choices=datasets.DATASETS)
+    group.add_argument("--data_path", type=str, default=None,
+                       help="folder with train/ and val/ (imagefolder) or the Fashion-MNIST IDX files")
+    group.add_argument("--resize_size", type=int, default=256, help="Resize of the evaluation view")
+    group.add_argument("--crop_size", type=int, default=224, help="CenterCrop (and linear RandomResizedCrop) size")
+    group.add_argument("--batch_size_per_gpu", type=int, default=128)
+    group.add_argument("--num_workers", type=int, default=10)
+    group = parser.add_argument_group("caching and output")
+    group.add_argument("--dump_features", type=str, default=None,
+                       help="save the extracted train/val features to this folder")
+    group.add_argument("--dump_format", type=str, default="own", choices=feature_cache.DUMP_FORMATS,
+                       help="own: raw features with classes and model (train_features.pth, val_features.pth); "
+                            "official: official DINO's L2-normalized trainfeat/testfeat/trainlabels/testlabels.pth; "
+                            "both: the two")
+    group.add_argument("--load_features", type=str, default=None,
+                       help="use features saved by --dump_features (either format, e.g. an official DINO dump) "
+                            "instead of running the backbone")
+    group.add_argument("--output_dir", type=str, default=None,
+                       help="where results go (default: next to the checkpoint, or the features folder)")
+    return parser
+
+
+def data_path(args: argparse.Namespace) -> str:
+    """--data_path, or the packaged Fashion-MNIST folder for --dataset fashion_mnist."""
+    if args.data_path is not None:
+        return args.data_path
+    if args.dataset == "fashion_mnist":
+        return datasets.FASHION_MNIST_DIR
+    raise ValueError("--data_path is required for --dataset imagefolder (a folder holding train/ and val/)")
+
+
+def _check_cached(cached: FeatureSet, args: argparse.Namespace, kind_for: Callable[[str], str],
+                  accept_official_dump: bool) -> FeatureSet:
+    """Cached features must be the ones this evaluation needs; an official dump records no model, so only the flags
+    describe it."""
+    if cached.meta["kind"] == feature_cache.OFFICIAL_DUMP_KIND:
+        if not accept_official_dump:
+            raise ValueError(f"{args.load_features} holds an official DINO dump (L2-normalized features); this "
+                             "evaluation needs the raw features: dump them with --dump_format own")
+        options = {key: getattr(args, key, None) for key in weights.BACKBONE_OPTION_KEYS
+                   if getattr(args, key, None) is not None}
+        if "arch" in options:
+            kind_for(options["arch"])  # flags that do not apply to the arch are an error here too
+        cached.meta["options"] = options
+        return cached
+    options = cached.meta["options"]
+    weights.resolve_model_options(vars(args), options)  # a flag contradicting the cached model is an error here too
+    expected = kind_for(options["arch"])
+    if cached.meta["kind"] != expected:
+        raise ValueError(f"features in {args.load_features} are {cached.meta['kind']!r}, "
+                         f"this evaluation needs {expected!r}")
+    return cached
+
+
+def compute_features(args: argparse.Namespace, device: torch.device,
+                     kind_for: Callable[[str], str] = extraction.feature_kind, accept_official_dump: bool = False,
+                     at_init: bool = False, shard_train: bool = False) -> FeatureSet | None:
+    """Features of train and val from --load_features or the backbone (main process gets them, others None).
+
+    `kind_for(arch)` names the features the evaluation needs (default: what k-NN uses); `accept_official_dump`
+    says whether L2-normalized features of an unknown model (an official DINO dump) will do, as they do for k-NN.
+    `at_init`: features of the run's random-init network (see weights.load_backbone), never cached or dumped.
+    `shard_train`: every rank gets a FeatureSet holding its own ShardSampler shard of train (never gathered: the
+    ImageNet x SPARO bank is 21 GB) and all of val; meta["train_shard"] says so and counts the whole train set."""
+    if args.load_features is not None:
+        if at_init:
+            raise ValueError("the random-init baseline needs --pretrained_weights (a training checkpoint), not "
+                             "--load_features")
+        if not distributed.is_main_process():
+            return None
+        return _check_cached(feature_cache.load_features(args.load_features), args, kind_for, accept_official_dump)
+    backbone, options, tag = weights.load_backbone(args, at_init)
+    backbone.to(device)
+    kind = kind_for(options["arch"])
+    fn = extraction.feature_function(backbone, kind)
+    transform = augmentation.eval_transform(args.resize_size, args.crop_size)
+    splits = dict(zip(feature_cache.SPLITS,
+                      extraction.build_splits(args.dataset, data_path(args), transform, transform)))
+    scopes = {"train": "local", "val": "all"} if shard_train else {"train": "main", "val": "main"}
+    results = {split: extraction.extract_features(fn, dataset, args.batch_size_per_gpu, args.num_workers, device,
+                                       name=f"{split} features", scope=scopes[split])
+               for split, dataset in splits.items()}
+    del backbone, fn
+    extraction.release_cached_memory()
+    if not distributed.is_main_process() and not shard_train:
+        return None
+    meta = {"kind": kind, "options": options, "tag": tag, "source": os.path.abspath(args.pretrained_weights),
+            "checkpoint_key": args.checkpoint_key, "dataset": args.dataset,
+            "resize_size": args.resize_size, "crop_size": args.crop_size}
+    if shard_train:
+        meta["train_shard"] = {"rank": distributed.get_rank(), "world_size": distributed.get_world_size(),
+                               "num_train": len(splits["train"])}
+    features = FeatureSet(*results["train"], *results["val"], list(splits["train"].classes), meta)
+    if args.dump_features is not None and not at_init:
+        feature_cache.save_features(features, args.dump_features, args.dump_format)
+    return features
+
+
+def default_output_dir(args: argparse.Namespace) -> str:
+    """--output_dir, else the checkpoint's folder, else the cached features' folder."""
+    if args.output_dir is not None:
+        return args.output_dir
+    if args.pretrained_weights is not None:
+        return os.path.dirname(os.path.abspath(args.pretrained_weights))
+    if args.load_features is not None:
+        return os.path.abspath(args.load_features)
+    raise ValueError("--pretrained_weights is required (or --load_features with cached features)")
+
+
+def check_output_dirs(args: argparse.Namespace) -> None:
+    """The folders an evaluation writes to (results, --dump_features) must take files: checked at start-up, so a
+    bad one stops the run before the process group, the weights and the feature extraction."""
+    require_writable_dirs({"--output_dir": default_output_dir(args), "--dump_features": args.dump_features})
+
+
+def write_results(results: Mapping[str, Any], path: str) -> str:
+    """Write an evaluation's results JSON (the file scripts parse) and say where it went."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"results written to {path}", flush=True)
+    return path
+
+
+# Errors of the evaluation scripts that end them with one line instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, datasets.BadImageError)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run an evaluation entry point; bad input ends with one line naming the problem instead of a traceback (also
+    when a data-loader worker raised it and the message carries the worker's traceback)."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        exit_with(error)
+
+
+def print_user_error(error: BaseException) -> None:
+    """The one line of a user's mistake (see run_cli); other errors keep their traceback."""
+    if isinstance(error, USER_ERRORS):
+        print_once(error)
