@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import sparo_vit
 from sparo_dino import augmentation, config, distributed, eval_cli, extraction, linear_probe, provenance, weights
+from sparo_dino.subsets import seeded_split
 
 DEFAULT_N_LAST_BLOCKS = 4
 # --fast's base lrs: official 1e-3 and around it, up to where unnormalized SPARO encodings of a short run need it
@@ -180,9 +181,8 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
     lrs = [linear_probe.scaled_lr(lr, args.batch_size_per_gpu) for lr in args.lr_grid]
     holdout: tuple[torch.Tensor, torch.Tensor] | None = None
     if len(lrs) > 1 and not args.evaluate:
-        order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(args.seed))
-        cut = max(1, round(args.holdout_fraction * len(order)))
-        held, kept = order[:cut].sort().values, order[cut:].sort().values
+        cut = max(1, round(args.holdout_fraction * len(train_labels)))
+        held, kept = seeded_split(len(train_labels), cut, args.seed)
         holdout = (train_features[held], train_labels[held])
         train_features, train_labels = train_features[kept], train_labels[kept]
     torch.manual_seed(args.seed)

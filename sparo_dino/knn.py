@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sparo_dino import distributed
+from sparo_dino.subsets import seeded_split
 
 BACKENDS = ("auto", "faiss", "torch")
 # How the torch backend holds the L2-normalized bank: fp16 halves its memory (1.28M x 4096: 21 -> 10.5 GB).
@@ -324,8 +325,8 @@ def holdout_split(num_samples: int, holdout_fraction: float, seed: int = 0) -> t
     if num_holdout < 1 or num_holdout >= num_samples:
         raise ValueError(f"holdout_fraction {holdout_fraction} of {num_samples} train samples leaves an empty "
                          "fit or held-out part")
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
-    return order[num_holdout:].sort().values, order[:num_holdout].sort().values
+    holdout, fit = seeded_split(num_samples, num_holdout, seed)
+    return fit, holdout
 
 
 def select_slots(train_features: torch.Tensor, train_labels: torch.Tensor, num_slots: int, num_select: int,

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
 from sparo_dino import augmentation, distributed, extraction, knn
+from sparo_dino.subsets import seeded_split
 
 K = 20
 TEMPERATURE = 0.07
@@ -22,8 +23,7 @@ def _fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     """At most `size` samples, drawn once at random (ImageFolder is sorted by class: a prefix would miss classes)."""
     if len(dataset) <= size:
         return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    return Subset(dataset, order[:size].sort().values.tolist())
+    return Subset(dataset, seeded_split(len(dataset), size, seed)[0].tolist())
 
 
 class PeriodicKnn:
