@@ -19,11 +19,12 @@ from sparo_dino.datasets import DATASETS, FASHION_MNIST_DIR
 from sparo_dino.optim import OPTIMIZERS
 from sparo_dino.train_data import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
 from sparo_dino.training_step import COMPILE_CHOICES
+from sparo_dino.weights import BACKBONE_OPTION_KEYS
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-# Flags that define the networks: a checkpoint trained with other values cannot be resumed.
-MODEL_KEYS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "img_size",
-              "pos_embed_interpolation", *sparo_vit.SPARO_OPTIONS)
+# Flags that define the networks (the backbone's options and the DINO head's sizes): a checkpoint trained with other
+# values cannot be resumed.
+RESUME_MUST_MATCH_KEYS = (*BACKBONE_OPTION_KEYS, "out_dim", "use_bn_in_head", "norm_last_layer")
 # Flags that say how a run executes, not what it computes: a rerun in the same output dir may change them freely
 # (another machine picks another precision or augmentation device; logging, workers, checkpoint frequency). Every
 # other flag, and the number of processes (the total batch), changes the run's meaning: continuing with another
@@ -171,7 +172,7 @@ def changed_recipe(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
     """{key: "key=saved (this run: new)"} for every flag that changes the run's meaning and differs from the
     checkpoint's config (plain data, so `current` is compared as args_to_dict writes it), except model flags (checked
     separately: those can never be resumed), flags the checkpoint predates, and those named in --resume_overrides."""
-    allowed = RESUME_FREE_KEYS | set(MODEL_KEYS) | set(current.get("resume_overrides") or ())
+    allowed = RESUME_FREE_KEYS | set(RESUME_MUST_MATCH_KEYS) | set(current.get("resume_overrides") or ())
     return {key: f"{key}={saved[key]!r} (this run: {value!r})" for key, value in args_to_dict(dict(current)).items()
             if key not in allowed and key in saved and saved[key] != value}
 
@@ -212,7 +213,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     unknown = sorted(set(args.resume_overrides) - set(vars(args)) - {"world_size"})
     if unknown:
         _fail(parser, f"--resume_overrides: unknown flag(s) {', '.join(unknown)}; valid: world_size, "
-                      f"{', '.join(sorted(set(vars(args)) - RESUME_FREE_KEYS - set(MODEL_KEYS)))}")
+                      f"{', '.join(sorted(set(vars(args)) - RESUME_FREE_KEYS - set(RESUME_MUST_MATCH_KEYS)))}")
     args.augmentation = canonical_augmentation(args.augmentation)  # the resolved config says today's name
     if args.data_path is None:
         if args.dataset != "fashion_mnist":

@@ -31,9 +31,10 @@ from sparo_dino.preemption import StopPoll
 from sparo_dino.progress import LOG_NAME, MetricSums, ProgressLogger, all_finite, require_tensorboard, trim_log
 from sparo_dino.provenance import append_provenance
 from sparo_dino.schedules import Schedules, scaled_lr
-from sparo_dino.train_args import MODEL_KEYS, changed_recipe, resolve_precision
+from sparo_dino.train_args import RESUME_MUST_MATCH_KEYS, changed_recipe, resolve_precision
 from sparo_dino.train_data import TrainingData
 from sparo_dino.training_step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile
+from sparo_dino.weights import clean_state_dict
 
 if TYPE_CHECKING:
     from sparo_dino.preemption import StopRequest
@@ -45,20 +46,6 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; training stopped before writing any checkpoint of the bad state."""
-
-
-def _normalize_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept DDP (`module.`) and old weight-norm names (`weight_g`/`weight_v`) of official DINO checkpoints."""
-    renames = {"last_layer.weight_g": "last_layer.parametrizations.weight.original0",
-               "last_layer.weight_v": "last_layer.parametrizations.weight.original1"}
-    normalized = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        for old, new in renames.items():
-            if key.endswith(old):
-                key = key[: -len(old)] + new
-        normalized[key] = value
-    return normalized
 
 
 class DinoTrainer:
@@ -160,7 +147,7 @@ class DinoTrainer:
         if not isinstance(config, dict) or "student" not in state or "teacher" not in state:
             raise CheckpointError(f"{path} is not a DINO training checkpoint (needs student, teacher and config)")
         ours = vars(self.args)
-        differences = [f"{key}={config[key]!r} (this run: {ours[key]!r})" for key in MODEL_KEYS
+        differences = [f"{key}={config[key]!r} (this run: {ours[key]!r})" for key in RESUME_MUST_MATCH_KEYS
                        if key in config and config[key] != ours[key]]
         if differences:
             raise CheckpointError(f"{path} belongs to another model: {', '.join(differences)}; "
@@ -168,8 +155,8 @@ class DinoTrainer:
         if not named_by_user:  # a rerun in the same output dir; a named --resume seeds a new run on purpose
             self._check_same_recipe(path, {**config, **{k: state[k] for k in ("world_size",) if k in state}})
         try:
-            self.student_module.load_state_dict(_normalize_state_dict(state["student"]))
-            self.teacher.load_state_dict(_normalize_state_dict(state["teacher"]))
+            self.student_module.load_state_dict(clean_state_dict(state["student"]))
+            self.teacher.load_state_dict(clean_state_dict(state["teacher"]))
             if "dino_loss" in state:
                 self.dino_loss.load_state_dict(state["dino_loss"])
         except RuntimeError as error:
