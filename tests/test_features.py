@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 
 import pytest
@@ -241,3 +242,14 @@ def test_uneven_ddp_extraction_gathers_every_sample_once_in_order(tmp_path, size
     alone = linear_probe.evaluate(classifier, [(gathered, labels)], lambda x: x, 3, torch.device("cpu"), False)
     assert main["metrics"] == pytest.approx(alone)
     assert other["metrics"] == pytest.approx(alone)
+
+
+def test_build_splits_takes_the_dataset_and_its_path_and_refuses_splits_with_other_classes(tmp_path):
+    from conftest import make_image_folder
+    root = make_image_folder(tmp_path / "data", num_classes=3, per_class=2, size=8, splits=("train", "val"))
+    train, val = extraction.build_splits("imagefolder", root, None, None)
+    assert list(train.classes) == list(val.classes) == ["class_0", "class_1", "class_2"]
+    assert (len(train), len(val)) == (6, 6)
+    shutil.rmtree(os.path.join(root, "val", "class_1"))  # ImageFolder would renumber class_2 as 1
+    with pytest.raises(ValueError, match="different classes \\(only in train: \\['class_1'\\]"):
+        extraction.build_splits("imagefolder", root, None, None)
