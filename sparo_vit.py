@@ -138,6 +138,15 @@ def is_sparo_arch(arch: str) -> bool:
     return arch.endswith("_sparo")
 
 
+def reject_sparo_options(arch: str, given: Sequence[str]) -> None:
+    """Raise ValueError when SPARO options are given to a baseline arch, where they would silently do nothing.
+
+    The one check of this rule: build_backbone applies it to its keyword arguments and main_dino's flag validation
+    to the flags that differ from SPARO_DEFAULTS. `given` names the options as the user wrote them."""
+    if given and not is_sparo_arch(arch):
+        raise ValueError(f"{', '.join(given)} need a SPARO arch, not baseline arch {arch!r}; use {arch}_sparo")
+
+
 class DinoVisionTransformer(VisionTransformer):
     """timm's ViT (fused SDPA attention, drop-path, grad checkpointing, any input size) with a DINO read-out.
 
@@ -209,13 +218,8 @@ def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_pa
     unknown = sorted(set(sparo_options) - set(SPARO_OPTIONS))
     if unknown:
         raise TypeError(f"unknown backbone option(s) {', '.join(unknown)}; SPARO options: {', '.join(SPARO_OPTIONS)}")
-    if is_sparo_arch(arch):
-        sparo: dict[str, int] | None = {**SPARO_DEFAULTS, **{k: int(v) for k, v in sparo_options.items()}}
-    elif sparo_options:
-        raise ValueError(f"SPARO options {', '.join(sorted(sparo_options))} given to baseline arch {arch!r}; "
-                         f"use {arch}_sparo")
-    else:
-        sparo = None
+    reject_sparo_options(arch, sorted(sparo_options))
+    sparo = {**SPARO_DEFAULTS, **{k: int(v) for k, v in sparo_options.items()}} if is_sparo_arch(arch) else None
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
     spec = _SIZES[arch.removesuffix("_sparo")]

@@ -70,20 +70,23 @@ def to_normalized_tensor() -> list[v2.Transform]:
 
 
 def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:
-    low, high = (float(value) for value in scale)
-    if not 0 < low <= high <= 1:
-        raise ValueError(f"{name} must be (min, max) with 0 < min <= max <= 1, got {tuple(scale)}")
-    return low, high
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"{name} must be two numbers 0 < min <= max <= 1, got {' '.join(map(str, scale))}")
+    return float(scale[0]), float(scale[1])
 
 
 def check_multicrop_args(global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
                          local_crops_number: int, global_crop_size: int, local_crop_size: int
                          ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Validate a multi-crop recipe (shared by the PIL and the batched tensor pipelines); returns both scales."""
+    """Validate a multi-crop recipe; returns both scales as floats.
+
+    The one place these rules live: both pipelines call it, and main_dino's flag validation reports its error (each
+    message starts with the argument's name, which is also the flag's)."""
     if local_crops_number < 0:
         raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
-    if global_crop_size <= 0 or local_crop_size <= 0:
-        raise ValueError(f"crop sizes must be positive, got global {global_crop_size}, local {local_crop_size}")
+    for name, size in (("global_crop_size", global_crop_size), ("local_crop_size", local_crop_size)):
+        if size <= 0:
+            raise ValueError(f"{name} must be positive, got {size}")
     return _check_scale("global_crops_scale", global_crops_scale), _check_scale("local_crops_scale", local_crops_scale)
 
 

@@ -219,11 +219,16 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         if args.dataset != "fashion_mnist":
             _fail(parser, "--data_path is required for --dataset imagefolder")
         args.data_path = FASHION_MNIST_DIR
-    if not sparo_vit.is_sparo_arch(args.arch):
-        changed = [k for k, v in sparo_vit.SPARO_DEFAULTS.items() if getattr(args, k) != v]
-        if changed:
-            _fail(parser, f"SPARO flag(s) {', '.join('--' + k for k in changed)} need a SPARO arch "
-                          f"(e.g. {args.arch}_sparo), got --arch {args.arch}")
+    try:
+        sparo_vit.reject_sparo_options(args.arch, [f"--{key}" for key, default in sparo_vit.SPARO_DEFAULTS.items()
+                                                   if getattr(args, key) != default])
+    except ValueError as error:
+        _fail(parser, str(error))
+    try:
+        scales = augmentation.check_multicrop_args(**augmentation.multicrop_kwargs(vars(args)))
+    except ValueError as error:
+        _fail(parser, f"--{error}")
+    args.global_crops_scale, args.local_crops_scale = (list(scale) for scale in scales)
     args.knn_crop_size = args.global_crop_size if args.knn_crop_size is None else args.knn_crop_size
     if args.knn_resize_size is None:
         args.knn_resize_size = round(args.knn_crop_size * augmentation.EVAL_RESIZE_RATIO)
@@ -238,7 +243,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
                  "knn_crop_size", "knn_resize_size"):
         if getattr(args, name) < 1:
             _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("local_crops_number", "num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",
+    for name in ("num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",
                  "warmup_teacher_temp_epochs", "ckpt_every_iters", "knn_every"):
         if getattr(args, name) < 0:
             _fail(parser, f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -248,12 +253,6 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     for name in ("momentum_teacher", "final_momentum_teacher"):
         if not 0 <= getattr(args, name) <= 1:
             _fail(parser, f"--{name} must be in [0, 1], got {getattr(args, name)}")
-    for name in ("global_crops_scale", "local_crops_scale"):
-        scale = list(getattr(args, name))
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            _fail(parser, f"--{name} must be two numbers 0 < min <= max <= 1, got {' '.join(map(str, scale))}")
-        low, high = scale
-        setattr(args, name, [float(low), float(high)])
     try:
         resolve_precision(args.precision, args.use_fp16, torch.device("cpu"))
         require_writable_dirs({"--output_dir": args.output_dir})

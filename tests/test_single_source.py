@@ -56,3 +56,44 @@ def test_both_crop_pipelines_build_their_recipe_from_one_table() -> None:
     assert [(view.blur_p, view.solarize_p) for view in batched.views] == [
         (crop_recipe.GLOBAL1_BLUR_P, 0.0), (crop_recipe.GLOBAL2_BLUR_P, crop_recipe.GLOBAL2_SOLARIZE_P),
         (crop_recipe.LOCAL_BLUR_P, 0.0)]
+
+
+def test_main_dinos_flag_validation_reports_the_recipes_own_crop_check(monkeypatch, capsys) -> None:
+    """The multi-crop rules live in augmentation.check_multicrop_args (both pipelines call it); the flag parser
+    reports that check's error as its one line instead of keeping a second copy of the rules."""
+    import pytest
+
+    from sparo_dino import augmentation
+
+    def stricter(**recipe):
+        raise ValueError(f"local_crops_number must be even, got {recipe['local_crops_number']}")
+
+    monkeypatch.setattr(augmentation, "check_multicrop_args", stricter)
+    with pytest.raises(SystemExit):
+        train_args.parse_train_args(["--data_path", "x", "--local_crops_number", "3"])
+    assert "error: --local_crops_number must be even, got 3" in capsys.readouterr().err
+
+
+def test_a_crop_scale_that_is_not_two_numbers_is_one_line_for_either_pipeline() -> None:
+    import pytest
+
+    from sparo_dino.augmentation import MultiCropAugmentation
+    from sparo_dino.batched_augmentation import BatchedMultiCrop
+
+    for pipeline in (MultiCropAugmentation, BatchedMultiCrop):
+        with pytest.raises(ValueError, match=r"^global_crops_scale must be two numbers 0 < min <= max <= 1, got 0.4$"):
+            pipeline(global_crops_scale=(0.4,))
+        with pytest.raises(ValueError, match=r"^local_crop_size must be positive, got 0$"):
+            pipeline(local_crop_size=0)
+
+
+def test_sparo_options_on_a_baseline_are_one_rule_with_one_message_from_the_builder_and_the_flags(capsys) -> None:
+    import pytest
+
+    with pytest.raises(ValueError) as error:
+        sparo_vit.build_backbone("vit_small", num_slots=32)
+    assert str(error.value) == "num_slots need a SPARO arch, not baseline arch 'vit_small'; use vit_small_sparo"
+    with pytest.raises(SystemExit):
+        train_args.parse_train_args(["--data_path", "x", "--arch", "vit_small", "--num_slots", "32"])
+    assert "error: --num_slots need a SPARO arch, not baseline arch 'vit_small'; use vit_small_sparo" in \
+        capsys.readouterr().err
