@@ -191,18 +191,6 @@ class DinoVisionTransformer(VisionTransformer):
             return tokens[:, 0]
         return self.sparo(tokens).flatten(1)
 
-    def intermediate_cls(self, images: torch.Tensor, n: int) -> list[torch.Tensor]:
-        """Final-norm CLS of the last n blocks (the baseline linear-probe features of official DINO)."""
-        if not 1 <= n <= len(self.blocks):
-            raise ValueError(f"n must be in [1, {len(self.blocks)}], got {n}")
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
-        outputs = []
-        for index, block in enumerate(self.blocks):
-            x = block(x)
-            if index >= len(self.blocks) - n:
-                outputs.append(self.norm(x)[:, 0])
-        return outputs
-
 
 def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0,
                    grad_checkpointing: bool = False, pos_embed_interpolation: str = "dino",

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sparo_vit
+from sparo_dino import extraction
 from sparo_dino.weights import load_pretrained_trunk
 from sparo_vit import SPARO, DINOHead, MultiCropWrapper, build_backbone, slot_attention_maps
 
@@ -136,13 +137,27 @@ def test_sparo_encoding_is_unnormalized_slots_over_final_norm_tokens() -> None:
     assert not torch.allclose(expected.norm(dim=1), torch.ones(2))
 
 
+def intermediate_cls(model: sparo_vit.DinoVisionTransformer, images: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Reference: the final-norm CLS of the last n blocks (official DINO's baseline linear-probe features), block by
+    block, independently of timm's forward_intermediates that the evaluation uses."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    outputs = []
+    for index, block in enumerate(model.blocks):
+        x = block(x)
+        if index >= len(model.blocks) - n:
+            outputs.append(model.norm(x)[:, 0])
+    return outputs
+
+
 def test_baseline_returns_final_norm_cls_and_intermediate_cls() -> None:
     model = build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        last4 = model.intermediate_cls(images, 4)
+        last4 = intermediate_cls(model, images, 4)
         assert len(last4) == 4 and all(t.shape == (2, 192) for t in last4)
         torch.testing.assert_close(last4[-1], model(images), atol=1e-5, rtol=1e-5)
+        features = extraction.feature_function(model, "cls_last4")(images)  # what eval_linear probes
+        torch.testing.assert_close(features, torch.cat(last4, dim=1), atol=1e-5, rtol=1e-5)
 
 
 def test_build_backbone_errors_name_the_problem() -> None:
