@@ -2,7 +2,8 @@
 
 Step metrics stay on the device and are summed there; they are read (one all-reduce and one host sync) only at
 the logging interval and at epoch ends. That read is also where a non-finite loss is noticed, so the fast path
-never synchronises per step.
+never synchronises per step. The logger reads the schedules itself, so a console line and an epoch record show the
+values the steps used without the training loop assembling them.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import math
 import os
 import resource
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from sparo_dino import distributed
+from sparo_dino.schedules import Schedules
 
 STEP_METRICS = ("loss", "teacher_entropy", "kl")
 LOG_NAME = "log.txt"
@@ -104,14 +106,18 @@ def _format_duration(seconds: float) -> str:
 
 
 class ProgressLogger:
-    """Console lines every N iterations and JSON lines per epoch, on the main process only."""
+    """Console lines every N iterations and JSON lines per epoch, on the main process only.
 
-    def __init__(self, output_dir: str, epochs: int, iters_per_epoch: int, images_per_step: int,
-                 device: torch.device, tensorboard: bool = False) -> None:
+    `teacher_temp` gives an epoch's teacher temperature (DINOLoss.teacher_temp, which owns that schedule)."""
+
+    def __init__(self, output_dir: str, epochs: int, schedules: Schedules, teacher_temp: Callable[[int], float],
+                 images_per_step: int, device: torch.device, tensorboard: bool = False) -> None:
         self.enabled = distributed.is_main_process()
         self.output_dir = output_dir
         self.epochs = epochs
-        self.iters_per_epoch = iters_per_epoch
+        self.schedules = schedules
+        self.teacher_temp = teacher_temp
+        self.iters_per_epoch = schedules.iters_per_epoch
         self.images_per_step = images_per_step
         self.device = device
         self.writer = None
@@ -125,9 +131,15 @@ class ProgressLogger:
         self._epoch_start = self._window_start = time.perf_counter()
         self._epoch_first = self._window_first = first_iteration
 
-    def log_window(self, epoch: int, iteration: int, means: Mapping[str, float],
-                   hyper: Mapping[str, float]) -> None:
+    def schedule_values(self, epoch: int, iteration: int) -> dict[str, float]:
+        """The hyperparameters of step `iteration` (0-based) of `epoch`, under the names the logs use."""
+        step = self.schedules.at(epoch * self.iters_per_epoch + iteration)
+        return {"lr": step["lr"], "wd": step["weight_decay"], "teacher_temp": self.teacher_temp(epoch),
+                "momentum": step["momentum"]}
+
+    def log_window(self, epoch: int, iteration: int, means: Mapping[str, float]) -> None:
         """One console line for the steps since the last line; `iteration` is the last finished step (0-based)."""
+        hyper = self.schedule_values(epoch, iteration)
         now = time.perf_counter()
         steps = iteration + 1 - self._window_first
         images_per_s = steps * self.images_per_step / max(now - self._window_start, 1e-9)
@@ -146,12 +158,22 @@ class ProgressLogger:
             for key, value in {**means, **hyper}.items():
                 self.writer.add_scalar(f"step/{key}", value, step)
 
-    def log_epoch(self, epoch: int, means: Mapping[str, float], extra: Mapping[str, Any],
+    def epoch_record(self, epoch: int, means: Mapping[str, float], center_norm: float,
+                     evaluation: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """The log.txt record of `epoch`: official `train_*` keys for the step metrics' `means` and the schedules
+        (lr and wd as epoch means, as official DINO's metric logger averages them; `*_last`, temperature and
+        momentum at the epoch's last step), the loss's center norm, then evaluation results such as `knn_top1`
+        unprefixed."""
+        last = self.schedule_values(epoch, self.iters_per_epoch - 1)
+        train = {**means, **self.schedules.epoch_means(epoch), "lr_last": last["lr"], "wd_last": last["wd"],
+                 "teacher_temp": last["teacher_temp"], "momentum": last["momentum"], "center_norm": center_norm}
+        return {**{f"train_{key}": value for key, value in train.items()}, **(evaluation or {}),
+                "epoch": epoch, "epoch_time_s": round(time.perf_counter() - self._epoch_start, 3)}
+
+    def log_epoch(self, epoch: int, means: Mapping[str, float], center_norm: float,
                   evaluation: Mapping[str, float] | None = None) -> dict[str, Any]:
-        """Append the epoch's record to log.txt (official `train_*` keys, evaluation results such as `knn_top1`
-        unprefixed) and return it."""
-        record = {**{f"train_{key}": value for key, value in {**means, **extra}.items()}, **(evaluation or {}),
-                  "epoch": epoch, "epoch_time_s": round(time.perf_counter() - self._epoch_start, 3)}
+        """Append `epoch_record` to log.txt and the console (and TensorBoard) and return it."""
+        record = self.epoch_record(epoch, means, center_norm, evaluation)
         if not self.enabled:
             return record
         with open(os.path.join(self.output_dir, LOG_NAME), "a") as handle:

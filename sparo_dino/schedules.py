@@ -65,6 +65,11 @@ class Schedules:
                    momentum=cosine_schedule(momentum_teacher, final_momentum_teacher, epochs, iters_per_epoch),
                    iters_per_epoch=iters_per_epoch)
 
+    def at(self, global_iteration: int) -> dict[str, float]:
+        """The values of one step, named as TrainingStep takes them."""
+        return {"lr": float(self.lr[global_iteration]), "weight_decay": float(self.weight_decay[global_iteration]),
+                "momentum": float(self.momentum[global_iteration])}
+
     def epoch_means(self, epoch: int) -> dict[str, float]:
         """Mean lr and weight decay over the steps of `epoch`: what official DINO logs as train_lr / train_wd (its
         metric logger averages the per-step values). Taken from the schedule, so a run resumed mid-epoch logs the

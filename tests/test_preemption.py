@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import main_dino
-from sparo_dino import checkpoint, trainer
+from sparo_dino import checkpoint, run_state
 from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
 from test_train import EVERY_STEP, TINY, assert_same_training_state, executed_steps, load, logged_epochs, steps_between
 
@@ -60,7 +60,7 @@ def test_ckpt_every_iters_saves_positions_without_changing_the_run(images, clean
         saved.append((os.path.basename(path), state["epoch"], state["iteration"]))
         real_save(state, path)
 
-    monkeypatch.setattr(trainer, "save_checkpoint", recording_save)
+    monkeypatch.setattr(run_state, "save_checkpoint", recording_save)
     out = str(tmp_path / "run")
     assert main_dino.main([*TINY, "--data_path", images, "--output_dir", out, "--epochs", "2",
                            "--ckpt_every_iters", "3"]) == 0
