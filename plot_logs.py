@@ -20,8 +20,7 @@ matplotlib.use("Agg")  # files only; no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sparo_dino.cli_errors import OutputDirError, require_writable_dirs  # noqa: E402
-
-LOG_NAME = "log.txt"
+from sparo_dino.progress import LOG_NAME  # noqa: E402
 
 
 def read_log(run_dir: str) -> list[dict[str, float]]:
