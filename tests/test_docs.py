@@ -79,6 +79,17 @@ def test_layout_table_names_every_module() -> None:
     assert not missing, f"modules missing from the README's Layout table: {missing}"
 
 
+def test_layout_table_names_only_existing_modules() -> None:
+    """A row names its first module with its folder (`sparo_dino/a.py`, `b.py`); the others share that folder."""
+    stale = []
+    for row in _section(_read(README), "Layout").splitlines():
+        names = re.findall(r"`([\w/]+\.py)`", row)
+        folder = os.path.dirname(names[0]) if names else ""
+        stale += [name for name in names
+                  if not os.path.isfile(os.path.join(REPO, name if "/" in name else os.path.join(folder, name)))]
+    assert not stale, f"the README's Layout table names modules that do not exist: {stale}"
+
+
 def test_true_false_flags_are_shown_with_their_value() -> None:
     """main_dino's true/false flags take a value, as official DINO's do: `--grad_checkpointing` alone is an error."""
     boolean = {action.option_strings[0] for action in get_args_parser()._actions if action.type is bool_flag}
