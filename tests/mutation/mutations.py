@@ -186,6 +186,10 @@ MUTATIONS: tuple[Mutation, ...] = (
              "record.get(\"epoch\", epochs_done) < epochs_done", "True",
              ("tests/test_progress.py::test_trim_log_keeps_the_checkpoints_epochs_and_drops_later_and_partial_lines",),
              "log.txt keeps records written after the checkpoint a killed run resumes from (duplicated epochs)"),
+    Mutation("epoch-record-first-step", "sparo_dino/progress.py",
+             "last = self.schedule_values(epoch, self.iters_per_epoch - 1)", "last = self.schedule_values(epoch, 0)",
+             ("tests/test_progress.py::test_the_epoch_record_and_console_line_read_the_schedules_themselves",),
+             "log.txt's lr_last / wd_last / momentum are the epoch's first step's, not its last step's"),
     # ------------------------------------------------------------------------- checkpoints a user names
     Mutation("checkpoint-unpickles", "sparo_dino/checkpoint.py",
              "torch.load(path, map_location=\"cpu\", weights_only=True)",
