@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import main_dino  # noqa: E402
+from sparo_dino.progress import LOG_NAME  # noqa: E402
 from common import Row  # noqa: E402
 
 PIPELINES = ("per_image", "batched")
@@ -58,7 +59,7 @@ def train_runs(train_argv: Sequence[str], seeds: Sequence[int], workdir: str, pr
             if code != 0:
                 raise RuntimeError(f"{pipeline} seed {seed} exited with {code}:\n{console.getvalue()[-2000:]}")
             losses.append([float(value) for value in _LOSS.findall(console.getvalue())])
-            with open(os.path.join(output_dir, "log.txt")) as handle:
+            with open(os.path.join(output_dir, LOG_NAME)) as handle:
                 records = [json.loads(line) for line in handle]
             knn.append(records[-1]["knn_top1"])
             knn_init.append(records[0]["knn_top1_init"])

@@ -29,6 +29,7 @@ if str(REPO_ROOT) not in sys.path:  # the entry scripts live in the checkout, th
 import eval_knn  # noqa: E402
 import main_dino  # noqa: E402
 from sparo_dino import datasets, knn  # noqa: E402
+from sparo_dino.progress import LOG_NAME  # noqa: E402
 
 CONFIGS = {"vit_tiny_sparo": REPO_ROOT / "configs" / "fmnist_vit_tiny_sparo.yaml",
            "vit_tiny": REPO_ROOT / "configs" / "fmnist_vit_tiny.yaml"}
@@ -96,7 +97,7 @@ def raw_pixel_top1(data_path: str) -> float:
 
 def last_epoch_record(train_dir: Path) -> dict[str, float]:
     """The last log.txt record of a run: its loss and collapse diagnostics."""
-    lines = (train_dir / "log.txt").read_text().splitlines()
+    lines = (train_dir / LOG_NAME).read_text().splitlines()
     return json.loads(lines[-1]) if lines else {}
 
 
