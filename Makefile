@@ -18,7 +18,7 @@ data:
 test: install data
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
 
-# Every benchmark at the size that fits the machine (GPU: the issue's recipe; CPU: small sizes), one Markdown table
+# Every benchmark at the size that fits the machine (GPU: the official recipe's shape, 2x224 + 10x96 crops, 64 per GPU; CPU: small sizes), one Markdown table
 # with the machine's facts in benchmarks/results/.
 bench: install
 	$(PYTHON) benchmarks/report.py

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import sparo_vit
 from sparo_dino import augmentation, config, distributed, eval_cli, extraction, linear_probe, provenance, weights
+from sparo_dino.schedules import scaled_lr
 from sparo_dino.subsets import seeded_split
 
 DEFAULT_N_LAST_BLOCKS = 4
@@ -155,7 +156,7 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
 
     total_batch = args.batch_size_per_gpu * info.world_size
     run = {"protocol": "official", "kind": kind, "dim": dim, "num_classes": classes, "tag": tag,
-           "epochs": args.epochs, "lr": linear_probe.scaled_lr(args.lr, total_batch), "total_batch_size": total_batch,
+           "epochs": args.epochs, "lr": scaled_lr(args.lr, total_batch), "total_batch_size": total_batch,
            "options": options}
     return Probe(classifier, model, featurize, train_batches, lambda: val_loader, run,
                  _output_dir(args, tag, "official"), info.device, reduce=True)
@@ -178,7 +179,7 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
     train_features, train_labels = data.train_features, data.train_labels
     val_features, val_labels = data.val_features, data.val_labels
     classes = num_classes(args, data.num_classes)
-    lrs = [linear_probe.scaled_lr(lr, args.batch_size_per_gpu) for lr in args.lr_grid]
+    lrs = [scaled_lr(lr, args.batch_size_per_gpu) for lr in args.lr_grid]
     holdout: tuple[torch.Tensor, torch.Tensor] | None = None
     if len(lrs) > 1 and not args.evaluate:
         cut = max(1, round(args.holdout_fraction * len(train_labels)))

@@ -3,7 +3,7 @@
     python main_dino.py --arch vit_small_sparo --data_path /imagenet/train --output_dir out/
     python -m torch.distributed.run --nproc_per_node=8 main_dino.py --config configs/dino_vit_small_sparo_in1k.yaml
 
-Every official DINO flag keeps its name (defaults: see the README's official-compatibility table); `--config
+Every official DINO flag keeps its name (defaults: see docs/compatibility.md); `--config
 FILE.yaml` sets any flag, the command line wins. Rerunning the same command continues from OUTPUT_DIR/checkpoint.pth.
 SIGTERM or SIGUSR1 (SLURM's warning before a kill) makes every rank stop at the same step boundary (on several GPUs
 one step after the request, where the ranks' agreement is read without stalling the host), save the position inside

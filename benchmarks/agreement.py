@@ -4,7 +4,7 @@ network's, the run's own random-init baseline), per pipeline as mean and spread 
 
 The pipelines agree when, at every logged step and for the final k-NN, the difference of their means stays within
 3 standard errors of that difference (from the seeds' spread). tests/test_fast_path.py runs this at a tiny size;
-the README reports a Fashion-MNIST run:
+docs/performance.md reports a Fashion-MNIST run:
     python benchmarks/agreement.py --seeds 3 -- --config configs/fmnist_vit_tiny.yaml --data_path SUBSET_DIR \
         --epochs 2 --warmup_epochs 1 --local_crops_number 2 --knn_every 2 --num_workers 2
 Everything after `--` is main_dino.py's flags (data, model, schedule, the k-NN monitor, which must be on); this

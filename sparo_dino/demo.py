@@ -33,7 +33,7 @@ from sparo_dino.progress import LOG_NAME  # noqa: E402
 
 CONFIGS = {"vit_tiny_sparo": REPO_ROOT / "configs" / "fmnist_vit_tiny_sparo.yaml",
            "vit_tiny": REPO_ROOT / "configs" / "fmnist_vit_tiny.yaml"}
-FULL_DATA_RAW_PIXEL_TOP1 = 84.59  # 60k-image bank, 10k test images, measured with sparo_dino.knn (see README)
+FULL_DATA_RAW_PIXEL_TOP1 = 84.59  # 60k-image bank, 10k test images, measured with sparo_dino.knn (README, Results)
 # Points of 20-NN top-1 over the same network's random init that count as learning: a random-init ViT already scores
 # about 54% on the demo's images, so the gain over it, not the accuracy, is the evidence.
 LEARNED_MARGIN = 5.0

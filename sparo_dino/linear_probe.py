@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from sparo_dino import distributed
 from sparo_dino.checkpoint import load_checkpoint, save_checkpoint
-from sparo_dino.schedules import scaled_lr  # noqa: F401 - the probe scales its lr as training does
 from sparo_dino.weights import clean_state_dict
 
 PROTOCOLS = {

@@ -68,7 +68,7 @@ def build_optimizer(name: str, groups: list[dict], fused: bool = False) -> torch
     """The optimizer named by `--optimizer`; lr and weight decay are set by the schedules before every step.
 
     `fused` makes AdamW update all parameters of a device and dtype in one kernel instead of several foreach
-    kernels (the trainer's default, `--fused_adamw`, on CPUs too: see README, Performance): the same update up to
+    kernels (the trainer's default, `--fused_adamw`, on CPUs too: see docs/performance.md): the same update up to
     float rounding, and a state dict that loads into either form. SGD and LARS ignore it."""
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, fused=fused or None)  # None: torch's default (foreach)

@@ -211,7 +211,7 @@ def test_batched_and_per_image_pipelines_train_alike_within_the_spread_of_seeds(
     """benchmarks/agreement.py at a tiny size: 3 seeds x 2 pipelines, 4 steps of TINY on 64 Fashion-MNIST images at
     a learning rate that moves the weights (the k-NN on 200 test images leaves its random-init value; at 0.01 it
     does not), 80 s on 2 busy cores. Every logged loss and the final k-NN agree within 3 standard errors of the
-    difference (from the seeds' spread), which the test prints (README, Performance)."""
+    difference (from the seeds' spread), which the test prints (docs/performance.md)."""
     data = write_fashion_mnist_subset(FASHION_MNIST_DIR, str(tmp_path / "fmnist"), 64, 200)
     train_argv = [*TINY, "--dataset", "fashion_mnist", "--data_path", data, "--batch_size_per_gpu", "16",
                   "--epochs", "1", "--warmup_epochs", "0", "--lr", "0.05", "--knn_every", "1", "--knn_subset", "200"]
@@ -259,7 +259,7 @@ def test_fused_adamw_step_equals_the_foreach_step(images) -> None:
 
 
 def test_trainer_fuses_adamw_by_default_and_the_reference_flag_keeps_foreach(images, tmp_path) -> None:
-    """The fused kernel is the default on CPUs too (faster there as well, README Performance); --fused_adamw
+    """The fused kernel is the default on CPUs too (faster there as well, docs/performance.md); --fused_adamw
     false is the reference path the test above compares it with."""
     for flags, fused in (((), True), (("--fused_adamw", "false"), None)):
         args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"), *flags])
