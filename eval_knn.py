@@ -24,10 +24,7 @@ from sparo_dino.knn import weighted_knn  # noqa: F401  (public API: eval_knn.wei
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    eval_cli.add_feature_args(parser)
-    distributed.add_launcher_args(parser)
+    parser = eval_cli.evaluation_parser(__doc__)
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
     group.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")

@@ -37,10 +37,7 @@ INIT_BASELINE_DIR = "init_baseline"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    eval_cli.add_feature_args(parser)
-    distributed.add_launcher_args(parser)
+    parser = eval_cli.evaluation_parser(__doc__)
     group = parser.add_argument_group("linear probe")
     group.add_argument("--n_last_blocks", type=int, default=None,
                        help=f"baselines: concatenate the CLS of the last n blocks; SPARO with --sparo_features "

@@ -21,6 +21,16 @@ from sparo_dino.cli_errors import exit_with, print_once, require_writable_dirs
 from sparo_dino.feature_cache import FeatureSet
 
 
+def evaluation_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser eval_knn.py and eval_linear.py start from: the script's docstring as description, the shared
+    feature flags and the official launcher flags."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_feature_args(parser)
+    distributed.add_launcher_args(parser)
+    return parser
+
+
 def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags every evaluation shares: weights, architecture, data, preprocessing, caching, output."""
     group = parser.add_argument_group("weights and architecture")
