@@ -141,8 +141,9 @@ def is_sparo_arch(arch: str) -> bool:
 def reject_sparo_options(arch: str, given: Sequence[str]) -> None:
     """Raise ValueError when SPARO options are given to a baseline arch, where they would silently do nothing.
 
-    The one check of this rule: build_backbone applies it to its keyword arguments and main_dino's flag validation
-    to the flags that differ from SPARO_DEFAULTS. `given` names the options as the user wrote them."""
+    The one check of this rule: build_backbone applies it to its keyword arguments, main_dino's flag validation to
+    the flags that differ from SPARO_DEFAULTS, the evaluations to the SPARO flags given with a baseline's weights.
+    `given` names the options as the user wrote them."""
     if given and not is_sparo_arch(arch):
         raise ValueError(f"{', '.join(given)} need a SPARO arch, not baseline arch {arch!r}; use {arch}_sparo")
 

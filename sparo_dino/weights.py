@@ -109,10 +109,8 @@ def resolve_model_options(flags: Mapping[str, Any], config: Mapping[str, Any] | 
             merged[key] = stored if stored is not None else flags[key]
         if merged["arch"] is None:
             raise ValueError("the checkpoint's config names no arch; give --arch")
-    if not sparo_vit.is_sparo_arch(merged["arch"]):
-        given = [f"--{key}" for key in sparo_vit.SPARO_OPTIONS if flags[key] is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} apply only to *_sparo archs, not {merged['arch']}")
+    sparo_vit.reject_sparo_options(merged["arch"], [f"--{key}" for key in sparo_vit.SPARO_OPTIONS
+                                                    if flags[key] is not None])
     kwargs = sparo_vit.backbone_kwargs(merged)
     kwargs.pop("drop_path_rate", None)
     kwargs.pop("grad_checkpointing", None)

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 import sparo_vit
 from sparo_dino import distributed, extraction, feature_cache, linear_probe, weights
+from test_sparo_vit import intermediate_cls
 
 SPARO_TINY = {"arch": "vit_tiny_sparo", "patch_size": 8, "img_size": 32, "num_slots": 4, "slot_dim": 16,
               "attn_dim": 16, "group_size": 1}
@@ -81,7 +82,7 @@ def test_plain_state_dicts_need_arch_flags_and_baselines_reject_sparo_flags():
         weights.resolve_model_options(flags(), None)
     assert weights.resolve_model_options(flags(arch="vit_small", patch_size=16), None) == {
         "arch": "vit_small", "patch_size": 16}
-    with pytest.raises(ValueError, match="--num_slots apply only to \\*_sparo"):
+    with pytest.raises(ValueError, match="--num_slots need a SPARO arch"):
         weights.resolve_model_options(flags(arch="vit_small", patch_size=16, num_slots=8), None)
 
 
@@ -124,7 +125,7 @@ def test_sparo_encoding_plus_cls_of_the_blocks_before_sparo():
     assert kind == "cls_last3+sparo_encoding"
     with torch.no_grad():
         got = extraction.feature_function(sparo, kind)(images)
-        cls3 = sparo.intermediate_cls(images, 3)  # final-norm CLS of trunk blocks 9, 10, 11
+        cls3 = intermediate_cls(sparo, images, 3)  # final-norm CLS of trunk blocks 9, 10, 11
         encoding = sparo(images)
     assert got.shape == (2, 3 * 192 + 4 * 16)
     torch.testing.assert_close(got, torch.cat([*cls3, encoding], dim=1))
