@@ -260,3 +260,18 @@ def test_process_group_reports_then_aborts_on_an_error_and_destroys_on_success(t
     with distributed.process_group(report_error=lambda error: events.append("report")):
         assert distributed.is_dist()
     assert events == ["destroy"] and not distributed.is_dist()
+
+
+def test_each_restart_attempt_rendezvous_on_its_own_keys(monkeypatch) -> None:
+    """torchrun keeps one key store for all restart attempts: a restarted worker must not find the dead workers'
+    addresses. Whether the kill loop above hits such a stale key depends on where its kills land, so this checks the
+    keys themselves: what attempt 0 wrote is invisible to attempt 1."""
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(torch.distributed, "rendezvous", lambda *args, **kwargs: iter([(store, 0, 2)]))
+    timeout = distributed.datetime.timedelta(seconds=5)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = distributed._attempt_store(0, 2, timeout)
+    first.set("1", "address of a worker that was killed")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = distributed._attempt_store(0, 2, timeout)
+    assert first.check(["1"]) and not second.check(["1"])
