@@ -2,16 +2,11 @@
 under --precision bf16 it would otherwise report a number eval_knn.py does not give for the same teacher."""
 from __future__ import annotations
 
-import json
-import os
-
-import pytest
 import torch
 
-import eval_knn
 from conftest import make_image_folder
 from sparo_dino import extraction
-from test_train import run
+from test_train import assert_monitor_matches_eval_knn, run
 
 
 def test_monitor_under_bf16_training_extracts_in_fp32_and_matches_eval_knn(images, tmp_path, monkeypatch):
@@ -41,9 +36,4 @@ def test_monitor_under_bf16_training_extracts_in_fp32_and_matches_eval_knn(image
     assert run(images, out, "--epochs", "1", "--precision", "bf16", "--knn_every", "1", "--knn_data_path", labelled,
                "--knn_subset", "100").code == 0
     assert computed_in and set(computed_in) == {torch.float32}, computed_in
-    monitored = json.loads(open(os.path.join(out, "log.txt")).readline())["knn_top1"]
-    evaluated = eval_knn.main(["--pretrained_weights", os.path.join(out, "checkpoint.pth"), "--data_path", labelled,
-                               "--resize_size", "37", "--crop_size", "32", "--nb_knn", "20", "--num_workers", "0",
-                               "--batch_size_per_gpu", "8", "--knn_backend", "torch",
-                               "--output_dir", str(tmp_path / "eval")])
-    assert monitored == pytest.approx(evaluated["knn"]["20"]["top1"])
+    assert_monitor_matches_eval_knn(out, labelled, resize_size=37, crop_size=32, eval_dir=tmp_path / "eval")

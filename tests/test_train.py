@@ -376,7 +376,6 @@ def test_periodic_knn_evaluates_at_its_own_resolution(images, tmp_path, monkeypa
     """A run that trains on 16 px global crops and is judged at 32 px (the CPU demo) monitors the 32 px view:
     --knn_resize_size / --knn_crop_size give the number eval_knn.py reports with the same --resize_size /
     --crop_size; without them the monitor evaluates at the training resolution (resize 18, crop 16)."""
-    import eval_knn
     from sparo_dino import augmentation
 
     views = []
@@ -391,11 +390,18 @@ def test_periodic_knn_evaluates_at_its_own_resolution(images, tmp_path, monkeypa
     out = str(tmp_path / "run")
     assert run(images, out, *low_res, "--knn_resize_size", "32", "--knn_crop_size", "32").code == 0
     assert views[1:] == [(32, 32)]
+    assert_monitor_matches_eval_knn(out, labelled, resize_size=32, crop_size=32, eval_dir=tmp_path / "eval")
+
+
+def assert_monitor_matches_eval_knn(out: str, labelled: str, resize_size: int, crop_size: int, eval_dir) -> None:
+    """The k-NN monitor's first logged top-1 equals eval_knn.py's 20-NN on the run's checkpoint at the same view."""
+    import eval_knn
+
     monitored = json.loads(open(os.path.join(out, "log.txt")).readline())["knn_top1"]
     evaluated = eval_knn.main(["--pretrained_weights", os.path.join(out, "checkpoint.pth"), "--data_path", labelled,
-                               "--resize_size", "32", "--crop_size", "32", "--nb_knn", "20", "--num_workers", "0",
-                               "--batch_size_per_gpu", "8", "--knn_backend", "torch",
-                               "--output_dir", str(tmp_path / "eval")])
+                               "--resize_size", str(resize_size), "--crop_size", str(crop_size), "--nb_knn", "20",
+                               "--num_workers", "0", "--batch_size_per_gpu", "8", "--knn_backend", "torch",
+                               "--output_dir", str(eval_dir)])
     assert monitored == pytest.approx(evaluated["knn"]["20"]["top1"])
 
 
