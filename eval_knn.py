@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     """arch -> feature kind; checked before any forward pass so a slot analysis of a baseline fails at once."""
     def kind_for(arch: str) -> str:
-        if (args.per_slot or args.select_slots is not None) and not sparo_vit.is_sparo_arch(arch):
-            raise ValueError(f"--per_slot and --select_slots need a *_sparo arch, not {arch}")
+        if (args.per_slot or args.select_slots is not None) and not sparo_vit.has_slots(arch):
+            raise ValueError(f"--per_slot and --select_slots need a slot read-out (*_sparo, *_mhca), not {arch}")
         return extraction.feature_kind(arch)
     return kind_for
 

@@ -40,13 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = eval_cli.evaluation_parser(__doc__)
     group = parser.add_argument_group("linear probe")
     group.add_argument("--n_last_blocks", type=int, default=None,
-                       help=f"baselines: concatenate the CLS of the last n blocks; SPARO with --sparo_features "
-                            f"encoding+cls: the CLS of the n-1 blocks before SPARO (default {DEFAULT_N_LAST_BLOCKS})")
+                       help=f"CLS archs: concatenate the CLS of the last n blocks; other read-outs with --sparo_features "
+                            f"encoding+cls: the CLS of the n-1 blocks before the read-out (default "
+                            f"{DEFAULT_N_LAST_BLOCKS})")
     group.add_argument("--avgpool_patchtokens", type=config.bool_flag, default=False,
                        help="baselines: also the mean of the last block's patch tokens")
     group.add_argument("--sparo_features", type=str, default="encoding", choices=extraction.SPARO_FEATURES,
-                       help="*_sparo archs (paper C.2): the encoding alone, or the final-norm CLS of the "
-                            "n_last_blocks-1 blocks before SPARO followed by the encoding")
+                       help="read-outs (paper C.2 for SPARO): the encoding alone, or, for *_attpool|mhca|sparo, the "
+                            "final-norm CLS of the n_last_blocks-1 blocks before the read-out followed by the encoding")
     group.add_argument("--num_labels", type=int, default=None,
                        help="official flag: outputs of the classifier; default: the data's classes (another "
                             "value is an error)")
@@ -78,14 +79,15 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     n_last_blocks = args.n_last_blocks or DEFAULT_N_LAST_BLOCKS
 
     def kind_for(arch: str) -> str:
-        if sparo_vit.is_sparo_arch(arch):
+        if sparo_vit.readout_of(arch) != "cls":
             if args.avgpool_patchtokens or (args.n_last_blocks is not None and args.sparo_features == "encoding"):
-                raise ValueError(f"--n_last_blocks/--avgpool_patchtokens apply to baseline archs; {arch} is probed "
-                                 "on its SPARO encoding (--n_last_blocks also counts with --sparo_features "
+                raise ValueError(f"--n_last_blocks/--avgpool_patchtokens apply to CLS archs; {arch} is probed "
+                                 "on its read-out's encoding (--n_last_blocks also counts with --sparo_features "
                                  "encoding+cls)")
             return extraction.feature_kind(arch, n_last_blocks, sparo_features=args.sparo_features)
         if args.sparo_features != "encoding":
-            raise ValueError(f"--sparo_features {args.sparo_features} applies to *_sparo archs, not {arch}")
+            raise ValueError(f"--sparo_features {args.sparo_features} applies to read-outs that replace the last "
+                             f"block (*_attpool, *_mhca, *_sparo), not {arch}")
         return extraction.feature_kind(arch, n_last_blocks, args.avgpool_patchtokens)
     return kind_for
 

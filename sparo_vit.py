@@ -1,10 +1,12 @@
-"""SPARO read-out and the ViT backbones it sits on (paper Sec. 3.2, 3.4, Appendix A).
+"""SPARO read-out, the read-outs it is compared with, and the ViT backbones they sit on (paper Sec. 3.2, 3.4,
+5.3, Appendix A).
 
-A SPARO backbone is a timm VisionTransformer whose last block is replaced by L single-head attentions with
-learned queries; its encoding is the concatenation of the L slot outputs, left unnormalized because k-NN and the
-linear probe consume it as is. Baselines (`vit_tiny|small|base`) keep all blocks and return the final-norm CLS
-token, as official DINO does. The DINO head and the multi-crop wrapper live here too, so one file holds every
-module whose parameter names end up in checkpoints.
+The read-out is the arch name's suffix, so checkpoints, hub entry points and flags all name it the same way:
+`vit_<size>` keeps all N blocks and returns the final-norm CLS token (official DINO), `_gap` the mean final-norm
+patch token after N blocks; `_attpool`, `_mhca` and `_sparo` replace the N-th block. A SPARO backbone reads the
+tokens with L single-head attentions with learned queries; its encoding is the concatenation of the L slot
+outputs, left unnormalized because k-NN and the linear probe consume it as is. The DINO head and the multi-crop
+wrapper live here too, so one file holds every module whose parameter names end up in checkpoints.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import AttentionPoolLatent, trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -25,7 +27,17 @@ from timm.models.vision_transformer import VisionTransformer
 # this one table (read-only, so no caller can change the defaults of the others).
 SPARO_DEFAULTS: Mapping[str, int] = MappingProxyType({"num_slots": 64, "slot_dim": 64, "attn_dim": 64,
                                                       "group_size": 1})
-SPARO_OPTIONS: tuple[str, ...] = tuple(SPARO_DEFAULTS)
+# Read-outs by arch suffix (cls has none). attpool, mhca and sparo replace the last block; mhca and sparo give
+# slot-structured encodings (L slots of V dims), which the per-slot tools read.
+READOUTS: tuple[str, ...] = ("cls", "gap", "attpool", "mhca", "sparo")
+SLOT_READOUTS: tuple[str, ...] = ("mhca", "sparo")
+# Every read-out option with its default: SPARO's sizes, and slot_norm (Tab. 6's slot-wise LayerNorm of each slot's
+# attention output before the slot-wise projection; off in the paper's DINO setting).
+READOUT_DEFAULTS: Mapping[str, int | bool] = MappingProxyType({**SPARO_DEFAULTS, "slot_norm": False})
+READOUT_OPTIONS: tuple[str, ...] = tuple(READOUT_DEFAULTS)
+# Which options each read-out takes; giving one another read-out's option is an error (it would do nothing).
+OPTIONS_OF_READOUT: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "cls": (), "gap": (), "attpool": (), "mhca": ("num_slots", "slot_dim", "slot_norm"), "sparo": READOUT_OPTIONS})
 
 
 class SPARO(nn.Module):
@@ -33,12 +45,13 @@ class SPARO(nn.Module):
 
     Slot l computes y_l = W K_g H^T softmax(H K_g^T q_l / sqrt(D)) with g = l // group_size: the key projection is
     also the value projection, and W is shared by all slots. `key` rows are group-major, so rows
-    [j*attn_dim:(j+1)*attn_dim] are key group j.
+    [j*attn_dim:(j+1)*attn_dim] are key group j. With slot_norm, each slot's attention output goes through one
+    shared LayerNorm before W (Tab. 6's slot-wise LayerNorm); without it the module is exactly the paper's.
     """
 
     def __init__(self, embed_dim: int, num_slots: int = SPARO_DEFAULTS["num_slots"],
                  slot_dim: int = SPARO_DEFAULTS["slot_dim"], attn_dim: int = SPARO_DEFAULTS["attn_dim"],
-                 group_size: int = SPARO_DEFAULTS["group_size"]) -> None:
+                 group_size: int = SPARO_DEFAULTS["group_size"], slot_norm: bool = False) -> None:
         super().__init__()
         if min(embed_dim, num_slots, slot_dim, attn_dim, group_size) < 1:
             raise ValueError("SPARO sizes must be positive: "
@@ -50,6 +63,7 @@ class SPARO(nn.Module):
         self.num_groups = num_slots // group_size
         self.query = nn.Parameter(torch.empty(num_slots, attn_dim))
         self.key = nn.Linear(embed_dim, self.num_groups * attn_dim)
+        self.norm = nn.LayerNorm(attn_dim) if slot_norm else nn.Identity()
         self.proj = nn.Linear(attn_dim, slot_dim)
         self.reset_parameters()
 
@@ -79,10 +93,44 @@ class SPARO(nn.Module):
             scores = queries @ keys.transpose(-2, -1) / math.sqrt(self.attn_dim)
             attention = scores.softmax(dim=-1)
             mixed = attention @ keys
-            slots = self.proj(mixed.reshape(batch, self.num_slots, self.attn_dim))
+            slots = self.proj(self.norm(mixed.reshape(batch, self.num_slots, self.attn_dim)))
             return slots, attention.reshape(batch, self.num_slots, -1)
         mixed = F.scaled_dot_product_attention(queries, keys, keys)
-        return self.proj(mixed.reshape(batch, self.num_slots, self.attn_dim))
+        return self.proj(self.norm(mixed.reshape(batch, self.num_slots, self.attn_dim)))
+
+
+class MultiHeadCrossAttention(nn.Module):
+    """L learned queries read the tokens with standard multi-head attention: Tab. 6's "multi-head" ablation of SPARO.
+
+    Every slot attends with all heads (torch's nn.MultiheadAttention: query, key, value and output projections of
+    the full width C), so a slot is not limited to one attention pattern; a projection C -> V shared by all slots
+    then gives the L x V encoding SPARO gives, optionally after a slot-wise LayerNorm. Queries start as SPARO's do,
+    N(0, 1).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_slots: int = SPARO_DEFAULTS["num_slots"],
+                 slot_dim: int = SPARO_DEFAULTS["slot_dim"], slot_norm: bool = False) -> None:
+        super().__init__()
+        if min(embed_dim, num_heads, num_slots, slot_dim) < 1 or embed_dim % num_heads:
+            raise ValueError(f"multi-head cross-attention needs positive sizes and embed_dim divisible by num_heads: "
+                             f"embed_dim={embed_dim} num_heads={num_heads} num_slots={num_slots} slot_dim={slot_dim}")
+        self.num_slots, self.slot_dim = num_slots, slot_dim
+        self.query = nn.Parameter(torch.empty(num_slots, embed_dim))
+        self.attention = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(embed_dim) if slot_norm else nn.Identity()
+        self.proj = nn.Linear(embed_dim, slot_dim)
+        nn.init.normal_(self.query, mean=0.0, std=1.0)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, tokens: torch.Tensor, return_attention: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, embed_dim) -> slots (B, L, V); with return_attention also the head-averaged weights (B, L, N)."""
+        if tokens.dim() != 3:
+            raise ValueError(f"multi-head cross-attention expects tokens (B, N, embed_dim), got {tuple(tokens.shape)}")
+        queries = self.query.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        mixed, attention = self.attention(queries, tokens, tokens, need_weights=return_attention)
+        slots = self.proj(self.norm(mixed))
+        return (slots, attention) if return_attention else slots
 
 
 @dataclass(frozen=True)
@@ -97,7 +145,7 @@ _SIZES = {
     "vit_small": _ArchSpec(384, 12, 6),
     "vit_base": _ArchSpec(768, 12, 12),
 }
-ARCHS: tuple[str, ...] = tuple(list(_SIZES) + [f"{name}_sparo" for name in _SIZES])
+ARCHS: tuple[str, ...] = tuple(list(_SIZES) + [f"{size}_{readout}" for readout in READOUTS[1:] for size in _SIZES])
 # How position embeddings reach a crop whose patch grid differs from img_size's: "dino" is official DINO's
 # interpolation (the default: 96 px local crops then see exactly what the official ViT gives them), "timm" is
 # timm's resample_abs_pos_embed (by output size, antialiased when shrinking).
@@ -134,41 +182,89 @@ def interpolate_pos_embed_dino(pos_embed: torch.Tensor, grid: tuple[int, int], n
     return torch.cat([prefix, resized], dim=1)
 
 
+def split_arch(arch: str) -> tuple[str, str]:
+    """(trunk size, read-out) of an arch name: "vit_small_sparo" -> ("vit_small", "sparo")."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+    parts = arch.split("_")
+    return "_".join(parts[:2]), (parts[2] if len(parts) > 2 else "cls")
+
+
+def readout_of(arch: str) -> str:
+    return split_arch(arch)[1]
+
+
 def is_sparo_arch(arch: str) -> bool:
-    return arch.endswith("_sparo")
+    return readout_of(arch) == "sparo"
 
 
-def reject_sparo_options(arch: str, given: Sequence[str]) -> None:
-    """Raise ValueError when SPARO options are given to a baseline arch, where they would silently do nothing.
+def has_slots(arch: str) -> bool:
+    """Whether the arch's encoding is L slots of V dims (per-slot k-NN, slot maps and galleries apply)."""
+    return readout_of(arch) in SLOT_READOUTS
+
+
+def reject_readout_options(arch: str, given: Sequence[str]) -> None:
+    """Raise ValueError when read-out options are given to an arch whose read-out does not take them, where they
+    would silently do nothing.
 
     The one check of this rule: build_backbone applies it to its keyword arguments, main_dino's flag validation to
-    the flags that differ from SPARO_DEFAULTS, the evaluations to the SPARO flags given with a baseline's weights.
-    `given` names the options as the user wrote them."""
-    if given and not is_sparo_arch(arch):
-        raise ValueError(f"{', '.join(given)} need a SPARO arch, not baseline arch {arch!r}; use {arch}_sparo")
+    the flags that differ from READOUT_DEFAULTS, the evaluations to the read-out flags given with weights. `given`
+    names the options as the user wrote them ("--num_slots" or "num_slots")."""
+    size, readout = split_arch(arch)
+    wrong = [name for name in given if name.lstrip("-") not in OPTIONS_OF_READOUT[readout]]
+    if wrong:
+        takers = [r for r in READOUTS if all(name.lstrip("-") in OPTIONS_OF_READOUT[r] for name in wrong)]
+        suggestion = f"; use {' or '.join(f'{size}_{r}' for r in takers)}" if takers else ""
+        verb = "does" if len(wrong) == 1 else "do"
+        raise ValueError(f"{', '.join(wrong)} {verb} not apply to the {readout} read-out of {arch}{suggestion}")
 
 
 class DinoVisionTransformer(VisionTransformer):
     """timm's ViT (fused SDPA attention, drop-path, grad checkpointing, any input size) with a DINO read-out.
 
-    `forward(images)` returns the encoding: the final-norm CLS token for baselines, the flattened SPARO slots
-    (computed on all final-norm tokens, CLS included) when `sparo` is set. Crops of another size than img_size get
-    their position embeddings by official DINO's interpolation unless pos_embed_interpolation="timm".
+    `forward(images)` returns the encoding: for cls the final-norm CLS token, for gap the mean final-norm patch
+    token, for attpool timm's attention pooling (one learned latent, the `map` head of timm's ViTs) and for mhca and
+    sparo the flattened slots; attpool, mhca and sparo read all final-norm tokens of the N-1 remaining blocks, CLS
+    included. Crops of another size than img_size get their position embeddings by official DINO's interpolation
+    unless pos_embed_interpolation="timm".
     """
 
     def __init__(self, *, embed_dim: int, depth: int, num_heads: int, patch_size: int, img_size: int,
-                 drop_path_rate: float, sparo: dict[str, int] | None, pos_embed_interpolation: str = "dino") -> None:
+                 drop_path_rate: float, readout: str = "cls", readout_options: Mapping[str, Any] | None = None,
+                 pos_embed_interpolation: str = "dino") -> None:
         if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
             raise ValueError(f"unknown pos_embed_interpolation {pos_embed_interpolation!r}; valid: "
                              f"{', '.join(POS_EMBED_INTERPOLATIONS)}")
+        if readout not in READOUTS:
+            raise ValueError(f"unknown read-out {readout!r}; valid: {', '.join(READOUTS)}")
+        options = {**{key: READOUT_DEFAULTS[key] for key in OPTIONS_OF_READOUT[readout]}, **(readout_options or {})}
+        replaces_block = readout in ("attpool", "mhca", "sparo")
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
-                         depth=depth - 1 if sparo else depth, num_heads=num_heads, mlp_ratio=4.0,
-                         qkv_bias=True, num_classes=0, global_pool="token", dynamic_img_size=True,
-                         drop_path_rate=drop_path_rate)
+                         depth=depth - 1 if replaces_block else depth, num_heads=num_heads, mlp_ratio=4.0,
+                         qkv_bias=True, num_classes=0, global_pool="map" if readout == "attpool" else "token",
+                         dynamic_img_size=True, drop_path_rate=drop_path_rate)
         trunc_normal_(self.cls_token, std=0.02)  # official DINO init (timm uses 1e-6)
+        self.readout = readout
         self.pos_embed_interpolation = pos_embed_interpolation
-        self.sparo = SPARO(embed_dim, **sparo) if sparo else None
-        self.num_features = (sparo["num_slots"] * sparo["slot_dim"] if sparo else embed_dim)
+        # Registered under the read-out's name, so checkpoints say which read-out their weights belong to.
+        self.sparo = SPARO(embed_dim, **options) if readout == "sparo" else None
+        self.mhca = MultiHeadCrossAttention(embed_dim, num_heads, **options) if readout == "mhca" else None
+        slots = self.slot_readout
+        self.num_features = slots.num_slots * slots.slot_dim if slots is not None else embed_dim
+
+    @property
+    def slot_readout(self) -> SPARO | MultiHeadCrossAttention | None:
+        """The slot-structured read-out (SPARO or multi-head cross-attention), None for the others."""
+        return self.sparo if self.sparo is not None else self.mhca
+
+    def readout_parameter_count(self) -> int:
+        """Parameters of what follows the N-1 blocks every read-out shares: the N-th block for cls and gap, the
+        read-out module for the others. The number to compare when asking whether a read-out is "the same size"."""
+        if self.readout in ("cls", "gap"):
+            module: nn.Module = self.blocks[-1]
+        else:
+            module = self.attn_pool if self.readout == "attpool" else self.slot_readout
+        return sum(parameter.numel() for parameter in module.parameters())
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, w, C) patch embeddings -> (B, 1 + h*w, C) tokens with CLS and position embeddings added."""
@@ -186,35 +282,43 @@ class DinoVisionTransformer(VisionTransformer):
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the patch size {patch}")
         return self.forward_features(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.tokens(images)
-        if self.sparo is None:
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The encoding from the final-norm tokens of `tokens()`."""
+        if self.readout == "cls":
             return tokens[:, 0]
-        return self.sparo(tokens).flatten(1)
+        if self.readout == "gap":
+            return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.readout == "attpool":
+            return self.attn_pool(tokens)
+        return self.slot_readout(tokens).flatten(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode_tokens(self.tokens(images))
 
 
 def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0,
                    grad_checkpointing: bool = False, pos_embed_interpolation: str = "dino",
-                   **sparo_options: int) -> DinoVisionTransformer:
-    """Build a baseline or SPARO backbone by name.
+                   **readout_options: int | bool) -> DinoVisionTransformer:
+    """Build a backbone by name: trunk size and read-out (see the module docstring and ARCHS).
 
-    SPARO options (num_slots, slot_dim, attn_dim, group_size) default to L = V = D = 64, g = 1; giving them to a
-    baseline arch is an error, since they would silently do nothing. pos_embed_interpolation: see
-    POS_EMBED_INTERPOLATIONS.
+    Read-out options (num_slots, slot_dim, attn_dim, group_size, slot_norm; OPTIONS_OF_READOUT says which read-out
+    takes which) default to the paper's L = V = D = 64, g = 1, no slot norm; giving one to a read-out that does not
+    take it is an error, since it would silently do nothing. pos_embed_interpolation: see POS_EMBED_INTERPOLATIONS.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
-    unknown = sorted(set(sparo_options) - set(SPARO_OPTIONS))
+    size, readout = split_arch(arch)
+    unknown = sorted(set(readout_options) - set(READOUT_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown backbone option(s) {', '.join(unknown)}; SPARO options: {', '.join(SPARO_OPTIONS)}")
-    reject_sparo_options(arch, sorted(sparo_options))
-    sparo = {**SPARO_DEFAULTS, **{k: int(v) for k, v in sparo_options.items()}} if is_sparo_arch(arch) else None
+        raise TypeError(f"unknown backbone option(s) {', '.join(unknown)}; read-out options: "
+                        f"{', '.join(READOUT_OPTIONS)}")
+    reject_readout_options(arch, sorted(readout_options))
+    options = {key: (bool(value) if key == "slot_norm" else int(value)) for key, value in readout_options.items()}
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
-    spec = _SIZES[arch.removesuffix("_sparo")]
+    spec = _SIZES[size]
     model = DinoVisionTransformer(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
                                   patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
-                                  sparo=sparo, pos_embed_interpolation=pos_embed_interpolation)
+                                  readout=readout, readout_options=options,
+                                  pos_embed_interpolation=pos_embed_interpolation)
     model.set_grad_checkpointing(grad_checkpointing)
     return model
 
@@ -222,15 +326,15 @@ def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_pa
 def backbone_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """The build_backbone arguments held in a flat run config (CLI flags or a checkpoint's `config`).
 
-    Training and evaluation both build backbones from configs; this keeps the SPARO-only options away from
-    baseline archs in one place.
+    Training and evaluation both build backbones from configs; this keeps each read-out's options away from the
+    other read-outs in one place.
     """
     kwargs: dict[str, Any] = {"arch": config["arch"]}
     for key in ("patch_size", "img_size", "drop_path_rate", "grad_checkpointing", "pos_embed_interpolation"):
         if config.get(key) is not None:
             kwargs[key] = config[key]
-    if is_sparo_arch(config["arch"]):
-        kwargs.update({key: config[key] for key in SPARO_OPTIONS if config.get(key) is not None})
+    kwargs.update({key: config[key] for key in OPTIONS_OF_READOUT[readout_of(config["arch"])]
+                   if config.get(key) is not None})
     return kwargs
 
 
@@ -251,7 +355,7 @@ def _register(arch: str) -> None:
 
 
 for _arch in ARCHS:
-    if is_sparo_arch(_arch):
+    if readout_of(_arch) != "cls":  # timm's registry has its own vit_tiny|small|base-like names
         _register(_arch)
 
 
@@ -323,12 +427,13 @@ def slot_attention_maps(backbone: DinoVisionTransformer, images: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slot attention over patch tokens as (B, L, h, w), and the share each slot puts on CLS as (B, L).
 
-    Maps are not renormalized after dropping CLS, so a slot that mostly reads CLS shows a faint map.
+    For mhca a slot's map is its attention averaged over heads. Maps are not renormalized after dropping CLS, so a
+    slot that mostly reads CLS shows a faint map.
     """
-    if getattr(backbone, "sparo", None) is None:
-        raise ValueError("slot attention maps need a SPARO backbone (an arch ending in _sparo)")
+    if getattr(backbone, "slot_readout", None) is None:
+        raise ValueError("slot attention maps need a slot read-out (an arch ending in _sparo or _mhca)")
     tokens = backbone.tokens(images)
-    _, attention = backbone.sparo(tokens, return_attention=True)
+    _, attention = backbone.slot_readout(tokens, return_attention=True)
     prefix = backbone.num_prefix_tokens
     grid_h = images.shape[-2] // backbone.patch_embed.patch_size[0]
     grid_w = images.shape[-1] // backbone.patch_embed.patch_size[1]

@@ -6,8 +6,8 @@
 Writes what the official script writes to --output_dir: `img.png` (the resized image), `attn-head<j>.png` (head j's
 CLS attention over the patches in the last block, upsampled by the patch size) and, with --threshold t,
 `mask_th<t>_head<j>.png` (the smallest set of patches that holds a fraction t of that attention, over the image).
-For a SPARO checkpoint the last attention is the read-out's, so the files are `attn-slot<j>.png` and
-`mask_th<t>_slot<j>.png`, one per slot. The model comes from the checkpoint's config; --arch and --patch_size (official
+For a slot read-out (*_sparo; *_mhca averaged over its heads) the last attention is the read-out's, so the files are
+`attn-slot<j>.png` and `mask_th<t>_slot<j>.png`, one per slot. The model comes from the checkpoint's config; --arch and --patch_size (official
 defaults vit_small and 8) apply to plain state dicts. Nothing is downloaded: weights and image must be given.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                                                "give --arch and --patch_size", OFFICIAL_PLAIN_DEFAULTS)
     patch_size = options["patch_size"]
     image = load_image(args.image_path, args.image_size, patch_size)
-    if sparo_vit.is_sparo_arch(options["arch"]):
+    if sparo_vit.has_slots(options["arch"]):
         kind, (maps, _) = "slot", sparo_vit.slot_attention_maps(backbone, image)
     else:
         kind, (maps, _) = "head", sparo_vit.cls_attention_maps(backbone, image)

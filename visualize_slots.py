@@ -1,4 +1,5 @@
-"""See what SPARO slots attend to: attention-map grids and slot galleries from a checkpoint.
+"""See what SPARO slots attend to: attention-map grids and slot galleries from a checkpoint (any slot read-out:
+*_sparo, and *_mhca, whose slot maps average its heads).
 
     python visualize_slots.py --pretrained_weights out/checkpoint.pth --images img1.jpg photos/ --select_by entropy
     python visualize_slots.py --pretrained_weights out/checkpoint.pth --dataset fashion_mnist --split val \
@@ -200,7 +201,7 @@ def render_attention_grid(images: torch.Tensor, rows: Sequence[MapRow], path: st
 @torch.no_grad()
 def slot_vectors(backbone: sparo_vit.DinoVisionTransformer, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Per-slot outputs (B, L, V) of the read-out."""
-    return torch.cat([backbone.sparo(backbone.tokens(images[i:i + batch_size]))
+    return torch.cat([backbone.slot_readout(backbone.tokens(images[i:i + batch_size]))
                       for i in range(0, len(images), batch_size)])
 
 
@@ -238,8 +239,8 @@ def render_comparison(args: argparse.Namespace, images: torch.Tensor, slot_rows:
     given = {"arch": args.compare_arch, "patch_size": args.compare_patch_size}
     baseline, options, baseline_tag = load_named_backbone(args.compare_weights, args.checkpoint_key, given,
                                                           "give --compare_arch and --compare_patch_size")
-    if sparo_vit.is_sparo_arch(options["arch"]):
-        raise ValueError(f"--compare_weights needs a baseline checkpoint (vit_tiny|small|base); "
+    if sparo_vit.has_slots(options["arch"]):
+        raise ValueError(f"--compare_weights needs a checkpoint without slots (e.g. vit_tiny|small|base); "
                          f"{args.compare_weights} is {options['arch']}")
     maps, cls_share = sparo_vit.cls_attention_maps(baseline, images)
     rows = map_rows(f"{options['arch']} head", maps, cls_share, range(maps.shape[1])) + list(slot_rows)
@@ -252,11 +253,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = config.parse_args(build_parser(), argv)
     eval_cli.check_output_dirs(args)
     backbone, options, tag = weights.load_backbone(args)
-    if not sparo_vit.is_sparo_arch(options["arch"]):
-        raise ValueError(f"slot maps need a *_sparo checkpoint; {args.pretrained_weights} is {options['arch']}")
+    if not sparo_vit.has_slots(options["arch"]):
+        raise ValueError(f"slot maps need a slot read-out (*_sparo, *_mhca); {args.pretrained_weights} is "
+                         f"{options['arch']}")
     images = load_images(args)
     maps, cls_share = sparo_vit.slot_attention_maps(backbone, images)
-    slots = choose_slots(args, backbone.sparo.num_slots, maps, cls_share)
+    slots = choose_slots(args, backbone.slot_readout.num_slots, maps, cls_share)
     output_dir = eval_cli.default_output_dir(args)
     os.makedirs(output_dir, exist_ok=True)
     outputs: dict[str, object] = {"slots": slots}

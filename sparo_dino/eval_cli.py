@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 import sparo_vit
-from sparo_dino import augmentation, datasets, distributed, extraction, feature_cache, weights
+from sparo_dino import augmentation, config, datasets, distributed, extraction, feature_cache, weights
 from sparo_dino.checkpoint import CheckpointError
 from sparo_dino.cli_errors import exit_with, print_once, require_writable_dirs
 from sparo_dino.feature_cache import FeatureSet
@@ -44,9 +44,10 @@ def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        help="read from the checkpoint's config; required for a plain state dict")
     group.add_argument("--img_size", type=int, default=None,
                        help="position-embedding grid of the backbone (config; default 224 for a plain state dict)")
-    for option in sparo_vit.SPARO_OPTIONS:
-        group.add_argument(f"--{option}", type=int, default=None,
-                           help="SPARO option, read from the checkpoint's config (default 64 / 1 for a plain state dict)")
+    for option in sparo_vit.READOUT_OPTIONS:
+        group.add_argument(f"--{option}", type=config.bool_flag if option == "slot_norm" else int, default=None,
+                           help="read-out option, read from the checkpoint's config (plain state dict: "
+                                f"{sparo_vit.READOUT_DEFAULTS[option]})")
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", type=str, default="imagefolder", choices=datasets.DATASETS)
     group.add_argument("--data_path", type=str, default=None,

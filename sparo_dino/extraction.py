@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import sparo_vit
 from sparo_dino import datasets, distributed
 
-# What the SPARO linear probe reads (paper C.2, two readings): the encoding alone, or the encoding after the
-# final-norm CLS of the n-1 trunk blocks before SPARO (official DINO's n_last_blocks idea).
+# What the linear probe of a read-out that replaces the last block reads (paper C.2, two readings for SPARO): the
+# encoding alone, or the encoding after the final-norm CLS of the n-1 trunk blocks before it (official DINO's
+# n_last_blocks idea).
 SPARO_FEATURES: tuple[str, ...] = ("encoding", "encoding+cls")
 # Rows per rank and per collective when gathering features: bounds the extra (GPU) memory of the gather.
 _GATHER_ROWS = 4096
@@ -30,33 +31,38 @@ GATHER_SCOPES: tuple[str, ...] = ("main", "all", "local")
 def feature_kind(arch: str, n_last_blocks: int = 1, avgpool: bool = False, sparo_features: str = "encoding") -> str:
     """Name of what a feature vector holds, stored with cached features so a cache is never misused.
 
-    Baselines: `cls_last<n>[_avgpool]`. SPARO archs: `sparo_encoding`, or with sparo_features="encoding+cls"
-    `cls_last<n-1>+sparo_encoding` (the CLS of the n-1 trunk blocks before SPARO, then the encoding)."""
-    if not sparo_vit.is_sparo_arch(arch):
+    CLS read-out (baselines): `cls_last<n>[_avgpool]`. Other read-outs: `<readout>_encoding` (e.g.
+    `sparo_encoding`), or for one that replaces the last block with sparo_features="encoding+cls"
+    `cls_last<n-1>+<readout>_encoding` (the CLS of the n-1 trunk blocks before the read-out, then the encoding)."""
+    readout = sparo_vit.readout_of(arch)
+    if readout == "cls":
         return f"cls_last{n_last_blocks}" + ("_avgpool" if avgpool else "")
     if sparo_features == "encoding":
-        return "sparo_encoding"
+        return f"{readout}_encoding"
     if sparo_features != "encoding+cls":
         raise ValueError(f"unknown SPARO features {sparo_features!r}; choose from {', '.join(SPARO_FEATURES)}")
+    if readout == "gap":
+        raise ValueError("--sparo_features encoding+cls applies to read-outs that replace the last block "
+                         f"(_attpool, _mhca, _sparo), not {arch}")
     if n_last_blocks < 2:
         raise ValueError(f"--sparo_features encoding+cls needs --n_last_blocks >= 2 (n-1 CLS tokens and the "
                          f"encoding), got {n_last_blocks}")
-    return f"cls_last{n_last_blocks - 1}+sparo_encoding"
+    return f"cls_last{n_last_blocks - 1}+{readout}_encoding"
 
 
-_KIND = re.compile(r"cls_last(\d+)(_avgpool|\+sparo_encoding)?")
+_KIND = re.compile(r"cls_last(\d+)(_avgpool|\+(?:attpool|mhca|sparo)_encoding)?")
 
 
 def feature_function(backbone: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """images -> features for a feature kind, in one pass through the trunk.
 
-    - `sparo_encoding`: the SPARO encoding (unnormalized); `cls_last1`: a baseline's final-norm CLS.
+    - `<readout>_encoding`: the read-out's encoding (unnormalized); `cls_last1`: a baseline's final-norm CLS.
     - `cls_last<n>`: the final-norm CLS of the last n blocks, earliest first (official linear-probe features).
     - `_avgpool`: plus the mean final-norm patch token, interleaved with the last CLS dim by dim as official DINO
       lays it out (its reshape of the pair), so official linear heads (ViT-B: n=1 + avgpool) read it correctly.
-    - `+sparo_encoding`: the CLS of the last n trunk blocks of a SPARO arch (the ones before SPARO), then the encoding.
+    - `+<readout>_encoding`: the CLS of the last n trunk blocks (the ones before the read-out), then the encoding.
     """
-    if kind in ("sparo_encoding", "cls_last1"):
+    if kind == f"{backbone.readout}_encoding" or (kind == "cls_last1" and backbone.readout == "cls"):
         return backbone
     match = _KIND.fullmatch(kind)
     if match is None:
@@ -64,8 +70,9 @@ def feature_function(backbone: nn.Module, kind: str) -> Callable[[torch.Tensor],
     n_blocks, extra = int(match[1]), match[2]
     if not 1 <= n_blocks <= len(backbone.blocks):
         raise ValueError(f"{kind} needs the CLS of {n_blocks} blocks, but the trunk has {len(backbone.blocks)}")
-    if (extra == "+sparo_encoding") != (backbone.sparo is not None):
-        raise ValueError(f"feature kind {kind} does not apply to this backbone (SPARO: {backbone.sparo is not None})")
+    wanted = extra[1:].removesuffix("_encoding") if extra and extra.startswith("+") else "cls"
+    if wanted != backbone.readout:
+        raise ValueError(f"feature kind {kind} does not apply to this backbone (read-out: {backbone.readout})")
 
     def features(images: torch.Tensor) -> torch.Tensor:
         # timm's single pass: final-norm tokens of the last block and final-norm CLS of the last n blocks.
@@ -75,8 +82,8 @@ def feature_function(backbone: nn.Module, kind: str) -> Callable[[torch.Tensor],
         if extra == "_avgpool":
             mean = final[:, backbone.num_prefix_tokens:].mean(dim=1)
             parts[-1] = torch.stack((parts[-1], mean), dim=-1).flatten(1)
-        elif extra == "+sparo_encoding":
-            parts.append(backbone.sparo(final).flatten(1))
+        elif extra is not None:  # +<readout>_encoding
+            parts.append(backbone.encode_tokens(final))
         return torch.cat(parts, dim=-1)
 
     return features

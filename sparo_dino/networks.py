@@ -42,6 +42,15 @@ def build_student_teacher(config: Mapping[str, Any]) -> tuple[sparo_vit.MultiCro
     return student, teacher
 
 
+def parameter_line(arch: str, backbone: sparo_vit.DinoVisionTransformer) -> str:
+    """The backbone's size and its read-out's share, printed at the start of a run: read-outs are compared at
+    their parameter counts (the issue with SPARO at small widths: 64x64 keys outgrow the block they replace)."""
+    total = sum(parameter.numel() for parameter in backbone.parameters())
+    part = "its last block" if backbone.readout in ("cls", "gap") else "the read-out replacing the last block"
+    return (f"{arch}: {total:,} backbone parameters, {backbone.readout_parameter_count():,} in {part}; "
+            f"encoding of {backbone.num_features} dims")
+
+
 def initial_teacher_backbone(config: Mapping[str, Any]) -> sparo_vit.DinoVisionTransformer:
     """The teacher backbone a run with this config starts from (its weights before the first step).
 

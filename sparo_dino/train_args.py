@@ -70,13 +70,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth of the student")
     model.add_argument("--grad_checkpointing", default=False, type=bool_flag,
                        help="recompute block activations in backward to save memory")
-    sparo = parser.add_argument_group("SPARO read-out (archs ending in _sparo)")
-    sparo_defaults = sparo_vit.SPARO_DEFAULTS
-    sparo.add_argument("--num_slots", default=sparo_defaults["num_slots"], type=int, help="L, number of slots")
-    sparo.add_argument("--slot_dim", default=sparo_defaults["slot_dim"], type=int, help="V, output size per slot")
-    sparo.add_argument("--attn_dim", default=sparo_defaults["attn_dim"], type=int, help="D, key/query size")
-    sparo.add_argument("--group_size", default=sparo_defaults["group_size"], type=int,
-                       help="g, consecutive slots sharing one key projection")
+    readout = parser.add_argument_group("read-out options (the read-out is the arch's suffix: _gap, _attpool, _mhca, "
+                                        "_sparo; none = CLS)")
+    defaults = sparo_vit.READOUT_DEFAULTS
+    readout.add_argument("--num_slots", default=defaults["num_slots"], type=int,
+                         help="L, number of slots (_sparo, _mhca)")
+    readout.add_argument("--slot_dim", default=defaults["slot_dim"], type=int,
+                         help="V, output size per slot (_sparo, _mhca)")
+    readout.add_argument("--attn_dim", default=defaults["attn_dim"], type=int, help="D, key/query size (_sparo)")
+    readout.add_argument("--group_size", default=defaults["group_size"], type=int,
+                         help="g, consecutive slots sharing one key projection (_sparo)")
+    readout.add_argument("--slot_norm", default=defaults["slot_norm"], type=bool_flag,
+                         help="slot-wise LayerNorm of each slot's attention output before the slot-wise projection "
+                              "(paper Tab. 6; _sparo, _mhca)")
 
     temperature = parser.add_argument_group("teacher temperature")
     temperature.add_argument("--warmup_teacher_temp", default=0.04, type=float,
@@ -220,8 +226,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             _fail(parser, "--data_path is required for --dataset imagefolder")
         args.data_path = FASHION_MNIST_DIR
     try:
-        sparo_vit.reject_sparo_options(args.arch, [f"--{key}" for key, default in sparo_vit.SPARO_DEFAULTS.items()
-                                                   if getattr(args, key) != default])
+        sparo_vit.reject_readout_options(args.arch, [f"--{key}" for key, default in sparo_vit.READOUT_DEFAULTS.items()
+                                                     if getattr(args, key) != default])
     except ValueError as error:
         _fail(parser, str(error))
     try:

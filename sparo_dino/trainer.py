@@ -24,7 +24,7 @@ from sparo_dino import distributed
 from sparo_dino.checkpoint import CheckpointError, remove_stale_temporaries
 from sparo_dino.config import args_to_dict, save_config
 from sparo_dino.loss import DINOLoss
-from sparo_dino.networks import build_student_teacher, seed_everything
+from sparo_dino.networks import build_student_teacher, parameter_line, seed_everything
 from sparo_dino.optim import build_optimizer, param_groups
 from sparo_dino.periodic_knn import PeriodicKnn
 from sparo_dino.preemption import StopPoll
@@ -69,6 +69,8 @@ class DinoTrainer:
 
         seed_everything(args.seed)  # identical initial weights on every rank
         student, self.teacher = build_student_teacher(vars(args))
+        if distributed.is_main_process():
+            print(parameter_line(args.arch, student.backbone), flush=True)
         if args.use_bn_in_head and info.world_size > 1 and self.device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)

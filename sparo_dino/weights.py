@@ -25,7 +25,7 @@ from sparo_dino.checkpoint import load_checkpoint
 
 # The backbone options an evaluation reads from a checkpoint's config (flags may fill the gaps, never contradict).
 BACKBONE_OPTION_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size",
-                                         "pos_embed_interpolation") + sparo_vit.SPARO_OPTIONS
+                                         "pos_embed_interpolation") + sparo_vit.READOUT_OPTIONS
 # The networks a training checkpoint holds (--checkpoint_key).
 TRAINING_KEYS: tuple[str, ...] = ("teacher", "student")
 # Where other tools keep a state dict inside a checkpoint dict (timm, MAE, DeiT: `model`; Lightning: `state_dict`).
@@ -34,7 +34,9 @@ _WRAPPER_KEYS: tuple[str, ...] = ("model", "state_dict")
 _OLD_WEIGHT_NORM_NAMES: dict[str, str] = {"last_layer.weight_g": "last_layer.parametrizations.weight.original0",
                                           "last_layer.weight_v": "last_layer.parametrizations.weight.original1"}
 # Entries of a classifier (timm) or a DINO head saved without its wrapper: not part of a pretrained trunk.
-_NOT_TRUNK_PREFIXES: tuple[str, ...] = ("head.", "fc_norm.", "last_layer", "mlp.")
+_NOT_TRUNK_PREFIXES: tuple[str, ...] = ("head.", "fc_norm.", "last_layer", "mlp.", "attn_pool.")
+# The modules of the read-outs that replace the last block: a pretrained trunk leaves them at their fresh init.
+_READOUT_PREFIXES: tuple[str, ...] = ("sparo.", "mhca.", "attn_pool.")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ def resolve_model_options(flags: Mapping[str, Any], config: Mapping[str, Any] | 
     """build_backbone kwargs: the checkpoint's config wins, `flags` (unset: None or absent) fill gaps, a
     contradicting flag is an error."""
     flags = {key: flags.get(key) for key in BACKBONE_OPTION_KEYS}
+    arch = (config or {}).get("arch") or flags["arch"]
+    if arch is not None:  # before the comparison: a config saves every read-out flag, also those its arch ignores
+        sparo_vit.reject_readout_options(arch, [f"--{key}" for key in sparo_vit.READOUT_OPTIONS
+                                                if flags[key] is not None])
     if config is None:
         missing = [f"--{key}" for key in ("arch", "patch_size") if flags[key] is None]
         if missing:
@@ -109,8 +115,6 @@ def resolve_model_options(flags: Mapping[str, Any], config: Mapping[str, Any] | 
             merged[key] = stored if stored is not None else flags[key]
         if merged["arch"] is None:
             raise ValueError("the checkpoint's config names no arch; give --arch")
-    sparo_vit.reject_sparo_options(merged["arch"], [f"--{key}" for key in sparo_vit.SPARO_OPTIONS
-                                                    if flags[key] is not None])
     kwargs = sparo_vit.backbone_kwargs(merged)
     kwargs.pop("drop_path_rate", None)
     kwargs.pop("grad_checkpointing", None)
@@ -161,9 +165,9 @@ def load_pretrained_trunk(backbone: sparo_vit.DinoVisionTransformer,
                           source: str | Mapping[str, torch.Tensor]) -> list[str]:
     """Initialize a backbone from a timm or official-DINO ViT state dict (or a file holding one).
 
-    For a SPARO backbone all blocks but the last go into the trunk and the last block is dropped, which is how
-    the paper suggests placing SPARO on a pre-trained model; the SPARO read-out keeps its fresh init. Returns the
-    names of the parameters that were not in the source (the read-out for SPARO archs).
+    For a read-out that replaces the last block (attpool, mhca, sparo) all blocks but the last go into the trunk and
+    the last block is dropped, which is how the paper suggests placing SPARO on a pre-trained model; the read-out
+    keeps its fresh init. Returns the names of the parameters that were not in the source (the read-out's).
     """
     if isinstance(source, str) and not os.path.isfile(source):
         raise FileNotFoundError(f"pretrained weights not found: {source}")
@@ -184,7 +188,7 @@ def load_pretrained_trunk(backbone: sparo_vit.DinoVisionTransformer,
     missing, unexpected = backbone.load_state_dict(trunk, strict=False)
     if unexpected:
         raise ValueError(f"pretrained weights hold keys this backbone lacks: {', '.join(sorted(unexpected)[:5])}")
-    trunk_missing = [k for k in missing if not k.startswith("sparo.")]
+    trunk_missing = [k for k in missing if not k.startswith(_READOUT_PREFIXES)]
     if trunk_missing:
         raise ValueError(f"pretrained weights lack trunk keys: {', '.join(sorted(trunk_missing)[:5])}")
     return list(missing)

@@ -67,7 +67,7 @@ def test_auto_precision_without_the_emulation_keyword_reads_the_capability(monke
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--arch", "vit_small", "--num_slots", "32"], "--num_slots need a SPARO arch"),
+    (["--arch", "vit_small", "--num_slots", "32"], "--num_slots does not apply to the cls read-out of vit_small"),
     (["--global_crop_size", "30", "--patch_size", "8"], "--global_crop_size 30 is not divisible"),
     (["--use_fp16", "true", "--precision", "bf16"], "contradicts --precision bf16"),
     (["--global_crops_scale", "0.4"], "--global_crops_scale must be two numbers"),

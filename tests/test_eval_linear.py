@@ -163,14 +163,14 @@ def test_sparo_features_encoding_plus_cls_is_one_flag_away(feature_cache, image_
     with pytest.raises(ValueError, match="are 'sparo_encoding', this evaluation needs 'cls_last3\\+sparo_encoding'"):
         eval_linear.main(["--load_features", feature_cache, "--fast", "--sparo_features", "encoding+cls"])
     baseline = write_checkpoint(tmp_path / "base", BASELINE)
-    with pytest.raises(ValueError, match="--sparo_features encoding\\+cls applies to \\*_sparo archs"):
+    with pytest.raises(ValueError, match="--sparo_features encoding\\+cls applies to read-outs that replace"):
         eval_linear.main([*common[:1], baseline, *common[2:], "--sparo_features", "encoding+cls"])
 
 
 def test_flags_that_do_not_apply_are_errors(image_folder, tmp_path):
     checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
     common = ["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES, "--epochs", "1"]
-    with pytest.raises(ValueError, match="--n_last_blocks/--avgpool_patchtokens apply to baseline archs"):
+    with pytest.raises(ValueError, match="--n_last_blocks/--avgpool_patchtokens apply to CLS archs"):
         eval_linear.main([*common, "--n_last_blocks", "4"])
     with pytest.raises(ValueError, match="need --fast"):
         eval_linear.main([*common, "--dump_features", str(tmp_path / "cache")])

@@ -82,7 +82,7 @@ def test_plain_state_dicts_need_arch_flags_and_baselines_reject_sparo_flags():
         weights.resolve_model_options(flags(), None)
     assert weights.resolve_model_options(flags(arch="vit_small", patch_size=16), None) == {
         "arch": "vit_small", "patch_size": 16}
-    with pytest.raises(ValueError, match="--num_slots need a SPARO arch"):
+    with pytest.raises(ValueError, match="--num_slots does not apply to the cls read-out"):
         weights.resolve_model_options(flags(arch="vit_small", patch_size=16, num_slots=8), None)
 
 

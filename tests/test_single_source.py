@@ -16,9 +16,11 @@ def test_sparo_defaults_have_one_definition_read_by_the_module_the_builder_and_t
     assert dict(defaults) == {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size": 1}
     signature = inspect.signature(sparo_vit.SPARO)
     assert {name: signature.parameters[name].default for name in defaults} == dict(defaults)
-    assert sparo_vit.SPARO_OPTIONS == tuple(defaults)
+    assert sparo_vit.READOUT_OPTIONS == (*defaults, "slot_norm")
+    assert {name: signature.parameters[name].default for name in sparo_vit.READOUT_OPTIONS} == \
+        dict(sparo_vit.READOUT_DEFAULTS)
     parsed = train_args.get_args_parser().parse_args([])
-    assert {name: getattr(parsed, name) for name in defaults} == dict(defaults)
+    assert {name: getattr(parsed, name) for name in sparo_vit.READOUT_OPTIONS} == dict(sparo_vit.READOUT_DEFAULTS)
 
 
 def _pil_ops(transform) -> dict[str, object]:
@@ -92,8 +94,9 @@ def test_sparo_options_on_a_baseline_are_one_rule_with_one_message_from_the_buil
 
     with pytest.raises(ValueError) as error:
         sparo_vit.build_backbone("vit_small", num_slots=32)
-    assert str(error.value) == "num_slots need a SPARO arch, not baseline arch 'vit_small'; use vit_small_sparo"
+    assert str(error.value) == ("num_slots does not apply to the cls read-out of vit_small; use vit_small_mhca or "
+                                "vit_small_sparo")
     with pytest.raises(SystemExit):
         train_args.parse_train_args(["--data_path", "x", "--arch", "vit_small", "--num_slots", "32"])
-    assert "error: --num_slots need a SPARO arch, not baseline arch 'vit_small'; use vit_small_sparo" in \
-        capsys.readouterr().err
+    assert ("error: --num_slots does not apply to the cls read-out of vit_small; use vit_small_mhca or "
+            "vit_small_sparo") in capsys.readouterr().err

@@ -161,10 +161,16 @@ def test_baseline_returns_final_norm_cls_and_intermediate_cls() -> None:
 
 
 def test_build_backbone_errors_name_the_problem() -> None:
-    with pytest.raises(ValueError, match="valid archs: vit_tiny, vit_small, vit_base, vit_tiny_sparo"):
+    with pytest.raises(ValueError, match="valid archs: vit_tiny, vit_small, vit_base, vit_tiny_gap, .*vit_base_sparo$"):
         build_backbone("resnet50")
-    with pytest.raises(ValueError, match="baseline arch 'vit_small'"):
+    with pytest.raises(ValueError, match="cls read-out of vit_small; use vit_small_mhca or vit_small_sparo"):
         build_backbone("vit_small", num_slots=32)
+    with pytest.raises(ValueError, match="^attn_dim, group_size do not apply to the mhca read-out of vit_tiny_mhca; "
+                                         "use vit_tiny_sparo$"):
+        build_backbone("vit_tiny_mhca", attn_dim=32, group_size=2)
+    with pytest.raises(ValueError, match="^slot_norm does not apply to the attpool read-out of vit_tiny_attpool; "
+                                         "use vit_tiny_mhca or vit_tiny_sparo$"):
+        build_backbone("vit_tiny_attpool", slot_norm=True)
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         build_backbone("vit_tiny", patch_size=16, img_size=32)(torch.randn(1, 3, 40, 40))
 
@@ -232,7 +238,7 @@ def test_slot_attention_maps_cover_patches_and_report_cls_share() -> None:
     assert maps.shape == (2, 6, 6, 4) and cls_share.shape == (2, 6)
     torch.testing.assert_close(maps.sum(dim=(-2, -1)) + cls_share, torch.ones(2, 6))
     assert not torch.allclose(maps[:, 0], maps[:, 1])
-    with pytest.raises(ValueError, match="SPARO backbone"):
+    with pytest.raises(ValueError, match="need a slot read-out"):
         slot_attention_maps(build_backbone("vit_tiny", patch_size=8, img_size=32), torch.randn(1, 3, 32, 32))
 
 

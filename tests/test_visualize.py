@@ -85,7 +85,7 @@ def test_bad_visualization_input_names_the_problem(image_folder, checkpoint, tmp
     with pytest.raises(FileNotFoundError, match="image or folder not found"):
         visualize_slots.main(base + ["--images", str(tmp_path / "nope.png")])
     baseline = write_checkpoint(tmp_path / "base", {"arch": "vit_tiny", "patch_size": 8, "img_size": 32})
-    with pytest.raises(ValueError, match="need a \\*_sparo checkpoint"):
+    with pytest.raises(ValueError, match="slot maps need a slot read-out"):
         visualize_slots.main(["--pretrained_weights", baseline, "--data_path", image_folder, *SMALL])
 
 
@@ -131,7 +131,7 @@ def test_comparison_with_a_plain_state_dict_needs_its_arch(image_folder, checkpo
         visualize_slots.main(base)
     out = visualize_slots.main(base + ["--compare_arch", "vit_tiny", "--compare_patch_size", "16"])
     assert len(out["comparison_rows"]) == 3 + 1
-    with pytest.raises(ValueError, match="--compare_weights needs a baseline checkpoint"):
+    with pytest.raises(ValueError, match="--compare_weights needs a checkpoint without slots"):
         visualize_slots.main(base[:2] + ["--compare_weights", checkpoint] + base[4:])
 
 

@@ -83,7 +83,7 @@ def test_the_model_file_reads_no_checkpoints_and_the_hub_needs_only_weight_readi
 
 def test_backbone_options_and_resume_keys_are_named_for_what_they_are() -> None:
     assert weights.BACKBONE_OPTION_KEYS == ("arch", "patch_size", "img_size", "pos_embed_interpolation",
-                                            "num_slots", "slot_dim", "attn_dim", "group_size")
+                                            "num_slots", "slot_dim", "attn_dim", "group_size", "slot_norm")
     # a resume must also keep the DINO head: other head sizes cannot load the checkpoint's weights
     assert set(train_args.RESUME_MUST_MATCH_KEYS) == set(weights.BACKBONE_OPTION_KEYS) | {
         "out_dim", "use_bn_in_head", "norm_last_layer"}
