@@ -225,4 +225,22 @@ MUTATIONS: tuple[Mutation, ...] = (
              "with torch.autocast(device_type=x.device.type, enabled=x.dtype != torch.float32):",
              ("tests/test_sparo_vit.py::test_head_cosines_stay_fp32_under_bf16_autocast",),
              "the DINO head's cosine logits rounded to bf16 (~0.004) before the teacher's temperature of 0.04"),
+    # ------------------------------------------------------------------------- read-outs
+    Mutation("gap-includes-cls", "sparo_vit.py",
+             "return tokens[:, self.num_prefix_tokens:].mean(dim=1)", "return tokens.mean(dim=1)",
+             ("tests/test_readouts.py::test_cls_and_gap_read_the_final_norm_tokens_of_all_blocks",),
+             "GAP averages the CLS token in with the patch tokens"),
+    Mutation("mhca-slot-norm-ignored", "sparo_vit.py",
+             "        slots = self.proj(self.norm(mixed))\n", "        slots = self.proj(mixed)\n",
+             ("tests/test_readouts.py::test_mhca_gives_each_learned_query_all_heads_then_one_shared_projection",),
+             "--slot_norm true is saved in the config but the multi-head read-out never applies the LayerNorm"),
+    Mutation("readout-keeps-last-block", "sparo_vit.py",
+             "depth=depth - 1 if replaces_block else depth", "depth=depth",
+             ("tests/test_readouts.py::test_parameter_counts_against_hand_counts",),
+             "attpool/mhca/sparo sit on all N blocks instead of replacing the last one (the comparison is unfair)"),
+    Mutation("readout-option-conflict-first", "sparo_dino/weights.py",
+             "    if arch is not None:  # before the comparison", "    if False:  # before the comparison",
+             ("tests/test_readouts.py::test_evaluating_with_a_flag_the_checkpoints_read_out_does_not_take_is_one_error",),
+             "--num_slots with an attpool checkpoint is reported as a conflict with the config instead of as an "
+             "option that read-out does not take"),
 )
