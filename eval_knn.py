@@ -8,7 +8,8 @@ final-norm CLS of a baseline, from the official Resize 256 / CenterCrop 224 view
 repository's dump or an official DINO one, whose features are already normalized). Scores: exp(sim / T) votes of the
 k nearest train samples (T = 0.07), searched on the GPU unless --use_cuda false. Prints one line per k,
 `20-NN classifier result: Top1: X, Top5: Y`, and writes knn_<checkpoint>.json to --output_dir (default: the
-checkpoint's folder).
+checkpoint's folder). --test_sets searches the same bank with shifted test sets, --n_per_class with few-shot banks
+drawn from the train split; one table then ends the output (docs/evaluation.md, Robustness evaluation).
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ classifier on cached centre-crop features instead (no augmentation; labelled FAS
 `--init_baseline` also on the features of the run's random-init network. Prints
 `Linear probe result [<protocol>]: best Top1: X (epoch E, ...), final Top1: ...` and writes results_linear.json to
 the output folder. `--evaluate` only validates a trained head and prints official DINO's accuracy line.
+--test_sets evaluates the final head on shifted test sets, --fast --n_per_class trains few-shot heads on drawn train
+features; one table then ends the output (docs/evaluation.md, Robustness evaluation).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 The features of both splits come from --load_features (a cache, checked against the flags) or from the backbone of
 --pretrained_weights (sparo_dino.weights) run over the dataset (sparo_dino.extraction), optionally dumped for later
-(sparo_dino.feature_cache). Results go next to the checkpoint unless --output_dir says otherwise; a user's mistake
-ends the script with one line instead of a traceback.
+(sparo_dino.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
+checkpoint unless --output_dir says otherwise; a user's mistake ends the script with one line instead of a traceback.
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ def compute_features(args: argparse.Namespace, device: torch.device,
     says whether L2-normalized features of an unknown model (an official DINO dump) will do, as they do for k-NN.
     `at_init`: features of the run's random-init network (see weights.load_backbone), never cached or dumped.
     `shard_train`: every rank gets a FeatureSet holding its own ShardSampler shard of train (never gathered: the
-    ImageNet x SPARO bank is 21 GB) and all of val; meta["train_shard"] says so and counts the whole train set."""
+    ImageNet x SPARO bank is 21 GB) and all of val; meta["train_shard"] says so and counts the whole train set.
+    --test_sets: each set's features go to `test_sets` of the result, labelled by training class, gathered as val's."""
     if args.load_features is not None:
         if at_init:
             raise ValueError("the random-init baseline needs --pretrained_weights (a training checkpoint), not "
