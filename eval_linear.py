@@ -280,8 +280,9 @@ def fewshot_probes(args: argparse.Namespace, probe: Probe, lr: float) -> dict[st
                          output_dir=os.path.join(probe.output_dir, FEWSHOT_DIR, f"n{n}_try{attempt}"), run=run,
                          device=probe.device, reduce=False)
         return {name: {TABLE_COLUMN: linear_probe.evaluate(
-                    RestrictedHead(head, test.present), _feature_batches(test, args.batch_size_per_gpu)(), lambda x: x,
-                    classes, probe.device, reduce=False)["top1"]}
+                    RestrictedHead(head, test.present), linear_probe.tensor_batches(test.features, test.labels,
+                                                                                    args.batch_size_per_gpu),
+                    lambda x: x, classes, probe.device, reduce=False)["top1"]}
                 for name, test in sets.items()}
 
     return {"tries": args.fewshot_tries, "seed": args.seed, "lr": lr,
@@ -330,7 +331,8 @@ def evaluate_head(args: argparse.Namespace, probe: Probe) -> dict[str, Any] | No
           f"Accuracy of the network on the {metrics['num_samples']} test images: {metrics['top1']:.1f}%", flush=True)
     results = {"evaluate": metrics, "linear_weights": os.path.abspath(path), "run": probe.run}
     if tests:
-        results.update(test_sets=tests, table=table_rows({**results, "test_sets": tests}))
+        results["test_sets"] = tests
+        results["table"] = table_rows(results)
         print("\n".join(eval_table.format_rows(results["table"], eval_table.title("linear probe (this head)"))))
     return results
 
