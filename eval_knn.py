@@ -8,7 +8,8 @@ final-norm CLS of a baseline, from the official Resize 256 / CenterCrop 224 view
 repository's dump or an official DINO one, whose features are already normalized). Scores: exp(sim / T) votes of the
 k nearest train samples (T = 0.07), searched on the GPU unless --use_cuda false. Prints one line per k,
 `20-NN classifier result: Top1: X, Top5: Y`, and writes knn_<checkpoint>.json to --output_dir (default: the
-checkpoint's folder).
+checkpoint's folder). --test_sets searches the same bank with shifted test sets, --n_per_class with few-shot banks
+drawn from the train split; one table then ends the output (docs/evaluation.md, Robustness evaluation).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 import sparo_vit
-from sparo_dino import config, distributed, eval_cli, extraction, feature_cache, knn, provenance
+from sparo_dino import config, distributed, eval_cli, eval_table, extraction, feature_cache, fewshot, knn, provenance
+from sparo_dino.test_sets import VAL_NAME, EvalSet, restrict
 from sparo_dino.knn import weighted_knn  # noqa: F401  (public API: eval_knn.weighted_knn)
 
 
@@ -68,12 +70,19 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     return kind_for
 
 
-def _accuracies(scores: dict[int, torch.Tensor], labels: torch.Tensor) -> dict[str, dict[str, float]]:
+def _accuracies(scores: dict[int, torch.Tensor], labels: torch.Tensor, present: torch.Tensor | None = None
+                ) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 per k; with `present`, predicted among those classes only (a test set holding some classes)."""
     results = {}
     for k, class_scores in scores.items():
-        top1, top5 = knn.topk_accuracy(class_scores, labels)
+        top1, top5 = knn.topk_accuracy(restrict(class_scores, present), labels)
         results[str(k)] = {"top1": top1, "top5": top5}
     return results
+
+
+def _top1(accuracies: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{"20": {"top1": x, ...}} -> {"20-NN": x}: the table's columns."""
+    return {f"{k}-NN": acc["top1"] for k, acc in accuracies.items()}
 
 
 def search_device(use_cuda: bool, device: torch.device) -> torch.device:
@@ -91,18 +100,25 @@ def run_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, device: to
     train, val = data.train_features, data.val_features
     train_labels, val_labels = data.train_labels, data.val_labels
     num_classes = data.num_classes
-    if "train_shard" in data.meta:  # this rank's shard of the bank (--shard_bank); every rank gets the scores
-        scores = knn.sharded_knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend,
-                                        where, bank_dtype, collective_device=device)
-        num_train = data.meta["train_shard"]["num_train"]
-    else:
-        scores = knn.knn_scores(train, train_labels, val, num_classes, args.nb_knn, args.temperature, backend, where,
-                                bank_dtype)
-        num_train = len(train_labels)
-    results: dict[str, Any] = {"knn": _accuracies(scores, val_labels), "num_train": num_train,
+
+    def scores(queries: torch.Tensor) -> dict[int, torch.Tensor]:
+        if "train_shard" in data.meta:  # this rank's shard of the bank (--shard_bank); every rank gets the scores
+            return knn.sharded_knn_scores(train, train_labels, queries, num_classes, args.nb_knn, args.temperature,
+                                          backend, where, bank_dtype, collective_device=device)
+        return knn.knn_scores(train, train_labels, queries, num_classes, args.nb_knn, args.temperature, backend,
+                              where, bank_dtype)
+
+    num_train = data.meta["train_shard"]["num_train"] if "train_shard" in data.meta else len(train_labels)
+    results: dict[str, Any] = {"knn": _accuracies(scores(val), val_labels), "num_train": num_train,
                                "num_test": len(val_labels), "num_classes": num_classes,
                                "temperature": args.temperature, "backend": backend, "device": str(where),
                                "bank_dtype": bank_dtype, "meta": data.meta}
+    if data.test_sets:  # the same bank searched by each test set's features
+        results["test_sets"] = {name: {**test.describe(num_classes),
+                                       "knn": _accuracies(scores(test.features), test.labels, test.present)}
+                                for name, test in data.test_sets.items()}
+    if args.n_per_class:
+        results["fewshot"] = fewshot_knn(data, args, plan)
     if not args.per_slot and args.select_slots is None:
         return results
     num_slots = data.meta["options"].get("num_slots")
@@ -124,6 +140,37 @@ def run_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, device: to
                                      "seed": args.seed, "k": args.slot_knn, "holdout_top1": holdout_top1,
                                      "knn": _accuracies(kept, val_labels)}
     return results
+
+
+def fewshot_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, plan: knn.SearchPlan) -> dict[str, Any]:
+    """k-NN with a bank of n training images per class (--n_per_class), --fewshot_tries seeded draws each, scored on
+    val and every test set; k is clipped to the bank's size. Draws index the features extracted once."""
+    sets = {VAL_NAME: EvalSet(data.val_features, data.val_labels, None), **data.test_sets}
+
+    def evaluate(n: int, attempt: int, indices: torch.Tensor) -> fewshot.TryResult:
+        bank, bank_labels = data.train_features[indices], data.train_labels[indices]
+        return {name: _top1(_accuracies(knn.knn_scores(bank, bank_labels, test.features, data.num_classes, args.nb_knn,
+                                                       args.temperature, plan.backend, plan.device, plan.bank_dtype),
+                                        test.labels, test.present))
+                for name, test in sets.items()}
+
+    return {"tries": args.fewshot_tries, "seed": args.seed,
+            "n_per_class": fewshot.run(data.train_labels, args.n_per_class, args.fewshot_tries, args.seed, evaluate,
+                                       data.classes)}
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The closing table (sparo_dino/eval_table.py): one k-NN top-1 column per k, at init beside it when asked."""
+    tests = results.get("test_sets", {})
+    sizes = {VAL_NAME: (results["num_test"], results["num_classes"]),
+             **{name: (test["num_test"], test["num_classes"]) for name, test in tests.items()}}
+    full = {VAL_NAME: _top1(results["knn"]), **{name: _top1(test["knn"]) for name, test in tests.items()}}
+    init_full = None
+    if "init_baseline" in results:
+        init_full = {VAL_NAME: _top1(results["init_baseline"]),
+                     **{name: _top1(test["knn"]) for name, test in results.get("init_test_sets", {}).items()}}
+    return eval_table.build_rows(sizes, full, results.get("fewshot", {}).get("n_per_class"), init_full,
+                                 results.get("init_fewshot", {}).get("n_per_class"))
 
 
 def _slot_spread(top1: list[float]) -> str:
@@ -154,6 +201,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                      f"{selected['slots']}")
         lines += [f"{k}-NN classifier result with {len(selected['slots'])} selected slots: "
                   f"Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}" for k, acc in selected["knn"].items()]
+    if "table" in results:
+        lines += eval_table.format_rows(results["table"], eval_table.title("weighted k-NN", results.get("fewshot")))
     return lines
 
 
@@ -168,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.shard_bank and (args.per_slot or args.select_slots is not None or args.dump_features or args.load_features):
         raise ValueError("--shard_bank keeps the train features split over the ranks; --per_slot, --select_slots, "
                          "--dump_features and --load_features need them in one process")
+    if args.shard_bank and args.n_per_class:
+        raise ValueError("--n_per_class draws from the whole train bank in one process; not with --shard_bank")
+    eval_cli.check_robustness_args(args)
     distributed.check_launcher_args(args)
     eval_cli.check_output_dirs(args)
     with distributed.process_group(args.dist_timeout_minutes, report_error=eval_cli.print_user_error) as info:
@@ -184,9 +236,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             results["init_baseline"] = baseline["knn"]
             if "per_slot" in baseline:
                 results["init_per_slot"] = baseline["per_slot"]
+            results.update({f"init_{key}": baseline[key] for key in ("test_sets", "fewshot") if key in baseline})
         if not distributed.is_main_process():  # --shard_bank: every rank searched, the main process reports
             return None
         results["provenance"] = provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})
+        if args.test_sets or args.n_per_class:
+            results["table"] = table_rows(results)
         for line in summary_lines(results):
             print(line, flush=True)
         output_dir = eval_cli.default_output_dir(args)

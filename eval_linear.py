@@ -12,12 +12,14 @@ classifier on cached centre-crop features instead (no augmentation; labelled FAS
 `--init_baseline` also on the features of the run's random-init network. Prints
 `Linear probe result [<protocol>]: best Top1: X (epoch E, ...), final Top1: ...` and writes results_linear.json to
 the output folder. `--evaluate` only validates a trained head and prints official DINO's accuracy line.
+--test_sets evaluates the final head on shifted test sets, --fast --n_per_class trains few-shot heads on drawn train
+features; one table then ends the output (docs/evaluation.md, Robustness evaluation).
 """
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,14 +28,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import sparo_vit
-from sparo_dino import augmentation, config, distributed, eval_cli, extraction, linear_probe, provenance, weights
+from sparo_dino import (augmentation, config, distributed, eval_cli, eval_table, extraction, fewshot, linear_probe,
+                        provenance, test_sets, weights)
+from sparo_dino.feature_cache import FeatureSet
 from sparo_dino.schedules import scaled_lr
 from sparo_dino.subsets import seeded_split
+from sparo_dino.test_sets import VAL_NAME, EvalSet, RestrictedHead
 
 DEFAULT_N_LAST_BLOCKS = 4
 # --fast's base lrs: official 1e-3 and around it, up to where unnormalized SPARO encodings of a short run need it
 DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 INIT_BASELINE_DIR = "init_baseline"
+FEWSHOT_DIR = "fewshot"  # in a probe's output folder: one resumable head per (n, try)
+TABLE_COLUMN = "linear"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +107,14 @@ def num_classes(args: argparse.Namespace, data_classes: int) -> int:
 
 
 @dataclass
+class ProbeTestSet:
+    """A --test_sets entry as a probe evaluates it: its batches (images, or features with --fast) and classes."""
+    batches: Callable[[], linear_probe.Batches]
+    present: torch.Tensor | None  # training classes it holds (predictions restricted to them); None: all
+    info: dict[str, Any]  # test_sets.describe
+
+
+@dataclass
 class Probe:
     """What training and --evaluate need, built the same way for both protocols."""
     classifier: nn.Module  # a LinearClassifier, or LinearHeads for --fast's lr grid
@@ -112,6 +127,8 @@ class Probe:
     device: torch.device
     reduce: bool  # whether train and val metrics are summed over ranks
     holdout_batches: Callable[[], linear_probe.Batches] | None = None  # --fast lr grid: chooses the head
+    test_sets: dict[str, ProbeTestSet] = field(default_factory=dict)
+    features: FeatureSet | None = None  # --fast: every extracted feature (few-shot heads draw from its train split)
 
 
 def _output_dir(args: argparse.Namespace, tag: str, protocol: str) -> str:
@@ -145,8 +162,13 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
     pin = info.device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=args.batch_size_per_gpu, sampler=sampler,
                               num_workers=args.num_workers, pin_memory=pin)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                            sampler=extraction.ShardSampler(len(val_set), info.rank, info.world_size), pin_memory=pin)
+
+    def eval_loader(dataset: torch.utils.data.Dataset) -> DataLoader:  # each rank its shard, metrics summed
+        return DataLoader(dataset, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                          sampler=extraction.ShardSampler(len(dataset), info.rank, info.world_size), pin_memory=pin)
+    val_loader = eval_loader(val_set)
+    tests = test_sets.build(test_sets.parse_specs(args.test_sets), train_set.classes,
+                            augmentation.eval_transform(args.resize_size, args.crop_size))
 
     def train_batches(epoch: int) -> linear_probe.Batches:
         sampler.set_epoch(epoch)
@@ -157,8 +179,13 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
     run = {"protocol": "official", "kind": kind, "dim": dim, "num_classes": classes, "tag": tag,
            "epochs": args.epochs, "lr": scaled_lr(args.lr, total_batch), "total_batch_size": total_batch,
            "options": options}
-    return Probe(classifier, model, featurize, train_batches, lambda: val_loader, run,
-                 _output_dir(args, tag, "official"), info.device, reduce=True)
+    probe = Probe(classifier, model, featurize, train_batches, lambda: val_loader, run,
+                  _output_dir(args, tag, "official"), info.device, reduce=True)
+    for test in tests:
+        loader = eval_loader(test.dataset)
+        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: loader, test.present, test_sets.describe(
+            test.spec.path, len(test.dataset), test.present, classes))
+    return probe
 
 
 def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bool = False) -> Probe | None:
@@ -189,9 +216,7 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
     classifier: nn.Module = (linear_probe.LinearHeads(train_features.shape[1], classes, lrs) if holdout is not None
                              else linear_probe.LinearClassifier(train_features.shape[1], classes)).to(info.device)
 
-    def train_batches(epoch: int) -> linear_probe.Batches:
-        generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-        return linear_probe.tensor_batches(train_features, train_labels, args.batch_size_per_gpu, generator)
+    train_batches = _shuffled_batches(train_features, train_labels, args)
 
     def val_batches() -> linear_probe.Batches:
         return linear_probe.tensor_batches(val_features, val_labels, args.batch_size_per_gpu)
@@ -202,11 +227,97 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
     if at_init:
         run["at_init"] = True  # a resumed head must come from the same network
     probe = Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run,
-                  _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False)
+                  _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False, features=data)
+    for name, test in data.test_sets.items():
+        probe.test_sets[name] = ProbeTestSet(_feature_batches(test, args.batch_size_per_gpu), test.present,
+                                             test.describe(classes))
     if holdout is not None:
         probe.run["holdout_fraction"] = args.holdout_fraction
         probe.holdout_batches = lambda: linear_probe.tensor_batches(*holdout, args.batch_size_per_gpu)
     return probe
+
+
+def _shuffled_batches(features: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace
+                      ) -> Callable[[int], linear_probe.Batches]:
+    """--fast's train batches: epoch e reshuffled from (seed, e), so a resumed probe sees the same batches."""
+    def batches(epoch: int) -> linear_probe.Batches:
+        generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        return linear_probe.tensor_batches(features, labels, args.batch_size_per_gpu, generator)
+    return batches
+
+
+def _feature_batches(data: EvalSet, batch_size: int) -> Callable[[], linear_probe.Batches]:
+    return lambda: linear_probe.tensor_batches(data.features, data.labels, batch_size)
+
+
+def trained_head(probe: Probe, trained: dict[str, Any]) -> nn.Module:
+    """The head a probe reports on the test set: the lr grid's choice, or the single head after its last epoch."""
+    return probe.classifier.heads[trained["lr_grid"]["chosen"]] if "lr_grid" in trained else probe.classifier
+
+
+def evaluate_test_sets(probe: Probe, head: nn.Module) -> dict[str, dict[str, Any]]:
+    """`head` on each --test_sets entry, predicting among the classes the set holds (every rank calls this: the
+    official protocol's test images are sharded over the ranks like val's)."""
+    return {name: {**test.info, **linear_probe.evaluate(RestrictedHead(head, test.present), test.batches(),
+                                                        probe.featurize, probe.run["num_classes"], probe.device,
+                                                        probe.reduce)}
+            for name, test in probe.test_sets.items()}
+
+
+def fewshot_probes(args: argparse.Namespace, probe: Probe, lr: float) -> dict[str, Any]:
+    """--n_per_class: for each n and try, a head trained on n cached train features per class (the draw of
+    sparo_dino/fewshot.py) with the full probe's lr (chosen on its train hold-out), then scored on val and every
+    test set. Each head resumes from its own folder under fewshot/."""
+    data = probe.features
+    sets = {VAL_NAME: EvalSet(data.val_features, data.val_labels, None), **data.test_sets}
+    classes = probe.run["num_classes"]
+
+    def evaluate(n: int, attempt: int, indices: torch.Tensor) -> fewshot.TryResult:
+        torch.manual_seed(args.seed)
+        head = linear_probe.LinearClassifier(probe.run["dim"], classes).to(probe.device)
+        run = {**probe.run, "lr": lr, "fewshot": {"n_per_class": n, "try": attempt, "seed": args.seed}}
+        linear_probe.fit(head, _shuffled_batches(data.train_features[indices], data.train_labels[indices], args),
+                         _feature_batches(sets[VAL_NAME], args.batch_size_per_gpu), lambda x: x,
+                         num_classes=classes, epochs=args.epochs, lr=lr, val_freq=args.epochs,
+                         output_dir=os.path.join(probe.output_dir, FEWSHOT_DIR, f"n{n}_try{attempt}"), run=run,
+                         device=probe.device, reduce=False)
+        return {name: {TABLE_COLUMN: linear_probe.evaluate(
+                    RestrictedHead(head, test.present), linear_probe.tensor_batches(test.features, test.labels,
+                                                                                    args.batch_size_per_gpu),
+                    lambda x: x, classes, probe.device, reduce=False)["top1"]}
+                for name, test in sets.items()}
+
+    return {"tries": args.fewshot_tries, "seed": args.seed, "lr": lr,
+            "n_per_class": fewshot.run(data.train_labels, args.n_per_class, args.fewshot_tries, args.seed, evaluate,
+                                       data.classes)}
+
+
+def evaluate_extras(args: argparse.Namespace, probe: Probe, trained: dict[str, Any]) -> dict[str, Any]:
+    """What --test_sets and --n_per_class add to a trained probe's results (test sets: every rank calls this)."""
+    extras: dict[str, Any] = {}
+    if probe.test_sets:
+        extras["test_sets"] = evaluate_test_sets(probe, trained_head(probe, trained))
+    if args.n_per_class:  # --fast only: the probe lives on the main process
+        extras["fewshot"] = fewshot_probes(args, probe, trained["lr_grid"]["chosen_lr"] if "lr_grid" in trained
+                                           else probe.run["lr"])
+    return extras
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The closing table (sparo_dino/eval_table.py): the final head's top-1 on val and each test set, few-shot
+    means, and the random-init probe's beside them when asked."""
+    def top1(probed: dict[str, Any]) -> dict[str, dict[str, float]]:
+        val = probed["final"] if "final" in probed else probed["evaluate"]
+        return {VAL_NAME: {TABLE_COLUMN: val["top1"]},
+                **{name: {TABLE_COLUMN: test["top1"]} for name, test in probed.get("test_sets", {}).items()}}
+
+    val = results["final"] if "final" in results else results["evaluate"]
+    sizes = {VAL_NAME: (val["num_samples"], results["run"]["num_classes"]),
+             **{name: (test["num_test"], test["num_classes"]) for name, test in results.get("test_sets", {}).items()}}
+    initial = results.get("init_baseline")
+    return eval_table.build_rows(sizes, top1(results), results.get("fewshot", {}).get("n_per_class"),
+                                 top1(initial) if initial else None,
+                                 (initial or {}).get("fewshot", {}).get("n_per_class"))
 
 
 def evaluate_head(args: argparse.Namespace, probe: Probe) -> dict[str, Any] | None:
@@ -215,11 +326,17 @@ def evaluate_head(args: argparse.Namespace, probe: Probe) -> dict[str, Any] | No
     linear_probe.load_head(path, probe.classifier, probe.run)
     metrics = linear_probe.evaluate(probe.classifier, probe.val_batches(), probe.featurize, probe.run["num_classes"],
                                     probe.device, probe.reduce)
+    tests = evaluate_test_sets(probe, probe.classifier)
     if not distributed.is_main_process():
         return None
     print(f"* Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} loss {metrics['loss']:.3f}\n"
           f"Accuracy of the network on the {metrics['num_samples']} test images: {metrics['top1']:.1f}%", flush=True)
-    return {"evaluate": metrics, "linear_weights": os.path.abspath(path), "run": probe.run}
+    results = {"evaluate": metrics, "linear_weights": os.path.abspath(path), "run": probe.run}
+    if tests:
+        results["test_sets"] = tests
+        results["table"] = table_rows(results)
+        print("\n".join(eval_table.format_rows(results["table"], eval_table.title("linear probe (this head)"))))
+    return results
 
 
 def summary_line(results: dict[str, Any]) -> str:
@@ -280,6 +397,10 @@ def check_args(args: argparse.Namespace) -> None:
                          "not the official protocol, --evaluate or --load_features")
     if min(args.lr_grid) <= 0 or not 0 < args.holdout_fraction < 1:
         raise ValueError("--lr_grid values must be > 0 and --holdout_fraction in (0, 1)")
+    if args.n_per_class and (not args.fast or args.evaluate):
+        raise ValueError("--n_per_class trains few-shot heads on cached centre-crop features: it needs --fast "
+                         "training, not the official protocol or --evaluate")
+    eval_cli.check_robustness_args(args)
     distributed.check_launcher_args(args)
 
 
@@ -296,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if args.evaluate:
             return evaluate_head(args, probe)
         results = train(args, probe)
+        results.update(evaluate_extras(args, probe, results))
         if not distributed.is_main_process():
             return None
         results = {**results, "run": probe.run,
@@ -303,8 +425,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         print(summary_line(results), flush=True)
         if initial is not None:  # beside the trained head, whatever the init features' tag
             initial.output_dir = os.path.join(probe.output_dir, INIT_BASELINE_DIR)
-            results["init_baseline"] = {**train(args, initial), "run": initial.run}
+            trained_at_init = train(args, initial)
+            results["init_baseline"] = {**trained_at_init, **evaluate_extras(args, initial, trained_at_init),
+                                        "run": initial.run}
             print(init_baseline_line(results), flush=True)
+        if args.test_sets or args.n_per_class:
+            results["table"] = table_rows(results)
+            print("\n".join(eval_table.format_rows(results["table"], eval_table.title(
+                f"linear probe [{results['run']['protocol']}], final head", results.get("fewshot")))), flush=True)
         config.save_config(args, probe.output_dir, name="config_linear.yaml")
         eval_cli.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results

@@ -2,8 +2,8 @@
 
 The features of both splits come from --load_features (a cache, checked against the flags) or from the backbone of
 --pretrained_weights (sparo_dino.weights) run over the dataset (sparo_dino.extraction), optionally dumped for later
-(sparo_dino.feature_cache). Results go next to the checkpoint unless --output_dir says otherwise; a user's mistake
-ends the script with one line instead of a traceback.
+(sparo_dino.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
+checkpoint unless --output_dir says otherwise; a user's mistake ends the script with one line instead of a traceback.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 import sparo_vit
-from sparo_dino import augmentation, config, datasets, distributed, extraction, feature_cache, weights
+from sparo_dino import (augmentation, config, datasets, distributed, extraction, feature_cache, test_sets,
+                        weights)
 from sparo_dino.checkpoint import CheckpointError
 from sparo_dino.cli_errors import exit_with, print_once, require_writable_dirs
 from sparo_dino.feature_cache import FeatureSet
@@ -27,6 +28,7 @@ def evaluation_parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_feature_args(parser)
+    add_robustness_args(parser)
     distributed.add_launcher_args(parser)
     return parser
 
@@ -71,6 +73,32 @@ def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+def add_robustness_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Shifted test sets and few-shot tries (docs/evaluation.md, Robustness evaluation); both scripts end with one
+    table of them (sparo_dino/eval_table.py)."""
+    group = parser.add_argument_group("robustness: shifted test sets and few-shot")
+    group.add_argument("--test_sets", type=str, nargs="+", default=None, metavar="NAME=PATH",
+                       help="also evaluate on these ImageFolders (e.g. imagenet_r=/data/imagenet-r), whose class "
+                            "folders are training class names (or all integers: class indices, as ImageNet-V2's); a "
+                            "set holding some classes is predicted among those only; features extracted fresh, "
+                            "never cached")
+    group.add_argument("--n_per_class", type=int, nargs="+", default=None, metavar="N",
+                       help="few-shot: also evaluate with N training images per class (several N allowed), drawn "
+                            "from the train split only, --fewshot_tries times each (seeded from --seed)")
+    group.add_argument("--fewshot_tries", type=int, default=5, help="seeded draws per --n_per_class value")
+    return parser
+
+
+def check_robustness_args(args: argparse.Namespace) -> None:
+    """--test_sets and few-shot flags, checked before any process group, weights or images."""
+    test_sets.parse_specs(args.test_sets)
+    if args.test_sets and args.load_features is not None:
+        raise ValueError("--test_sets extracts the test sets' features with --pretrained_weights; cached features "
+                         "(--load_features) hold train and val only")
+    if args.n_per_class is not None and (min(args.n_per_class) < 1 or args.fewshot_tries < 1 or args.seed < 0):
+        raise ValueError("--n_per_class values and --fewshot_tries must be >= 1 (and --seed >= 0 for the draws)")
+
+
 def data_path(args: argparse.Namespace) -> str:
     """--data_path, or the packaged Fashion-MNIST folder for --dataset fashion_mnist."""
     if args.data_path is not None:
@@ -112,7 +140,8 @@ def compute_features(args: argparse.Namespace, device: torch.device,
     says whether L2-normalized features of an unknown model (an official DINO dump) will do, as they do for k-NN.
     `at_init`: features of the run's random-init network (see weights.load_backbone), never cached or dumped.
     `shard_train`: every rank gets a FeatureSet holding its own ShardSampler shard of train (never gathered: the
-    ImageNet x SPARO bank is 21 GB) and all of val; meta["train_shard"] says so and counts the whole train set."""
+    ImageNet x SPARO bank is 21 GB) and all of val; meta["train_shard"] says so and counts the whole train set.
+    --test_sets: each set's features go to `test_sets` of the result, labelled by training class, gathered as val's."""
     if args.load_features is not None:
         if at_init:
             raise ValueError("the random-init baseline needs --pretrained_weights (a training checkpoint), not "
@@ -127,10 +156,11 @@ def compute_features(args: argparse.Namespace, device: torch.device,
     transform = augmentation.eval_transform(args.resize_size, args.crop_size)
     splits = dict(zip(feature_cache.SPLITS,
                       extraction.build_splits(args.dataset, data_path(args), transform, transform)))
+    tests = test_sets.build(test_sets.parse_specs(args.test_sets), splits["train"].classes, transform)
     scopes = {"train": "local", "val": "all"} if shard_train else {"train": "main", "val": "main"}
     results = {split: extraction.extract_features(fn, dataset, args.batch_size_per_gpu, args.num_workers, device,
-                                       name=f"{split} features", scope=scopes[split])
-               for split, dataset in splits.items()}
+                                       name=f"{split} features", scope=scopes.get(split, scopes["val"]))
+               for split, dataset in {**splits, **{test.spec.name: test.dataset for test in tests}}.items()}
     del backbone, fn
     extraction.release_cached_memory()
     if not distributed.is_main_process() and not shard_train:
@@ -142,6 +172,8 @@ def compute_features(args: argparse.Namespace, device: torch.device,
         meta["train_shard"] = {"rank": distributed.get_rank(), "world_size": distributed.get_world_size(),
                                "num_train": len(splits["train"])}
     features = FeatureSet(*results["train"], *results["val"], list(splits["train"].classes), meta)
+    features.test_sets = {test.spec.name: test_sets.EvalSet(*results[test.spec.name], test.present, test.spec.path)
+                          for test in tests}
     if args.dump_features is not None and not at_init:
         feature_cache.save_features(features, args.dump_features, args.dump_format)
     return features

@@ -7,7 +7,7 @@ and labels as plain tensors, which official eval_knn.py --load_features reads an
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,8 @@ class FeatureSet:
     val_labels: torch.Tensor
     classes: list[str]
     meta: dict[str, Any]  # kind, options (build_backbone kwargs), tag, source
+    # --test_sets: name -> test_sets.EvalSet, extracted with train and val; never saved (extracted fresh each run)
+    test_sets: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

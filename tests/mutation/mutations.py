@@ -36,6 +36,7 @@ AUGMENTATION = "tests/test_batched_augmentation.py::"
 JITTER_READ_BACK = AUGMENTATION + "test_contrast_saturation_and_hue_strengths_read_back_from_the_outputs"
 BLUR_READ_BACK = AUGMENTATION + "test_blur_strength_and_rate_read_back_from_the_outputs"
 UNTRUSTED = "tests/test_untrusted_checkpoints.py::"
+TEST_SETS = "tests/test_test_sets.py::"
 BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -121,6 +122,18 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("demo-subset-labels-shifted", "sparo_dino/datasets.py",
              'f"{split}-labels-idx1-ubyte"), labels[:count])', 'f"{split}-labels-idx1-ubyte"), labels[1:count + 1])',
              (DEMO,), "the demo's Fashion-MNIST subset pairs each image with the next image's label"),
+    Mutation("test-set-unrestricted", "sparo_dino/test_sets.py", 'return scores.masked_fill(absent, float("-inf"))',
+             "return scores", (TEST_SETS + "test_restriction_predicts_among_present_classes_only",
+                               TEST_SETS + "test_knn_searches_the_same_bank_with_each_test_set"),
+             "ImageNet-R/-A images may be predicted as one of the 800 classes the set does not hold"),
+    Mutation("test-set-local-labels", "sparo_dino/test_sets.py", "return [index[folder] for folder in folders]",
+             "return list(range(len(folders)))",
+             (TEST_SETS + "test_class_folders_map_to_training_classes_by_name_then_as_integer_indices",),
+             "a subset test set's labels are its own folder positions (ImageFolder's), not the training classes"),
+    Mutation("fewshot-tries-identical", "sparo_dino/fewshot.py", "rng = np.random.default_rng([seed, n, attempt])",
+             "rng = np.random.default_rng([seed, n])",
+             ("tests/test_fewshot.py::test_draws_repeat_with_the_seed_and_differ_between_tries_and_seeds",),
+             "every few-shot try draws the same images, so the reported spread measures nothing"),
     # ----------------------------------------------------------------------------------- augmentation
     Mutation("pil-solarize-p", "sparo_dino/augmentation.py",
              "v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=GLOBAL2_SOLARIZE_P)",
