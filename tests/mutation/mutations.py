@@ -36,6 +36,7 @@ AUGMENTATION = "tests/test_batched_augmentation.py::"
 JITTER_READ_BACK = AUGMENTATION + "test_contrast_saturation_and_hue_strengths_read_back_from_the_outputs"
 BLUR_READ_BACK = AUGMENTATION + "test_blur_strength_and_rate_read_back_from_the_outputs"
 UNTRUSTED = "tests/test_untrusted_checkpoints.py::"
+REPRODUCE = "tests/test_reproduce.py::"
 BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -225,4 +226,17 @@ MUTATIONS: tuple[Mutation, ...] = (
              "with torch.autocast(device_type=x.device.type, enabled=x.dtype != torch.float32):",
              ("tests/test_sparo_vit.py::test_head_cosines_stay_fp32_under_bf16_autocast",),
              "the DINO head's cosine logits rounded to bf16 (~0.004) before the teacher's temperature of 0.04"),
+    # ------------------------------------------------------------------------- read-out comparison (reproduce)
+    Mutation("verdict-one-standard-error", "sparo_dino/reproduce.py", "if abs(difference) < 2 * se or",
+             "if abs(difference) < se or",
+             (REPRODUCE + "test_two_standard_error_rule", REPRODUCE + "test_table_cells_and_verdicts_by_hand"),
+             "a difference of 1-2 standard errors is reported as SPARO winning or losing"),
+    Mutation("matched-slots-rounded-up", "sparo_dino/reproduce.py",
+             "return below if abs(count(below) - target) <= abs(count(high) - target) else high", "return high",
+             (REPRODUCE + "test_closest_num_slots_against_a_hand_count",),
+             "sparo_matched takes the first L at least as large as the block (36) instead of the closest (35)"),
+    Mutation("reproduce-reruns-finished", "sparo_dino/reproduce.py",
+             "            if path.exists():\n                print(", "            if False:\n                print(",
+             (REPRODUCE + "test_a_rerun_skips_finished_runs_and_records_each_run_once",),
+             "a restarted comparison trains every finished run again (an hour lost) and records it twice"),
 )
