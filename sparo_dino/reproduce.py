@@ -165,10 +165,26 @@ def write_json(data: Mapping[str, Any], path: Path) -> None:
     os.replace(partial, path)
 
 
+def finished_run(path: Path, variant: Variant, seed: int) -> dict[str, Any]:
+    """A finished run's record, refused when it was trained with other flags than the variant has now (e.g. another
+    matched L after a change to the read-out sizes): a row must not mix two settings."""
+    record = json.loads(path.read_text())
+    if record["flags"] != list(run_flags(variant, seed)):
+        raise ValueError(f"{path} was trained with {' '.join(record['flags'])}, {variant.name} is now "
+                         f"{' '.join(run_flags(variant, seed))}: remove it (or use another --output_dir) to run it "
+                         "again")
+    return record
+
+
 def training_seconds(train_dir: Path) -> tuple[float, int]:
     """Seconds spent in training epochs and the number of epochs, from the run's log.txt (kept across resumes)."""
     records = [json.loads(line) for line in (train_dir / LOG_NAME).read_text().splitlines() if line.strip()]
     return sum(record["epoch_time_s"] for record in records), len(records)
+
+
+def run_flags(variant: Variant, seed: int) -> tuple[str, ...]:
+    """main_dino.py flags of one run on top of the config and the profile."""
+    return ("--arch", variant.arch, *variant.flags, "--seed", str(seed))
 
 
 def run_one(variant: Variant, seed: int, profile: Profile, data_path: str, output_dir: Path,
@@ -176,7 +192,7 @@ def run_one(variant: Variant, seed: int, profile: Profile, data_path: str, outpu
     """Train one (variant, seed), evaluate it with 20-NN and the fast linear probe (each with its random init) and
     return its record."""
     run_dir = output_dir / f"{variant.name}_seed{seed}"
-    flags = ("--arch", variant.arch, *variant.flags, "--seed", str(seed))
+    flags = run_flags(variant, seed)
     checkpoint = demo.train(run_dir / "train", profile.train, data_path, CONFIG, num_workers, flags)
     trained = time.time()
     knn = demo.evaluate_knn(checkpoint, data_path, run_dir, num_workers)
@@ -324,7 +340,7 @@ def markers(profile: str) -> tuple[str, str]:
 
 RECORD_HEADING = "## Run record"
 RECORD_HEADER = ("| date | profile | variant | seed | flags | train min | eval min | img/s | 20-NN top-1 / at init | "
-                 "linear top-1 / at init | machine |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+                 "linear top-1 / at init | machine |\n" + "| --- " * 11 + "|\n")
 
 
 def ensure_document(doc: Path) -> None:
@@ -422,7 +438,8 @@ def report(records: Sequence[Mapping[str, Any]], profile: Profile, raw_pixel_top
 # --------------------------------------------------------------------------------------------------------- driver
 def run_all(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int], output_dir: Path,
             docs_dir: Path = DOCS_DIR, data_path: str | None = None, num_workers: int = 1) -> list[dict[str, Any]]:
-    """Every (variant, seed) not finished in `output_dir`, then the table and figure from all of them."""
+    """Every (variant, seed) not finished in `output_dir`, then the table and figure from all finished runs there
+    (also those of earlier invocations with other --variants or --seeds); returns this invocation's records."""
     output_dir.mkdir(parents=True, exist_ok=True)
     doc = docs_dir / DOC_NAME
     ensure_document(doc)
@@ -434,7 +451,7 @@ def run_all(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int],
             path = run_path(output_dir, variant.name, seed)
             if path.exists():
                 print(f"[reproduce] {variant.name} seed {seed}: finished before, read from {path}", flush=True)
-                records.append(json.loads(path.read_text()))
+                records.append(finished_run(path, variant, seed))
                 continue
             print(f"[reproduce] {variant.name} seed {seed}: training {variant.arch}", flush=True)
             record = run_one(variant, seed, profile, data_path, output_dir, num_workers)
@@ -445,7 +462,8 @@ def run_all(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int],
                   f"{record['knn_init_top1']:.2f}), linear {record['linear_top1']:.2f} (init "
                   f"{record['linear_init_top1']:.2f}), {record['train_seconds'] / 60:.1f} + "
                   f"{record['eval_seconds'] / 60:.1f} min", flush=True)
-    print(report(records, profile, pixels, docs_dir), flush=True)
+    finished = [json.loads(path.read_text()) for path in sorted(output_dir.glob("*_seed*.json"))]
+    print(report(finished, profile, pixels, docs_dir), flush=True)
     return records
 
 

@@ -133,7 +133,8 @@ def test_a_rerun_skips_finished_runs_and_records_each_run_once(monkeypatch, tmp_
 
     def fake_run(variant, seed, profile, data_path, output_dir, num_workers):
         calls.append((variant.name, seed))
-        return _record(variant.name, seed, 70.0 + seed, 80.0)
+        return {**_record(variant.name, seed, 70.0 + seed, 80.0), "arch": variant.arch,
+                "flags": list(reproduce.run_flags(variant, seed))}
 
     monkeypatch.setattr(reproduce, "run_one", fake_run)
     profile = reproduce.Profile("cpu", demo.Profile("tiny", num_train=32, num_test=16, epochs=1, warmup_epochs=0,
@@ -142,6 +143,7 @@ def test_a_rerun_skips_finished_runs_and_records_each_run_once(monkeypatch, tmp_
     runs, docs = tmp_path / "runs", tmp_path / "docs"
     reproduce.run_all(profile, variants, [0, 1], runs, docs, data_path=data)
     assert calls == [("cls", 0), ("cls", 1), ("sparo", 0), ("sparo", 1)]
+    assert json.loads((runs / "sparo_seed1.json").read_text())["flags"] == ["--arch", "vit_tiny_sparo", "--seed", "1"]
     (runs / "sparo_seed1.json").unlink()  # as if killed in that run (a half-written file stays .partial)
     (runs / "sparo_seed1.json.partial").write_text("{")
     calls.clear()
@@ -150,7 +152,17 @@ def test_a_rerun_skips_finished_runs_and_records_each_run_once(monkeypatch, tmp_
     assert [(r["variant"], r["seed"]) for r in records] == [("cls", 0), ("cls", 1), ("sparo", 0), ("sparo", 1)]
     page = (docs / "readouts.md").read_text()
     assert page.count("| 2026-01-01 | cpu | sparo | 1 |") == 2 and page.count("| 2026-01-01 | cpu | cls | 0 |") == 1
-    assert page.count("| cls | vit_tiny_cls") == 1  # the table was replaced, not appended
+    assert page.count("| cls | vit_tiny (-)") == 1  # the table was replaced, not appended
+    # the table holds every finished run in the folder, also when this invocation names fewer
+    calls.clear()
+    assert [r["variant"] for r in reproduce.run_all(profile, variants[:1], [0], runs, docs, data_path=data)] == ["cls"]
+    assert calls == []
+    assert "| sparo | vit_tiny_sparo (-) | 192 | 100 | 1,000 | 0, 1 |" in (docs / "readouts.md").read_text()
+    # a finished run trained with other flags than its variant has now is not mixed into the row
+    with pytest.raises(ValueError, match="sparo_seed0.json was trained with --arch vit_tiny_sparo --seed 0, sparo "
+                                         "is now --arch vit_tiny_sparo --num_slots 35 --seed 0: remove it"):
+        reproduce.run_all(profile, [Variant("sparo", "vit_tiny_sparo", ("--num_slots", "35"))], [0], runs, docs,
+                          data_path=data)
 
 
 def test_sections_are_replaced_between_their_markers(tmp_path) -> None:
@@ -194,3 +206,12 @@ def test_tiny_profile_end_to_end_writes_table_figure_and_records(tmp_path) -> No
     assert "| cls | vit_tiny (-) | 192 | 444,864 |" in page and "| sparo | vit_tiny_sparo (num_slots=64" in page
     assert "n/a (1 seed)" in page and page.count("| 0 | `--arch vit_tiny") == 2  # two run-record rows
     assert (docs / "readouts_fmnist_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_shipped_page_takes_the_tables_and_the_record() -> None:
+    """docs/readouts.md holds each profile's markers once and the record's header, so a run fills it in place
+    instead of appending a second record table."""
+    page = (reproduce.DOCS_DIR / reproduce.DOC_NAME).read_text()
+    for profile in reproduce.PROFILES:
+        assert all(page.count(marker) == 1 for marker in reproduce.markers(profile))
+    assert page.count(reproduce.RECORD_HEADER) == 1 and page.rstrip().endswith("|")
