@@ -112,32 +112,54 @@ def verdict(trained: float, initial: float) -> str:
     return f"training did not help: {gain:+.2f} points against the same network at random init"
 
 
-def run(output_dir: Path, profile: Profile, num_workers: int, arch: str = "vit_tiny_sparo",
-        data_path: str | None = None) -> dict[str, Any]:
-    started = time.time()
+def prepare_data(output_dir: Path, profile: Profile, data_path: str | None = None) -> str:
+    """The Fashion-MNIST folder a profile trains and evaluates on: the named or installed IDX files, cut to the
+    profile's subset (written once into `output_dir`/data) when it has one."""
     source = data_path or fashion_mnist_folder(output_dir / "download")
-    data_path = source
-    if profile.num_train is not None:
-        data_path = datasets.write_fashion_mnist_subset(source, str(output_dir / "data"), profile.num_train,
-                                                        profile.num_test)
-    config = CONFIGS[arch]
-    print(f"[demo] profile {profile.name}: training {arch} on "
-          f"{profile.num_train or 60000} images for {profile.epochs} epoch(s)", flush=True)
-    train_dir = output_dir / "train"
+    if profile.num_train is None:
+        return source
+    return datasets.write_fashion_mnist_subset(source, str(output_dir / "data"), profile.num_train, profile.num_test)
+
+
+def train(train_dir: Path, profile: Profile, data_path: str, config: Path, num_workers: int,
+          flags: tuple[str, ...] = ()) -> Path:
+    """Train one run with a profile through main_dino.main (rerunning it resumes) and return its checkpoint.
+
+    `flags` go after the profile's own, so a caller can set what the profile leaves open (arch, seed, read-out)."""
     code = main_dino.main(["--config", str(config), "--data_path", data_path, "--output_dir", str(train_dir),
                            "--epochs", str(profile.epochs), "--warmup_epochs", str(profile.warmup_epochs),
                            "--batch_size_per_gpu", str(profile.batch_size),
                            "--local_crops_number", str(profile.local_crops), "--num_workers", str(num_workers),
                            "--saveckp_freq", str(profile.epochs),
-                           "--knn_every", "0",  # the demo runs eval_knn.py itself right after training
-                           *profile.flags])
+                           "--knn_every", "0",  # the callers evaluate the checkpoint themselves
+                           *profile.flags, *flags])
     if code != 0:
-        raise SystemExit(f"error: demo training stopped with exit code {code}")
+        raise SystemExit(f"error: training {train_dir} stopped with exit code {code}")
+    return train_dir / "checkpoint.pth"
+
+
+# The evaluation view of the 28 px images: resized to the 32 px grid the Fashion-MNIST configs build.
+EVAL_FLAGS = ("--dataset", "fashion_mnist", "--resize_size", "32", "--crop_size", "32")
+
+
+def evaluate_knn(checkpoint: Path, data_path: str, output_dir: Path, num_workers: int) -> dict[str, Any]:
+    """Weighted 20-NN of a run's teacher and of the same network at its random init, through eval_knn.main."""
+    return eval_knn.main(["--pretrained_weights", str(checkpoint), "--data_path", data_path, *EVAL_FLAGS,
+                          "--nb_knn", "20", "--batch_size_per_gpu", "256", "--num_workers", str(num_workers),
+                          "--init_baseline", "--output_dir", str(output_dir)])
+
+
+def run(output_dir: Path, profile: Profile, num_workers: int, arch: str = "vit_tiny_sparo",
+        data_path: str | None = None) -> dict[str, Any]:
+    started = time.time()
+    data_path = prepare_data(output_dir, profile, data_path)
+    config = CONFIGS[arch]
+    print(f"[demo] profile {profile.name}: training {arch} on "
+          f"{profile.num_train or 60000} images for {profile.epochs} epoch(s)", flush=True)
+    train_dir = output_dir / "train"
+    checkpoint = train(train_dir, profile, data_path, config, num_workers)
     trained = time.time()
-    results = eval_knn.main(["--pretrained_weights", str(train_dir / "checkpoint.pth"), "--dataset", "fashion_mnist",
-                             "--data_path", data_path, "--resize_size", "32", "--crop_size", "32",
-                             "--nb_knn", "20", "--batch_size_per_gpu", "256", "--num_workers", str(num_workers),
-                             "--init_baseline", "--output_dir", str(output_dir)])
+    results = evaluate_knn(checkpoint, data_path, output_dir, num_workers)
     trained_top1 = results["knn"]["20"]["top1"]
     init_top1 = results["init_baseline"]["20"]["top1"]
     pixels_top1 = raw_pixel_top1(data_path)

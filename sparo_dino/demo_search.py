@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import tempfile
 from pathlib import Path
 
-import torch
-
-from sparo_dino import demo
+from sparo_dino import demo, provenance
 
 # The fields a candidate changes start from these, written out rather than read from the demo's profile, so that a
 # recorded candidate keeps its meaning when the demo's profile changes.
@@ -39,10 +35,6 @@ HEADER = ("| candidate | seed | profile changes | flags | train min | total min 
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
 
 
-def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__.split('+')[0]}"
-
-
 def record(table: Path, name: str, seed: int, changes: dict, flags: tuple[str, ...], summary: dict,
            images_per_s: float) -> None:
     table.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +44,7 @@ def record(table: Path, name: str, seed: int, changes: dict, flags: tuple[str, .
     row = (f"| {name} | {seed} | {changes or '-'} | `{' '.join(flags) or '-'}` | {summary['train_seconds'] / 60:.1f} | "
            f"{summary['total_seconds'] / 60:.1f} | {images_per_s:.1f} | {summary['init_top1']:.2f} | "
            f"{summary['trained_top1']:.2f} | {summary['trained_top1'] - summary['init_top1']:+.2f} | "
-           f"{summary['teacher_entropy']:.3f} | {summary['kl']:.3f} | {summary['loss']:.3f} | {machine()} |\n")
+           f"{summary['teacher_entropy']:.3f} | {summary['kl']:.3f} | {summary['loss']:.3f} | {provenance.machine()} |\n")
     with table.open("a") as handle:
         handle.write(row)
     print(row, end="", flush=True)

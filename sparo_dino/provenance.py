@@ -49,6 +49,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def machine() -> str:
+    """The machine in one phrase for result tables (timings mean little without it): CPU cores, GPU, torch."""
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()} {os.cpu_count()} cores{gpu}, torch {torch.__version__.split('+')[0]}"
+
+
 def collect(config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One provenance record; `extra` holds run facts that are not flags (world size, effective precision)."""
     return {

@@ -37,6 +37,7 @@ JITTER_READ_BACK = AUGMENTATION + "test_contrast_saturation_and_hue_strengths_re
 BLUR_READ_BACK = AUGMENTATION + "test_blur_strength_and_rate_read_back_from_the_outputs"
 UNTRUSTED = "tests/test_untrusted_checkpoints.py::"
 TEST_SETS = "tests/test_test_sets.py::"
+REPRODUCE = "tests/test_reproduce.py::"
 BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -256,4 +257,17 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_readouts.py::test_evaluating_with_a_flag_the_checkpoints_read_out_does_not_take_is_one_error",),
              "--num_slots with an attpool checkpoint is reported as a conflict with the config instead of as an "
              "option that read-out does not take"),
+    # ------------------------------------------------------------------------- read-out comparison (reproduce)
+    Mutation("verdict-one-standard-error", "sparo_dino/reproduce.py", "if abs(difference) < 2 * se or",
+             "if abs(difference) < se or",
+             (REPRODUCE + "test_two_standard_error_rule", REPRODUCE + "test_table_cells_and_verdicts_by_hand"),
+             "a difference of 1-2 standard errors is reported as SPARO winning or losing"),
+    Mutation("matched-slots-rounded-up", "sparo_dino/reproduce.py",
+             "return below if abs(count(below) - target) <= abs(count(high) - target) else high", "return high",
+             (REPRODUCE + "test_closest_num_slots_against_a_hand_count",),
+             "sparo_matched takes the first L at least as large as the block (36) instead of the closest (35)"),
+    Mutation("reproduce-reruns-finished", "sparo_dino/reproduce.py",
+             "            if path.exists():\n                print(", "            if False:\n                print(",
+             (REPRODUCE + "test_a_rerun_skips_finished_runs_and_records_each_run_once",),
+             "a restarted comparison trains every finished run again (an hour lost) and records it twice"),
 )
