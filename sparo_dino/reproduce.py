@@ -446,8 +446,8 @@ def run_all(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int],
     data_path = demo.prepare_data(output_dir, profile.train, data_path)
     pixels = raw_pixels(output_dir, data_path)
     records = []
-    for variant in variants:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a comparison cut short still has every variant at the first seeds
+        for variant in variants:
             path = run_path(output_dir, variant.name, seed)
             if path.exists():
                 print(f"[reproduce] {variant.name} seed {seed}: finished before, read from {path}", flush=True)
