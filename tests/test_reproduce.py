@@ -142,14 +142,14 @@ def test_a_rerun_skips_finished_runs_and_records_each_run_once(monkeypatch, tmp_
     variants = [Variant("cls", "vit_tiny"), Variant("sparo", "vit_tiny_sparo")]
     runs, docs = tmp_path / "runs", tmp_path / "docs"
     reproduce.run_all(profile, variants, [0, 1], runs, docs, data_path=data)
-    assert calls == [("cls", 0), ("cls", 1), ("sparo", 0), ("sparo", 1)]
+    assert calls == [("cls", 0), ("sparo", 0), ("cls", 1), ("sparo", 1)]  # seed-major
     assert json.loads((runs / "sparo_seed1.json").read_text())["flags"] == ["--arch", "vit_tiny_sparo", "--seed", "1"]
     (runs / "sparo_seed1.json").unlink()  # as if killed in that run (a half-written file stays .partial)
     (runs / "sparo_seed1.json.partial").write_text("{")
     calls.clear()
     records = reproduce.run_all(profile, variants, [0, 1], runs, docs, data_path=data)
     assert calls == [("sparo", 1)]
-    assert [(r["variant"], r["seed"]) for r in records] == [("cls", 0), ("cls", 1), ("sparo", 0), ("sparo", 1)]
+    assert [(r["variant"], r["seed"]) for r in records] == [("cls", 0), ("sparo", 0), ("cls", 1), ("sparo", 1)]
     page = (docs / "readouts.md").read_text()
     assert page.count("| 2026-01-01 | cpu | sparo | 1 |") == 2 and page.count("| 2026-01-01 | cpu | cls | 0 |") == 1
     assert page.count("| cls | vit_tiny (-)") == 1  # the table was replaced, not appended
