@@ -9,10 +9,10 @@
   class sub-folders as labels), so runs that trained on ImageFolders before train on the same images now.
 Training ignores labels: unlabeled images get label -1 (NO_LABEL).
 
-Listing ImageNet's 1.28M files takes a minute on a local disk and much longer on a network file system, on every
-start and every requeue. The main process therefore keeps the index in OUTPUT_DIR/data_index.json, with the
-modification time and size of every folder it listed (of the list file, for a list): a later start reuses it when
-none of them changed, and lists again otherwise. Adding, removing or renaming an image changes its folder's
+Listing ImageNet's 1.28M files takes seconds from a local disk's page cache but can take minutes on a network file
+system or a cold disk, on every start and every requeue. The main process therefore keeps the index in OUTPUT_DIR/data_index.json, with the
+modification and status-change times and the size of every folder it listed (of the list file, for a list): a later
+start reuses it when none of them changed, and lists again otherwise. Adding, removing or renaming an image changes its folder's
 modification time; rewriting an image in place does not, and needs no new index. Only the main process lists or
 reads the cache, and the other ranks receive its index, so every rank trains on the same images in the same order
 whatever the file system shows each of them.
@@ -39,8 +39,8 @@ KINDS = {"list": "a list of images", "folder": "a folder of unlabeled images", "
 # ImageFolder trees keep torchvision's shorter IMG_EXTENSIONS, so they give exactly the samples they always gave.
 UNLABELED_EXTENSIONS = (".bmp", ".dib", ".gif", ".jpg", ".jpeg", ".jpe", ".jfif", ".j2k", ".jp2", ".png", ".apng",
                         ".pbm", ".pgm", ".ppm", ".pnm", ".tga", ".tif", ".tiff", ".webp")
-_FORMAT = "sparo-dino image index 1"
-Stamp = tuple[str, int, int]  # (path relative to the data root, st_mtime_ns, st_size)
+_FORMAT = "sparo-dino image index 1"  # a new layout of the file gets a new number: old files are then listed again
+Stamp = tuple[str, int, int, int]  # (path relative to the data root, st_mtime_ns, st_ctime_ns, st_size)
 
 
 class DataIndexError(ValueError):
@@ -102,6 +102,12 @@ def _extensions(kind: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ listing
+def _stamp(relative: str, status: os.stat_result) -> Stamp:
+    """What tells a folder (or list file) changed: its content changes its modification time, a permission change
+    its status-change time; the size is a second sign where times are coarse."""
+    return relative, status.st_mtime_ns, status.st_ctime_ns, status.st_size
+
+
 Listing = dict[str, tuple[list[str], list[str]]]  # folder relative to the root ("" = root) -> (files, sub-folders)
 
 
@@ -120,13 +126,13 @@ def _walk(root: str, skip_hidden: bool) -> tuple[Listing, list[Stamp]]:
             identity = (status.st_dev, status.st_ino)
             if identity in ancestors:
                 return
+            stamps.append(_stamp(relative, status))  # also for a folder that cannot be read: a chmod shows
             with os.scandir(path) as iterator:
                 entries = list(iterator)
         except OSError:
             if not relative:
                 raise
             return
-        stamps.append((relative, status.st_mtime_ns, status.st_size))
         files, folders = listing[relative] = ([], [])
         for entry in entries:
             if skip_hidden and entry.name.startswith("."):
@@ -210,7 +216,7 @@ def _read_list(path: str) -> ImageIndex:
                              f"not found; paths are relative to the list's folder){more}")
     if not files:
         raise DataIndexError(f"{path} lists no images (one path per line; blank lines and # comments are skipped)")
-    return ImageIndex("list", path, files, None, [], [("", status.st_mtime_ns, status.st_size)])
+    return ImageIndex("list", path, files, None, [], [_stamp("", status)])
 
 
 _LISTERS: dict[str, Callable[[str], ImageIndex]] = {"list": _read_list, "folder": _list_folder,
@@ -232,12 +238,13 @@ def _cache_key(kind: str, source: str) -> dict[str, Any]:
 
 
 def _unchanged(source: str, stamps: list[Stamp]) -> bool:
-    for relative, mtime_ns, size in stamps:
+    for stamp in stamps:
+        relative = stamp[0]
         try:
             status = os.stat(os.path.join(source, relative) if relative else source)
         except OSError:
             return False
-        if (status.st_mtime_ns, status.st_size) != (mtime_ns, size):
+        if _stamp(relative, status) != stamp:
             return False
     return True
 
@@ -250,7 +257,7 @@ def read_cache(cache_path: str, kind: str, source: str) -> ImageIndex | None:
             saved = json.load(handle)
         if saved["key"] != _cache_key(kind, source):
             return None
-        stamps = [(relative, mtime_ns, size) for relative, mtime_ns, size in saved["stamps"]]
+        stamps = [(relative, mtime_ns, ctime_ns, size) for relative, mtime_ns, ctime_ns, size in saved["stamps"]]
         files, labels, classes = saved["files"], saved["labels"], saved["classes"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

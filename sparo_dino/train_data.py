@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from sparo_dino import image_files
+from sparo_dino import distributed, image_files
 from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
 from sparo_dino.datasets import build_dataset, require_min_size
 from sparo_dino.batched_data import (DeviceMultiCrop, collate_decoded, reduce_jpeg_decoding,
@@ -104,15 +104,19 @@ class TrainingData:
         self.batch_size = config["batch_size_per_gpu"]
         seed = config["seed"]
         # image files (ImageFolder, folder, list): their index, the same on every rank; None for Fashion-MNIST
-        self.index = (image_files.training_index(config["data_path"], self._index_cache(config["output_dir"]))
-                      if config["dataset"] == "imagefolder" else None)
+        self._index_path = os.path.join(config["output_dir"], image_files.INDEX_NAME)
+        index = (image_files.training_index(config["data_path"], self._index_path)
+                 if config["dataset"] == "imagefolder" else None)
+        # what save_index writes: a listed index, kept by the main process only (1.28M names are ~100 MB)
+        self._unsaved_index = (index if index is not None and not index.cached and distributed.is_main_process()
+                               else None)
         if self.pipeline == "per_image":
-            images = self._images(config, MultiCropAugmentation(**multicrop_kwargs(config)))
+            images = self._images(config, index, MultiCropAugmentation(**multicrop_kwargs(config)))
             self.dataset: Dataset = SeededDataset(SkipFlags(images), seed=seed)
             collate = None
             self.device_crops: DeviceMultiCrop | None = None
         else:
-            self.dataset = SkipFlags(reduce_jpeg_decoding(self._images(config, rgb_to_uint8_tensor), config))
+            self.dataset = SkipFlags(reduce_jpeg_decoding(self._images(config, index, rgb_to_uint8_tensor), config))
             collate = collate_decoded
             self.device_crops = DeviceMultiCrop(config, seed, rank, device, out_dtype=crop_dtype)
         require_min_size(self.dataset, self.batch_size * world_size,
@@ -131,21 +135,20 @@ class TrainingData:
                                  generator=torch.Generator().manual_seed(seed + rank))
         _OPEN.add(self)
 
-    def _images(self, config: Mapping[str, Any], transform: Callable[[Any], Any]) -> Dataset:
-        if self.index is None:
+    @staticmethod
+    def _images(config: Mapping[str, Any], index: image_files.ImageIndex | None,
+                transform: Callable[[Any], Any]) -> Dataset:
+        if index is None:
             return build_dataset(config["dataset"], config["data_path"], transform=transform,
                                  skip_bad_images=config["skip_bad_images"])
-        return self.index.dataset(transform, config["skip_bad_images"])
+        return index.dataset(transform, config["skip_bad_images"])
 
-    @staticmethod
-    def _index_cache(output_dir: str) -> str:
-        return os.path.join(output_dir, image_files.INDEX_NAME)
-
-    def save_index(self, output_dir: str) -> None:
-        """Keep the index of the training images in `output_dir` for the next start, unless it came from there
-        (main process only: the other ranks receive its index)."""
-        if self.index is not None and not self.index.cached:
-            image_files.write_cache(self.index, self._index_cache(output_dir))
+    def save_index(self) -> None:
+        """Keep the index of the training images in the output dir for the next start, unless it came from there
+        (main process; called once the run's checkpoint checks passed, so a refused start writes nothing)."""
+        if self._unsaved_index is not None:
+            image_files.write_cache(self._unsaved_index, self._index_path)
+            self._unsaved_index = None
 
     def close(self) -> None:
         """Stop the loader's workers now (a later epoch would start new ones).
