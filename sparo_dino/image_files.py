@@ -10,10 +10,11 @@
 Training ignores labels: unlabeled images get label -1 (NO_LABEL).
 
 Listing ImageNet's 1.28M files takes seconds from a local disk's page cache but can take minutes on a network file
-system or a cold disk, on every start and every requeue. The main process therefore keeps the index in OUTPUT_DIR/data_index.json, with the
-modification and status-change times and the size of every folder it listed (of the list file, for a list): a later
-start reuses it when none of them changed, and lists again otherwise. Adding, removing or renaming an image changes its folder's
-modification time; rewriting an image in place does not, and needs no new index. Only the main process lists or
+system or a cold disk, on every start and every requeue. The main process therefore keeps the index in
+OUTPUT_DIR/data_index.json, with the modification and status-change times and the size of every folder it listed
+(of the list file, for a list): a later start reuses it when none of them changed, and lists again otherwise.
+Adding, removing or renaming an image changes its folder's modification time; rewriting an image in place does not,
+and needs no new index. Only the main process lists or
 reads the cache, and the other ranks receive its index, so every rank trains on the same images in the same order
 whatever the file system shows each of them.
 """

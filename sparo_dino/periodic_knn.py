@@ -29,10 +29,13 @@ def require_labelled_data(data_path: str, knn_data_path: str | None) -> None:
     Only what the file system shows is judged: a path that does not exist is left to the start-up error that names
     it, since a launcher validates the flags on a submission host that may not see the data."""
     if knn_data_path is None:
-        kind = image_files.detect_kind(data_path) if os.path.exists(data_path) else "imagefolder"
+        try:
+            kind = image_files.detect_kind(data_path)
+        except OSError:  # missing or unreadable: reported at start-up
+            kind = "imagefolder"
         unlabeled = f"; --data_path {data_path} is {image_files.KINDS[kind]}" if kind != "imagefolder" else ""
-        raise ValueError(f"--knn_every needs --knn_data_path: the k-NN monitor needs labelled images, a folder "
-                         f"holding train/ and val/ with one sub-folder per class{unlabeled}")
+        raise ValueError(f"--knn_every needs --knn_data_path: the k-NN monitor needs labelled images split in two, "
+                         f"a folder holding train/ and val/ with one sub-folder per class{unlabeled}")
     if not os.path.exists(knn_data_path):
         return
     for split in ("train", "val"):
