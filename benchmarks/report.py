@@ -22,6 +22,7 @@ from typing import Sequence
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import data  # noqa: E402
+import file_index  # noqa: E402
 import knn  # noqa: E402
 import step  # noqa: E402
 import train  # noqa: E402
@@ -39,7 +40,8 @@ def plans(on_gpu: bool, images: str, workers: int) -> list[tuple[str, object, li
                 ("data", data, ["--data_path", images, "--workers", str(workers), "--batches", "8"]),
                 ("train", train, ["--data_path", images, "--workers", str(workers)]),
                 ("knn", knn, []),
-                ("knn", knn, ["--memory", "--scale", "4"])]  # unchunked fp32 at full scale needs ~93 GB
+                ("knn", knn, ["--memory", "--scale", "4"]),  # unchunked fp32 at full scale needs ~93 GB
+                ("file_index", file_index, [])]
     small_model = ["--patch_size", "8", "--global_size", "32", "--local_size", "16", "--local_crops_number", "2"]
     return [("step", step, ["--device", "cpu", "--archs", "vit_tiny", "vit_tiny_sparo", "--batch_size_per_gpu", "4",
                             *small_model, "--out_dim", "256", "--steps", "3", "--warmup", "1", "--compile", "false"]),
@@ -49,14 +51,16 @@ def plans(on_gpu: bool, images: str, workers: int) -> list[tuple[str, object, li
                               "--batch_size_per_gpu", "8", *small_model, "--out_dim", "256",
                               "--workers", str(workers), "--steps", "4", "--warmup", "1"]),
             ("knn", knn, ["--device", "cpu", "--num_train", "20000", "--dim", "1024", "--num_test", "500"]),
-            ("knn", knn, ["--device", "cpu", "--memory", "--scale", "64"])]  # the ImageNet x SPARO bank at 1/64
+            ("knn", knn, ["--device", "cpu", "--memory", "--scale", "64"]),  # the ImageNet x SPARO bank at 1/64
+            ("file_index", file_index, [])]  # 100,000 generated files: about 20 s to write on a 2-core machine
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
-    parser.add_argument("--only", nargs="+", choices=["step", "data", "train", "knn"], help="run only these")
+    parser.add_argument("--only", nargs="+", choices=["step", "data", "train", "knn", "file_index"],
+                        help="run only these")
     parser.add_argument("--images", type=int, default=None,
                         help="synthetic JPEGs for data and train (default 1536 on a GPU, 96 on a CPU)")
     parser.add_argument("--output", default=None, help="Markdown file to write (default: benchmarks/results/...)")

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sparo_dino.augmentation import multicrop_kwargs
-from sparo_dino.datasets import CheckedImageFolder, build_dataset, load_rgb_image
+from sparo_dino.datasets import CheckedImages, load_rgb_image
 from sparo_dino.batched_augmentation import BatchedMultiCrop
 
 
@@ -62,11 +62,10 @@ def rgb_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
 
 
-def build_decoded_dataset(kind: str, path: str, config: Mapping[str, Any], skip_bad_images: bool = False) -> Dataset:
-    """The training images as uint8 (H, W, 3) tensors (datasets.build_dataset, decoding only; large JPEGs reduced
-    as the recipe in `config` allows)."""
-    dataset = build_dataset(kind, path, transform=rgb_to_uint8_tensor, skip_bad_images=skip_bad_images)
-    if isinstance(dataset, CheckedImageFolder):
+def reduce_jpeg_decoding(dataset: Dataset, config: Mapping[str, Any]) -> Dataset:
+    """`dataset` (training images with the transform rgb_to_uint8_tensor), its large JPEGs now decoded at reduced
+    size as the recipe in `config` allows; datasets without image files (Fashion-MNIST) are returned as they are."""
+    if isinstance(dataset, CheckedImages):
         dataset.loader = functools.partial(load_rgb_image_reduced, min_area=min_decode_area(config))
     return dataset
 

@@ -1,6 +1,7 @@
-"""The image datasets training and evaluation read: an ImageFolder tree, or the Fashion-MNIST IDX files.
+"""The image datasets training and evaluation read: image files (an ImageFolder tree, or the files that
+image_files.py finds for training), or the Fashion-MNIST IDX files.
 
-Both give `(transform(rgb_pil_image), label)` with `.targets` and `.classes`, so the rest of the code never asks
+All give `(transform(rgb_pil_image), label)` with `.targets` and `.classes`, so the rest of the code never asks
 which kind it holds. Bad input fails early with one line that names the missing or corrupt file, because a
 stack trace from deep inside a data-loader worker is the usual way these mistakes surface otherwise.
 """
@@ -16,6 +17,7 @@ import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 DATASETS: tuple[str, ...] = ("imagefolder", "fashion_mnist")
 # Where `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) puts the IDX files.
@@ -47,19 +49,32 @@ def load_rgb_image(path: str) -> Image.Image:
         raise BadImageError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
 
 
-class CheckedImageFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder whose unreadable images either stop the run naming the file, or are replaced and counted.
+class CheckedImages(Dataset):
+    """Images at known paths whose unreadable files either stop the run naming the file, or are replaced and counted.
 
-    With `skip_bad_images`, sample i falls back to the next readable sample (i+1, i+2, ... wrapping), so the
-    replacement depends only on i and the file contents, never on worker count or order. `bad_images` lists the
-    unreadable files this process met (each data-loader worker keeps its own list; every file is also warned
-    about once per process, so workers' findings reach the log).
+    `samples` is a list of (path, label), label -1 for unlabeled images. With `skip_bad_images`, sample i falls back
+    to the next readable sample (i+1, i+2, ... wrapping), so the replacement depends only on i and the file
+    contents, never on worker count or order. `bad_images` lists the unreadable files this process met (each
+    data-loader worker keeps its own list; every file is also warned about once per process, so workers' findings
+    reach the log).
     """
 
-    def __init__(self, root: str, transform: Transform = None, skip_bad_images: bool = False) -> None:
-        super().__init__(root, transform=transform, loader=load_rgb_image)
+    def __init__(self, root: str, samples: list[tuple[str, int]], classes: list[str], transform: Transform = None,
+                 skip_bad_images: bool = False) -> None:
+        self.root = root
+        self.samples = samples
+        self.classes = classes
+        self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.loader: Callable[[str], Image.Image] = load_rgb_image
         self.bad_images: list[str] = []
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for offset in range(len(self.samples)):
@@ -79,6 +94,29 @@ class CheckedImageFolder(torchvision.datasets.ImageFolder):
             self.bad_images.append(path)
             warnings.warn(f"skipping unreadable image ({error}); {len(self.bad_images)} skipped so far",
                           RuntimeWarning, stacklevel=3)
+
+
+class CheckedImageFolder(CheckedImages):
+    """torchvision's ImageFolder (same classes, samples and order), with CheckedImages' handling of bad files and
+    a one-line error for a folder without class sub-folders."""
+
+    def __init__(self, root: str, transform: Transform = None, skip_bad_images: bool = False) -> None:
+        root = os.path.expanduser(root)
+        require_class_folders(root)
+        classes, class_to_idx = find_classes(root)
+        samples = make_dataset(root, class_to_idx, IMG_EXTENSIONS)
+        super().__init__(root, samples, classes, transform, skip_bad_images)
+
+
+def require_class_folders(root: str) -> None:
+    """Raise a one-line ValueError unless `root` has sub-folders: labelled images are `root/<class>/<image>`, and
+    what reads them (k-NN, linear probe, the k-NN monitor) has no other source of labels."""
+    with os.scandir(root) as entries:
+        if any(entry.is_dir() for entry in entries):
+            return
+    raise ValueError(f"{root} has no class sub-folders: k-NN and linear evaluation need labelled images, one "
+                     f"sub-folder per class ({root}/<class>/<image>); a folder of unlabeled images can only be "
+                     f"trained on")
 
 
 def read_idx_ubyte(path: str, ndim: int) -> np.ndarray:
@@ -179,9 +217,13 @@ def _fashion_mnist_folder(path: str) -> str:
     return torchvision_layout if not has_own_files and os.path.isdir(torchvision_layout) else path
 
 
-def _image_folder_root(path: str, split: str | None) -> str:
+def image_folder_root(path: str, split: str | None) -> str:
+    """The ImageFolder root of `split` (None: `path` itself) below `path`; an error naming what is missing."""
+    layout = "<class>/<image>" if split is None else f"{split}/<class>/<image>"
+    if os.path.isfile(path):
+        raise ValueError(f"dataset folder {path} is a file: a list of images is for training only, labelled images "
+                         f"are an ImageFolder tree {layout}")
     if not os.path.isdir(path):
-        layout = "<class>/<image>" if split is None else f"{split}/<class>/<image>"
         raise FileNotFoundError(f"dataset folder {path} does not exist (expected an ImageFolder tree {layout})")
     if split is None:
         return path
@@ -202,7 +244,7 @@ def build_dataset(kind: str, path: str, split: str | None = None, transform: Tra
     gzip); split None/"train" is the training set, "val"/"test" the test set.
     """
     if kind == "imagefolder":
-        return CheckedImageFolder(_image_folder_root(path, split), transform, skip_bad_images)
+        return CheckedImageFolder(image_folder_root(path, split), transform, skip_bad_images)
     if kind == "fashion_mnist":
         return FashionMNISTDataset(_fashion_mnist_folder(path), split, transform)
     raise ValueError(f"unknown dataset kind {kind!r}; choose one of: {', '.join(DATASETS)}")

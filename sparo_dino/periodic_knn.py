@@ -8,15 +8,41 @@ after it, would diverge.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-from sparo_dino import augmentation, distributed, extraction, knn
+from sparo_dino import augmentation, datasets, distributed, extraction, image_files, knn
 from sparo_dino.subsets import seeded_split
 
 K = 20
 TEMPERATURE = 0.07
+
+
+def require_labelled_data(data_path: str, knn_data_path: str | None) -> None:
+    """Raise a one-line ValueError when the monitor of an image-file run would have no labels: no --knn_data_path
+    (training images never serve as the monitor's: an ImageFolder root is one split, a folder or list has no
+    labels), or one whose train/ or val/ split is not a folder of class sub-folders.
+
+    Only what the file system shows is judged: a path that does not exist is left to the start-up error that names
+    it, since a launcher validates the flags on a submission host that may not see the data."""
+    if knn_data_path is None:
+        try:
+            kind = image_files.detect_kind(data_path)
+        except OSError:  # missing or unreadable: reported at start-up
+            kind = "imagefolder"
+        unlabeled = f"; --data_path {data_path} is {image_files.KINDS[kind]}" if kind != "imagefolder" else ""
+        raise ValueError(f"--knn_every needs --knn_data_path: the k-NN monitor needs labelled images split in two, "
+                         f"a folder holding train/ and val/ with one sub-folder per class{unlabeled}")
+    if not os.path.exists(knn_data_path):
+        return
+    for split in ("train", "val"):
+        try:
+            datasets.require_class_folders(datasets.image_folder_root(knn_data_path, split))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--knn_data_path: {error}") from error
 
 
 def _fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:

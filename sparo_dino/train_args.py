@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 import sparo_vit
-from sparo_dino import augmentation
+from sparo_dino import augmentation, periodic_knn
 from sparo_dino.cli_errors import require_writable_dirs
 from sparo_dino.config import args_to_dict, bool_flag, parse_args
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
@@ -241,9 +241,12 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     for name in ("global_crop_size", "local_crop_size", "img_size", "knn_crop_size"):
         if getattr(args, name) % args.patch_size:
             _fail(parser, f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}")
+    if args.knn_every and args.dataset == "imagefolder":
+        try:
+            periodic_knn.require_labelled_data(args.data_path, args.knn_data_path)
+        except ValueError as error:
+            _fail(parser, str(error))
     if args.knn_every and args.knn_data_path is None:
-        if args.dataset != "fashion_mnist":
-            _fail(parser, "--knn_every needs --knn_data_path (a folder holding train/ and val/ ImageFolders)")
         args.knn_data_path = args.data_path  # the IDX folder holds the labelled train and test splits too
     for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size", "knn_subset",
                  "knn_crop_size", "knn_resize_size"):

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import os
 import weakref
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from sparo_dino import distributed, image_files
 from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
 from sparo_dino.datasets import build_dataset, require_min_size
-from sparo_dino.batched_data import DeviceMultiCrop, build_decoded_dataset, collate_decoded
+from sparo_dino.batched_data import (DeviceMultiCrop, collate_decoded, reduce_jpeg_decoding,
+                                     rgb_to_uint8_tensor)
 from sparo_dino.preemption import ignore_stop_signals
 
 AUGMENTATIONS = ("auto", "per_image", "batched")
@@ -90,7 +93,8 @@ class TrainingData:
 
     A loader batch ends with the per-sample `replaced` flags (SkipFlags); `crops(batch, epoch, iteration)` gives
     the trainer's crop list [global 1, global 2, local 1..N], each (batch, 3, size, size) on the device. Raises
-    ValueError when the data holds fewer images than one global batch.
+    ValueError when the data holds fewer images than one global batch, or its images cannot be listed (the same
+    error on every rank). Image files are found by image_files.training_index; `save_index` keeps their index.
     """
 
     def __init__(self, config: Mapping[str, Any], rank: int, world_size: int, device: torch.device,
@@ -99,17 +103,20 @@ class TrainingData:
         self.device = device
         self.batch_size = config["batch_size_per_gpu"]
         seed = config["seed"]
+        # image files (ImageFolder, folder, list): their index, the same on every rank; None for Fashion-MNIST
+        self._index_path = os.path.join(config["output_dir"], image_files.INDEX_NAME)
+        index = (image_files.training_index(config["data_path"], self._index_path)
+                 if config["dataset"] == "imagefolder" else None)
+        # what save_index writes: a listed index, kept by the main process only (1.28M names are ~100 MB)
+        self._unsaved_index = (index if index is not None and not index.cached and distributed.is_main_process()
+                               else None)
         if self.pipeline == "per_image":
-            images = build_dataset(config["dataset"], config["data_path"],
-                                   transform=MultiCropAugmentation(**multicrop_kwargs(config)),
-                                   skip_bad_images=config["skip_bad_images"])
+            images = self._images(config, index, MultiCropAugmentation(**multicrop_kwargs(config)))
             self.dataset: Dataset = SeededDataset(SkipFlags(images), seed=seed)
             collate = None
             self.device_crops: DeviceMultiCrop | None = None
         else:
-            images = build_decoded_dataset(config["dataset"], config["data_path"], config,
-                                           skip_bad_images=config["skip_bad_images"])
-            self.dataset = SkipFlags(images)
+            self.dataset = SkipFlags(reduce_jpeg_decoding(self._images(config, index, rgb_to_uint8_tensor), config))
             collate = collate_decoded
             self.device_crops = DeviceMultiCrop(config, seed, rank, device, out_dtype=crop_dtype)
         require_min_size(self.dataset, self.batch_size * world_size,
@@ -127,6 +134,21 @@ class TrainingData:
                                  worker_init_fn=ignore_stop_signals,  # SIGTERM to the job must not kill the workers
                                  generator=torch.Generator().manual_seed(seed + rank))
         _OPEN.add(self)
+
+    @staticmethod
+    def _images(config: Mapping[str, Any], index: image_files.ImageIndex | None,
+                transform: Callable[[Any], Any]) -> Dataset:
+        if index is None:
+            return build_dataset(config["dataset"], config["data_path"], transform=transform,
+                                 skip_bad_images=config["skip_bad_images"])
+        return index.dataset(transform, config["skip_bad_images"])
+
+    def save_index(self) -> None:
+        """Keep the index of the training images in the output dir for the next start, unless it came from there
+        (main process; called once the run's checkpoint checks passed, so a refused start writes nothing)."""
+        if self._unsaved_index is not None:
+            image_files.write_cache(self._unsaved_index, self._index_path)
+            self._unsaved_index = None
 
     def close(self) -> None:
         """Stop the loader's workers now (a later epoch would start new ones).

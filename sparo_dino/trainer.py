@@ -143,6 +143,7 @@ class DinoTrainer:
             print(f"dropped {dropped} line(s) of {LOG_NAME} written after the checkpoint's epoch {self.epoch} "
                   "(the run was killed before saving it)", flush=True)
         save_config(self.args, self.args.output_dir)
+        self.data.save_index()
         append_provenance(self.args.output_dir, args_to_dict(self.args),
                           {"world_size": self.info.world_size, "precision": self.precision,
                            "augmentation": self.data.pipeline, "compiled": self.step.compiled,

@@ -186,6 +186,22 @@ def test_train_benchmark_runs_the_trainer_on_both_paths_and_splits_the_time(caps
     assert _field(out, rf"ratio fast/reference: img/s x{NUMBER}")[0] == pytest.approx(rates[1] / rates[0], rel=0.01)
 
 
+@pytest.mark.parametrize("folders", [3, 0])
+def test_file_index_benchmark_prints_the_start_up_times_and_their_ratio(capsys, folders):
+    file_index = _load("file_index")
+    assert file_index.main(["--files", "2000", "--folders", str(folders), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    kind = "imagefolder" if folders else "folder"
+    assert f"file index: 2000 images, {kind} (generated" in out
+    first = _field(out, rf"first start: list \+ write cache \(s\): {NUMBER}")[0]
+    cached = _field(out, rf"cached start \(s\): {NUMBER}")[0]
+    for metric in ("list file, first start", "list file, cached start"):
+        assert _field(out, rf"{metric} \(s\): {NUMBER}")[0] >= 0
+    ratio = _field(out, rf"ratio cached / first start: {NUMBER}")[0]
+    assert ratio == pytest.approx(cached / first, abs=0.02)  # the times as printed, rounded to 0.1 ms
+    assert ("torchvision ImageFolder scan" in out) == bool(folders)
+
+
 def test_make_bench_writes_one_table_with_the_machine(tmp_path, monkeypatch):
     """report.py runs every benchmark with its plan for the machine (here: tiny CPU plans) and writes one Markdown
     table; a benchmark that fails becomes a row and the exit status says so."""

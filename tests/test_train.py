@@ -97,7 +97,7 @@ def test_training_writes_checkpoints_logs_config_and_provenance(images, tmp_path
     out = str(tmp_path / "run")
     assert run(images, out, "--epochs", "3", "--saveckp_freq", "2", capsys=capsys).code == 0
     assert sorted(n for n in os.listdir(out)) == ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0002.pth",
-                                                   "config.yaml", "log.txt", "provenance.jsonl"]
+                                                   "config.yaml", "data_index.json", "log.txt", "provenance.jsonl"]
     state = load(os.path.join(out, "checkpoint.pth"))
     assert {"student", "teacher", "optimizer", "dino_loss", "epoch", "iteration", "config", "rng"} <= set(state)
     assert state["epoch"] == 3 and state["iteration"] == 0 and "scaler" not in state

@@ -38,6 +38,7 @@ BLUR_READ_BACK = AUGMENTATION + "test_blur_strength_and_rate_read_back_from_the_
 UNTRUSTED = "tests/test_untrusted_checkpoints.py::"
 TEST_SETS = "tests/test_test_sets.py::"
 REPRODUCE = "tests/test_reproduce.py::"
+IMAGES = "tests/test_image_files.py::"
 BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -96,6 +97,20 @@ MUTATIONS: tuple[Mutation, ...] = (
              'mode="bicubic", align_corners=False, antialias=True)',
              ("tests/test_sparo_vit.py::test_local_crops_get_official_dino_position_embeddings",),
              "position embeddings resized with antialiasing (official DINO has none)"),
+    # ------------------------------------------------------------------------------ training images
+    Mutation("image-folder-unsorted", "sparo_dino/image_files.py",
+             "files = sorted(os.path.join(folder, name) for folder",
+             "files = list(os.path.join(folder, name) for folder",
+             (IMAGES + "test_every_rank_sees_the_same_order_whatever_the_file_system_lists_first",),
+             "a folder of images in the file system's listing order: ranks and resumes can see other images"),
+    Mutation("image-index-stale-cache", "sparo_dino/image_files.py", "    if not _unchanged(source, stamps):",
+             "    if False:", (IMAGES + "test_cache_is_used_until_a_folder_changes",),
+             "the cached index is used after images were added, removed or renamed"),
+    Mutation("image-list-relative-to-cwd", "sparo_dino/image_files.py",
+             'return os.path.dirname(self.source) if self.kind == "list" else self.source',
+             'return "" if self.kind == "list" else self.source',
+             (IMAGES + "test_list_file_paths_are_relative_to_its_folder_in_its_order",),
+             "a list's paths are read relative to the working directory instead of the list's folder"),
     # ------------------------------------------------------------------------------------ fast path
     Mutation("crop-seed-ignores-rank", "sparo_dino/batched_data.py",
              "batch_seed(self.seed, epoch, iteration, self.rank)", "batch_seed(self.seed, epoch, iteration, 0)",
