@@ -147,10 +147,11 @@ def test_data_benchmark_prints_worker_cost_and_throughput_of_both_pipelines(caps
     out = capsys.readouterr().out
     cost = {p: _field(out, rf"worker pipeline={p} cpu_ms_per_image={NUMBER} img/s_per_core={NUMBER}")
             for p in ("per_image", "batched")}
+    # ms is printed to 0.01: at ~0.2 ms per image its rounding alone moves 1000 / ms by up to 2.5%
     for ms, per_core in cost.values():
-        assert per_core == pytest.approx(1000 / ms, rel=0.01)
+        assert per_core == pytest.approx(1000 / ms, rel=0.01 + 0.005 / ms)
     assert _field(out, rf"ratio worker cost per_image/batched: x{NUMBER}")[0] == pytest.approx(
-        cost["per_image"][0] / cost["batched"][0], rel=0.01)
+        cost["per_image"][0] / cost["batched"][0], rel=0.01 + 0.005 / cost["per_image"][0] + 0.005 / cost["batched"][0])
     assert cost["per_image"][0] > cost["batched"][0]  # decoding alone is cheaper than decoding and cropping
     per_image = _field(out, rf"pipeline=per_image img/s={NUMBER} crops_on=workers")[0]
     batched = _field(out, rf"pipeline=batched img/s={NUMBER} crops_on=device cpu")[0]
