@@ -77,8 +77,8 @@ class Profile:
 
 PROFILES = {
     # The demo's CPU recipe (docs/demo_recipes.md) unchanged: 640 steps of 32 on 4096 images, k-NN and probe on
-    # those and 2000 test images. One run with both evaluations takes about 4-4.5 minutes on the 2 cores alone, so
-    # 6 read-outs x 3 seeds take about 75-85 minutes (docs/readouts.md, "Time"): the budget needs no shrinking.
+    # those and 2000 test images. One run with both evaluations takes 2.6-4 minutes on the 2 cores alone;
+    # 6 read-outs x 3 seeds took 73 minutes on 2 cores (docs/readouts.md, "Time"): the budget needs no shrinking.
     "cpu": Profile("cpu", demo.PROFILES["cpu"], linear_epochs=30),
     # The demo's GPU profile: all 60k / 10k images, 10 epochs of 256 with 6 local crops, the config's recipe.
     "gpu": Profile("gpu", demo.PROFILES["gpu"], linear_epochs=100),
