@@ -206,8 +206,8 @@ def run_one(variant: Variant, seed: int, profile: Profile, data_path: str, outpu
         backbone = sparo_vit.build_backbone(**sparo_vit.backbone_kwargs(config))
     epoch_seconds, epochs = training_seconds(run_dir / "train")
     batch = profile.train.batch_size
-    # the training loader drops the last incomplete batch of each epoch
-    images = epochs * (len(datasets.build_dataset("fashion_mnist", data_path, split="train")) // batch) * batch
+    # the training loader drops the last incomplete batch of each epoch; k-NN's bank is the training split
+    images = epochs * (knn["num_train"] // batch) * batch
     return {"variant": variant.name, "arch": variant.arch, "seed": seed, "profile": profile.name,
             "flags": list(flags), "linear_flags": list(linear_flags(variant)),
             "knn_top1": knn["knn"]["20"]["top1"], "knn_init_top1": knn["init_baseline"]["20"]["top1"],
