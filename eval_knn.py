@@ -223,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.shard_bank and args.n_per_class:
         raise ValueError("--n_per_class draws from the whole train bank in one process; not with --shard_bank")
     eval_flags.check_robustness_args(args)
+    eval_flags.check_pca_args(args, {
+        "--per_slot/--select_slots": "principal components mix the slots" if args.per_slot or
+        args.select_slots is not None else "",
+        "--shard_bank": "the components are fitted on the whole train split in one process" if args.shard_bank else ""})
     distributed.check_launcher_args(args)
     eval_flags.check_output_dirs(args)
     with distributed.process_group(args.dist_timeout_minutes, report_error=eval_flags.print_user_error) as info:

@@ -404,6 +404,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--n_per_class trains few-shot heads on cached centre-crop features: it needs --fast "
                          "training, not the official protocol or --evaluate")
     eval_flags.check_robustness_args(args)
+    eval_flags.check_pca_args(args, {"the official protocol": "" if args.fast else "the components are fitted on "
+                                     "cached train features (--fast), not on augmented crops"})
     distributed.check_launcher_args(args)
 
 

@@ -19,7 +19,7 @@ from sparo_dino import distributed
 from sparo_dino.cli import config
 from sparo_dino.cli.errors import exit_with, print_once, require_writable_dirs
 from sparo_dino.data import augmentation, datasets
-from sparo_dino.eval import extraction, feature_cache, shifted_sets
+from sparo_dino.eval import extraction, feature_cache, pca, shifted_sets
 from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.io import weights
 from sparo_dino.io.checkpoint import CheckpointError
@@ -73,6 +73,11 @@ def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                             "instead of running the backbone")
     group.add_argument("--output_dir", type=str, default=None,
                        help="where results go (default: next to the checkpoint, or the features folder)")
+    group = parser.add_argument_group("width control")
+    group.add_argument("--pca_dim", type=int, default=None,
+                       help="evaluate the first N principal components of the features, fitted on the train split "
+                            "only (test images never shape them): encodings of different widths compared at one "
+                            "width, without retraining; dumps keep the full features")
     return parser
 
 
@@ -100,6 +105,17 @@ def check_robustness_args(args: argparse.Namespace) -> None:
                          "(--load_features) hold train and val only")
     if args.n_per_class is not None and (min(args.n_per_class) < 1 or args.fewshot_tries < 1 or args.seed < 0):
         raise ValueError("--n_per_class values and --fewshot_tries must be >= 1 (and --seed >= 0 for the draws)")
+
+
+def check_pca_args(args: argparse.Namespace, conflicts: Mapping[str, str]) -> None:
+    """--pca_dim must be positive and cannot go with a flag of `conflicts` (flag -> why; "" when it is not set)."""
+    if args.pca_dim is None:
+        return
+    if args.pca_dim < 1:
+        raise ValueError(f"--pca_dim must be >= 1, got {args.pca_dim}")
+    for flag, reason in conflicts.items():
+        if reason:
+            raise ValueError(f"--pca_dim cannot go with {flag}: {reason}")
 
 
 def data_path(args: argparse.Namespace) -> str:
@@ -151,7 +167,8 @@ def compute_features(args: argparse.Namespace, device: torch.device,
                              "--load_features")
         if not distributed.is_main_process():
             return None
-        return _check_cached(feature_cache.load_features(args.load_features), args, kind_for, accept_official_dump)
+        return reduce_width(_check_cached(feature_cache.load_features(args.load_features), args, kind_for,
+                                          accept_official_dump), args.pca_dim)
     backbone, options, tag = weights.load_backbone(args, at_init)
     backbone.to(device)
     kind = kind_for(options["arch"])
@@ -179,6 +196,23 @@ def compute_features(args: argparse.Namespace, device: torch.device,
                           for test in tests}
     if args.dump_features is not None and not at_init:
         feature_cache.save_features(features, args.dump_features, args.dump_format)
+    return reduce_width(features, args.pca_dim)
+
+
+def reduce_width(features: FeatureSet, pca_dim: int | None) -> FeatureSet:
+    """--pca_dim: every split (and test set) projected on the first pca_dim principal components of the train
+    split; meta["pca"] records the width and the train variance kept."""
+    if pca_dim is None:
+        return features
+    if "train_shard" in features.meta:
+        raise ValueError("--pca_dim fits the components on the whole train split; not with --shard_bank")
+    fitted = pca.fit(features.train_features, pca_dim)
+    features.train_features = fitted.project(features.train_features)
+    features.val_features = fitted.project(features.val_features)
+    for test in features.test_sets.values():
+        test.features = fitted.project(test.features)
+    features.meta = {**features.meta, "pca": {"dim": pca_dim, "fitted_on": "train",
+                                              "explained_variance": fitted.explained}}
     return features
 
 
