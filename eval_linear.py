@@ -203,8 +203,13 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
     instead: that still holds 10.5 GB, and the encodings are unnormalized, so fp16 would round (or overflow) the
     very inputs whose probe accuracy is reported."""
     data = eval_flags.compute_features(args, info.device, kind_resolver(args), at_init=at_init)
-    if data is None:
-        return None
+    return None if data is None else probe_on_features(args, data, info.device, at_init)
+
+
+def probe_on_features(args: argparse.Namespace, data: FeatureSet, device: torch.device, at_init: bool = False
+                      ) -> Probe:
+    """The fast probe of `data`, however it was made (a backbone, a cache, or the raw pixels the read-out comparison
+    probes with the same grid and hold-out); `train(args, probe)` then trains it."""
     train_features, train_labels = data.train_features, data.train_labels
     val_features, val_labels = data.val_features, data.val_labels
     classes = num_classes(args, data.num_classes)
@@ -217,7 +222,7 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
         train_features, train_labels = train_features[kept], train_labels[kept]
     torch.manual_seed(args.seed)
     classifier: nn.Module = (linear_probe.LinearHeads(train_features.shape[1], classes, lrs) if holdout is not None
-                             else linear_probe.LinearClassifier(train_features.shape[1], classes)).to(info.device)
+                             else linear_probe.LinearClassifier(train_features.shape[1], classes)).to(device)
 
     train_batches = _shuffled_batches(train_features, train_labels, args)
 
@@ -229,8 +234,10 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
            "total_batch_size": args.batch_size_per_gpu, "options": data.meta["options"]}
     if at_init:
         run["at_init"] = True  # a resumed head must come from the same network
+    if "pca" in data.meta:
+        run["pca_dim"] = data.meta["pca"]["dim"]  # at the features' own width, the same "dim" as without PCA
     probe = Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run,
-                  _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False, features=data)
+                  _output_dir(args, data.meta["tag"], "fast"), device, reduce=False, features=data)
     for name, test in data.test_sets.items():
         probe.test_sets[name] = ProbeTestSet(_feature_batches(test, args.batch_size_per_gpu), test.present,
                                              test.describe(classes))

@@ -25,6 +25,7 @@ import eval_knn
 import main_dino
 from sparo_dino.data import datasets
 from sparo_dino.eval import knn
+from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.train.progress import LOG_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +85,21 @@ def fashion_mnist_folder(download_root: Path) -> str:
     return str(download_root)
 
 
-def raw_pixel_top1(data_path: str) -> float:
-    """Weighted 20-NN on flattened 28 px pixels in [0, 1] (cosine, T = 0.07): the bar an encoding must clear."""
+def raw_pixels(data_path: str) -> FeatureSet:
+    """Flattened 28 px pixels in [0, 1] of both Fashion-MNIST splits, as features: the bar an encoding must clear."""
     train = datasets.build_dataset("fashion_mnist", data_path, split="train")
     test = datasets.build_dataset("fashion_mnist", data_path, split="val")
-    scores = knn.weighted_knn(train.data.flatten(1).float() / 255, torch.tensor(train.targets),
-                              test.data.flatten(1).float() / 255, len(train.classes), k=20, temperature=0.07)
-    return knn.topk_accuracy(scores, torch.tensor(test.targets))[0]
+    return FeatureSet(train.data.flatten(1).float() / 255, torch.tensor(train.targets),
+                      test.data.flatten(1).float() / 255, torch.tensor(test.targets), list(train.classes),
+                      {"kind": "raw_pixels", "options": {}, "tag": "raw_pixels"})
+
+
+def raw_pixel_top1(data_path: str) -> float:
+    """Weighted 20-NN on the raw pixels (cosine, T = 0.07)."""
+    pixels = raw_pixels(data_path)
+    scores = knn.weighted_knn(pixels.train_features, pixels.train_labels, pixels.val_features, pixels.num_classes,
+                              k=20, temperature=0.07)
+    return knn.topk_accuracy(scores, pixels.val_labels)[0]
 
 
 def last_epoch_record(train_dir: Path) -> dict[str, float]:

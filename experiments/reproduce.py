@@ -1,18 +1,24 @@
 """Read-outs side by side: the same ViT-Tiny trunk, recipe and budget with each read-out, several seeds, one table.
 
-    python -m experiments.reproduce --profile cpu|gpu [--output_dir runs/reproduce] [--seeds 0 1 2] [--variants ...]
+    python -m experiments.reproduce --profile cpu|cpu16|gpu [--output_dir runs/reproduce] [--seeds 0 1 2]
+        [--variants ...] [--lr_sweep 0.5 1 2] [--max_seeds 5] [--from_record]
 
 Whether SPARO helps is a claim about the read-out, so every other thing is held fixed: the trunk (vit_tiny), the
-DINO recipe and budget of the demo's profile (experiments.demo), the images and both evaluations (weighted 20-NN and
-the fast linear probe, each next to the same network at its random init). One seed says little on 4096 images, so
-each read-out runs for several seeds and the table gives mean, std and standard error; a difference smaller than 2
-standard errors of the difference counts as no difference. SPARO at L = V = D = 64 holds more parameters than the
-transformer block it replaces, so `sparo_matched` gets the L whose read-out matches the block's size.
+DINO recipe and budget of the profile, the images and both evaluations (weighted 20-NN and the fast linear probe,
+each next to the same network at its random init, each also at 192 principal components fitted on the train split:
+the cls width). Both evaluations and both widths read one extraction of the trained and one of the random-init
+network. The raw pixels get the same evaluations.
 
-Each finished (variant, seed) is saved as JSON in the output folder and skipped on a rerun (an interrupted training
-resumes from its checkpoint), so the script can be stopped and started again; every finished run also appends a
-row to the run record in docs/readouts.md. The table (docs/readouts.md, between the profile's markers) and the figure
-(docs/readouts_fmnist_<profile>.png) are rewritten from all finished runs at the end.
+Equal tuning: every row trains at 3 learning rates (--lr_sweep, times the profile's) at the first seed, and the lr
+whose linear probe scores best on its train hold-out (never the test images) is used for all seeds of the row.
+Statistics (experiments/readout_stats.py): Welch's t-test for each comparison the table makes, Holm's correction
+across them, and every row in a comparison with p in (0.01, 0.2) gets seeds up to --max_seeds.
+
+Each finished (variant, lr, seed) is saved as JSON in the output folder and skipped on a rerun (an interrupted
+training resumes from its checkpoint, an interrupted probe from its own), so the script can be stopped and started
+again; every finished run also appends a row to the run record in docs/readouts.md, from which --from_record
+rebuilds a profile's tables and figure without training. The tables (docs/readouts.md, between the profile's
+markers) and the figure (docs/readouts_fmnist_<profile>.png) are rewritten from all finished runs at the end.
 """
 from __future__ import annotations
 
@@ -25,19 +31,24 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import yaml
 
+import eval_knn
 import eval_linear
 import sparo_vit
-from experiments import demo
+from experiments import demo, readout_stats
 from sparo_dino.cli import eval_flags
+from sparo_dino.cli.config import parse_args as parse_flags
+from sparo_dino.cli.train_flags import get_args_parser
 from sparo_dino.data import datasets
-from sparo_dino.eval import extraction
+from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.io import checkpoint as checkpoints
 from sparo_dino.io import provenance
 from sparo_dino.train.progress import LOG_NAME
+from sparo_dino.train.schedules import scaled_lr
 
 TRUNK = "vit_tiny"
 CONFIG = demo.CONFIGS[TRUNK]  # every variant starts from the baseline recipe; --arch and read-out flags on top
@@ -45,6 +56,9 @@ DOCS_DIR = demo.REPO_ROOT / "docs"
 DOC_NAME = "readouts.md"
 # The paper's DINO setting of SPARO beside L; written out so the table states what ran, whatever the defaults.
 SPARO_SIZES = {"slot_dim": 64, "attn_dim": 64, "group_size": 1}
+PCA_DIM = 192  # the width control: every encoding also evaluated at the cls width (vit_tiny's 192)
+KNN_K = 20
+DEFAULT_SWEEP = (0.5, 1.0, 2.0)  # --lr_sweep: multiples of the profile's lr
 
 
 def as_flags(options: Mapping[str, int]) -> tuple[str, ...]:
@@ -63,30 +77,52 @@ VARIANTS = {
     "cls": Variant("cls", TRUNK),
     "gap": Variant("gap", f"{TRUNK}_gap"),
     "attpool": Variant("attpool", f"{TRUNK}_attpool"),
+    # L learned queries, each through a full-width 3-head attention (not Tab. 6's multi-head ablation)
     "mhca": Variant("mhca", f"{TRUNK}_mhca", as_flags({"num_slots": 64, "slot_dim": 64})),
     "sparo": Variant("sparo", f"{TRUNK}_sparo", as_flags({"num_slots": 64, **SPARO_SIZES})),
+    # width-matched: 3 slots of 64 give the cls width, 192
+    "sparo_w3": Variant("sparo_w3", f"{TRUNK}_sparo", as_flags({"num_slots": 3, **SPARO_SIZES})),
 }
 MATCHED = "sparo_matched"  # SPARO with L chosen so that its read-out holds as many parameters as cls's last block
 VARIANT_NAMES = (*VARIANTS, MATCHED)
-REFERENCES = ("cls", "sparo")  # the verdict columns compare every row with these
+REFERENCES = ("cls", "sparo")  # every row is compared with these
 
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """The demo's training profile plus the linear probe's epochs (the same for every row)."""
+    """A training profile plus the linear probe's epochs (the same for every row)."""
     name: str
     train: demo.Profile
     linear_epochs: int
+    tokens: str  # what a training crop holds, for the page
+
+
+def _with_flag(flags: tuple[str, ...], flag: str, value: str) -> tuple[str, ...]:
+    """`flags` with `flag`'s value replaced (it must be there)."""
+    index = flags.index(flag)
+    return (*flags[:index + 1], value, *flags[index + 2:])
 
 
 PROFILES = {
-    # The demo's CPU recipe (docs/demo_recipes.md) unchanged: 640 steps of 32 on 4096 images, k-NN and probe on
-    # those and 2000 test images. One run with both evaluations takes 2.6-4 minutes on the 2 cores alone;
-    # 6 read-outs x 3 seeds took 73 minutes on 2 cores (docs/readouts.md, "Time"): the budget needs no shrinking.
-    "cpu": Profile("cpu", demo.PROFILES["cpu"], linear_epochs=30),
+    # The demo's CPU recipe (docs/demo_recipes.md): 640 steps of 32 on 4096 images, patch 8 on 16 px crops, so a
+    # training crop holds 2 x 2 patches + CLS = 5 tokens (the 32 px evaluation view 17). The small-token case.
+    "cpu": Profile("cpu", demo.PROFILES["cpu"], linear_epochs=30, tokens="5 (patch 8 on 16 px crops)"),
+    # The same recipe on 32 px crops: 4 x 4 patches + CLS = 17 tokens in training, as in the evaluation view.
+    "cpu16": Profile("cpu16", dataclasses.replace(demo.PROFILES["cpu"], name="cpu16", flags=_with_flag(
+        demo.PROFILES["cpu"].flags, "--global_crop_size", "32")), linear_epochs=30,
+        tokens="17 (patch 8 on 32 px crops)"),
     # The demo's GPU profile: all 60k / 10k images, 10 epochs of 256 with 6 local crops, the config's recipe.
-    "gpu": Profile("gpu", demo.PROFILES["gpu"], linear_epochs=100),
+    "gpu": Profile("gpu", demo.PROFILES["gpu"], linear_epochs=100,
+                   tokens="65 (patch 4 on 32 px crops; 6 local crops of 16 px)"),
 }
+
+
+def profile_lr(profile: Profile) -> float:
+    """The base lr a profile trains with: its own --lr flag, else the config's."""
+    flags = profile.train.flags
+    if "--lr" in flags:
+        return float(flags[flags.index("--lr") + 1])
+    return float(yaml.safe_load(CONFIG.read_text())["lr"])
 
 
 # ----------------------------------------------------------------------------------------------- read-out sizes
@@ -135,30 +171,63 @@ def resolve_variants(names: Sequence[str]) -> list[Variant]:
     if missing:
         raise ValueError(f"arch(s) {', '.join(missing)} not in this checkout's sparo_vit.ARCHS; choose --variants "
                          f"among those it has")
-    for variant in variants:
-        check_probe_reads_the_encoding(variant)
     return variants
 
 
+def network_sizes(config: Mapping[str, Any]) -> dict[str, int]:
+    """Encoding width and parameter counts (backbone, read-out, DINO head) of a run config, on the meta device."""
+    with torch.device("meta"):
+        backbone = sparo_vit.build_backbone(**sparo_vit.backbone_kwargs(config))
+        head = sparo_vit.DINOHead(backbone.num_features, config["out_dim"], use_bn=config["use_bn_in_head"],
+                                  norm_last_layer=config["norm_last_layer"])
+    return {"encoding_dim": backbone.num_features, "total_params": sum(p.numel() for p in backbone.parameters()),
+            "readout_params": backbone.readout_parameter_count(),
+            "head_params": sum(p.numel() for p in head.parameters())}
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def extract(checkpoint: Path, data_path: str, num_workers: int, at_init: bool) -> FeatureSet:
+    """The features k-NN reads (the encoding; for cls the final-norm CLS of the last block) of a run's teacher or of
+    the same network at its random init, once: both evaluations and both widths read them."""
+    args = eval_knn.build_parser().parse_args(["--pretrained_weights", str(checkpoint), "--data_path", data_path,
+                                               *demo.EVAL_FLAGS, "--batch_size_per_gpu", "256",
+                                               "--num_workers", str(num_workers)])
+    return eval_flags.compute_features(args, device(), eval_knn.kind_resolver(args), at_init=at_init)
+
+
+def evaluate(features: FeatureSet, seed: int, linear_epochs: int, output_dir: Path) -> dict[str, float]:
+    """Weighted 20-NN and the fast linear probe (the default lr grid, chosen on a 10% train hold-out) of one set of
+    features, at full width and at PCA_DIM principal components fitted on train: {"knn_top1", "linear_top1",
+    "linear_holdout_top1", "pca_knn_top1", ...}. The probes resume from `output_dir`."""
+    results = {}
+    for prefix, pca_dim in (("", None), ("pca_", PCA_DIM)):
+        data = eval_flags.reduce_width(features, pca_dim)
+        knn_args = eval_knn.build_parser().parse_args(["--nb_knn", str(KNN_K)])
+        knn = eval_knn.run_knn(data, knn_args, device())["knn"][str(KNN_K)]
+        probe_args = eval_linear.build_parser().parse_args([
+            "--fast", "--epochs", str(linear_epochs), "--seed", str(seed),
+            "--output_dir", str(output_dir / f"linear{'_pca' if pca_dim else ''}")])
+        probe = eval_linear.probe_on_features(probe_args, data, device())
+        os.makedirs(probe.output_dir, exist_ok=True)
+        linear = eval_linear.train(probe_args, probe)
+        grid = linear["lr_grid"]
+        results.update({f"{prefix}knn_top1": knn["top1"], f"{prefix}linear_top1": linear["final"]["top1"],
+                        f"{prefix}linear_holdout_top1": grid["holdout_top1"][grid["chosen"]],
+                        f"{prefix}linear_lr": grid["chosen_lr"]})
+    return results
+
+
 # ------------------------------------------------------------------------------------------ one (variant, seed)
-def linear_flags(variant: Variant) -> tuple[str, ...]:
-    """eval_linear.py flags that make the probe read the encoding k-NN reads: the official baseline probe takes the
-    CLS of the last 4 blocks, which would give cls three more blocks' features than any other read-out."""
-    return ("--n_last_blocks", "1") if sparo_vit.readout_of(variant.arch) == "cls" else ()
+def run_name(variant: str, lr: float, seed: int) -> str:
+    return f"{variant}_lr{lr:g}_seed{seed}"
 
 
-def check_probe_reads_the_encoding(variant: Variant) -> None:
-    """Both evaluations must see the same features of a row, or the two columns compare different things."""
-    probe_args = eval_linear.build_parser().parse_args(["--fast", *linear_flags(variant)])
-    probe_kind = eval_linear.kind_resolver(probe_args)(variant.arch)
-    knn_kind = extraction.feature_kind(variant.arch)
-    if probe_kind != knn_kind:
-        raise ValueError(f"{variant.name}: the linear probe would read {probe_kind!r} features, k-NN reads "
-                         f"{knn_kind!r}; reproduce.linear_flags must make them the same")
-
-
-def run_path(output_dir: Path, variant: str, seed: int) -> Path:
-    return output_dir / f"{variant}_seed{seed}.json"
+def run_path(output_dir: Path, variant: str, lr: float, seed: int) -> Path:
+    return output_dir / f"{run_name(variant, lr, seed)}.json"
 
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:
@@ -169,69 +238,90 @@ def write_json(data: Mapping[str, Any], path: Path) -> None:
     os.replace(partial, path)
 
 
-def finished_run(path: Path, variant: Variant, seed: int) -> dict[str, Any]:
+def run_flags(variant: Variant, seed: int, lr: float) -> tuple[str, ...]:
+    """main_dino.py flags of one run on top of the config and the profile."""
+    return ("--arch", variant.arch, *variant.flags, "--lr", f"{lr:g}", "--seed", str(seed))
+
+
+def finished_run(path: Path, variant: Variant, seed: int, lr: float) -> dict[str, Any]:
     """A finished run's record, refused when it was trained with other flags than the variant has now (e.g. another
     matched L after a change to the read-out sizes): a row must not mix two settings."""
     record = json.loads(path.read_text())
-    if record["flags"] != list(run_flags(variant, seed)):
+    if record["flags"] != list(run_flags(variant, seed, lr)):
         raise ValueError(f"{path} was trained with {' '.join(record['flags'])}, {variant.name} is now "
-                         f"{' '.join(run_flags(variant, seed))}: remove it (or use another --output_dir) to run it "
-                         "again")
+                         f"{' '.join(run_flags(variant, seed, lr))}: remove it (or use another --output_dir) to run "
+                         "it again")
     return record
 
 
-def training_seconds(train_dir: Path) -> tuple[float, int]:
-    """Seconds spent in training epochs and the number of epochs, from the run's log.txt (kept across resumes)."""
+def training_log(train_dir: Path) -> tuple[float, int, float | None]:
+    """Seconds spent in training epochs, the number of epochs and the last epoch's teacher entropy (nats), from the
+    run's log.txt (kept across resumes)."""
     records = [json.loads(line) for line in (train_dir / LOG_NAME).read_text().splitlines() if line.strip()]
-    return sum(record["epoch_time_s"] for record in records), len(records)
+    return (sum(record["epoch_time_s"] for record in records), len(records),
+            records[-1].get("train_teacher_entropy") if records else None)
 
 
-def run_flags(variant: Variant, seed: int) -> tuple[str, ...]:
-    """main_dino.py flags of one run on top of the config and the profile."""
-    return ("--arch", variant.arch, *variant.flags, "--seed", str(seed))
-
-
-def run_one(variant: Variant, seed: int, profile: Profile, data_path: str, output_dir: Path,
+def run_one(variant: Variant, seed: int, lr: float, profile: Profile, data_path: str, output_dir: Path,
             num_workers: int) -> dict[str, Any]:
-    """Train one (variant, seed), evaluate it with 20-NN and the fast linear probe (each with its random init) and
-    return its record."""
-    run_dir = output_dir / f"{variant.name}_seed{seed}"
-    flags = run_flags(variant, seed)
+    """Train one (variant, lr, seed), evaluate it and its random init (evaluate) and return its record."""
+    run_dir = output_dir / run_name(variant.name, lr, seed)
+    flags = run_flags(variant, seed, lr)
     checkpoint = demo.train(run_dir / "train", profile.train, data_path, CONFIG, num_workers, flags)
     trained = time.time()
-    knn = demo.evaluate_knn(checkpoint, data_path, run_dir, num_workers)
-    linear = eval_linear.main(["--pretrained_weights", str(checkpoint), "--data_path", data_path, *demo.EVAL_FLAGS,
-                               "--fast", "--init_baseline", "--epochs", str(profile.linear_epochs),
-                               "--seed", str(seed), "--num_workers", str(num_workers),
-                               "--output_dir", str(run_dir / "linear"), *linear_flags(variant)])
+    features = extract(checkpoint, data_path, num_workers, at_init=False)
+    scores = evaluate(features, seed, profile.linear_epochs, run_dir)
+    initial = evaluate(extract(checkpoint, data_path, num_workers, at_init=True), seed, profile.linear_epochs,
+                       run_dir / "init")
     evaluated = time.time()
     config = checkpoints.load_checkpoint(str(checkpoint))["config"]
-    with torch.device("meta"):  # sizes only
-        backbone = sparo_vit.build_backbone(**sparo_vit.backbone_kwargs(config))
-    epoch_seconds, epochs = training_seconds(run_dir / "train")
+    epoch_seconds, epochs, entropy = training_log(run_dir / "train")
+    num_train = len(datasets.build_dataset("fashion_mnist", data_path, split="train"))
     batch = profile.train.batch_size
-    # the training loader drops the last incomplete batch of each epoch; k-NN's bank is the training split
-    images = epochs * (knn["num_train"] // batch) * batch
-    return {"variant": variant.name, "arch": variant.arch, "seed": seed, "profile": profile.name,
-            "flags": list(flags), "linear_flags": list(linear_flags(variant)),
-            "knn_top1": knn["knn"]["20"]["top1"], "knn_init_top1": knn["init_baseline"]["20"]["top1"],
-            "linear_top1": linear["final"]["top1"], "linear_init_top1": linear["init_baseline"]["final"]["top1"],
-            "feature_kind": linear["run"]["kind"], "encoding_dim": backbone.num_features,
-            "total_params": sum(p.numel() for p in backbone.parameters()),
-            "readout_params": backbone.readout_parameter_count(),
+    images = epochs * (num_train // batch) * batch  # the training loader drops the last incomplete batch
+    return {"variant": variant.name, "arch": variant.arch, "seed": seed, "lr": lr, "profile": profile.name,
+            "flags": list(flags), "feature_kind": features.meta["kind"], **scores, **at_init(initial),
+            **network_sizes(config), "teacher_entropy": entropy, "out_dim": config["out_dim"],
             "images_per_s": images / epoch_seconds, "train_seconds": epoch_seconds, "eval_seconds": evaluated - trained,
-            "num_train": knn["num_train"], "num_test": knn["num_test"],
+            "num_train": num_train, "num_test": len(datasets.build_dataset("fashion_mnist", data_path, split="val")),
             "machine": provenance.machine(), "date": datetime.date.today().isoformat()}
 
 
-def raw_pixels(output_dir: Path, data_path: str) -> float:
-    """Raw-pixel weighted 20-NN on the profile's images, computed once per output folder."""
+def at_init(scores: Mapping[str, float]) -> dict[str, float]:
+    """The random-init network's scores under the record's names: knn_top1 -> knn_init_top1, linear_lr ->
+    linear_init_lr (its hold-out score chooses nothing and is not kept)."""
+    return {key.replace("_top1", "_init_top1").replace("_lr", "_init_lr"): value for key, value in scores.items()
+            if "holdout" not in key}
+
+
+def raw_pixels(output_dir: Path, data_path: str, linear_epochs: int) -> dict[str, float]:
+    """The raw pixels through both evaluations at both widths (probe seed 0), computed once per output folder."""
     path = output_dir / "raw_pixels.json"
     if path.exists():
-        return json.loads(path.read_text())["knn_top1"]
-    top1 = demo.raw_pixel_top1(data_path)
-    write_json({"knn_top1": top1}, path)
-    return top1
+        scores = json.loads(path.read_text())
+        if "linear_top1" in scores:  # an older folder holds the 20-NN alone
+            return scores
+    scores = evaluate(demo.raw_pixels(data_path), 0, linear_epochs, output_dir / "raw_pixels")
+    write_json(scores, path)
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------------ lr sweep
+def sweep_lrs(profile: Profile, multiples: Sequence[float]) -> list[float]:
+    """The lrs of the sweep: multiples of the profile's lr (rounded to 4 significant digits, as the names show)."""
+    base = profile_lr(profile)
+    return sorted({float(f"{base * multiple:.4g}") for multiple in multiples})
+
+
+def chosen_lr(records: Iterable[Mapping[str, Any]], variant: str, seed: int, default: float) -> float | None:
+    """The lr of `variant` whose run at `seed` scored best on the linear probe's train hold-out (the test images
+    choose nothing); a tie goes to the lr nearest the profile's. None until a swept run of it has finished."""
+    swept = [record for record in records if record["variant"] == variant and record["seed"] == seed
+             and "linear_holdout_top1" in record]
+    if not swept:
+        return None
+    best = max(swept, key=lambda r: (r["linear_holdout_top1"], -abs(math.log(r["lr"] / default)), -r["lr"]))
+    return best["lr"]
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -251,91 +341,152 @@ def summarize(values: Sequence[float]) -> Stat:
     return Stat(statistics.fmean(values), std, std / math.sqrt(len(values)), len(values))
 
 
-def compare(row: Stat, reference: Stat) -> tuple[float, float | None, str]:
-    """row minus reference, the standard error of that difference (independent runs: SEs add in quadrature) and the
-    verdict: a difference smaller than 2 standard errors is "no difference"."""
-    difference = row.mean - reference.mean
-    if row.se is None or reference.se is None:
-        return difference, None, "n/a (1 seed)"
-    se = math.hypot(row.se, reference.se)
-    if abs(difference) < 2 * se or difference == 0:
-        return difference, se, "no difference"
-    return difference, se, "better" if difference > 0 else "worse"
-
-
 METRICS = ("knn_top1", "knn_init_top1", "knn_gain", "linear_top1", "linear_init_top1", "linear_gain",
+           "pca_knn_top1", "pca_knn_init_top1", "pca_linear_top1", "pca_linear_init_top1",
            "images_per_s", "train_minutes", "eval_minutes")
+# What the comparisons test, with its label: trained top-1 and gain over init at full width, top-1 at PCA_DIM.
+TESTED = (("knn_top1", "20-NN"), ("linear_top1", "linear"), ("knn_gain", "20-NN gain over init"),
+          ("linear_gain", "linear gain over init"), ("pca_knn_top1", f"20-NN @{PCA_DIM}"),
+          ("pca_linear_top1", f"linear @{PCA_DIM}"))
 
 
 def metric_values(record: Mapping[str, Any]) -> dict[str, float]:
-    """A run's numbers as the table shows them (gains over random init are per seed, then averaged)."""
-    return {"knn_top1": record["knn_top1"], "knn_init_top1": record["knn_init_top1"],
-            "knn_gain": record["knn_top1"] - record["knn_init_top1"],
-            "linear_top1": record["linear_top1"], "linear_init_top1": record["linear_init_top1"],
-            "linear_gain": record["linear_top1"] - record["linear_init_top1"],
-            "images_per_s": record["images_per_s"], "train_minutes": record["train_seconds"] / 60,
-            "eval_minutes": record["eval_seconds"] / 60}
+    """A run's numbers as the table shows them (gains over random init are per seed, then averaged); a number the
+    run did not measure (older runs: PCA) is left out."""
+    values = {key: record[key] for key in METRICS if record.get(key) is not None}
+    for evaluation in ("knn", "linear"):
+        values[f"{evaluation}_gain"] = record[f"{evaluation}_top1"] - record[f"{evaluation}_init_top1"]
+    values.update(images_per_s=record["images_per_s"], train_minutes=record["train_seconds"] / 60,
+                  eval_minutes=record["eval_seconds"] / 60)
+    return values
 
 
-def summarize_runs(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """variant -> its Stats per metric plus the facts every seed shares (arch, flags, sizes), in table order."""
-    by_variant: dict[str, list[Mapping[str, Any]]] = {}
+def row_records(records: Sequence[Mapping[str, Any]], lrs: Mapping[str, float | None]
+                ) -> dict[str, list[Mapping[str, Any]]]:
+    """variant -> its runs at its chosen lr (all its runs when it has no choice), seed order; table order."""
+    rows: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
-        by_variant.setdefault(record["variant"], []).append(record)
+        if lrs.get(record["variant"]) in (None, record["lr"]):
+            rows.setdefault(record["variant"], []).append(record)
+    order = sorted(rows, key=lambda n: VARIANT_NAMES.index(n) if n in VARIANT_NAMES else len(VARIANT_NAMES))
+    return {name: sorted(rows[name], key=lambda record: record["seed"]) for name in order}
+
+
+def summarize_runs(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """variant -> per metric its per-seed values and Stat, plus the facts every seed shares (arch, flags, sizes)."""
     summaries = {}
-    for name in sorted(by_variant, key=lambda n: VARIANT_NAMES.index(n) if n in VARIANT_NAMES else len(VARIANT_NAMES)):
-        runs = sorted(by_variant[name], key=lambda record: record["seed"])
+    for name, runs in rows.items():
         values = [metric_values(record) for record in runs]
-        summaries[name] = {"stats": {metric: summarize([v[metric] for v in values]) for metric in METRICS},
-                           "seeds": [record["seed"] for record in runs], **{key: runs[0][key] for key in (
-                               "arch", "flags", "encoding_dim", "readout_params", "total_params")}}
+        series = {metric: [v[metric] for v in values if metric in v] for metric in METRICS}
+        summaries[name] = {"values": series, "stats": {m: summarize(v) for m, v in series.items() if v},
+                           "seeds": [record["seed"] for record in runs], "lr": runs[0]["lr"],
+                           **{key: runs[0].get(key) for key in ("arch", "flags", "encoding_dim", "readout_params",
+                                                                "total_params", "head_params")}}
     return summaries
 
 
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    row: str
+    reference: str
+    metric: str
+    test: readout_stats.Welch
+    adjusted_p: float | None = None
+
+
+def comparisons(summaries: Mapping[str, Mapping[str, Any]]) -> list[Comparison]:
+    """Every row against each reference present (each pair once), on every tested metric both measured; Holm's
+    correction across all of them (the family of the table's verdicts)."""
+    pairs = []
+    for reference in REFERENCES:
+        if reference not in summaries:
+            continue
+        for row in summaries:
+            if row != reference and (row, reference) not in pairs and (reference, row) not in pairs:
+                pairs.append((row, reference))
+    tests = [Comparison(row, reference, metric, readout_stats.welch(summaries[row]["values"][metric],
+                                                                    summaries[reference]["values"][metric]))
+             for row, reference in pairs for metric, _ in TESTED
+             if summaries[row]["values"][metric] and summaries[reference]["values"][metric]]
+    tested = [index for index, comparison in enumerate(tests) if comparison.test.p is not None]
+    adjusted = readout_stats.holm([tests[index].test.p for index in tested])
+    for index, p in zip(tested, adjusted):
+        tests[index] = dataclasses.replace(tests[index], adjusted_p=p)
+    return tests
+
+
+def rows_needing_seeds(tests: Sequence[Comparison], summaries: Mapping[str, Mapping[str, Any]],
+                       max_seeds: int) -> list[str]:
+    """The driver's rule: both rows of a comparison whose p lies in readout_stats.UNDECIDED run up to `max_seeds`
+    seeds (rows that have them already are not listed)."""
+    names = {name for test in tests if readout_stats.undecided(test.test) for name in (test.row, test.reference)}
+    return [name for name in summaries if name in names and len(summaries[name]["seeds"]) < max_seeds]
+
+
 # ------------------------------------------------------------------------------------------------------- output
-def cell(stat: Stat, digits: int = 2) -> str:
+def cell(stat: Stat | None, digits: int = 2) -> str:
+    if stat is None:
+        return "not measured yet"
     if stat.std is None:
         return f"{stat.mean:.{digits}f}"
     return f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f} [{stat.se:.{digits}f}]"
 
 
-def verdict_cell(summary: Mapping[str, Any], reference: Mapping[str, Any] | None) -> str:
-    if reference is None:
-        return "not run"
-    if reference is summary:
-        return "-"
-    parts = []
-    for metric, label in (("knn_top1", "20-NN"), ("linear_top1", "linear")):
-        difference, se, verdict = compare(summary["stats"][metric], reference["stats"][metric])
-        spread = f" ± {se:.2f}" if se is not None else ""
-        parts.append(f"{label} {difference:+.2f}{spread}: {verdict}")
-    return "; ".join(parts)
-
-
 def options_text(flags: Sequence[str]) -> str:
-    """The read-out options of a run's flags (arch and seed are columns of their own)."""
+    """The read-out options of a run's flags (arch, lr and seed are columns of their own)."""
     options = [f"{flag.removeprefix('--')}={value}" for flag, value in zip(flags[::2], flags[1::2])
-               if flag not in ("--arch", "--seed")]
+               if flag not in ("--arch", "--seed", "--lr")]
     return ", ".join(options) or "-"
 
 
-TABLE_HEADER = ("| read-out | arch, options | encoding | read-out params | total params | seeds | 20-NN top-1 | "
-                "20-NN at init | 20-NN gain | linear top-1 | linear at init | linear gain | img/s | train min | "
-                "eval min | vs cls | vs sparo |\n" + "| --- " * 17 + "|\n")
+TABLE_COLUMNS = ("read-out", "arch, options", "encoding", "read-out params", "head params", "total params", "lr",
+                 "seeds", "20-NN top-1", "20-NN at init", "20-NN gain", "linear top-1", "linear at init",
+                 "linear gain", f"20-NN @{PCA_DIM}", f"20-NN @{PCA_DIM} at init", f"linear @{PCA_DIM}",
+                 f"linear @{PCA_DIM} at init", "img/s", "train min", "eval min")
 
 
-def results_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+def header(columns: Sequence[str]) -> str:
+    return "| " + " | ".join(columns) + " |\n" + "| --- " * len(columns) + "|\n"
+
+
+def count(value: int | None) -> str:
+    return f"{value:,}" if value is not None else "-"
+
+
+def results_table(summaries: Mapping[str, Mapping[str, Any]], pixels: Mapping[str, float] | None) -> str:
     rows = []
     for name, summary in summaries.items():
         stats = summary["stats"]
-        references = [summaries.get(reference) for reference in REFERENCES]
         rows.append(f"| {name} | {summary['arch']} ({options_text(summary['flags'])}) | {summary['encoding_dim']} | "
-                    f"{summary['readout_params']:,} | {summary['total_params']:,} | "
+                    f"{count(summary['readout_params'])} | {count(summary['head_params'])} | "
+                    f"{count(summary['total_params'])} | {summary['lr']:g} | "
                     f"{', '.join(map(str, summary['seeds']))} | "
-                    + " | ".join(cell(stats[metric], 1 if metric.endswith("minutes") or metric == "images_per_s"
-                                      else 2) for metric in METRICS)
-                    + " | " + " | ".join(verdict_cell(summary, reference) for reference in references) + " |\n")
-    return TABLE_HEADER + "".join(rows)
+                    + " | ".join(cell(stats.get(metric), 1 if metric.endswith("minutes") or metric == "images_per_s"
+                                      else 2) for metric in METRICS) + " |\n")
+    if pixels is not None:
+        def pixel(key: str) -> str:
+            return f"{pixels[key]:.2f}" if key in pixels else "not measured yet"
+        rows.append(f"| raw pixels | 28 px, flattened | 784 | - | - | - | - | - | {pixel('knn_top1')} | - | - | "
+                    f"{pixel('linear_top1')} | - | - | {pixel('pca_knn_top1')} | - | {pixel('pca_linear_top1')} | "
+                    "- | - | - | - |\n")
+    return header(TABLE_COLUMNS) + "".join(rows)
+
+
+COMPARISON_COLUMNS = ("row", "vs", "metric", "seeds", "difference [95% CI]", "p (Welch)", "p (Holm)", "verdict")
+
+
+def comparisons_table(tests: Sequence[Comparison], summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    labels = dict(TESTED)
+    rows = []
+    for test in tests:
+        welch, seeds = test.test, f"{len(summaries[test.row]['seeds'])} / {len(summaries[test.reference]['seeds'])}"
+        interval = f"{welch.difference:+.2f}" + (f" [{welch.low:+.2f}, {welch.high:+.2f}]" if welch.low is not None
+                                                 else "")
+        p = "-" if welch.p is None else f"{welch.p:.3f}"
+        adjusted = "-" if test.adjusted_p is None else f"{test.adjusted_p:.3f}"
+        rows.append(f"| {test.row} | {test.reference} | {labels[test.metric]} | {seeds} | {interval} | {p} | "
+                    f"{adjusted} | {readout_stats.verdict(welch, test.adjusted_p)} |\n")
+    return header(COMPARISON_COLUMNS) + "".join(rows)
 
 
 def markers(profile: str) -> tuple[str, str]:
@@ -343,12 +494,14 @@ def markers(profile: str) -> tuple[str, str]:
 
 
 RECORD_HEADING = "## Run record"
-RECORD_HEADER = ("| date | profile | variant | seed | flags | train min | eval min | img/s | 20-NN top-1 / at init | "
-                 "linear top-1 / at init | machine |\n" + "| --- " * 11 + "|\n")
+RECORD_COLUMNS = ("date", "profile", "variant", "seed", "flags", "train min", "eval min", "img/s",
+                  "20-NN top-1 / at init", "linear top-1 / at init", f"20-NN @{PCA_DIM} / at init",
+                  f"linear @{PCA_DIM} / at init", "linear hold-out", "teacher H", "machine")
+RECORD_HEADER = header(RECORD_COLUMNS)
 
 
 def ensure_document(doc: Path) -> None:
-    """A bare docs/readouts.md (both profiles' markers and the run record) where none exists, e.g. in tests."""
+    """A bare docs/readouts.md (every profile's markers and the run record) where none exists, e.g. in tests."""
     if doc.exists():
         return
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -368,72 +521,159 @@ def replace_section(doc: Path, profile: str, text: str) -> None:
     doc.write_text(f"{head}{begin}\n{text.rstrip()}\n{end}{tail}")
 
 
+def _pair(record: Mapping[str, Any], key: str) -> str:
+    trained, initial = record.get(f"{key}_top1"), record.get(f"{key}_init_top1")
+    return "-" if trained is None else f"{trained:.2f} / {initial:.2f}"
+
+
+def record_row(record: Mapping[str, Any]) -> str:
+    """A run as one row of the run record: enough to rebuild the tables (--from_record)."""
+    holdout, entropy = record.get("linear_holdout_top1"), record.get("teacher_entropy")
+    cells = (record["date"], record["profile"], record["variant"], str(record["seed"]),
+             f"`{' '.join(record['flags'])}`", f"{record['train_seconds'] / 60:.1f}",
+             f"{record['eval_seconds'] / 60:.1f}", f"{record['images_per_s']:.1f}", _pair(record, "knn"),
+             _pair(record, "linear"), _pair(record, "pca_knn"), _pair(record, "pca_linear"),
+             "-" if holdout is None else f"{holdout:.2f}", "-" if entropy is None else f"{entropy:.2f}",
+             record["machine"])
+    return "| " + " | ".join(cells) + " |\n"
+
+
 def append_record(doc: Path, record: Mapping[str, Any]) -> None:
     """One row per finished run at the end of the page, as docs/demo_recipes.md keeps its search."""
     page = doc.read_text()
     if RECORD_HEADER not in page:
         page += f"\n{RECORD_HEADING}\n\n{RECORD_HEADER}"
-    row = (f"| {record['date']} | {record['profile']} | {record['variant']} | {record['seed']} | "
-           f"`{' '.join(record['flags'])}` | {record['train_seconds'] / 60:.1f} | {record['eval_seconds'] / 60:.1f} | "
-           f"{record['images_per_s']:.1f} | {record['knn_top1']:.2f} / {record['knn_init_top1']:.2f} | "
-           f"{record['linear_top1']:.2f} / {record['linear_init_top1']:.2f} | {record['machine']} |\n")
     doc.write_text(page if page.endswith("\n") else page + "\n")
     with doc.open("a") as handle:
-        handle.write(row)
+        handle.write(record_row(record))
 
 
-def plot(summaries: Mapping[str, Mapping[str, Any]], raw_pixel_top1: float, path: Path, title: str) -> None:
-    """Bars of trained 20-NN and linear top-1 per read-out (error bars: std over seeds), the random init as hatched
-    bars over them, raw pixels' 20-NN as a line."""
+def records_from_page(page: str, profile: Profile) -> list[dict[str, Any]]:
+    """The profile's runs rebuilt from the run record (the last row of a (variant, lr, seed) wins): the numbers as
+    recorded, sizes from the flags. A run without --lr in its flags trained at the profile's lr."""
+    found: dict[tuple[str, float, int], dict[str, Any]] = {}
+    for line in page.split(RECORD_HEADER, 1)[1].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != len(RECORD_COLUMNS) or cells[1] != profile.name:
+            continue
+        row = dict(zip(RECORD_COLUMNS, cells))
+        flags = row["flags"].strip("`").split()
+        options = dict(zip(flags[::2], flags[1::2]))
+        lr = float(options.get("--lr", profile_lr(profile)))
+        record: dict[str, Any] = {
+            "date": row["date"], "profile": profile.name, "variant": row["variant"], "seed": int(row["seed"]),
+            "lr": lr, "flags": flags, "arch": options["--arch"], "machine": row["machine"],
+            "train_seconds": float(row["train min"]) * 60, "eval_seconds": float(row["eval min"]) * 60,
+            "images_per_s": float(row["img/s"])}
+        for key, column in (("knn", "20-NN top-1 / at init"), ("linear", "linear top-1 / at init"),
+                            ("pca_knn", f"20-NN @{PCA_DIM} / at init"), ("pca_linear", f"linear @{PCA_DIM} / at init")):
+            if row[column] != "-":
+                record[f"{key}_top1"], record[f"{key}_init_top1"] = map(float, row[column].split("/"))
+        for key, column in (("linear_holdout_top1", "linear hold-out"), ("teacher_entropy", "teacher H")):
+            if row[column] != "-":
+                record[key] = float(row[column])
+        # the run's flags as main_dino.py resolves them (config < profile < run), for the sizes
+        config = vars(parse_flags(get_args_parser(), ["--config", str(CONFIG), *profile.train.flags, *flags]))
+        record.update(network_sizes(config))
+        found[(record["variant"], lr, record["seed"])] = record
+    return list(found.values())
+
+
+def plot(summaries: Mapping[str, Mapping[str, Any]], pixels: Mapping[str, float], path: Path, title: str) -> None:
+    """Bars of trained 20-NN and linear top-1 per read-out at full width and at PCA_DIM (error bars: std over
+    seeds), the random init as hatched bars over them, raw pixels' 20-NN and linear as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summaries)
-    width = 0.38
-    figure, axes = plt.subplots(figsize=(max(7.0, 1.4 * len(names) + 2), 5.2))
-    lowest = raw_pixel_top1
-    for shift, metric, label, colour in ((-width / 2, "knn", "20-NN", "tab:blue"),
-                                         (width / 2, "linear", "linear probe (fast)", "tab:orange")):
-        x = [index + shift for index in range(len(names))]
+    width = 0.2
+    figure, axes = plt.subplots(figsize=(max(8.0, 1.5 * len(names) + 2), 5.6))
+    lowest = min(pixels.values())
+    bars = (("knn", "20-NN", "tab:blue"), ("linear", "linear probe (fast)", "tab:orange"),
+            ("pca_knn", f"20-NN @{PCA_DIM} PCs", "lightsteelblue"),
+            ("pca_linear", f"linear @{PCA_DIM} PCs", "navajowhite"))
+    for position, (metric, label, colour) in enumerate(bars):
+        x = [index + (position - 1.5) * width for index in range(len(names))]
         for suffix, style in (("_top1", dict(color=colour, label=f"{label}, trained")),
                               ("_init_top1", dict(fill=False, hatch="//", edgecolor="black", linewidth=0.6,
-                                                  label=f"{label}, same network at random init"))):
-            stats = [summaries[name]["stats"][metric + suffix] for name in names]
-            axes.bar(x, [s.mean for s in stats], width, yerr=[s.std or 0.0 for s in stats], capsize=3, **style)
-            lowest = min(lowest, *(s.mean - (s.std or 0.0) for s in stats))
-    axes.axhline(raw_pixel_top1, color="gray", linestyle="--", label=f"raw pixels, 20-NN ({raw_pixel_top1:.2f})")
-    axes.set_xticks(range(len(names)), names)
+                                                  label="same network at random init" if position == 0 else None))):
+            stats = [summaries[name]["stats"].get(metric + suffix) for name in names]
+            axes.bar(x, [s.mean if s else 0.0 for s in stats], width,
+                     yerr=[(s.std or 0.0) if s else 0.0 for s in stats], capsize=2, **style)
+            lowest = min([lowest, *(s.mean - (s.std or 0.0) for s in stats if s)])
+    for key, style, label in (("knn_top1", "--", "20-NN"), ("linear_top1", ":", "linear")):
+        if key in pixels:
+            axes.axhline(pixels[key], color="gray", linestyle=style, label=f"raw pixels, {label} ({pixels[key]:.2f})")
+    axes.set_xticks(range(len(names)), names, fontsize=8)
     axes.set_ylim(bottom=max(0.0, math.floor(lowest) - 5))
     axes.set_ylabel("top-1 (%); error bars: std over seeds")
     axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def report(records: Sequence[Mapping[str, Any]], profile: Profile, raw_pixel_top1: float, docs_dir: Path) -> str:
-    """Rewrite the profile's table in docs/readouts.md and its figure from the finished runs; returns the text."""
-    summaries = summarize_runs(records)
+def chosen_lrs(records: Sequence[Mapping[str, Any]], profile: Profile) -> dict[str, float | None]:
+    """variant -> its chosen lr (None: not swept; all its runs form its row)."""
+    seeds = {record["variant"]: min(r["seed"] for r in records if r["variant"] == record["variant"])
+             for record in records}
+    swept = {name for name in seeds if len({r["lr"] for r in records if r["variant"] == name}) > 1}
+    return {name: chosen_lr(records, name, seeds[name], profile_lr(profile)) if name in swept else None
+            for name in seeds}
+
+
+PROBE_LRS = ("linear_lr", "linear_init_lr", "pca_linear_lr", "pca_linear_init_lr")
+
+
+def grid_edges(records: Sequence[Mapping[str, Any]]) -> str:
+    """How many of the runs' probes chose the grid's smallest or largest lr: an optimum at an edge may lie outside
+    the grid (empty when the records do not say)."""
+    chosen = [record[key] for record in records for key in PROBE_LRS if key in record]
+    if not chosen:
+        return ""
+    batch = eval_linear.build_parser().get_default("batch_size_per_gpu")
+    low, high = (scaled_lr(edge(eval_linear.DEFAULT_LR_GRID), batch) for edge in (min, max))
+    at_edge = sum(1 for lr in chosen if math.isclose(lr, low) or math.isclose(lr, high))
+    return (f"The probes' lr grid ({min(eval_linear.DEFAULT_LR_GRID):g} to {max(eval_linear.DEFAULT_LR_GRID):g}) "
+            f"chose an end value in {at_edge} of {len(chosen)} probes. ")
+
+
+def report(records: Sequence[Mapping[str, Any]], profile: Profile, pixels: Mapping[str, float], docs_dir: Path,
+           command: str) -> str:
+    """Rewrite the profile's tables in docs/readouts.md and its figure from the finished runs; returns the text."""
+    lrs = chosen_lrs(records, profile)
+    rows = row_records(records, lrs)
+    summaries = summarize_runs(rows)
+    tests = comparisons(summaries)
     figure = docs_dir / f"readouts_fmnist_{profile.name}.png"
-    first = records[0]
-    seeds = len({record["seed"] for record in records})
-    title = (f"vit_tiny read-outs, DINO on Fashion-MNIST, {profile.name} profile\n{first['num_train']} train / "
-             f"{first['num_test']} test images, {profile.train.epochs} epoch(s), {seeds} seed(s)")
-    plot(summaries, raw_pixel_top1, figure, title)
+    seeds = len({record["seed"] for runs in rows.values() for record in runs})
+    num_train = profile.train.num_train or 60000
+    num_test = profile.train.num_test or 10000
+    title = (f"vit_tiny read-outs, DINO on Fashion-MNIST, {profile.name} profile\n{num_train} train / {num_test} "
+             f"test images, {profile.train.epochs} epoch(s), up to {seeds} seed(s)")
+    plot(summaries, pixels, figure, title)
     minutes = sum(record["train_seconds"] + record["eval_seconds"] for record in records) / 60
     dates = sorted({record["date"] for record in records})
     machines = sorted({record["machine"] for record in records})
-    text = (f"Measured by `python -m experiments.reproduce --profile {profile.name}` on {', '.join(machines)}, "
+    swept = {name: lr for name, lr in lrs.items() if lr is not None}
+    text = (f"Measured by `{command}` on {', '.join(machines)}, "
             f"{' to '.join([dates[0], dates[-1]] if len(dates) > 1 else dates)}; {len(records)} runs, "
-            f"{minutes:.0f} minutes of training and evaluation in all. {first['num_train']} train / "
-            f"{first['num_test']} test images, {profile.train.epochs} epoch(s) of {profile.train.batch_size}, linear "
-            f"probe {profile.linear_epochs} epochs. Cells: mean ± std [standard error] over the seeds. Raw pixels: "
-            f"{raw_pixel_top1:.2f} (20-NN).\n\n"
-            + results_table(summaries)
+            f"{minutes:.0f} minutes of training and evaluation in all. {num_train} train / {num_test} test images, "
+            f"{profile.train.epochs} epoch(s) of {profile.train.batch_size}, training crops of {profile.tokens} "
+            f"tokens, linear probe {profile.linear_epochs} epochs. "
+            + (f"lr swept on seed {min(r['seed'] for r in records)} and chosen per row on the probe's train "
+               f"hold-out ({', '.join(f'{name} {lr:g}' for name, lr in swept.items())}). " if swept else
+               f"No lr sweep: every row at the profile's lr {profile_lr(profile):g}. ")
+            + grid_edges(records)
+            + f"Cells: mean ± std [standard error] over the seeds; @{PCA_DIM}: the first {PCA_DIM} principal "
+              "components, fitted on the train split.\n\n"
+            + results_table(summaries, pixels)
+            + f"\nComparisons (Welch's t-test, Holm's correction across all {len(tests)}; verdict at "
+              f"{readout_stats.ALPHA:g} after Holm):\n\n" + comparisons_table(tests, summaries)
             + f"\n![read-outs, {profile.name} profile]({figure.name})\n")
     replace_section(docs_dir / DOC_NAME, profile.name, text)
     return text
@@ -441,33 +681,61 @@ def report(records: Sequence[Mapping[str, Any]], profile: Profile, raw_pixel_top
 
 # --------------------------------------------------------------------------------------------------------- driver
 def run_all(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int], output_dir: Path,
-            docs_dir: Path = DOCS_DIR, data_path: str | None = None, num_workers: int = 1) -> list[dict[str, Any]]:
-    """Every (variant, seed) not finished in `output_dir`, then the table and figure from all finished runs there
-    (also those of earlier invocations with other --variants or --seeds); returns this invocation's records."""
+            docs_dir: Path = DOCS_DIR, data_path: str | None = None, num_workers: int = 1,
+            sweep: Sequence[float] = DEFAULT_SWEEP, max_seeds: int = readout_stats.MORE_SEEDS
+            ) -> list[dict[str, Any]]:
+    """Every (variant, lr, seed) not finished in `output_dir`: the lr sweep at the first seed, the chosen lr at the
+    others, then seeds up to `max_seeds` for the rows of undecided comparisons; then the tables and figure from all
+    finished runs there (also those of earlier invocations). Returns this invocation's records."""
     output_dir.mkdir(parents=True, exist_ok=True)
     doc = docs_dir / DOC_NAME
     ensure_document(doc)
     data_path = demo.prepare_data(output_dir, profile.train, data_path)
-    pixels = raw_pixels(output_dir, data_path)
-    records = []
+    pixels = raw_pixels(output_dir, data_path, profile.linear_epochs)
+    lrs = sweep_lrs(profile, sweep) if len(sweep) > 1 else [profile_lr(profile)]
+    records: list[dict[str, Any]] = []
+
+    def run(variant: Variant, seed: int, lr: float) -> None:
+        path = run_path(output_dir, variant.name, lr, seed)
+        if path.exists():
+            print(f"[reproduce] {run_name(variant.name, lr, seed)}: finished before, read from {path}", flush=True)
+            records.append(finished_run(path, variant, seed, lr))
+            return
+        print(f"[reproduce] {run_name(variant.name, lr, seed)}: training {variant.arch}", flush=True)
+        record = run_one(variant, seed, lr, profile, data_path, output_dir, num_workers)
+        write_json(record, path)
+        append_record(doc, record)
+        records.append(record)
+        print(f"[reproduce] {run_name(variant.name, lr, seed)}: 20-NN {record['knn_top1']:.2f} (init "
+              f"{record['knn_init_top1']:.2f}), linear {record['linear_top1']:.2f} (init "
+              f"{record['linear_init_top1']:.2f}), {record['train_seconds'] / 60:.1f} + "
+              f"{record['eval_seconds'] / 60:.1f} min", flush=True)
+
+    def lr_of(variant: Variant) -> float:
+        lr = chosen_lr(records, variant.name, seeds[0], profile_lr(profile)) if len(lrs) > 1 else lrs[0]
+        assert lr is not None  # the sweep seed ran first
+        return lr
+
     for seed in seeds:  # seed-major: a comparison cut short still has every variant at the first seeds
         for variant in variants:
-            path = run_path(output_dir, variant.name, seed)
-            if path.exists():
-                print(f"[reproduce] {variant.name} seed {seed}: finished before, read from {path}", flush=True)
-                records.append(finished_run(path, variant, seed))
-                continue
-            print(f"[reproduce] {variant.name} seed {seed}: training {variant.arch}", flush=True)
-            record = run_one(variant, seed, profile, data_path, output_dir, num_workers)
-            write_json(record, path)
-            append_record(doc, record)
-            records.append(record)
-            print(f"[reproduce] {variant.name} seed {seed}: 20-NN {record['knn_top1']:.2f} (init "
-                  f"{record['knn_init_top1']:.2f}), linear {record['linear_top1']:.2f} (init "
-                  f"{record['linear_init_top1']:.2f}), {record['train_seconds'] / 60:.1f} + "
-                  f"{record['eval_seconds'] / 60:.1f} min", flush=True)
+            for lr in (lrs if seed == seeds[0] else [lr_of(variant)]):
+                run(variant, seed, lr)
+    by_name = {variant.name: variant for variant in variants}
+    while max_seeds > len(seeds):
+        summaries = summarize_runs(row_records(records, {v.name: lr_of(v) for v in variants}))
+        needing = [name for name in rows_needing_seeds(comparisons(summaries), summaries, max_seeds)
+                   if name in by_name]
+        if not needing:
+            break
+        extra = [seed for seed in range(max(seeds) + 1, max(seeds) + 1 + max_seeds) if seed not in seeds]
+        print(f"[reproduce] undecided comparisons: {', '.join(needing)} get seeds up to {max_seeds}", flush=True)
+        for name in needing:
+            have = len(summaries[name]["seeds"])
+            for seed in extra[:max_seeds - have]:
+                run(by_name[name], seed, lr_of(by_name[name]))
     finished = [json.loads(path.read_text()) for path in sorted(output_dir.glob("*_seed*.json"))]
-    print(report(finished, profile, pixels, docs_dir), flush=True)
+    print(report(finished, profile, pixels, docs_dir, f"python -m experiments.reproduce --profile {profile.name}"),
+          flush=True)
     return records
 
 
@@ -476,8 +744,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--profile", choices=tuple(PROFILES), required=True)
     parser.add_argument("--output_dir", type=Path, default=Path("runs/reproduce"),
                         help="runs go to OUTPUT_DIR/<profile>/; finished ones there are skipped on a rerun")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="the first is the lr sweep's seed")
     parser.add_argument("--variants", nargs="+", choices=VARIANT_NAMES, default=list(VARIANT_NAMES))
+    parser.add_argument("--lr_sweep", type=float, nargs="+", default=list(DEFAULT_SWEEP),
+                        help="multiples of the profile's lr trained at the first seed; one value: no sweep")
+    parser.add_argument("--max_seeds", type=int, default=readout_stats.MORE_SEEDS,
+                        help="rows of a comparison with p in (0.01, 0.2) run up to this many seeds (<= the number "
+                             "of --seeds: off)")
+    parser.add_argument("--from_record", action="store_true",
+                        help=f"train nothing: rebuild the profile's tables and figure from the run record in "
+                             f"{DOC_NAME} (and the raw pixels of OUTPUT_DIR/<profile>, computed if missing)")
     parser.add_argument("--data_path", default=None,
                         help=f"folder of the Fashion-MNIST IDX files (default: {datasets.FASHION_MNIST_DIR}, else a "
                              "torchvision download)")
@@ -486,9 +763,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--num_workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)))
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
+    output_dir = args.output_dir.resolve() / profile.name
+    if min(args.lr_sweep) <= 0:
+        raise ValueError("--lr_sweep multiples must be > 0")
+    if args.from_record:
+        doc = args.docs_dir.resolve() / DOC_NAME
+        records = records_from_page(doc.read_text(), profile)
+        if not records:
+            raise ValueError(f"the run record in {doc} holds no {profile.name} runs")
+        data_path = demo.prepare_data(output_dir, profile.train, args.data_path)
+        print(report(records, profile, raw_pixels(output_dir, data_path, profile.linear_epochs), doc.parent,
+                     f"python -m experiments.reproduce --profile {profile.name}"), flush=True)
+        return records
     variants = resolve_variants(list(dict.fromkeys(args.variants)))
-    return run_all(profile, variants, list(dict.fromkeys(args.seeds)), args.output_dir.resolve() / profile.name,
-                   args.docs_dir.resolve(), args.data_path, args.num_workers)
+    return run_all(profile, variants, list(dict.fromkeys(args.seeds)), output_dir, args.docs_dir.resolve(),
+                   args.data_path, args.num_workers, args.lr_sweep, args.max_seeds)
 
 
 if __name__ == "__main__":

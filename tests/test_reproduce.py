@@ -1,6 +1,7 @@
-"""The read-out comparison (experiments.reproduce): its statistics and 2-SE verdicts against numbers worked out by
-hand, the L that matches SPARO's size to the block it replaces, skipping finished runs on a rerun, and a tiny run
-end to end that writes the table and the figure."""
+"""The read-out comparison (experiments.reproduce): its tables and Welch verdicts against numbers worked out by hand,
+the lr sweep's choice, the 5-seed rule, the L that matches SPARO's size to the block it replaces, skipping finished
+runs on a rerun, rebuilding the tables from the run record, and a tiny run end to end against the evaluation
+scripts."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import os
 import numpy as np
 import pytest
 
+import eval_knn
+import eval_linear
 import sparo_vit
 from experiments import demo, reproduce
 from experiments.reproduce import Stat, Variant
@@ -38,44 +41,78 @@ def test_mean_sample_std_and_standard_error_by_hand() -> None:
     assert reproduce.summarize([71.5]) == Stat(71.5, None, None, 1)
 
 
-def test_two_standard_error_rule() -> None:
-    """SE of a difference of independent means: sqrt(SE_a^2 + SE_b^2); under 2 of them it is no difference."""
-    reference = Stat(72.0, 2.0, 2 / math.sqrt(3), 3)
-    se = math.sqrt(2) * 2 / math.sqrt(3)  # 1.633
-    assert reproduce.compare(Stat(76.0, 2.0, 2 / math.sqrt(3), 3), reference) == (4.0, pytest.approx(se), "better")
-    assert reproduce.compare(Stat(68.0, 2.0, 2 / math.sqrt(3), 3), reference)[2] == "worse"
-    # 2.5 points is 1.5 SE of the difference: more than one SE, still no difference
-    assert reproduce.compare(Stat(74.5, 2.0, 2 / math.sqrt(3), 3), reference) == (2.5, pytest.approx(se),
-                                                                                  "no difference")
-    assert reproduce.compare(Stat(72.0, 0.0, 0.0, 3), Stat(72.0, 0.0, 0.0, 3))[2] == "no difference"
-    assert reproduce.compare(Stat(75.0, None, None, 1), reference) == (3.0, None, "n/a (1 seed)")
-
-
-def _record(variant: str, seed: int, knn: float, linear: float, **extra) -> dict:
-    return {"variant": variant, "arch": extra.get("arch", f"vit_tiny_{variant}"), "seed": seed, "profile": "cpu",
-            "flags": ["--arch", extra.get("arch", f"vit_tiny_{variant}"), "--seed", str(seed)], "linear_flags": [],
+def _record(variant: str, seed: int, knn: float, linear: float, lr: float = 0.001, **extra) -> dict:
+    arch = extra.pop("arch", f"vit_tiny_{variant}")
+    return {"variant": variant, "arch": arch, "seed": seed, "lr": lr, "profile": "cpu",
+            "flags": ["--arch", arch, "--lr", f"{lr:g}", "--seed", str(seed)],
             "knn_top1": knn, "knn_init_top1": 60.0, "linear_top1": linear, "linear_init_top1": 70.0,
-            "feature_kind": "x", "encoding_dim": 192, "total_params": 1000, "readout_params": 100,
-            "images_per_s": 50.0, "train_seconds": 120.0, "eval_seconds": 30.0,
-            "num_train": 64, "num_test": 32, "machine": "test machine", "date": "2026-01-01"}
+            "linear_holdout_top1": linear, "encoding_dim": 192, "total_params": 1000, "readout_params": 100,
+            "head_params": 10, "images_per_s": 50.0, "train_seconds": 120.0, "eval_seconds": 30.0,
+            "num_train": 64, "num_test": 32, "machine": "test machine", "date": "2026-01-01", **extra}
 
 
-def test_table_cells_and_verdicts_by_hand() -> None:
+def test_table_cells_and_welch_verdicts_by_hand() -> None:
     records = [_record("cls", seed, knn, 80.0) for seed, knn in enumerate((70.0, 72.0, 74.0))]
     records += [_record("sparo", seed, knn, linear) for seed, knn, linear in zip(range(3), (74.0, 76.0, 78.0),
                                                                                  (80.0, 81.0, 82.0))]
-    table = reproduce.results_table(reproduce.summarize_runs(records[::-1]))  # order of the records does not matter
-    cls_row, sparo_row = table.splitlines()[2:]
+    summaries = reproduce.summarize_runs(reproduce.row_records(records[::-1], {}))  # record order does not matter
+    table = reproduce.results_table(summaries, {"knn_top1": 78.15, "linear_top1": 83.35})
+    cls_row, sparo_row, pixel_row = table.splitlines()[2:]
     assert cls_row.startswith("| cls |") and sparo_row.startswith("| sparo |")
     cells = [cell.strip() for cell in sparo_row.split("|")[1:-1]]
-    assert cells[6:12] == ["76.00 ± 2.00 [1.15]", "60.00 ± 0.00 [0.00]", "16.00 ± 2.00 [1.15]",
+    assert cells[3:8] == ["100", "10", "1,000", "0.001", "0, 1, 2"]
+    assert cells[8:14] == ["76.00 ± 2.00 [1.15]", "60.00 ± 0.00 [0.00]", "16.00 ± 2.00 [1.15]",
                            "81.00 ± 1.00 [0.58]", "70.00 ± 0.00 [0.00]", "11.00 ± 1.00 [0.58]"]
-    # 20-NN: +4 with SE sqrt(4/3 + 4/3) = 1.63 -> better; linear: +1 with SE sqrt(0 + 1/3) = 0.58, under 2 SE
-    assert cells[15] == "20-NN +4.00 ± 1.63: better; linear +1.00 ± 0.58: no difference"
-    assert cells[16] == "-"
-    cls_cells = [cell.strip() for cell in cls_row.split("|")[1:-1]]
-    assert cls_cells[6] == "72.00 ± 2.00 [1.15]" and cls_cells[15] == "-"
-    assert cls_cells[16] == "20-NN -4.00 ± 1.63: worse; linear -1.00 ± 0.58: no difference"
+    assert cells[14] == "not measured yet"  # no PCA numbers in these records
+    assert pixel_row.startswith("| raw pixels | 28 px, flattened | 784 |") and "| 78.15 |" in pixel_row \
+        and "| 83.35 |" in pixel_row
+    tests = reproduce.comparisons(summaries)
+    assert [(t.row, t.reference, t.metric) for t in tests] == [
+        ("sparo", "cls", "knn_top1"), ("sparo", "cls", "linear_top1"), ("sparo", "cls", "knn_gain"),
+        ("sparo", "cls", "linear_gain")]  # each pair once; the PCA metrics were not measured
+    # 20-NN: +4 with equal spreads (std 2) at n = 3: t = 4 / sqrt(8/3) = 2.449 at df 4; P(|T_4| > t) by the
+    # closed form of Student's t at 4 degrees of freedom
+    t = 4 / math.sqrt(8 / 3)
+    u = t / math.sqrt(4 + t * t)
+    p_knn = 1 - (1.5 * u - 0.5 * u ** 3)
+    assert tests[0].test.p == pytest.approx(p_knn, abs=1e-9) and tests[0].test.df == pytest.approx(4.0)
+    # linear: +1 against a row without spread, df 2: P(|T_2| > t) = 1 - t / sqrt(2 + t^2) with t = 1 / sqrt(1/3)
+    t = math.sqrt(3)
+    assert tests[1].test.p == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
+    # Holm over the 4: each adjusted p is at least its own times the number of tests left
+    assert tests[0].adjusted_p >= tests[0].test.p and max(t.adjusted_p for t in tests) <= 1.0
+    text = reproduce.comparisons_table(tests, summaries)
+    first = text.splitlines()[2]
+    assert first.startswith(f"| sparo | cls | 20-NN | 3 / 3 | +4.00 [") and first.endswith(" | no difference |")
+
+
+def test_rows_of_undecided_comparisons_get_more_seeds() -> None:
+    """p in (0.01, 0.2) -> both rows up to 5 seeds; a clear difference (p < 0.01) or none (p > 0.2) adds nothing."""
+    def summaries(sparo_knn: tuple[float, ...]) -> dict:
+        records = [_record("cls", seed, knn, 80.0 + seed) for seed, knn in enumerate((70.0, 72.0, 74.0))]
+        records += [_record("sparo", seed, knn, 80.0 + seed) for seed, knn in enumerate(sparo_knn)]
+        return reproduce.summarize_runs(reproduce.row_records(records, {}))
+
+    for sparo_knn, expected in [((74.0, 76.0, 78.0), ["cls", "sparo"]),  # p = 0.07
+                                ((90.0, 91.0, 92.0), []),  # p < 0.01
+                                ((70.5, 72.5, 74.5), [])]:  # p = 0.77
+        rows = summaries(sparo_knn)
+        assert reproduce.rows_needing_seeds(reproduce.comparisons(rows), rows, 5) == expected, sparo_knn
+    rows = summaries((74.0, 76.0, 78.0))
+    assert reproduce.rows_needing_seeds(reproduce.comparisons(rows), rows, 3) == []  # they have 3 already
+
+
+def test_the_swept_lr_is_chosen_on_the_train_hold_out() -> None:
+    records = [_record("sparo", 0, knn, 0.0, lr=lr, linear_holdout_top1=holdout)
+               for lr, knn, holdout in ((0.0005, 90.0, 70.0), (0.001, 70.0, 72.0), (0.002, 60.0, 71.0))]
+    # the best 20-NN on the test images is lr 0.0005; the hold-out chooses 0.001
+    assert reproduce.chosen_lr(records, "sparo", 0, 0.001) == 0.001
+    tie = [{**records[0], "linear_holdout_top1": 72.0}, records[1], {**records[2], "linear_holdout_top1": 72.0}]
+    assert reproduce.chosen_lr(tie, "sparo", 0, 0.001) == 0.001  # a tie goes to the profile's lr
+    assert reproduce.chosen_lr(tie[::2], "sparo", 0, 0.001) == 0.0005  # equally far: the smaller
+    assert reproduce.chosen_lr(records, "cls", 0, 0.001) is None
+    assert reproduce.sweep_lrs(reproduce.PROFILES["cpu"], (0.5, 1, 2)) == [0.0005, 0.001, 0.002]
+    assert reproduce.profile_lr(reproduce.PROFILES["gpu"]) == 0.0005  # the config's
 
 
 def test_closest_num_slots_against_a_hand_count() -> None:
@@ -100,16 +137,6 @@ def test_matched_sparo_uses_the_real_read_out_sizes(capsys) -> None:
     assert "L = 35, read-out 438,720 parameters; the vit_tiny block it replaces 444,864" in capsys.readouterr().out
 
 
-@needs_readouts
-def test_linear_probe_must_read_what_knn_reads(monkeypatch) -> None:
-    """The official baseline probe reads the CLS of 4 blocks: without --n_last_blocks 1 the cls row would be probed
-    on other features than its k-NN, and the script refuses before training."""
-    assert [v.name for v in reproduce.resolve_variants(["cls", "sparo"])] == ["cls", "sparo"]
-    monkeypatch.setattr(reproduce, "linear_flags", lambda variant: ())
-    with pytest.raises(ValueError, match="linear probe would read 'cls_last4' features, k-NN reads 'cls_last1'"):
-        reproduce.resolve_variants(["cls"])
-
-
 def test_an_arch_missing_from_the_checkout_is_refused_up_front(monkeypatch) -> None:
     monkeypatch.setitem(reproduce.VARIANTS, "gap", Variant("gap", "vit_nonexistent_gap"))
     with pytest.raises(ValueError, match="vit_nonexistent_gap not in this checkout's sparo_vit.ARCHS"):
@@ -127,42 +154,65 @@ def _idx_folder(folder) -> str:
     return str(folder)
 
 
+TINY = demo.Profile("tiny", num_train=32, num_test=16, epochs=1, warmup_epochs=0, batch_size=16, local_crops=0,
+                   flags=("--lr", "0.001"))
+
+
 def test_a_rerun_skips_finished_runs_and_records_each_run_once(monkeypatch, tmp_path) -> None:
+    """The sweep's 3 lrs at the first seed, the hold-out's choice at the others, an undecided comparison's rows up
+    to 5 seeds; a rerun trains only what is missing."""
     (tmp_path / "idx").mkdir()
     data = _idx_folder(tmp_path / "idx")
     calls = []
+    # sparo's 20-NN by seed: p = 0.07 against cls at 3 seeds (undecided), so both rows get seeds 3 and 4
+    knn = {"cls": (70.0, 72.0, 74.0, 71.0, 73.0), "sparo": (74.0, 76.0, 78.0, 75.0, 77.0)}
 
-    def fake_run(variant, seed, profile, data_path, output_dir, num_workers):
-        calls.append((variant.name, seed))
-        return {**_record(variant.name, seed, 70.0 + seed, 80.0), "arch": variant.arch,
-                "flags": list(reproduce.run_flags(variant, seed))}
+    def fake_run(variant, seed, lr, profile, data_path, output_dir, num_workers):
+        calls.append((variant.name, lr, seed))
+        holdout = {0.0005: 70.0, 0.001: 71.0, 0.002: 72.0 if variant.name == "sparo" else 69.0}[lr]
+        return _record(variant.name, seed, knn[variant.name][seed], 80.0 + seed, lr=lr, arch=variant.arch,
+                       flags=list(reproduce.run_flags(variant, seed, lr)), linear_holdout_top1=holdout)
 
     monkeypatch.setattr(reproduce, "run_one", fake_run)
-    profile = reproduce.Profile("cpu", demo.Profile("tiny", num_train=32, num_test=16, epochs=1, warmup_epochs=0,
-                                                    batch_size=16, local_crops=0), linear_epochs=1)
+    monkeypatch.setattr(reproduce, "raw_pixels", lambda output_dir, data_path, epochs: {"knn_top1": 78.0})
+    profile = reproduce.Profile("cpu", TINY, linear_epochs=1, tokens="5")
     variants = [Variant("cls", "vit_tiny"), Variant("sparo", "vit_tiny_sparo")]
     runs, docs = tmp_path / "runs", tmp_path / "docs"
-    reproduce.run_all(profile, variants, [0, 1], runs, docs, data_path=data)
-    assert calls == [("cls", 0), ("sparo", 0), ("cls", 1), ("sparo", 1)]  # seed-major
-    assert json.loads((runs / "sparo_seed1.json").read_text())["flags"] == ["--arch", "vit_tiny_sparo", "--seed", "1"]
-    (runs / "sparo_seed1.json").unlink()  # as if killed in that run (a half-written file stays .partial)
-    (runs / "sparo_seed1.json.partial").write_text("{")
+    reproduce.run_all(profile, variants, [0, 1, 2], runs, docs, data_path=data)
+    assert calls == [("cls", 0.0005, 0), ("cls", 0.001, 0), ("cls", 0.002, 0),
+                     ("sparo", 0.0005, 0), ("sparo", 0.001, 0), ("sparo", 0.002, 0),
+                     ("cls", 0.001, 1), ("sparo", 0.002, 1), ("cls", 0.001, 2), ("sparo", 0.002, 2),
+                     ("cls", 0.001, 3), ("cls", 0.001, 4), ("sparo", 0.002, 3), ("sparo", 0.002, 4)]
+    assert json.loads((runs / "sparo_lr0.002_seed1.json").read_text())["flags"] == [
+        "--arch", "vit_tiny_sparo", "--lr", "0.002", "--seed", "1"]
+    (runs / "sparo_lr0.002_seed1.json").unlink()  # as if killed in that run (a half-written file stays .partial)
+    (runs / "sparo_lr0.002_seed1.json.partial").write_text("{")
     calls.clear()
-    records = reproduce.run_all(profile, variants, [0, 1], runs, docs, data_path=data)
-    assert calls == [("sparo", 1)]
-    assert [(r["variant"], r["seed"]) for r in records] == [("cls", 0), ("sparo", 0), ("cls", 1), ("sparo", 1)]
+    records = reproduce.run_all(profile, variants, [0, 1, 2], runs, docs, data_path=data)
+    assert calls == [("sparo", 0.002, 1)] and len(records) == 14
     page = (docs / "readouts.md").read_text()
-    assert page.count("| 2026-01-01 | cpu | sparo | 1 |") == 2 and page.count("| 2026-01-01 | cpu | cls | 0 |") == 1
+    assert page.count("| 2026-01-01 | cpu | sparo | 1 |") == 2 and page.count("| 2026-01-01 | cpu | cls | 0 |") == 3
     assert page.count("| cls | vit_tiny (-)") == 1  # the table was replaced, not appended
+    # rows at their chosen lr and all 5 seeds; the sweep's other runs stay in the record only
+    assert "| sparo | vit_tiny_sparo (-) | 192 | 100 | 10 | 1,000 | 0.002 | 0, 1, 2, 3, 4 |" in page
+    assert "lr swept on seed 0 and chosen per row on the probe's train hold-out (cls 0.001, sparo 0.002)" in page
     # the table holds every finished run in the folder, also when this invocation names fewer
     calls.clear()
-    assert [r["variant"] for r in reproduce.run_all(profile, variants[:1], [0], runs, docs, data_path=data)] == ["cls"]
-    assert calls == []
-    assert "| sparo | vit_tiny_sparo (-) | 192 | 100 | 1,000 | 0, 1 |" in (docs / "readouts.md").read_text()
+    assert {r["variant"] for r in reproduce.run_all(profile, variants[:1], [0], runs, docs, data_path=data,
+                                                    max_seeds=0)} == {"cls"}
+    assert calls == [] and "| sparo | vit_tiny_sparo (-) | 192 | 100 | 10 | 1,000 | 0.002 | 0, 1, 2, 3, 4 |" in \
+        (docs / "readouts.md").read_text()
+    # the run record rebuilds the same tables (the --from_record path): same rows, same comparisons
+    rebuilt = reproduce.records_from_page((docs / "readouts.md").read_text(), reproduce.PROFILES["cpu"])
+    assert sorted((r["variant"], r["lr"], r["seed"]) for r in rebuilt) == sorted(
+        (r["variant"], r["lr"], r["seed"]) for r in records)
+    sparo = next(r for r in rebuilt if (r["variant"], r["lr"], r["seed"]) == ("sparo", 0.002, 4))
+    assert (sparo["knn_top1"], sparo["knn_init_top1"], sparo["linear_holdout_top1"]) == (77.0, 60.0, 72.0)
+    assert sparo["encoding_dim"] == 4096 and sparo["readout_params"] == sparo_count(64)  # sizes from the flags
     # a finished run trained with other flags than its variant has now is not mixed into the row
-    with pytest.raises(ValueError, match="sparo_seed0.json was trained with --arch vit_tiny_sparo --seed 0, sparo "
-                                         "is now --arch vit_tiny_sparo --num_slots 35 --seed 0: remove it"):
-        reproduce.run_all(profile, [Variant("sparo", "vit_tiny_sparo", ("--num_slots", "35"))], [0], runs, docs,
+    with pytest.raises(ValueError, match="cls_lr0.0005_seed0.json was trained with --arch vit_tiny --lr 0.0005 "
+                                         "--seed 0, cls is now --arch vit_tiny --num_slots 35 --lr 0.0005 --seed 0"):
+        reproduce.run_all(profile, [Variant("cls", "vit_tiny", ("--num_slots", "35"))], [0], runs, docs,
                           data_path=data)
 
 
@@ -180,32 +230,48 @@ def test_sections_are_replaced_between_their_markers(tmp_path) -> None:
 
 @needs_readouts
 @needs_fashion_mnist
-def test_tiny_profile_end_to_end_writes_table_figure_and_records(tmp_path) -> None:
-    """2 read-outs x 1 seed on 64 images for 1 epoch: the records carry what the evaluations wrote, the read-out
-    sizes counted by hand, and the table and figure land in the docs folder given."""
+def test_tiny_profile_end_to_end_writes_table_figure_and_records(tmp_path, monkeypatch) -> None:
+    """2 read-outs x 1 seed on 64 images for 1 epoch: the record's numbers are what eval_knn.py and eval_linear.py
+    give for the checkpoint (the one in-process extraction changes nothing), the sizes are the hand counts, and
+    the tables, the raw pixels and the figure land in the docs folder given."""
+    monkeypatch.setattr(reproduce, "PCA_DIM", 8)  # 64 train images cannot give 192 components
     profile = reproduce.Profile("cpu", demo.Profile("tiny", num_train=64, num_test=32, epochs=1, warmup_epochs=0,
                                                     batch_size=16, local_crops=0,
                                                     flags=("--patch_size", "16", "--out_dim", "256", "--lr", "0.01")),
-                                linear_epochs=2)
+                                linear_epochs=2, tokens="5")
     runs, docs = tmp_path / "runs", tmp_path / "docs"
     records = reproduce.run_all(profile, reproduce.resolve_variants(["cls", "sparo"]), [0], runs, docs,
-                                num_workers=0)
+                                num_workers=0, sweep=[1.0], max_seeds=0)
     by_name = {record["variant"]: record for record in records}
     assert by_name["cls"]["readout_params"] == BLOCK and by_name["sparo"]["readout_params"] == sparo_count(64)
     assert by_name["cls"]["encoding_dim"] == C and by_name["sparo"]["encoding_dim"] == 64 * 64
+    # the DINO head: C_in x 2048 + 2048 x 2048 + 2048 x 256 (+ biases), then 256 x out_dim and its norm magnitudes
+    head = [C * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 256 + 256 + 256 * 256 + 256,
+            64 * 64 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 256 + 256 + 256 * 256 + 256]
+    assert [by_name["cls"]["head_params"], by_name["sparo"]["head_params"]] == head
     assert by_name["cls"]["feature_kind"] == "cls_last1" and by_name["sparo"]["feature_kind"] == "sparo_encoding"
-    for name, record in by_name.items():
-        knn = json.loads((runs / f"{name}_seed0" / "knn_checkpoint_teacher.json").read_text())
-        linear = json.loads((runs / f"{name}_seed0" / "linear" / "results_linear.json").read_text())
-        assert (record["knn_top1"], record["knn_init_top1"]) == (knn["knn"]["20"]["top1"],
-                                                                 knn["init_baseline"]["20"]["top1"])
-        assert (record["linear_top1"], record["linear_init_top1"]) == (linear["final"]["top1"],
-                                                                       linear["init_baseline"]["final"]["top1"])
-        assert record["images_per_s"] > 0 and (knn["num_train"], knn["num_test"]) == (64, 32)
-        assert json.loads((runs / f"{name}_seed0.json").read_text()) == record
+    record = by_name["sparo"]
+    checkpoint = runs / "sparo_lr0.01_seed0" / "train" / "checkpoint.pth"
+    common = ["--pretrained_weights", str(checkpoint), "--data_path", str(runs / "data"), *demo.EVAL_FLAGS,
+              "--num_workers", "0", "--init_baseline"]
+    for prefix, width in (("", []), ("pca_", ["--pca_dim", "8"])):
+        knn = eval_knn.main([*common, *width, "--nb_knn", "20", "--output_dir", str(tmp_path / f"knn{prefix}")])
+        linear = eval_linear.main([*common, *width, "--fast", "--epochs", "2", "--seed", "0",
+                                   "--output_dir", str(tmp_path / f"linear{prefix}")])
+        assert (record[f"{prefix}knn_top1"], record[f"{prefix}knn_init_top1"]) == (
+            knn["knn"]["20"]["top1"], knn["init_baseline"]["20"]["top1"])
+        assert (record[f"{prefix}linear_top1"], record[f"{prefix}linear_init_top1"]) == (
+            linear["final"]["top1"], linear["init_baseline"]["final"]["top1"])
+        grid = linear["lr_grid"]
+        assert record[f"{prefix}linear_holdout_top1"] == grid["holdout_top1"][grid["chosen"]]
+    assert record["images_per_s"] > 0 and (record["num_train"], record["num_test"]) == (64, 32)
+    assert json.loads((runs / "sparo_lr0.01_seed0.json").read_text()) == record
+    pixels = json.loads((runs / "raw_pixels.json").read_text())
+    assert pixels["knn_top1"] == pytest.approx(demo.raw_pixel_top1(str(runs / "data")))
     page = (docs / "readouts.md").read_text()
     assert "| cls | vit_tiny (-) | 192 | 444,864 |" in page and "| sparo | vit_tiny_sparo (num_slots=64" in page
     assert "n/a (1 seed)" in page and page.count("| 0 | `--arch vit_tiny") == 2  # two run-record rows
+    assert f"| raw pixels | 28 px, flattened | 784 | - | - | - | - | - | {pixels['knn_top1']:.2f} |" in page
     assert (docs / "readouts_fmnist_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

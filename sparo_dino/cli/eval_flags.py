@@ -8,6 +8,7 @@ checkpoint unless --output_dir says otherwise; a user's mistake ends the script 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -200,20 +201,19 @@ def compute_features(args: argparse.Namespace, device: torch.device,
 
 
 def reduce_width(features: FeatureSet, pca_dim: int | None) -> FeatureSet:
-    """--pca_dim: every split (and test set) projected on the first pca_dim principal components of the train
-    split; meta["pca"] records the width and the train variance kept."""
+    """--pca_dim: a copy with every split (and test set) projected on the first pca_dim principal components of the
+    train split; meta["pca"] records the width and the train variance kept."""
     if pca_dim is None:
         return features
     if "train_shard" in features.meta:
         raise ValueError("--pca_dim fits the components on the whole train split; not with --shard_bank")
     fitted = pca.fit(features.train_features, pca_dim)
-    features.train_features = fitted.project(features.train_features)
-    features.val_features = fitted.project(features.val_features)
-    for test in features.test_sets.values():
-        test.features = fitted.project(test.features)
-    features.meta = {**features.meta, "pca": {"dim": pca_dim, "fitted_on": "train",
-                                              "explained_variance": fitted.explained}}
-    return features
+    return dataclasses.replace(
+        features, train_features=fitted.project(features.train_features),
+        val_features=fitted.project(features.val_features),
+        test_sets={name: dataclasses.replace(test, features=fitted.project(test.features))
+                   for name, test in features.test_sets.items()},
+        meta={**features.meta, "pca": {"dim": pca_dim, "fitted_on": "train", "explained_variance": fitted.explained}})
 
 
 def default_output_dir(args: argparse.Namespace) -> str:
