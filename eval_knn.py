@@ -26,6 +26,7 @@ from sparo_dino.eval.knn import weighted_knn  # noqa: F401  (public API: eval_kn
 from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, restrict
 from sparo_dino.io import provenance
 from sparo_dino.model import registry
+from sparo_dino.run_config import args_to_dict
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             results.update({f"init_{key}": baseline[key] for key in ("test_sets", "fewshot") if key in baseline})
         if not distributed.is_main_process():  # --shard_bank: every rank searched, the main process reports
             return None
-        results["provenance"] = provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})
+        results["provenance"] = provenance.collect(args_to_dict(args), {"world_size": info.world_size})
         if args.test_sets or args.n_per_class:
             results["table"] = table_rows(results)
         for line in summary_lines(results):

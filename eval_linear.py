@@ -36,6 +36,7 @@ from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, RestrictedHead
 from sparo_dino.eval.subsets import seeded_split
 from sparo_dino.io import provenance, weights
 from sparo_dino.model import registry
+from sparo_dino.run_config import args_to_dict
 from sparo_dino.train.schedules import scaled_lr
 
 DEFAULT_N_LAST_BLOCKS = 4
@@ -425,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if not distributed.is_main_process():
             return None
         results = {**results, "run": probe.run,
-                   "provenance": provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})}
+                   "provenance": provenance.collect(args_to_dict(args), {"world_size": info.world_size})}
         print(summary_line(results), flush=True)
         if initial is not None:  # beside the trained head, whatever the init features' tag
             initial.output_dir = os.path.join(probe.output_dir, INIT_BASELINE_DIR)
@@ -437,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             results["table"] = table_rows(results)
             print("\n".join(results_table.format_rows(results["table"], results_table.title(
                 f"linear probe [{results['run']['protocol']}], final head", results.get("fewshot")))), flush=True)
-        config.save_config(args, probe.output_dir, name="config_linear.yaml")
+        provenance.save_config(args_to_dict(args), probe.output_dir, name="config_linear.yaml")
         eval_flags.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results
 

@@ -6,36 +6,22 @@ Flags are declared once here so that main_dino.py, the submitit launcher and the
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
-from sparo_dino.cli.config import args_to_dict, bool_flag, parse_args
+from sparo_dino.cli.config import bool_flag, parse_args
 from sparo_dino.cli.errors import require_writable_dirs
 from sparo_dino.data import augmentation
 from sparo_dino.data.datasets import DATASETS, FASHION_MNIST_DIR
 from sparo_dino.data.loader import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
-from sparo_dino.io.weights import BACKBONE_OPTION_KEYS
 from sparo_dino.model import registry
 from sparo_dino.model.backbone import POS_EMBED_INTERPOLATIONS
 from sparo_dino.train import knn_monitor
 from sparo_dino.train.optim import OPTIMIZERS
-from sparo_dino.train.step import COMPILE_CHOICES
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-# Flags that define the networks (the backbone's options and the DINO head's sizes): a checkpoint trained with other
-# values cannot be resumed.
-RESUME_MUST_MATCH_KEYS = (*BACKBONE_OPTION_KEYS, "out_dim", "use_bn_in_head", "norm_last_layer")
-# Flags that say how a run executes, not what it computes: a rerun in the same output dir may change them freely
-# (another machine picks another precision or augmentation device; logging, workers, checkpoint frequency). Every
-# other flag, and the number of processes (the total batch), changes the run's meaning: continuing with another
-# value needs --resume_overrides.
-RESUME_FREE_KEYS = frozenset({
-    "config", "output_dir", "resume", "resume_overrides", "num_workers", "print_freq", "tensorboard",
-    "saveckp_freq", "ckpt_every_iters", "skip_bad_images", "precision", "use_fp16", "compile", "fused_adamw",
-    "augmentation", "grad_checkpointing", "knn_every", "knn_data_path", "knn_subset", "knn_crop_size",
-    "knn_resize_size", "dist_url", "local_rank", "dist_timeout_minutes"})
+from sparo_dino.train.run_state import RESUME_FREE_KEYS, RESUME_MUST_MATCH_KEYS
+from sparo_dino.train.step import COMPILE_CHOICES, PRECISIONS, resolve_precision
 
 
 def auto_or_bool(value: str | bool) -> str:
@@ -169,40 +155,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def changed_recipe(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, str]:
-    """{key: "key=saved (this run: new)"} for every flag that changes the run's meaning and differs from the
-    checkpoint's config (plain data, so `current` is compared as args_to_dict writes it), except model flags (checked
-    separately: those can never be resumed), flags the checkpoint predates, and those named in --resume_overrides."""
-    allowed = RESUME_FREE_KEYS | set(RESUME_MUST_MATCH_KEYS) | set(current.get("resume_overrides") or ())
-    return {key: f"{key}={saved[key]!r} (this run: {value!r})" for key, value in args_to_dict(dict(current)).items()
-            if key not in allowed and key in saved and saved[key] != value}
-
-
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
     parser.error(message)  # prints usage and "error: message", exits with status 2
-
-
-def resolve_precision(precision: str, use_fp16: bool | None, device: torch.device) -> str:
-    """The effective precision: the official --use_fp16 wins when given, auto picks bf16 on capable GPUs."""
-    if use_fp16 is not None:
-        wanted = "fp16" if use_fp16 else "fp32"
-        if precision not in ("auto", wanted):
-            raise ValueError(f"--use_fp16 {str(use_fp16).lower()} contradicts --precision {precision}")
-        return wanted
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if native_bf16(device) else "fp16"
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the GPU computes in bf16 itself. torch.cuda.is_bf16_supported() also says yes where bf16 is only
-    emulated (V100: several times slower than fp16), so auto would pick the slow path there."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch without the keyword: bf16 tensor cores arrived with compute capability 8.0
-        return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:

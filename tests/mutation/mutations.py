@@ -44,7 +44,7 @@ BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batch
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------------- resume and training wiring
     Mutation("resume-off", "sparo_dino/train/run_state.py",
-             "source = resume_source(self.args.output_dir, self.args.resume)", "source = None",
+             "source = resume_source(self.config.run.output_dir, self.config.run.resume)", "source = None",
              (*RESUME_TESTS, TRAIN + "test_training_writes_checkpoints_logs_config_and_provenance",
               "tests/test_preemption.py::test_sigterm_to_the_whole_job_saves_mid_epoch_and_resumes_exactly"),
              "a rerun ignores the checkpoint and trains from scratch (deterministic, so the end state still matches)"),
@@ -58,7 +58,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "self.sampler.set_position(epoch, iteration * self.batch_size)", "self.sampler.set_position(epoch, 0)",
              (TRAIN + "test_stop_request_saves_and_the_rerun_resumes_exactly",),
              "a mid-epoch resume replays the samples the epoch already consumed"),
-    Mutation("optimizer-flag-ignored", "sparo_dino/train/trainer.py", "build_optimizer(args.optimizer,",
+    Mutation("optimizer-flag-ignored", "sparo_dino/train/trainer.py", "build_optimizer(optim.optimizer,",
              'build_optimizer("adamw",', (TRAIN + "test_precisions_optimizers_and_archs_train",),
              "--optimizer sgd|lars silently trains with AdamW"),
     Mutation("bf16-not-applied", "sparo_dino/train/step.py", 'if self.precision == "fp32":',
@@ -244,7 +244,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        if not named_by_user:  # a rerun in the same output dir", "        if False:  # a rerun in the same output dir",
              (TRAIN + "test_rerun_with_another_recipe_stops_and_lists_the_differences",),
              "a rerun with another --lr/--epochs/--data_path silently continues the old run with new schedules"),
-    Mutation("auto-bf16-emulated", "sparo_dino/cli/train_flags.py",
+    Mutation("auto-bf16-emulated", "sparo_dino/train/step.py",
              "torch.cuda.is_bf16_supported(including_emulation=False)",
              "torch.cuda.is_bf16_supported(including_emulation=True)",
              ("tests/test_config.py::test_auto_precision_picks_bf16_only_where_the_gpu_has_it",),
