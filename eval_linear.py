@@ -27,7 +27,6 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-import sparo_vit
 from sparo_dino import distributed
 from sparo_dino.cli import config, eval_flags
 from sparo_dino.data import augmentation
@@ -36,6 +35,8 @@ from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, RestrictedHead
 from sparo_dino.eval.subsets import seeded_split
 from sparo_dino.io import provenance, weights
+from sparo_dino.model import registry
+from sparo_dino.run_config import args_to_dict
 from sparo_dino.train.schedules import scaled_lr
 
 DEFAULT_N_LAST_BLOCKS = 4
@@ -56,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--avgpool_patchtokens", type=config.bool_flag, default=False,
                        help="baselines: also the mean of the last block's patch tokens")
     group.add_argument("--sparo_features", type=str, default="encoding", choices=extraction.SPARO_FEATURES,
-                       help="read-outs (paper C.2 for SPARO): the encoding alone, or, for *_attpool|mhca|sparo, the "
-                            "final-norm CLS of the n_last_blocks-1 blocks before the read-out followed by the encoding")
+                       help="read-outs (paper C.2 for SPARO): the encoding alone, or, for a read-out replacing the "
+                            "last block, the final-norm CLS of the n_last_blocks-1 blocks before the read-out followed "
+                            "by the encoding")
     group.add_argument("--num_labels", type=int, default=None,
                        help="official flag: outputs of the classifier; default: the data's classes (another "
                             "value is an error)")
@@ -89,7 +91,7 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     n_last_blocks = args.n_last_blocks or DEFAULT_N_LAST_BLOCKS
 
     def kind_for(arch: str) -> str:
-        if sparo_vit.readout_of(arch) != "cls":
+        if registry.readout_of(arch) != "cls":
             if args.avgpool_patchtokens or (args.n_last_blocks is not None and args.sparo_features == "encoding"):
                 raise ValueError(f"--n_last_blocks/--avgpool_patchtokens apply to CLS archs; {arch} is probed "
                                  "on its read-out's encoding (--n_last_blocks also counts with --sparo_features "
@@ -97,7 +99,7 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
             return extraction.feature_kind(arch, n_last_blocks, sparo_features=args.sparo_features)
         if args.sparo_features != "encoding":
             raise ValueError(f"--sparo_features {args.sparo_features} applies to read-outs that replace the last "
-                             f"block (*_attpool, *_mhca, *_sparo), not {arch}")
+                             f"block ({registry.arch_patterns('replaces_block')}), not {arch}")
         return extraction.feature_kind(arch, n_last_blocks, args.avgpool_patchtokens)
     return kind_for
 
@@ -433,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if not distributed.is_main_process():
             return None
         results = {**results, "run": probe.run,
-                   "provenance": provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})}
+                   "provenance": provenance.collect(args_to_dict(args), {"world_size": info.world_size})}
         print(summary_line(results), flush=True)
         if initial is not None:  # beside the trained head, whatever the init features' tag
             initial.output_dir = os.path.join(probe.output_dir, INIT_BASELINE_DIR)
@@ -445,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             results["table"] = table_rows(results)
             print("\n".join(results_table.format_rows(results["table"], results_table.title(
                 f"linear probe [{results['run']['protocol']}], final head", results.get("fewshot")))), flush=True)
-        config.save_config(args, probe.output_dir, name="config_linear.yaml")
+        provenance.save_config(args_to_dict(args), probe.output_dir, name="config_linear.yaml")
         eval_flags.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results
 

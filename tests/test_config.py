@@ -1,6 +1,7 @@
 """Training flags: official names and defaults, YAML configs, validation errors, shipped recipes."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
@@ -9,7 +10,10 @@ import torch
 import yaml
 from test_official_compat import OFFICIAL_MAIN_DINO
 
-from sparo_dino.cli.train_flags import get_args_parser, parse_train_args, resolve_precision
+from sparo_dino.cli.train_flags import get_args_parser, parse_train_args
+from sparo_dino.run_config import RunConfig, args_to_dict
+from sparo_dino.train.step import resolve_precision
+from sparo_vit import READOUT_OPTIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -150,3 +154,19 @@ def test_fashion_mnist_configs(name: str, arch: str) -> None:
     assert (args.arch, args.patch_size, args.img_size, args.dataset) == (arch, 4, 32, "fashion_mnist")
     assert (args.global_crop_size, args.local_crop_size) == (32, 16)
     assert args.out_dim <= 8192
+
+
+def test_the_run_config_holds_every_training_flag_in_one_section_and_keeps_the_flat_config() -> None:
+    args = parse_train_args(["--data_path", "x", "--arch", "vit_tiny_sparo", "--num_slots", "8", "--lr", "0.002"])
+    config = RunConfig.from_flags(args)
+    sections = [config.model, config.crops, config.optim, config.run]
+    names = [item.name for section in sections for item in dataclasses.fields(section)]
+    assert len(names) == len(set(names))
+    # read from `flat` by the network builder (read-out options) or by the launcher and the resume check only
+    elsewhere = {*READOUT_OPTIONS, "config", "resume_overrides", "dist_url", "local_rank"}
+    assert set(names) | elsewhere == set(vars(args)) and not set(names) & elsewhere
+    assert config.flat == args_to_dict(args)  # what checkpoints, config.yaml and provenance keep
+    assert config.optim.lr == 0.002 and config.model.arch == "vit_tiny_sparo" and config.flat["num_slots"] == 8
+    assert config.crops.global_crops_scale == (0.4, 1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.optim.lr = 1.0

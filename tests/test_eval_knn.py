@@ -224,13 +224,14 @@ def test_init_baseline_is_the_runs_own_initial_network_on_the_same_images(image_
     import main_dino
     from sparo_dino import distributed
     from sparo_dino.cli.train_flags import parse_train_args
+    from sparo_dino.run_config import RunConfig
     from sparo_dino.train.trainer import DinoTrainer
 
     train_argv = [*TINY, "--data_path", os.path.join(image_folder, "train"), "--epochs", "1", "--seed", "7",
                   "--lr", "0.05"]
     assert main_dino.main([*train_argv, "--output_dir", str(tmp_path / "run")]) == 0
-    untrained = DinoTrainer(parse_train_args([*train_argv, "--output_dir", str(tmp_path / "fresh")]),
-                            distributed.init_distributed()).teacher.backbone.eval()
+    flags = parse_train_args([*train_argv, "--output_dir", str(tmp_path / "fresh")])
+    untrained = DinoTrainer(RunConfig.from_flags(flags), distributed.init_distributed()).teacher.backbone.eval()
     checkpoint = str(tmp_path / "run" / "checkpoint.pth")
     capsys.readouterr()
     results = eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES,

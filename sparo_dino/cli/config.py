@@ -88,29 +88,3 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                              f"choose from {', '.join(map(str, action.choices))}")
         setattr(args, key, value)
     return args
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return str(value)
-
-
-def args_to_dict(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
-    """Plain data only, so checkpoints stay loadable with torch.load(weights_only=True)."""
-    items = vars(args) if isinstance(args, argparse.Namespace) else args
-    return {key: _plain(value) for key, value in items.items()}
-
-
-def save_config(args: argparse.Namespace, output_dir: str, name: str = "config.yaml") -> str:
-    """Write the resolved flags, so a run can be repeated with `--config OUTPUT/config.yaml`."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, name)
-    config = {k: v for k, v in args_to_dict(args).items() if k != "config"}
-    with open(path, "w") as handle:
-        yaml.safe_dump(config, handle, sort_keys=True)
-    return path

@@ -6,35 +6,22 @@ Flags are declared once here so that main_dino.py, the submitit launcher and the
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
-import sparo_vit
-from sparo_dino.cli.config import args_to_dict, bool_flag, parse_args
+from sparo_dino.cli.config import bool_flag, parse_args
 from sparo_dino.cli.errors import require_writable_dirs
 from sparo_dino.data import augmentation
 from sparo_dino.data.datasets import DATASETS, FASHION_MNIST_DIR
 from sparo_dino.data.loader import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
-from sparo_dino.io.weights import BACKBONE_OPTION_KEYS
+from sparo_dino.model import registry
+from sparo_dino.model.backbone import POS_EMBED_INTERPOLATIONS
 from sparo_dino.train import knn_monitor
 from sparo_dino.train.optim import OPTIMIZERS
-from sparo_dino.train.step import COMPILE_CHOICES
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-# Flags that define the networks (the backbone's options and the DINO head's sizes): a checkpoint trained with other
-# values cannot be resumed.
-RESUME_MUST_MATCH_KEYS = (*BACKBONE_OPTION_KEYS, "out_dim", "use_bn_in_head", "norm_last_layer")
-# Flags that say how a run executes, not what it computes: a rerun in the same output dir may change them freely
-# (another machine picks another precision or augmentation device; logging, workers, checkpoint frequency). Every
-# other flag, and the number of processes (the total batch), changes the run's meaning: continuing with another
-# value needs --resume_overrides.
-RESUME_FREE_KEYS = frozenset({
-    "config", "output_dir", "resume", "resume_overrides", "num_workers", "print_freq", "tensorboard",
-    "saveckp_freq", "ckpt_every_iters", "skip_bad_images", "precision", "use_fp16", "compile", "fused_adamw",
-    "augmentation", "grad_checkpointing", "knn_every", "knn_data_path", "knn_subset", "knn_crop_size",
-    "knn_resize_size", "dist_url", "local_rank", "dist_timeout_minutes"})
+from sparo_dino.train.run_state import RESUME_FREE_KEYS, RESUME_MUST_MATCH_KEYS
+from sparo_dino.train.step import COMPILE_CHOICES, PRECISIONS, resolve_precision
 
 
 def auto_or_bool(value: str | bool) -> str:
@@ -49,12 +36,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      description="DINO self-supervised training with a SPARO read-out",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="vit_small", choices=sparo_vit.ARCHS,
-                       help="backbone; *_sparo replaces the last block with SPARO")
+    model.add_argument("--arch", default="vit_small", choices=registry.archs(),
+                       help="backbone: vit_<size>[_<read-out>]; *_sparo replaces the last block with SPARO")
     model.add_argument("--patch_size", default=16, type=int, help="ViT patch size in pixels")
     model.add_argument("--img_size", default=224, type=int,
                        help="image size of the position-embedding grid (other crop sizes are resampled)")
-    model.add_argument("--pos_embed_interpolation", default="dino", choices=sparo_vit.POS_EMBED_INTERPOLATIONS,
+    model.add_argument("--pos_embed_interpolation", default="dino", choices=POS_EMBED_INTERPOLATIONS,
                        help="position embeddings of crops with another patch grid (96 px local crops): dino = "
                             "official DINO's bicubic interpolation, timm = timm's antialiased resampling")
     model.add_argument("--out_dim", default=65536, type=int,
@@ -71,19 +58,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth of the student")
     model.add_argument("--grad_checkpointing", default=False, type=bool_flag,
                        help="recompute block activations in backward to save memory")
-    readout = parser.add_argument_group("read-out options (the read-out is the arch's suffix: _gap, _attpool, _mhca, "
-                                        "_sparo; none = CLS)")
-    defaults = sparo_vit.READOUT_DEFAULTS
-    readout.add_argument("--num_slots", default=defaults["num_slots"], type=int,
-                         help="L, number of slots (_sparo, _mhca)")
-    readout.add_argument("--slot_dim", default=defaults["slot_dim"], type=int,
-                         help="V, output size per slot (_sparo, _mhca)")
-    readout.add_argument("--attn_dim", default=defaults["attn_dim"], type=int, help="D, key/query size (_sparo)")
-    readout.add_argument("--group_size", default=defaults["group_size"], type=int,
-                         help="g, consecutive slots sharing one key projection (_sparo)")
-    readout.add_argument("--slot_norm", default=defaults["slot_norm"], type=bool_flag,
-                         help="slot-wise LayerNorm of each slot's attention output before the slot-wise projection "
-                              "(paper Tab. 6; _sparo, _mhca)")
+    suffixes = ", ".join(f"_{name}" for name in registry.names() if name != "cls")
+    readout = parser.add_argument_group(f"read-out options (the read-out is the arch's suffix: {suffixes}; none = CLS)")
+    for name, option in registry.OPTIONS.items():
+        readout.add_argument(f"--{name}", default=option.default,
+                             type=bool_flag if isinstance(option.default, bool) else int,
+                             help=f"{option.help} ({registry.takers(name)})")
 
     temperature = parser.add_argument_group("teacher temperature")
     temperature.add_argument("--warmup_teacher_temp", default=0.04, type=float,
@@ -175,40 +155,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def changed_recipe(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, str]:
-    """{key: "key=saved (this run: new)"} for every flag that changes the run's meaning and differs from the
-    checkpoint's config (plain data, so `current` is compared as args_to_dict writes it), except model flags (checked
-    separately: those can never be resumed), flags the checkpoint predates, and those named in --resume_overrides."""
-    allowed = RESUME_FREE_KEYS | set(RESUME_MUST_MATCH_KEYS) | set(current.get("resume_overrides") or ())
-    return {key: f"{key}={saved[key]!r} (this run: {value!r})" for key, value in args_to_dict(dict(current)).items()
-            if key not in allowed and key in saved and saved[key] != value}
-
-
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
     parser.error(message)  # prints usage and "error: message", exits with status 2
-
-
-def resolve_precision(precision: str, use_fp16: bool | None, device: torch.device) -> str:
-    """The effective precision: the official --use_fp16 wins when given, auto picks bf16 on capable GPUs."""
-    if use_fp16 is not None:
-        wanted = "fp16" if use_fp16 else "fp32"
-        if precision not in ("auto", wanted):
-            raise ValueError(f"--use_fp16 {str(use_fp16).lower()} contradicts --precision {precision}")
-        return wanted
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if native_bf16(device) else "fp16"
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the GPU computes in bf16 itself. torch.cuda.is_bf16_supported() also says yes where bf16 is only
-    emulated (V100: several times slower than fp16), so auto would pick the slow path there."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch without the keyword: bf16 tensor cores arrived with compute capability 8.0
-        return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -227,8 +175,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             _fail(parser, "--data_path is required for --dataset imagefolder")
         args.data_path = FASHION_MNIST_DIR
     try:
-        sparo_vit.reject_readout_options(args.arch, [f"--{key}" for key, default in sparo_vit.READOUT_DEFAULTS.items()
-                                                     if getattr(args, key) != default])
+        registry.reject_readout_options(args.arch, [f"--{key}" for key, option in registry.OPTIONS.items()
+                                                    if getattr(args, key) != option.default])
     except ValueError as error:
         _fail(parser, str(error))
     try:

@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-import sparo_vit
 from sparo_dino.io.checkpoint import load_checkpoint
-from sparo_dino.model import networks
+from sparo_dino.model import networks, registry
+from sparo_dino.model.backbone import DinoVisionTransformer, backbone_kwargs, build_backbone
 
 # The backbone options an evaluation reads from a checkpoint's config (flags may fill the gaps, never contradict).
-BACKBONE_OPTION_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size",
-                                         "pos_embed_interpolation") + sparo_vit.READOUT_OPTIONS
+BACKBONE_OPTION_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size", "pos_embed_interpolation",
+                                         *registry.OPTIONS)
 # The networks a training checkpoint holds (--checkpoint_key).
 TRAINING_KEYS: tuple[str, ...] = ("teacher", "student")
 # Where other tools keep a state dict inside a checkpoint dict (timm, MAE, DeiT: `model`; Lightning: `state_dict`).
@@ -35,8 +35,6 @@ _OLD_WEIGHT_NORM_NAMES: dict[str, str] = {"last_layer.weight_g": "last_layer.par
                                           "last_layer.weight_v": "last_layer.parametrizations.weight.original1"}
 # Entries of a classifier (timm) or a DINO head saved without its wrapper: not part of a pretrained trunk.
 _NOT_TRUNK_PREFIXES: tuple[str, ...] = ("head.", "fc_norm.", "last_layer", "mlp.", "attn_pool.")
-# The modules of the read-outs that replace the last block: a pretrained trunk leaves them at their fresh init.
-_READOUT_PREFIXES: tuple[str, ...] = ("sparo.", "mhca.", "attn_pool.")
 
 
 @dataclass(frozen=True)
@@ -98,8 +96,7 @@ def resolve_model_options(flags: Mapping[str, Any], config: Mapping[str, Any] | 
     flags = {key: flags.get(key) for key in BACKBONE_OPTION_KEYS}
     arch = (config or {}).get("arch") or flags["arch"]
     if arch is not None:  # before the comparison: a config saves every read-out flag, also those its arch ignores
-        sparo_vit.reject_readout_options(arch, [f"--{key}" for key in sparo_vit.READOUT_OPTIONS
-                                                if flags[key] is not None])
+        registry.reject_readout_options(arch, [f"--{key}" for key in registry.OPTIONS if flags[key] is not None])
     if config is None:
         missing = [f"--{key}" for key in ("arch", "patch_size") if flags[key] is None]
         if missing:
@@ -115,7 +112,7 @@ def resolve_model_options(flags: Mapping[str, Any], config: Mapping[str, Any] | 
             merged[key] = stored if stored is not None else flags[key]
         if merged["arch"] is None:
             raise ValueError("the checkpoint's config names no arch; give --arch")
-    kwargs = sparo_vit.backbone_kwargs(merged)
+    kwargs = backbone_kwargs(merged)
     kwargs.pop("drop_path_rate", None)
     kwargs.pop("grad_checkpointing", None)
     return kwargs
@@ -124,7 +121,7 @@ def resolve_model_options(flags: Mapping[str, Any], config: Mapping[str, Any] | 
 def build_frozen_backbone(options: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
                           source: str) -> nn.Module:
     """Build the backbone and load the weights strictly: a partial load would evaluate a random network."""
-    backbone = sparo_vit.build_backbone(**options)
+    backbone = build_backbone(**options)
     own = backbone.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -161,7 +158,7 @@ def load_backbone(args: argparse.Namespace, at_init: bool = False) -> tuple[nn.M
         f"{weights.tag}_init"
 
 
-def load_pretrained_trunk(backbone: sparo_vit.DinoVisionTransformer,
+def load_pretrained_trunk(backbone: DinoVisionTransformer,
                           source: str | Mapping[str, torch.Tensor]) -> list[str]:
     """Initialize a backbone from a timm or official-DINO ViT state dict (or a file holding one).
 
@@ -188,7 +185,8 @@ def load_pretrained_trunk(backbone: sparo_vit.DinoVisionTransformer,
     missing, unexpected = backbone.load_state_dict(trunk, strict=False)
     if unexpected:
         raise ValueError(f"pretrained weights hold keys this backbone lacks: {', '.join(sorted(unexpected)[:5])}")
-    trunk_missing = [k for k in missing if not k.startswith(_READOUT_PREFIXES)]
+    readout = f"{backbone.readout_spec.module_name}."  # a read-out replacing the last block keeps its fresh init
+    trunk_missing = [k for k in missing if not (backbone.readout_spec.replaces_block and k.startswith(readout))]
     if trunk_missing:
         raise ValueError(f"pretrained weights lack trunk keys: {', '.join(sorted(trunk_missing)[:5])}")
     return list(missing)

@@ -33,6 +33,7 @@ from sparo_dino.train.optim import (
 NUM_GLOBAL_CROPS = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPILE_CHOICES = ("auto", "true", "false")
+PRECISIONS = ("auto", *DTYPES)
 
 
 def resolve_compile(flag: str | bool, device: torch.device) -> bool:
@@ -42,6 +43,29 @@ def resolve_compile(flag: str | bool, device: torch.device) -> bool:
     if flag not in COMPILE_CHOICES:
         raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {flag!r}")
     return device.type == "cuda" if flag == "auto" else flag == "true"
+
+
+def resolve_precision(precision: str, use_fp16: bool | None, device: torch.device) -> str:
+    """The effective precision: the official --use_fp16 wins when given, auto picks bf16 on capable GPUs."""
+    if use_fp16 is not None:
+        wanted = "fp16" if use_fp16 else "fp32"
+        if precision not in ("auto", wanted):
+            raise ValueError(f"--use_fp16 {str(use_fp16).lower()} contradicts --precision {precision}")
+        return wanted
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp16"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 itself. torch.cuda.is_bf16_supported() also says yes where bf16 is only
+    emulated (V100: several times slower than fp16), so auto would pick the slow path there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the keyword: bf16 tensor cores arrived with compute capability 8.0
+        return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _first_line(error: BaseException) -> str:
@@ -160,7 +184,8 @@ class TrainingStep:
 
     def __call__(self, crops: Sequence[torch.Tensor], epoch: int, lr: float, weight_decay: float,
                  momentum: float) -> torch.Tensor:
-        """One optimisation step; returns (loss, teacher entropy, KL) as a device tensor, not synchronised."""
+        """One optimisation step; returns the loss's metrics (loss.STEP_METRICS, in order) as one device tensor, not
+        synchronised."""
         set_hyperparameters(self.optimizer, lr, weight_decay)
         output = self.forward(crops, epoch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,4 +203,4 @@ class TrainingStep:
         else:
             self.optimizer.step()
         ema_update_(self.teacher_params, self.student_params, momentum)
-        return torch.stack([output.loss.detach(), output.teacher_entropy, output.kl])
+        return torch.stack([metric.detach() for metric in output])

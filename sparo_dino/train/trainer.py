@@ -1,18 +1,11 @@
 """The DINO training loop: epochs of steps, logging, checkpoints, resume and stop requests.
 
-`train(args)` is the whole run for one process; main_dino.py and the submitit launcher both call it. `fit` and
-`train_one_epoch` keep the shape of official DINO's `train_dino` and `train_one_epoch`: per step, the schedules'
-values and one optimisation step; per epoch, a log record and a checkpoint. What official DINO lacks lives in three
-places: run_state.RunState (what a checkpoint holds, resuming from one), `_at_step_boundary` (every decision between
-two steps: the finite check, a stop request, a periodic save) and progress.ProgressLogger (console lines and the
-epoch record). The position (epoch, iteration) is explicit, so a checkpoint can be written at any step boundary and
-resumed exactly: the data (train_data.TrainingData) skips what the epoch already consumed and seeds every crop by
-its position. The step itself (eager or compiled) is training_step.TrainingStep; between logging intervals the loop
-reads nothing from the device, except where it writes a checkpoint.
+`train(config)` runs (or continues) a run in this process; main_dino.py and the submitit launcher call it. The loop
+keeps official DINO's shape (docs/architecture.md: one step) and reads nothing from the device between logging
+intervals, except where it writes a checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -21,12 +14,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sparo_dino import distributed
-from sparo_dino.cli.config import args_to_dict, save_config
-from sparo_dino.cli.train_flags import resolve_precision
 from sparo_dino.data.loader import TrainingData
 from sparo_dino.io.checkpoint import CheckpointError, remove_stale_temporaries
-from sparo_dino.io.provenance import append_provenance
+from sparo_dino.io.provenance import append_provenance, save_config
 from sparo_dino.model.networks import build_student_teacher, parameter_line, seed_everything
+from sparo_dino.run_config import RunConfig
 from sparo_dino.train.knn_monitor import PeriodicKnn
 from sparo_dino.train.loss import DINOLoss
 from sparo_dino.train.optim import build_optimizer, param_groups
@@ -34,7 +26,7 @@ from sparo_dino.train.preemption import StopPoll
 from sparo_dino.train.progress import LOG_NAME, MetricSums, ProgressLogger, all_finite, require_tensorboard, trim_log
 from sparo_dino.train.run_state import RunState
 from sparo_dino.train.schedules import Schedules, scaled_lr
-from sparo_dino.train.step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile
+from sparo_dino.train.step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile, resolve_precision
 
 if TYPE_CHECKING:
     from sparo_dino.train.preemption import StopRequest
@@ -51,45 +43,45 @@ class NonFiniteLossError(TrainingError):
 class DinoTrainer:
     """One process's share of a DINO run. Construction validates data and checkpoint before writing anything."""
 
-    def __init__(self, args: argparse.Namespace, info: distributed.DistInfo, stop: StopRequest | None = None) -> None:
-        self.args = args
+    def __init__(self, config: RunConfig, info: distributed.DistInfo, stop: StopRequest | None = None) -> None:
+        self.config = config
+        model, optim, run = config.model, config.optim, config.run
         self.info = info
         self.stop = stop
         self.stopped = False
         self.device = info.device
-        self.precision = resolve_precision(args.precision, args.use_fp16, self.device)
-        if args.tensorboard:
+        self.precision = resolve_precision(optim.precision, optim.use_fp16, self.device)
+        if run.tensorboard:
             require_tensorboard()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.batch_size = args.batch_size_per_gpu
+        self.batch_size = optim.batch_size_per_gpu
         self.data = self._build_data()
         self.iters_per_epoch = self.data.iters_per_epoch
         self.knn = self._build_knn_monitor()
 
-        seed_everything(args.seed)  # identical initial weights on every rank
-        student, self.teacher = build_student_teacher(vars(args))
+        seed_everything(run.seed)  # identical initial weights on every rank
+        student, self.teacher = build_student_teacher(config.flat)
         if distributed.is_main_process():
-            print(parameter_line(args.arch, student.backbone), flush=True)
-        if args.use_bn_in_head and info.world_size > 1 and self.device.type == "cuda":
+            print(parameter_line(model.arch, student.backbone), flush=True)
+        if model.use_bn_in_head and info.world_size > 1 and self.device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
         self.student_module = student.to(self.device)
         self.teacher.to(self.device)
-        self.optimizer = build_optimizer(args.optimizer, param_groups(self.student_module),
-                                         fused=args.fused_adamw)
+        self.optimizer = build_optimizer(optim.optimizer, param_groups(self.student_module), fused=optim.fused_adamw)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.dino_loss = DINOLoss(args.out_dim, NUM_GLOBAL_CROPS + args.local_crops_number,
-                                  args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs,
-                                  args.epochs).to(self.device)
+        self.dino_loss = DINOLoss(model.out_dim, NUM_GLOBAL_CROPS + config.crops.local_crops_number,
+                                  optim.warmup_teacher_temp, optim.teacher_temp, optim.warmup_teacher_temp_epochs,
+                                  optim.epochs).to(self.device)
         self.schedules = Schedules.for_run(
-            lr=scaled_lr(args.lr, self.batch_size * info.world_size), min_lr=args.min_lr,
-            warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-            weight_decay_end=args.weight_decay_end, momentum_teacher=args.momentum_teacher, epochs=args.epochs,
-            iters_per_epoch=self.iters_per_epoch, final_momentum_teacher=args.final_momentum_teacher)
+            lr=scaled_lr(optim.lr, self.batch_size * info.world_size), min_lr=optim.min_lr,
+            warmup_epochs=optim.warmup_epochs, weight_decay=optim.weight_decay,
+            weight_decay_end=optim.weight_decay_end, momentum_teacher=optim.momentum_teacher, epochs=optim.epochs,
+            iters_per_epoch=self.iters_per_epoch, final_momentum_teacher=optim.final_momentum_teacher)
 
-        seed_everything(args.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
-        self.state = RunState(args, info, self.student_module, self.teacher, self.optimizer, self.dino_loss,
+        seed_everything(run.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
+        self.state = RunState(config, info, self.student_module, self.teacher, self.optimizer, self.dino_loss,
                               self.scaler)
         self.resumed_from = self.state.resume(self.iters_per_epoch)
         self.student: nn.Module = self.student_module
@@ -97,12 +89,12 @@ class DinoTrainer:
             self.student = DistributedDataParallel(
                 self.student_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = TrainingStep(self.student, self.student_module, self.teacher, self.dino_loss, self.optimizer,
-                                 self.precision, self.device, compiled=resolve_compile(args.compile, self.device),
-                                 clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
+                                 self.precision, self.device, compiled=resolve_compile(optim.compile, self.device),
+                                 clip_grad=optim.clip_grad, freeze_last_layer=optim.freeze_last_layer,
                                  scaler=self.scaler)
         self.stop_poll = StopPoll(stop, self.device)
-        self.progress = ProgressLogger(args.output_dir, args.epochs, self.schedules, self.dino_loss.teacher_temp,
-                                       self.batch_size * info.world_size, self.device, args.tensorboard)
+        self.progress = ProgressLogger(run.output_dir, optim.epochs, self.schedules, self.dino_loss.teacher_temp,
+                                       self.batch_size * info.world_size, self.device, run.tensorboard)
         self._window, self._window_first = MetricSums(), 0  # the steps since the last console line
 
     @property
@@ -118,33 +110,33 @@ class DinoTrainer:
     # ----------------------------------------------------------------------------------------------- set-up
     def _build_data(self) -> TrainingData:
         try:
-            return TrainingData(vars(self.args), self.info.rank, self.info.world_size, self.device,
+            return TrainingData(self.config.flat, self.info.rank, self.info.world_size, self.device,
                                 crop_dtype=DTYPES[self.precision])
         except ValueError as error:  # fewer images than one global batch
             raise TrainingError(str(error)) from error
 
     def _build_knn_monitor(self) -> PeriodicKnn | None:
-        args = self.args
-        if not args.knn_every:
+        run = self.config.run
+        if not run.knn_every:
             return None
         try:
-            return PeriodicKnn(args.dataset, args.knn_data_path, args.knn_subset, args.knn_resize_size,
-                               args.knn_crop_size, self.batch_size, args.num_workers, self.device, seed=args.seed)
+            return PeriodicKnn(run.dataset, run.knn_data_path, run.knn_subset, run.knn_resize_size,
+                               run.knn_crop_size, self.batch_size, run.num_workers, self.device, seed=run.seed)
         except ValueError as error:
             raise TrainingError(f"--knn_data_path: {error}") from error
 
     def write_run_files(self) -> None:
         if not distributed.is_main_process():
             return
-        for path in remove_stale_temporaries(self.args.output_dir):
+        for path in remove_stale_temporaries(self.config.run.output_dir):
             print(f"removed {path}, a partial checkpoint of a killed run", flush=True)
-        dropped = trim_log(self.args.output_dir, self.epoch)
+        dropped = trim_log(self.config.run.output_dir, self.epoch)
         if dropped:
             print(f"dropped {dropped} line(s) of {LOG_NAME} written after the checkpoint's epoch {self.epoch} "
                   "(the run was killed before saving it)", flush=True)
-        save_config(self.args, self.args.output_dir)
+        save_config(self.config.flat, self.config.run.output_dir)
         self.data.save_index()
-        append_provenance(self.args.output_dir, args_to_dict(self.args),
+        append_provenance(self.config.run.output_dir, self.config.flat,
                           {"world_size": self.info.world_size, "precision": self.precision,
                            "augmentation": self.data.pipeline, "compiled": self.step.compiled,
                            "device": str(self.device), "resumed_from": self.resumed_from,
@@ -154,17 +146,17 @@ class DinoTrainer:
     def fit(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns the log.txt records of the epochs this call ran."""
         self.write_run_files()
-        if self.epoch >= self.args.epochs and distributed.is_main_process():
-            print(f"nothing to do: {self.epoch} of {self.args.epochs} epochs are done", flush=True)
+        if self.epoch >= self.config.optim.epochs and distributed.is_main_process():
+            print(f"nothing to do: {self.epoch} of {self.config.optim.epochs} epochs are done", flush=True)
         records, init_evaluation = [], self.evaluate_init()
         try:
-            while self.epoch < self.args.epochs and not self.stopped:
+            while self.epoch < self.config.optim.epochs and not self.stopped:
                 epoch = self.epoch
                 means = self.train_one_epoch(epoch)
                 if self.stopped:  # inside the epoch, its position saved
                     break
                 evaluation = {**init_evaluation, **self.evaluate(epoch)}
-                records.append(self.progress.log_epoch(epoch, means, float(self.dino_loss.center.norm()), evaluation))
+                records.append(self.progress.log_epoch(epoch, means, self.dino_loss.state_metrics(), evaluation))
                 init_evaluation = {}
                 self._save_epoch(epoch)
         finally:
@@ -197,7 +189,7 @@ class DinoTrainer:
 
     def train_step(self, crops: list[torch.Tensor], epoch: int, global_iteration: int) -> torch.Tensor:
         """One optimisation step at the schedules' values of `global_iteration`, on crops already on the device;
-        returns the metric vector (loss, teacher entropy, KL) on the device, unsynced."""
+        returns the metric vector (loss.STEP_METRICS) on the device, unsynced."""
         return self.step(crops, epoch, **self.schedules.at(global_iteration))
 
     # ----------------------------------------------------------------------------------------- boundaries
@@ -211,7 +203,7 @@ class DinoTrainer:
         3. a periodic save every --ckpt_every_iters global steps (epoch ends are saved anyway).
         Every rank reaches the same decisions at the same step, as they all take part in the collectives."""
         in_epoch = self.iteration < self.iters_per_epoch
-        if self.iteration % self.args.print_freq == 0 or not in_epoch:
+        if self.iteration % self.config.run.print_freq == 0 or not in_epoch:
             self.progress.log_window(epoch, self.iteration - 1, self._finite_window_means(epoch))
             self._window.reset()
             self._window_first = self.iteration
@@ -219,7 +211,7 @@ class DinoTrainer:
             self._save_checked(epoch)
             self._announce_stop()
             return True
-        every = self.args.ckpt_every_iters
+        every = self.config.run.ckpt_every_iters
         if in_epoch and every and (epoch * self.iters_per_epoch + self.iteration) % every == 0:
             self._save_checked(epoch)
         return False
@@ -248,9 +240,9 @@ class DinoTrainer:
         """After `epoch`: checkpoint.pth, and every --saveckp_freq epochs a checkpointNNNN.pth copy as official DINO;
         then stop if any rank was asked to (a collective, answered at once)."""
         self.state.epoch, self.state.iteration = epoch + 1, 0
-        keep = self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0
+        keep = self.config.run.saveckp_freq and epoch % self.config.run.saveckp_freq == 0
         self.state.save(extra_copy=f"checkpoint{epoch:04d}.pth" if keep else None)
-        if self.epoch < self.args.epochs and self.stop is not None and self.stop.agreed_to_stop(self.device):
+        if self.epoch < self.config.optim.epochs and self.stop is not None and self.stop.agreed_to_stop(self.device):
             self._announce_stop()
 
     def _announce_stop(self) -> None:
@@ -263,7 +255,7 @@ class DinoTrainer:
         """The epoch's step metrics over all ranks; with --skip_bad_images also how many unreadable images were
         replaced (`skipped` on this rank) in the part of the epoch this process ran."""
         means = self.state.epoch_sums.global_means()
-        if self.args.skip_bad_images:
+        if self.config.run.skip_bad_images:
             means["bad_images_skipped"] = int(distributed.all_reduce_sum_(skipped.to(self.device)).item())
         return means
 
@@ -271,10 +263,10 @@ class DinoTrainer:
     def evaluate(self, epoch: int) -> dict[str, float]:
         """The k-NN monitor's result after `epoch` when it is due (every --knn_every epochs and the last), on the
         main process; empty otherwise. All ranks take part in the extraction."""
-        last = epoch + 1 == self.args.epochs
-        if self.knn is None or not ((epoch + 1) % self.args.knn_every == 0 or last):
+        last = epoch + 1 == self.config.optim.epochs
+        if self.knn is None or not ((epoch + 1) % self.config.run.knn_every == 0 or last):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.args.arch)
+        top1 = self.knn.top1(self.teacher.backbone, self.config.model.arch)
         return {} if top1 is None else {"knn_top1": top1}
 
     def evaluate_init(self) -> dict[str, float]:
@@ -282,13 +274,13 @@ class DinoTrainer:
         starts: the baseline that tells training from no training. Logged with epoch 0 as knn_top1_init."""
         if self.knn is None or (self.epoch, self.iteration) != (0, 0):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.args.arch, label="at random init")
+        top1 = self.knn.top1(self.teacher.backbone, self.config.model.arch, label="at random init")
         return {} if top1 is None else {"knn_top1_init": top1}
 
 
-def train(args: argparse.Namespace, stop: StopRequest | None = None,
+def train(config: RunConfig, stop: StopRequest | None = None,
           report_error: Callable[[BaseException], None] | None = None) -> bool:
-    """Run (or continue) the DINO training described by `args` in this process.
+    """Run (or continue) the DINO training described by `config` in this process.
 
     Joins the process group given by the environment (torchrun, submitit) or runs alone. A group created here is
     destroyed on success, so jobs exit instead of hanging in NCCL teardown; on an error `report_error` prints it
@@ -297,14 +289,14 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None,
     checkpoint at the next step boundary and return. Returns whether all epochs are done (False: stopped early,
     resume from the checkpoint).
     """
-    with distributed.process_group(args.dist_timeout_minutes, report_error) as info:
-        trainer = DinoTrainer(args, info, stop)
+    with distributed.process_group(config.run.dist_timeout_minutes, report_error) as info:
+        trainer = DinoTrainer(config, info, stop)
         try:
             trainer.fit()
         except RuntimeError as error:
             if isinstance(error, (TrainingError, CheckpointError)) or not distributed.is_collective_failure(error):
                 raise
             where = f"in epoch {trainer.epoch} after step {trainer.iteration}/{trainer.iters_per_epoch}"
-            raise TrainingError(distributed.describe_collective_failure(error, where, args.dist_timeout_minutes)) \
+            raise TrainingError(distributed.describe_collective_failure(error, where, config.run.dist_timeout_minutes)) \
                 from error
         return not trainer.stopped
