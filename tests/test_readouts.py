@@ -106,6 +106,49 @@ def test_mhca_gives_each_learned_query_all_heads_then_one_shared_projection(slot
     torch.testing.assert_close(cls_share, weights.mean(dim=1)[..., 0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("slot_wise", [True, False])
+@torch.no_grad()
+def test_mhmix_is_one_query_per_head_heads_mixed_by_an_output_projection_then_split_into_slots(slot_wise: bool
+                                                                                                ) -> None:
+    """Tab. 6's multi-head ablation: head l attends with query q_l over keys K_l H (also the values), the L head
+    outputs are concatenated and mixed by one (L*D x L*D) projection, and the result is split into L chunks of D for
+    the slot-wise LayerNorm and projection, or normalized and projected as one L*D vector."""
+    torch.manual_seed(0)
+    L, D, V = 4, 8, 6
+    model = build_backbone("vit_tiny_mhmix", **SMALL, num_slots=L, slot_dim=V, attn_dim=D, slot_wise=slot_wise).eval()
+    readout = model.mhmix
+    torch.nn.init.normal_(readout.norm.weight)  # a non-trivial affine and biases, so the test sees where they apply
+    torch.nn.init.normal_(readout.norm.bias)
+    torch.nn.init.normal_(readout.mix.bias)
+    assert len(model.blocks) == 11
+    images, tokens = tokens_of(model)
+    heads, weights = [], []
+    for head in range(L):
+        keys = tokens @ readout.key.weight[head * D:(head + 1) * D].T + readout.key.bias[head * D:(head + 1) * D]
+        attention = torch.softmax(keys @ readout.query[head] / math.sqrt(D), dim=-1)  # (B, N)
+        heads.append((attention[..., None] * keys).sum(dim=1))
+        weights.append(attention)
+    mixed = torch.cat(heads, dim=1) @ readout.mix.weight.T + readout.mix.bias  # (B, L*D): every head in every slot
+    if slot_wise:
+        chunks = mixed.reshape(2, L, D)  # L contiguous chunks
+        slots = layer_norm(chunks, readout.norm) @ readout.proj.weight.T + readout.proj.bias
+    else:
+        slots = layer_norm(mixed, readout.norm) @ readout.proj.weight.T + readout.proj.bias
+    torch.testing.assert_close(model(images), slots.reshape(2, L * V), atol=1e-5, rtol=1e-4)
+    maps, cls_share = sparo_vit.slot_attention_maps(model, images)
+    torch.testing.assert_close(maps.flatten(2), torch.stack(weights, dim=1)[..., 1:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cls_share, torch.stack(weights, dim=1)[..., 0], atol=1e-6, rtol=1e-5)
+    # without the mixing projection (identity, zero bias) and with the same LayerNorm, it is SPARO with slot_norm
+    if slot_wise:
+        torch.nn.init.eye_(readout.mix.weight)
+        torch.nn.init.zeros_(readout.mix.bias)
+        sparo = build_backbone("vit_tiny_sparo", **SMALL, num_slots=L, slot_dim=V, attn_dim=D, slot_norm=True).eval()
+        state = {key.replace("mhmix.", "sparo."): value for key, value in model.state_dict().items()
+                 if not key.startswith("mhmix.mix.")}
+        sparo.load_state_dict(state)
+        torch.testing.assert_close(model(images), sparo(images), atol=1e-5, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_sparo_slot_norm_normalizes_each_slots_attention_output_before_w() -> None:
     torch.manual_seed(0)
@@ -161,18 +204,31 @@ def test_parameter_counts_against_hand_counts(size: str, width: int) -> None:
         "mhca": L * width + (3 * width * width + 3 * width) + (width * width + width) + (width * V + V),
         # paper: L*D queries, C*(L/g)*D keys (+ biases), D*V + V for W
         "sparo": L * D + width * (L // g) * D + (L // g) * D + D * V + V,
+        # SPARO's queries and keys, the (L*D)^2 head-mixing projection, a slot-wise LayerNorm and D -> V projection
+        "mhmix": L * D + width * L * D + L * D + (L * D) ** 2 + L * D + 2 * D + D * V + V,
     }
     for readout, count in expected.items():
         arch = size if readout == "cls" else f"{size}_{readout}"
         model = build_backbone(arch, patch_size=16, img_size=32)
         assert model.readout_parameter_count() == count, readout
         trunk = sum(p.numel() for name, p in model.named_parameters()
-                    if not name.startswith(("sparo.", "mhca.", "attn_pool.")))
+                    if not name.startswith(("sparo.", "mhca.", "mhmix.", "attn_pool.")))
         blocks = 12 if readout in ("cls", "gap") else 11
         assert trunk == sum(p.numel() for p in build_backbone(size, patch_size=16, img_size=32).parameters()) \
             - (12 - blocks) * block_parameters(width)
     assert build_backbone(f"{size}_mhca", num_slots=8, slot_norm=True).readout_parameter_count() == \
         8 * width + 4 * width * width + 4 * width + 2 * width + width * V + V
+    # mhmix without slot-wise operations: a LayerNorm over all L*D and one L*D -> L*V projection
+    assert build_backbone(f"{size}_mhmix", num_slots=3, slot_wise=False).readout_parameter_count() == \
+        3 * D + width * 3 * D + 3 * D + (3 * D) ** 2 + 3 * D + 2 * 3 * D + 3 * D * 3 * V + 3 * V
+    # Tab. 6 (CLIP, L = 128, V = D = 64, two towers): multi-head minus separate-head, both slot-wise, is
+    # 306M - 172M = 2 x (128 x 64)^2 (+ the mixing biases); without the slot-wise projection 440M - 306M once more
+    with torch.device("meta"):
+        tab6 = {name: build_backbone(f"{size}_{readout}", num_slots=128, **options).readout_parameter_count()
+                for name, readout, options in (("separate", "sparo", {"slot_norm": True}), ("multi", "mhmix", {}),
+                                               ("multi_full", "mhmix", {"slot_wise": False}))}
+    assert 2 * (tab6["multi"] - tab6["separate"]) == 2 * (128 * 64) ** 2 + 2 * 128 * 64
+    assert round(2 * (tab6["multi_full"] - tab6["multi"]) / 1e6) == round(2 * (128 * 64) ** 2 / 1e6) == 134
     # the paper's claim at ViT-B width, L = V = D = sqrt(d)-ish sizes aside: SPARO at 64x64 keys outgrows the
     # block below ViT-S width and stays under it from ViT-S up
     assert expected["sparo"] > expected["cls"] if width == 192 else expected["sparo"] < expected["cls"]
@@ -181,7 +237,7 @@ def test_parameter_counts_against_hand_counts(size: str, width: int) -> None:
 def test_encodings_have_the_documented_sizes_and_feature_kinds() -> None:
     for arch, dims, kind in [("vit_tiny", 192, "cls_last1"), ("vit_tiny_gap", 192, "gap_encoding"),
                              ("vit_tiny_attpool", 192, "attpool_encoding"), ("vit_tiny_mhca", 4096, "mhca_encoding"),
-                             ("vit_tiny_sparo", 4096, "sparo_encoding")]:
+                             ("vit_tiny_sparo", 4096, "sparo_encoding"), ("vit_tiny_mhmix", 4096, "mhmix_encoding")]:
         model = build_backbone(arch, **SMALL).eval()
         assert model.num_features == dims and model(torch.randn(3, 3, 32, 32)).shape == (3, dims)
         assert extraction.feature_kind(arch) == kind
@@ -200,7 +256,9 @@ def test_encodings_have_the_documented_sizes_and_feature_kinds() -> None:
 
 # One read-out per row, each with a non-default option where it takes one, so the round trip has to carry it.
 TRAINED = {"gap": [], "attpool": [], "mhca": ["--num_slots", "6", "--slot_dim", "8", "--slot_norm", "true"],
-           "sparo": ["--num_slots", "4", "--slot_dim", "8", "--attn_dim", "8", "--group_size", "2", "--slot_norm", "true"]}
+           "sparo": ["--num_slots", "4", "--slot_dim", "8", "--attn_dim", "8", "--group_size", "2", "--slot_norm", "true"],
+           "mhmix": ["--num_slots", "3", "--slot_dim", "8", "--attn_dim", "8", "--slot_wise", "false"]}
+BOOL_FLAGS = ("--slot_norm", "--slot_wise")
 
 
 @pytest.mark.parametrize("readout", list(TRAINED))
@@ -211,7 +269,7 @@ def test_each_readout_trains_resumes_exactly_and_is_evaluated_from_its_checkpoin
     first = run(images, straight, *arch, "--epochs", "2", "--saveckp_freq", "1", capsys=capsys)
     assert first.code == 0
     model = build_backbone(f"vit_tiny_{readout}", **SMALL, **{
-        key.lstrip("-"): (value == "true" if key == "--slot_norm" else int(value))
+        key.lstrip("-"): (value == "true" if key in BOOL_FLAGS else int(value))
         for key, value in zip(TRAINED[readout][::2], TRAINED[readout][1::2])})
     assert (f"vit_tiny_{readout}: {sum(p.numel() for p in model.parameters()):,} backbone parameters, "
             f"{model.readout_parameter_count():,} in") in first.out
@@ -224,7 +282,7 @@ def test_each_readout_trains_resumes_exactly_and_is_evaluated_from_its_checkpoin
     options = weights.resolve_model_options({}, loaded.config)
     assert options == {"arch": f"vit_tiny_{readout}", "patch_size": 8, "img_size": 32,
                        "pos_embed_interpolation": "dino",
-                       **{k.lstrip("-"): (v == "true" if k == "--slot_norm" else int(v))
+                       **{k.lstrip("-"): (v == "true" if k in BOOL_FLAGS else int(v))
                           for k, v in zip(TRAINED[readout][::2], TRAINED[readout][1::2])}}
     teacher = torch.load(checkpoint, map_location="cpu", weights_only=True)["teacher"]
     hub = hubconf.__dict__[f"vit_tiny_{readout}"](weights=checkpoint)
@@ -282,7 +340,7 @@ def test_a_readout_registered_by_a_plugin_trains_resumes_and_is_evaluated(maxpoo
     assert weights.load_pretrained_trunk(model, build_backbone("vit_tiny", **SMALL).state_dict()) == \
         ["maxpool.proj.weight", "maxpool.proj.bias"]
     with pytest.raises(ValueError, match="^num_slots does not apply to the maxpool read-out of vit_tiny_maxpool; use "
-                                         "vit_tiny_mhca or vit_tiny_sparo$"):
+                                         "vit_tiny_mhca, vit_tiny_sparo or vit_tiny_mhmix$"):
         build_backbone("vit_tiny_maxpool", num_slots=4)
 
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")

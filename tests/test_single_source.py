@@ -9,6 +9,7 @@ import inspect
 
 import sparo_vit
 from sparo_dino.cli import train_flags
+from sparo_dino.model.readouts.mhmix import MixedHeadCrossAttention
 
 
 def test_sparo_defaults_have_one_definition_read_by_the_module_the_builder_and_the_flags() -> None:
@@ -16,9 +17,12 @@ def test_sparo_defaults_have_one_definition_read_by_the_module_the_builder_and_t
     assert dict(defaults) == {"num_slots": 64, "slot_dim": 64, "attn_dim": 64, "group_size": 1}
     signature = inspect.signature(sparo_vit.SPARO)
     assert {name: signature.parameters[name].default for name in defaults} == dict(defaults)
-    assert sparo_vit.READOUT_OPTIONS == (*defaults, "slot_norm")
-    assert {name: signature.parameters[name].default for name in sparo_vit.READOUT_OPTIONS} == \
-        dict(sparo_vit.READOUT_DEFAULTS)
+    assert sparo_vit.READOUT_OPTIONS == (*defaults, "slot_norm", "slot_wise")
+    # each module's keyword defaults are the registry's, for the options it takes
+    for module, readout in ((sparo_vit.SPARO, "sparo"), (MixedHeadCrossAttention, "mhmix")):
+        parameters = inspect.signature(module).parameters
+        assert {name: parameters[name].default for name in sparo_vit.OPTIONS_OF_READOUT[readout]} == \
+            {name: sparo_vit.READOUT_DEFAULTS[name] for name in sparo_vit.OPTIONS_OF_READOUT[readout]}
     parsed = train_flags.get_args_parser().parse_args([])
     assert {name: getattr(parsed, name) for name in sparo_vit.READOUT_OPTIONS} == dict(sparo_vit.READOUT_DEFAULTS)
 
@@ -94,9 +98,9 @@ def test_sparo_options_on_a_baseline_are_one_rule_with_one_message_from_the_buil
 
     with pytest.raises(ValueError) as error:
         sparo_vit.build_backbone("vit_small", num_slots=32)
-    assert str(error.value) == ("num_slots does not apply to the cls read-out of vit_small; use vit_small_mhca or "
-                                "vit_small_sparo")
+    assert str(error.value) == ("num_slots does not apply to the cls read-out of vit_small; use vit_small_mhca, "
+                                "vit_small_sparo or vit_small_mhmix")
     with pytest.raises(SystemExit):
         train_flags.parse_train_args(["--data_path", "x", "--arch", "vit_small", "--num_slots", "32"])
-    assert ("error: --num_slots does not apply to the cls read-out of vit_small; use vit_small_mhca or "
-            "vit_small_sparo") in capsys.readouterr().err
+    assert ("error: --num_slots does not apply to the cls read-out of vit_small; use vit_small_mhca, "
+            "vit_small_sparo or vit_small_mhmix") in capsys.readouterr().err

@@ -161,9 +161,10 @@ def test_baseline_returns_final_norm_cls_and_intermediate_cls() -> None:
 
 
 def test_build_backbone_errors_name_the_problem() -> None:
-    with pytest.raises(ValueError, match="valid archs: vit_tiny, vit_small, vit_base, vit_tiny_gap, .*vit_base_sparo$"):
+    with pytest.raises(ValueError, match="valid archs: vit_tiny, vit_small, vit_base, vit_tiny_gap, .*vit_base_mhmix$"):
         build_backbone("resnet50")
-    with pytest.raises(ValueError, match="cls read-out of vit_small; use vit_small_mhca or vit_small_sparo"):
+    with pytest.raises(ValueError, match="cls read-out of vit_small; use vit_small_mhca, vit_small_sparo or "
+                                         "vit_small_mhmix"):
         build_backbone("vit_small", num_slots=32)
     with pytest.raises(ValueError, match="^attn_dim, group_size do not apply to the mhca read-out of vit_tiny_mhca; "
                                          "use vit_tiny_sparo$"):

@@ -79,7 +79,8 @@ def test_the_model_file_reads_no_checkpoints_and_the_hub_needs_only_weight_readi
     # sparo_vit re-exports sparo_dino/model/: the networks, nothing that reads files
     assert {name for name in _imported_modules("import sparo_vit") if name.startswith("sparo_dino.")} <= {
         "sparo_dino.model", "sparo_dino.model.readouts", "sparo_dino.model.readouts.pooling",
-        "sparo_dino.model.readouts.mhca", "sparo_dino.model.readouts.sparo", "sparo_dino.model.registry",
+        "sparo_dino.model.readouts.mhca", "sparo_dino.model.readouts.sparo", "sparo_dino.model.readouts.mhmix",
+        "sparo_dino.model.registry",
         "sparo_dino.model.backbone", "sparo_dino.model.head", "sparo_dino.model.attention_maps"}
     hub = _imported_modules("import hubconf")
     assert "sparo_dino.io.weights" in hub
@@ -88,7 +89,8 @@ def test_the_model_file_reads_no_checkpoints_and_the_hub_needs_only_weight_readi
 
 def test_backbone_options_and_resume_keys_are_named_for_what_they_are() -> None:
     assert weights.BACKBONE_OPTION_KEYS == ("arch", "patch_size", "img_size", "pos_embed_interpolation",
-                                            "num_slots", "slot_dim", "attn_dim", "group_size", "slot_norm")
+                                            "num_slots", "slot_dim", "attn_dim", "group_size", "slot_norm",
+                                            "slot_wise")
     # a resume must also keep the DINO head: other head sizes cannot load the checkpoint's weights
     assert set(train_flags.RESUME_MUST_MATCH_KEYS) == set(weights.BACKBONE_OPTION_KEYS) | {
         "out_dim", "use_bn_in_head", "norm_last_layer"}

@@ -12,7 +12,8 @@ def slot_attention_maps(backbone: DinoVisionTransformer, images: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slot attention over patch tokens as (B, L, h, w), and the share each slot puts on CLS as (B, L).
 
-    For mhca a slot's map is its attention averaged over heads. Maps are not renormalized after dropping CLS, so a
+    For mhca a slot's map is its attention averaged over heads; for mhmix it is head l's attention, before the
+    output projection mixes the heads. Maps are not renormalized after dropping CLS, so a
     slot that mostly reads CLS shows a faint map.
     """
     if getattr(backbone, "slot_readout", None) is None:

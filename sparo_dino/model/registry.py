@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from sparo_dino.model.readouts import pooling
 from sparo_dino.model.readouts.mhca import MultiHeadCrossAttention
+from sparo_dino.model.readouts.mhmix import MixedHeadCrossAttention
 from sparo_dino.model.readouts.sparo import SPARO, SPARO_DEFAULTS
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ OPTIONS: Mapping[str, Option] = MappingProxyType({
     "group_size": Option(SPARO_DEFAULTS["group_size"], "g, consecutive slots sharing one key projection"),
     "slot_norm": Option(False, "slot-wise LayerNorm of each slot's attention output before the slot-wise "
                                "projection (paper Tab. 6)"),
+    "slot_wise": Option(True, "LayerNorm and projection per slot (L chunks of D, shared weights); false: over the "
+                              "whole L*D output, projected to L*V at once (paper Tab. 6)"),
 })
 
 
@@ -141,7 +144,9 @@ def reject_readout_options(arch: str, given: Sequence[str]) -> None:
     wrong = [name for name in given if name.lstrip("-") not in readout.options]
     if wrong:
         able = [r.name for r in _READOUTS.values() if all(name.lstrip("-") in r.options for name in wrong)]
-        suggestion = f"; use {' or '.join(f'{size}_{r}' for r in able)}" if able else ""
+        archs = [f"{size}_{r}" for r in able]
+        suggestion = f"; use {', '.join(archs[:-1])} or {archs[-1]}" if len(archs) > 1 else \
+            (f"; use {archs[0]}" if archs else "")
         verb = "does" if len(wrong) == 1 else "do"
         raise ValueError(f"{', '.join(wrong)} {verb} not apply to the {readout.name} read-out of {arch}{suggestion}")
 
@@ -154,10 +159,17 @@ def _sparo(backbone: DinoVisionTransformer, **options: Any) -> nn.Module:
     return SPARO(backbone.embed_dim, **options)
 
 
-# The built-in read-outs, in the order of the arch list. attpool, mhca and sparo replace the N-th block.
+def _mhmix(backbone: DinoVisionTransformer, **options: Any) -> nn.Module:
+    return MixedHeadCrossAttention(backbone.embed_dim, **options)
+
+
+# The built-in read-outs, in the order of the arch list. attpool, mhca, sparo and mhmix replace the N-th block.
 register(Readout("cls", pooling.cls_token))
 register(Readout("gap", pooling.mean_patch_tokens))
 register(Readout("attpool", pooling.timm_attention_pool, replaces_block=True, attribute="attn_pool",
                  vit_kwargs={"global_pool": "map"}))
 register(Readout("mhca", _mhca, ("num_slots", "slot_dim", "slot_norm"), replaces_block=True, has_slots=True))
-register(Readout("sparo", _sparo, tuple(OPTIONS), replaces_block=True, has_slots=True))
+register(Readout("sparo", _sparo, ("num_slots", "slot_dim", "attn_dim", "group_size", "slot_norm"),
+                 replaces_block=True, has_slots=True))
+register(Readout("mhmix", _mhmix, ("num_slots", "slot_dim", "attn_dim", "slot_wise"), replaces_block=True,
+                 has_slots=True))

@@ -1,4 +1,9 @@
-"""Multi-head cross-attention with L learned queries: Tab. 6's "multi-head" ablation of SPARO."""
+"""Per-slot multi-head cross-attention: L learned queries, each reading the tokens with all the trunk's heads.
+
+Not the paper's Tab. 6 "multi-head" ablation, although it carried that name until issue 30: there, L heads of one
+learned query each are mixed by an output projection and the result is split into slots (readouts/mhmix.py). The
+arch suffix `_mhca` is kept, so checkpoints (their config.arch), hub entry points and feature kinds stay valid.
+"""
 from __future__ import annotations
 
 import torch
@@ -8,12 +13,12 @@ from sparo_dino.model.readouts.sparo import SPARO_DEFAULTS
 
 
 class MultiHeadCrossAttention(nn.Module):
-    """L learned queries read the tokens with standard multi-head attention: Tab. 6's "multi-head" ablation of SPARO.
+    """L learned queries, each reading the tokens with standard multi-head attention (the trunk's head count).
 
     Every slot attends with all heads (torch's nn.MultiheadAttention: query, key, value and output projections of
-    the full width C), so a slot is not limited to one attention pattern; a projection C -> V shared by all slots
-    then gives the L x V encoding SPARO gives, optionally after a slot-wise LayerNorm. Queries start as SPARO's do,
-    N(0, 1).
+    the full width C, shared by all slots), so a slot is not limited to one attention pattern, and the output
+    projection mixes a slot's own heads only: slots never mix. A projection C -> V shared by all slots then gives the
+    L x V encoding SPARO gives, optionally after a slot-wise LayerNorm. Queries start as SPARO's do, N(0, 1).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_slots: int = SPARO_DEFAULTS["num_slots"],
