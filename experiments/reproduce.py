@@ -61,8 +61,9 @@ KNN_K = 20
 DEFAULT_SWEEP = (0.5, 1.0, 2.0)  # --lr_sweep: multiples of the profile's lr
 
 
-def as_flags(options: Mapping[str, int]) -> tuple[str, ...]:
-    return tuple(part for key, value in options.items() for part in (f"--{key}", str(value)))
+def as_flags(options: Mapping[str, int | bool]) -> tuple[str, ...]:
+    return tuple(part for key, value in options.items()
+                 for part in (f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,18 +74,32 @@ class Variant:
     flags: tuple[str, ...] = ()
 
 
-VARIANTS = {
-    "cls": Variant("cls", TRUNK),
-    "gap": Variant("gap", f"{TRUNK}_gap"),
-    "attpool": Variant("attpool", f"{TRUNK}_attpool"),
-    # L learned queries, each through a full-width 3-head attention (not Tab. 6's multi-head ablation)
-    "mhca": Variant("mhca", f"{TRUNK}_mhca", as_flags({"num_slots": 64, "slot_dim": 64})),
-    "sparo": Variant("sparo", f"{TRUNK}_sparo", as_flags({"num_slots": 64, **SPARO_SIZES})),
+MHMIX_SIZES = {"slot_dim": 64, "attn_dim": 64}
+
+
+def _variants(*variants: Variant) -> dict[str, Variant]:
+    return {variant.name: variant for variant in variants}
+
+
+VARIANTS = _variants(
+    Variant("cls", TRUNK),
+    Variant("gap", f"{TRUNK}_gap"),
+    Variant("attpool", f"{TRUNK}_attpool"),
+    # L learned queries, each through a full-width 3-head attention; slots never mix (not Tab. 6's multi-head)
+    Variant("mhca", f"{TRUNK}_mhca", as_flags({"num_slots": 64, "slot_dim": 64})),
+    Variant("sparo", f"{TRUNK}_sparo", as_flags({"num_slots": 64, **SPARO_SIZES})),
+    # Tab. 6: separate heads with slot-wise LayerNorm and projection, against the same with the heads mixed by an
+    # output projection (mhmix), and mixed heads with LayerNorm and projection over the whole output (mhmix_full)
+    Variant("sparo_ln", f"{TRUNK}_sparo", as_flags({"num_slots": 64, **SPARO_SIZES, "slot_norm": True})),
+    Variant("mhmix", f"{TRUNK}_mhmix", as_flags({"num_slots": 64, **MHMIX_SIZES, "slot_wise": True})),
+    Variant("mhmix_full", f"{TRUNK}_mhmix", as_flags({"num_slots": 64, **MHMIX_SIZES, "slot_wise": False})),
     # width-matched: 3 slots of 64 give the cls width, 192
-    "sparo_w3": Variant("sparo_w3", f"{TRUNK}_sparo", as_flags({"num_slots": 3, **SPARO_SIZES})),
-}
+    Variant("sparo_w3", f"{TRUNK}_sparo", as_flags({"num_slots": 3, **SPARO_SIZES})),
+    Variant("mhmix_w3", f"{TRUNK}_mhmix", as_flags({"num_slots": 3, **MHMIX_SIZES, "slot_wise": True})),
+    Variant("mhmix_full_w3", f"{TRUNK}_mhmix", as_flags({"num_slots": 3, **MHMIX_SIZES, "slot_wise": False})),
+)
 MATCHED = "sparo_matched"  # SPARO with L chosen so that its read-out holds as many parameters as cls's last block
-VARIANT_NAMES = (*VARIANTS, MATCHED)
+VARIANT_NAMES = (*list(VARIANTS)[:5], MATCHED, *list(VARIANTS)[5:])
 REFERENCES = ("cls", "sparo")  # every row is compared with these
 
 
@@ -192,10 +207,11 @@ def device() -> torch.device:
 
 def extract(checkpoint: Path, data_path: str, num_workers: int, at_init: bool) -> FeatureSet:
     """The features k-NN reads (the encoding; for cls the final-norm CLS of the last block) of a run's teacher or of
-    the same network at its random init, once: both evaluations and both widths read them."""
+    the same network at its random init, once: both evaluations and both widths read them. In batches of the
+    evaluations' default (128), as eval_linear.py extracts them: float sums depend on the batch, and a probe's
+    choice among close heads can follow them."""
     args = eval_knn.build_parser().parse_args(["--pretrained_weights", str(checkpoint), "--data_path", data_path,
-                                               *demo.EVAL_FLAGS, "--batch_size_per_gpu", "256",
-                                               "--num_workers", str(num_workers)])
+                                               *demo.EVAL_FLAGS, "--num_workers", str(num_workers)])
     return eval_flags.compute_features(args, device(), eval_knn.kind_resolver(args), at_init=at_init)
 
 
@@ -588,24 +604,27 @@ def plot(summaries: Mapping[str, Mapping[str, Any]], pixels: Mapping[str, float]
     import matplotlib.pyplot as plt
 
     names = list(summaries)
-    width = 0.2
-    figure, axes = plt.subplots(figsize=(max(8.0, 1.5 * len(names) + 2), 5.6))
-    lowest = min(pixels.values())
-    bars = (("knn", "20-NN", "tab:blue"), ("linear", "linear probe (fast)", "tab:orange"),
-            ("pca_knn", f"20-NN @{PCA_DIM} PCs", "lightsteelblue"),
-            ("pca_linear", f"linear @{PCA_DIM} PCs", "navajowhite"))
+    bars = [bar for bar in (("knn", "20-NN", "tab:blue"), ("linear", "linear probe (fast)", "tab:orange"),
+                            ("pca_knn", f"20-NN @{PCA_DIM} PCs", "lightsteelblue"),
+                            ("pca_linear", f"linear @{PCA_DIM} PCs", "navajowhite"))
+            if any(f"{bar[0]}_top1" in summaries[name]["stats"] for name in names)]  # what was measured
+    width = 0.8 / len(bars)
+    figure, axes = plt.subplots(figsize=(max(8.0, 0.45 * len(bars) * len(names) + 2), 5.6))
+    lines = {key: pixels[key] for key in ("knn_top1", "linear_top1") if key in pixels}
+    lowest = min(lines.values(), default=100.0)
     for position, (metric, label, colour) in enumerate(bars):
-        x = [index + (position - 1.5) * width for index in range(len(names))]
         for suffix, style in (("_top1", dict(color=colour, label=f"{label}, trained")),
                               ("_init_top1", dict(fill=False, hatch="//", edgecolor="black", linewidth=0.6,
                                                   label="same network at random init" if position == 0 else None))):
-            stats = [summaries[name]["stats"].get(metric + suffix) for name in names]
-            axes.bar(x, [s.mean if s else 0.0 for s in stats], width,
-                     yerr=[(s.std or 0.0) if s else 0.0 for s in stats], capsize=2, **style)
-            lowest = min([lowest, *(s.mean - (s.std or 0.0) for s in stats if s)])
+            measured = [(index, summaries[name]["stats"][metric + suffix]) for index, name in enumerate(names)
+                        if metric + suffix in summaries[name]["stats"]]
+            axes.bar([index + (position - (len(bars) - 1) / 2) * width for index, _ in measured],
+                     [stat.mean for _, stat in measured], width, yerr=[stat.std or 0.0 for _, stat in measured],
+                     capsize=2, **style)
+            lowest = min([lowest, *(stat.mean - (stat.std or 0.0) for _, stat in measured)])
     for key, style, label in (("knn_top1", "--", "20-NN"), ("linear_top1", ":", "linear")):
-        if key in pixels:
-            axes.axhline(pixels[key], color="gray", linestyle=style, label=f"raw pixels, {label} ({pixels[key]:.2f})")
+        if key in lines:
+            axes.axhline(lines[key], color="gray", linestyle=style, label=f"raw pixels, {label} ({lines[key]:.2f})")
     axes.set_xticks(range(len(names)), names, fontsize=8)
     axes.set_ylim(bottom=max(0.0, math.floor(lowest) - 5))
     axes.set_ylabel("top-1 (%); error bars: std over seeds")

@@ -83,7 +83,7 @@ def test_table_cells_and_welch_verdicts_by_hand() -> None:
     assert tests[0].adjusted_p >= tests[0].test.p and max(t.adjusted_p for t in tests) <= 1.0
     text = reproduce.comparisons_table(tests, summaries)
     first = text.splitlines()[2]
-    assert first.startswith(f"| sparo | cls | 20-NN | 3 / 3 | +4.00 [") and first.endswith(" | no difference |")
+    assert first.startswith("| sparo | cls | 20-NN | 3 / 3 | +4.00 [") and first.endswith(" | no difference |")
 
 
 def test_rows_of_undecided_comparisons_get_more_seeds() -> None:
