@@ -611,7 +611,7 @@ def plot(summaries: Mapping[str, Mapping[str, Any]], pixels: Mapping[str, float]
     width = 0.8 / len(bars)
     figure, axes = plt.subplots(figsize=(max(8.0, 0.45 * len(bars) * len(names) + 2), 5.6))
     lines = {key: pixels[key] for key in ("knn_top1", "linear_top1") if key in pixels}
-    lowest = min(lines.values(), default=100.0)
+    lowest, highest = min(lines.values(), default=100.0), max(lines.values(), default=0.0)
     for position, (metric, label, colour) in enumerate(bars):
         for suffix, style in (("_top1", dict(color=colour, label=f"{label}, trained")),
                               ("_init_top1", dict(fill=False, hatch="//", edgecolor="black", linewidth=0.6,
@@ -622,11 +622,12 @@ def plot(summaries: Mapping[str, Mapping[str, Any]], pixels: Mapping[str, float]
                      [stat.mean for _, stat in measured], width, yerr=[stat.std or 0.0 for _, stat in measured],
                      capsize=2, **style)
             lowest = min([lowest, *(stat.mean - (stat.std or 0.0) for _, stat in measured)])
+            highest = max([highest, *(stat.mean + (stat.std or 0.0) for _, stat in measured)])
     for key, style, label in (("knn_top1", "--", "20-NN"), ("linear_top1", ":", "linear")):
         if key in lines:
             axes.axhline(lines[key], color="gray", linestyle=style, label=f"raw pixels, {label} ({lines[key]:.2f})")
     axes.set_xticks(range(len(names)), names, fontsize=8)
-    axes.set_ylim(bottom=max(0.0, math.floor(lowest) - 5))
+    axes.set_ylim(max(0.0, math.floor(lowest) - 5), min(100.0, math.ceil(highest) + 2))
     axes.set_ylabel("top-1 (%); error bars: std over seeds")
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
@@ -680,7 +681,8 @@ def report(records: Sequence[Mapping[str, Any]], profile: Profile, pixels: Mappi
     machines = sorted({record["machine"] for record in records})
     swept = {name: lr for name, lr in lrs.items() if lr is not None}
     text = (f"Measured by `{command}` on {', '.join(machines)}, "
-            f"{' to '.join([dates[0], dates[-1]] if len(dates) > 1 else dates)}; {len(records)} runs, "
+            f"{' to '.join([dates[0], dates[-1]] if len(dates) > 1 else dates)}; {len(records)} "
+            f"run{'s' if len(records) != 1 else ''}, "
             f"{minutes:.0f} minutes of training and evaluation in all. {num_train} train / {num_test} test images, "
             f"{profile.train.epochs} epoch(s) of {profile.train.batch_size}, training crops of {profile.tokens} "
             f"tokens, linear probe {profile.linear_epochs} epochs. "
@@ -691,8 +693,9 @@ def report(records: Sequence[Mapping[str, Any]], profile: Profile, pixels: Mappi
             + f"Cells: mean ± std [standard error] over the seeds; @{PCA_DIM}: the first {PCA_DIM} principal "
               "components, fitted on the train split.\n\n"
             + results_table(summaries, pixels)
-            + f"\nComparisons (Welch's t-test, Holm's correction across all {len(tests)}; verdict at "
-              f"{readout_stats.ALPHA:g} after Holm):\n\n" + comparisons_table(tests, summaries)
+            + (f"\nComparisons (Welch's t-test, Holm's correction across all {len(tests)}; verdict at "
+               f"{readout_stats.ALPHA:g} after Holm):\n\n" + comparisons_table(tests, summaries) if tests else
+               "\nNo comparisons yet: they need `cls` or `sparo` and another row.\n")
             + f"\n![read-outs, {profile.name} profile]({figure.name})\n")
     replace_section(docs_dir / DOC_NAME, profile.name, text)
     return text

@@ -38,6 +38,7 @@ BLUR_READ_BACK = AUGMENTATION + "test_blur_strength_and_rate_read_back_from_the_
 UNTRUSTED = "tests/test_untrusted_checkpoints.py::"
 TEST_SETS = "tests/test_shifted_sets.py::"
 REPRODUCE = "tests/test_reproduce.py::"
+STATS = "tests/test_readout_stats.py::"
 IMAGES = "tests/test_image_files.py::"
 BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
 
@@ -273,16 +274,36 @@ MUTATIONS: tuple[Mutation, ...] = (
              "--num_slots with an attpool checkpoint is reported as a conflict with the config instead of as an "
              "option that read-out does not take"),
     # ------------------------------------------------------------------------- read-out comparison (reproduce)
-    Mutation("verdict-one-standard-error", "experiments/reproduce.py", "if abs(difference) < 2 * se or",
-             "if abs(difference) < se or",
-             (REPRODUCE + "test_two_standard_error_rule", REPRODUCE + "test_table_cells_and_verdicts_by_hand"),
-             "a difference of 1-2 standard errors is reported as SPARO winning or losing"),
+    Mutation("holm-not-step-down", "experiments/readout_stats.py",
+             "running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))",
+             "running = min(1.0, (len(pvalues) - rank) * pvalues[index])",
+             (STATS + "test_holm_by_hand",),
+             "a later p-value's adjusted p falls below an earlier one's, so Holm's correction passes what it rejects"),
+    Mutation("welch-pooled-variance", "experiments/readout_stats.py", "reference, equal_var=False)",
+             "reference, equal_var=True)",
+             (STATS + "test_unequal_spreads_and_sizes_against_the_hand_formula_and_an_integrated_density",),
+             "Student's pooled t-test instead of Welch's: wrong p when the rows' spreads differ"),
+    Mutation("sweep-chooses-on-test", "experiments/reproduce.py",
+             'max(swept, key=lambda r: (r["linear_holdout_top1"],', 'max(swept, key=lambda r: (r["knn_top1"],',
+             (REPRODUCE + "test_the_swept_lr_is_chosen_on_the_train_hold_out",),
+             "the lr sweep picks each row's lr on the test images it then reports"),
+    Mutation("pca-fitted-on-test-too", "sparo_dino/cli/eval_flags.py",
+             "fitted = pca.fit(features.train_features, pca_dim)",
+             "fitted = pca.fit(torch.cat([features.train_features, features.val_features]), pca_dim)",
+             ("tests/test_pca.py::test_knn_reads_the_train_fitted_components_of_every_split",),
+             "--pca_dim's components see the test images"),
+    Mutation("mhmix-heads-not-mixed", "sparo_dino/model/readouts/mhmix.py",
+             "mixed = self.mix(heads.reshape(batch, self.num_slots * self.attn_dim))",
+             "mixed = heads.reshape(batch, self.num_slots * self.attn_dim)",
+             ("tests/test_readouts.py::test_mhmix_is_one_query_per_head_heads_mixed_by_an_output_projection_then_split_"
+              "into_slots",),
+             "Tab. 6's multi-head read-out without its output projection: SPARO with a LayerNorm, not the ablation"),
     Mutation("matched-slots-rounded-up", "experiments/reproduce.py",
              "return below if abs(count(below) - target) <= abs(count(high) - target) else high", "return high",
              (REPRODUCE + "test_closest_num_slots_against_a_hand_count",),
              "sparo_matched takes the first L at least as large as the block (36) instead of the closest (35)"),
     Mutation("reproduce-reruns-finished", "experiments/reproduce.py",
-             "            if path.exists():\n                print(", "            if False:\n                print(",
+             "        if path.exists():\n            print(", "        if False:\n            print(",
              (REPRODUCE + "test_a_rerun_skips_finished_runs_and_records_each_run_once",),
              "a restarted comparison trains every finished run again (an hour lost) and records it twice"),
 )
