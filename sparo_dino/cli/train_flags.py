@@ -71,6 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth of the student")
     model.add_argument("--grad_checkpointing", default=False, type=bool_flag,
                        help="recompute block activations in backward to save memory")
+    model.add_argument("--pretrained_trunk", default=None, type=str, metavar="FILE",
+                       help="start a fresh run from this ViT's trunk (official DINO checkpoint or backbone, timm state "
+                            "dict or .safetensors, this repository's checkpoint: its teacher): blocks 1..N-1 and the "
+                            "final norm load, the block a read-out replaces is dropped, read-out and head start fresh")
     readout = parser.add_argument_group("read-out options (the read-out is the arch's suffix: _gap, _attpool, _mhca, "
                                         "_sparo; none = CLS)")
     defaults = sparo_vit.READOUT_DEFAULTS
@@ -110,6 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--epochs", default=100, type=int, help="number of training epochs")
     optim.add_argument("--freeze_last_layer", default=1, type=int,
                        help="epochs during which the head's last layer is not updated")
+    optim.add_argument("--freeze_trunk_epochs", default=0, type=int,
+                       help="with --pretrained_trunk: train only the read-out and the DINO head in the first N epochs")
     optim.add_argument("--lr", default=0.0005, type=float,
                        help="peak learning rate for a total batch of 256 (scaled linearly with the batch)")
     optim.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear learning-rate warmup")
@@ -254,12 +260,18 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         if getattr(args, name) < 1:
             _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",
-                 "warmup_teacher_temp_epochs", "ckpt_every_iters", "knn_every"):
+                 "warmup_teacher_temp_epochs", "ckpt_every_iters", "knn_every", "freeze_trunk_epochs"):
         if getattr(args, name) < 0:
             _fail(parser, f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
         _fail(parser, f"warmup epochs (lr {args.warmup_epochs}, teacher temp {args.warmup_teacher_temp_epochs}) "
                       f"cannot exceed --epochs {args.epochs}")
+    if args.freeze_trunk_epochs and args.pretrained_trunk is None:
+        _fail(parser, "--freeze_trunk_epochs needs --pretrained_trunk (a random trunk would stay random)")
+    if args.freeze_trunk_epochs > args.epochs:
+        _fail(parser, f"--freeze_trunk_epochs {args.freeze_trunk_epochs} cannot exceed --epochs {args.epochs}")
+    if args.pretrained_trunk is not None and args.resume is not None:
+        _fail(parser, "--pretrained_trunk starts a run from a trunk, --resume continues a checkpoint: give one")
     for name in ("momentum_teacher", "final_momentum_teacher"):
         if not 0 <= getattr(args, name) <= 1:
             _fail(parser, f"--{name} must be in [0, 1], got {getattr(args, name)}")

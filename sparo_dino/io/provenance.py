@@ -6,6 +6,7 @@ was requeued on other machines or resumed after a code change still says which c
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -53,6 +54,15 @@ def machine() -> str:
     """The machine in one phrase for result tables (timings mean little without it): CPU cores, GPU, torch."""
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{platform.machine()} {os.cpu_count()} cores{gpu}, torch {torch.__version__.split('+')[0]}"
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file the run started from (--pretrained_trunk): a path says where it was, not what it held."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def collect(config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

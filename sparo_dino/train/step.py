@@ -1,7 +1,8 @@
 """One DINO optimisation step, eager (the reference) or compiled, with no host synchronisation inside it.
 
 teacher on the 2 global crops -> student on all crops -> DINO loss -> backward -> per-parameter clipping -> last
-layer frozen in the first epochs -> optimizer step -> EMA of the teacher. The trainer and benchmarks/step.py run
+layer (and with --freeze_trunk_epochs a pretrained trunk) frozen in the first epochs -> optimizer step -> EMA of the
+teacher. The trainer and benchmarks/step.py run
 this same object, so what the benchmark times is what training runs.
 
 `compiled` wraps student, teacher and loss in torch.compile (Inductor fuses the ViT's element-wise work and the
@@ -25,6 +26,7 @@ from sparo_dino import distributed
 from sparo_dino.train.loss import DINOLoss, LossOutput
 from sparo_dino.train.optim import (
     cancel_last_layer_gradients,
+    cancel_trunk_gradients,
     clip_gradients_per_parameter,
     ema_update_,
     set_hyperparameters,
@@ -94,7 +96,8 @@ class TrainingStep:
     def __init__(self, student: nn.Module, student_module: nn.Module, teacher: nn.Module, loss: DINOLoss,
                  optimizer: torch.optim.Optimizer, precision: str, device: torch.device, compiled: bool = False,
                  clip_grad: float = 3.0, freeze_last_layer: int = 1,
-                 scaler: torch.amp.GradScaler | None = None, compile_backend: str | Callable = "inductor") -> None:
+                 scaler: torch.amp.GradScaler | None = None, compile_backend: str | Callable = "inductor",
+                 freeze_trunk_epochs: int = 0, trunk_params: Sequence[torch.Tensor] = ()) -> None:
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
         self.student_module = student_module
@@ -105,6 +108,7 @@ class TrainingStep:
         self.compiled = compiled
         self.clip_grad = clip_grad
         self.freeze_last_layer = freeze_last_layer
+        self.freeze_trunk_epochs, self.trunk_params = freeze_trunk_epochs, list(trunk_params)
         self.scaler = scaler
         self.networks: tuple[Callable, Callable, Callable] = (student, teacher, loss)
         if compiled:
@@ -172,6 +176,7 @@ class TrainingStep:
         if self.clip_grad:
             clip_gradients_per_parameter(self.trainable_params, self.clip_grad)
         cancel_last_layer_gradients(self.student_module, epoch, self.freeze_last_layer)
+        cancel_trunk_gradients(self.trunk_params, epoch, self.freeze_trunk_epochs)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -25,14 +25,15 @@ from sparo_dino.cli.config import args_to_dict, save_config
 from sparo_dino.cli.train_flags import resolve_precision
 from sparo_dino.data.loader import TrainingData
 from sparo_dino.io.checkpoint import CheckpointError, remove_stale_temporaries
-from sparo_dino.io.provenance import append_provenance
+from sparo_dino.io.provenance import append_provenance, file_sha256
+from sparo_dino.io.weights import TrunkLoad, fresh_parameter_names, load_pretrained_trunk
 from sparo_dino.model.networks import build_student_teacher, parameter_line, seed_everything
 from sparo_dino.train.knn_monitor import PeriodicKnn
 from sparo_dino.train.loss import DINOLoss
 from sparo_dino.train.optim import build_optimizer, param_groups
 from sparo_dino.train.preemption import StopPoll
 from sparo_dino.train.progress import LOG_NAME, MetricSums, ProgressLogger, all_finite, require_tensorboard, trim_log
-from sparo_dino.train.run_state import RunState
+from sparo_dino.train.run_state import RunState, resume_source
 from sparo_dino.train.schedules import Schedules, scaled_lr
 from sparo_dino.train.step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile
 
@@ -71,6 +72,7 @@ class DinoTrainer:
         student, self.teacher = build_student_teacher(vars(args))
         if distributed.is_main_process():
             print(parameter_line(args.arch, student.backbone), flush=True)
+        self.trunk = self._load_pretrained_trunk(student, self.teacher)
         if args.use_bn_in_head and info.world_size > 1 and self.device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
@@ -99,7 +101,8 @@ class DinoTrainer:
         self.step = TrainingStep(self.student, self.student_module, self.teacher, self.dino_loss, self.optimizer,
                                  self.precision, self.device, compiled=resolve_compile(args.compile, self.device),
                                  clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
-                                 scaler=self.scaler)
+                                 scaler=self.scaler, freeze_trunk_epochs=args.freeze_trunk_epochs,
+                                 trunk_params=self._trunk_parameters())
         self.stop_poll = StopPoll(stop, self.device)
         self.progress = ProgressLogger(args.output_dir, args.epochs, self.schedules, self.dino_loss.teacher_temp,
                                        self.batch_size * info.world_size, self.device, args.tensorboard)
@@ -122,6 +125,28 @@ class DinoTrainer:
                                 crop_dtype=DTYPES[self.precision])
         except ValueError as error:  # fewer images than one global batch
             raise TrainingError(str(error)) from error
+
+    def _load_pretrained_trunk(self, student: nn.Module, teacher: nn.Module) -> TrunkLoad | None:
+        """--pretrained_trunk on a fresh run: the student's trunk from the file and the teacher's backbone a copy of
+        the student's (read-out included). A resumed run's weights come from its checkpoint, whose config recorded
+        the same file (a rerun naming another is refused as a changed recipe)."""
+        path = self.args.pretrained_trunk
+        if path is None or resume_source(self.args.output_dir, None) is not None:
+            return None
+        try:
+            loaded = load_pretrained_trunk(student.backbone, path)
+        except ValueError as error:
+            raise TrainingError(f"--pretrained_trunk: {error}") from error
+        teacher.backbone.load_state_dict(student.backbone.state_dict())
+        if distributed.is_main_process():
+            print(f"{loaded.summary()}; the DINO head starts fresh", flush=True)
+        return loaded
+
+    def _trunk_parameters(self) -> list[nn.Parameter]:
+        """What --freeze_trunk_epochs holds still: the student backbone's parameters but the read-out's."""
+        backbone = self.student_module.backbone
+        fresh = set(fresh_parameter_names(backbone))
+        return [param for name, param in backbone.named_parameters() if name not in fresh]
 
     def _build_knn_monitor(self) -> PeriodicKnn | None:
         args = self.args
@@ -148,7 +173,9 @@ class DinoTrainer:
                           {"world_size": self.info.world_size, "precision": self.precision,
                            "augmentation": self.data.pipeline, "compiled": self.step.compiled,
                            "device": str(self.device), "resumed_from": self.resumed_from,
-                           "start_epoch": self.epoch, "start_iteration": self.iteration})
+                           "start_epoch": self.epoch, "start_iteration": self.iteration,
+                           "pretrained_trunk": None if self.trunk is None else {
+                               **self.trunk.record(), "sha256": file_sha256(self.trunk.source)}})
 
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict[str, Any]]:
