@@ -10,7 +10,9 @@ wrapper live here too, so one file holds every module whose parameter names end 
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models import register_model
+from timm.models import PretrainedCfg, is_model, load_pretrained, register_model, resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 
 # The paper's DINO setting L = V = D = 64, g = 1: SPARO's signature, build_backbone and main_dino's flags all read
@@ -337,14 +339,48 @@ def backbone_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _exported_config(path: str) -> dict[str, Any]:
+    """The config.json beside a weights file written by export_model.py (timm's Hub layout), or {}."""
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    if not os.path.isfile(config_path):
+        return {}
+    with open(config_path) as handle:
+        return json.load(handle)
+
+
+def _pretrained(arch: str, pretrained_cfg: Any, overlay: Mapping[str, Any] | None, cache_dir: Any,
+                kwargs: dict[str, Any]) -> DinoVisionTransformer:
+    """timm's `pretrained=True`: the weights timm's pretrained config points at, loaded strictly by timm's loader.
+
+    No weights are published, so the config must name them: a local file (pretrained_cfg_overlay=dict(file=...);
+    an export_model.py config.json beside it supplies the model options and input config), or timm's
+    `local-dir:DIR` / `hf-hub:ID` model names, for which timm reads config.json itself."""
+    cfg = resolve_pretrained_cfg(arch, pretrained_cfg=pretrained_cfg or PretrainedCfg(architecture=arch),
+                                 pretrained_cfg_overlay=overlay).to_dict()
+    if not (cfg.get("file") or cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("state_dict")):
+        raise ValueError(f"no pretrained weights are published for {arch}; name them: timm.create_model({arch!r}, "
+                         "pretrained=True, pretrained_cfg_overlay=dict(file='DIR/model.safetensors')) with a folder "
+                         "written by export_model.py, or timm.create_model('local-dir:DIR', pretrained=True)")
+    if cfg.get("file") and cfg.get("source") != "local-dir":
+        exported = _exported_config(cfg["file"])
+        if exported.get("architecture", arch) != arch:
+            raise ValueError(f"{cfg['file']} holds a {exported['architecture']} backbone, not {arch}")
+        kwargs = {**exported.get("model_args", {}), **kwargs}
+        stored = {key: tuple(value) if isinstance(value, list) else value  # JSON lists, timm's tuples
+                  for key, value in exported.get("pretrained_cfg", {}).items()}
+        cfg = {**cfg, **stored, **(overlay or {})}  # the overlay still wins
+    model = build_backbone(arch, **kwargs)
+    load_pretrained(model, pretrained_cfg=cfg, num_classes=0, strict=True, cache_dir=cache_dir)
+    model.pretrained_cfg = cfg  # what timm.data.resolve_data_config reads: input size, mean, std
+    return model
+
+
 def _register(arch: str) -> None:
-    def create(pretrained: bool = False, **kwargs: Any) -> DinoVisionTransformer:
+    def create(pretrained: bool = False, pretrained_cfg: Any = None, pretrained_cfg_overlay: Any = None,
+               cache_dir: Any = None, **kwargs: Any) -> DinoVisionTransformer:
+        kwargs.pop("pretrained_model_args", None)  # timm's record of config.json's model_args, also in kwargs
         if pretrained:
-            raise ValueError(f"no pretrained weights are published for {arch}; "
-                             "load a file with sparo_dino.io.weights.load_pretrained_trunk")
-        kwargs.pop("pretrained_cfg", None)
-        kwargs.pop("pretrained_cfg_overlay", None)
-        kwargs.pop("cache_dir", None)
+            return _pretrained(arch, pretrained_cfg, pretrained_cfg_overlay, cache_dir, kwargs)
         return build_backbone(arch, **kwargs)
 
     create.__name__ = arch
@@ -354,7 +390,8 @@ def _register(arch: str) -> None:
 
 
 for _arch in ARCHS:
-    if readout_of(_arch) != "cls":  # timm's registry has its own vit_tiny|small|base-like names
+    # the cls archs too (exports of them name their arch in config.json), unless timm ever names its own so
+    if readout_of(_arch) != "cls" or not is_model(_arch):
         _register(_arch)
 
 

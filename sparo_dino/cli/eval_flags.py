@@ -36,11 +36,12 @@ def evaluation_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags every evaluation shares: weights, architecture, data, preprocessing, caching, output."""
+def add_weight_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags naming a backbone's weights and, for a plain state dict, its architecture (evaluations, export)."""
     group = parser.add_argument_group("weights and architecture")
     group.add_argument("--pretrained_weights", type=str, default=None,
-                       help="training checkpoint (with teacher/student/config) or a plain backbone state dict")
+                       help="training checkpoint (with teacher/student/config), export_model.py folder or a plain "
+                            "backbone state dict")
     group.add_argument("--checkpoint_key", type=str, default="teacher", choices=weights.TRAINING_KEYS,
                        help="which network of a training checkpoint to evaluate")
     group.add_argument("--arch", type=str, default=None, choices=sparo_vit.ARCHS,
@@ -53,6 +54,12 @@ def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         group.add_argument(f"--{option}", type=config.bool_flag if option == "slot_norm" else int, default=None,
                            help="read-out option, read from the checkpoint's config (plain state dict: "
                                 f"{sparo_vit.READOUT_DEFAULTS[option]})")
+    return parser
+
+
+def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags every evaluation shares: weights, architecture, data, preprocessing, caching, output."""
+    add_weight_args(parser)
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", type=str, default="imagefolder", choices=datasets.DATASETS)
     group.add_argument("--data_path", type=str, default=None,
