@@ -43,7 +43,7 @@ DEFAULT_N_LAST_BLOCKS = 4
 DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 INIT_BASELINE_DIR = "init_baseline"
 FEWSHOT_DIR = "fewshot"  # in a probe's output folder: one resumable head per (n, try)
-TABLE_COLUMN = "linear"
+PROBES = ("linear", "attentive")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "a train hold-out is reported; one value trains one head on all train features")
     group.add_argument("--holdout_fraction", type=float, default=0.1,
                        help="--fast with several --lr_grid values: share of the train features that chooses the lr")
+    group.add_argument("--probe", type=str, default="linear", choices=PROBES,
+                       help="linear: a linear classifier on the features above; attentive (with --fast): one "
+                            "cross-attention pooling layer and a linear classifier on all final-norm tokens of the "
+                            "trunk, cached like the features (docs/evaluation.md, Attentive probe)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--init_baseline", action="store_true",
                        help="--fast: also probe the network the run started from (same config and seed, random init) "
@@ -89,6 +93,8 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     n_last_blocks = args.n_last_blocks or DEFAULT_N_LAST_BLOCKS
 
     def kind_for(arch: str) -> str:
+        if args.probe == "attentive":  # every arch: the trunk's tokens (checked against the flags in check_args)
+            return extraction.TOKENS_KIND
         if sparo_vit.readout_of(arch) != "cls":
             if args.avgpool_patchtokens or (args.n_last_blocks is not None and args.sparo_features == "encoding"):
                 raise ValueError(f"--n_last_blocks/--avgpool_patchtokens apply to CLS archs; {arch} is probed "
@@ -120,7 +126,7 @@ class ProbeTestSet:
 @dataclass
 class Probe:
     """What training and --evaluate need, built the same way for both protocols."""
-    classifier: nn.Module  # a LinearClassifier, or LinearHeads for --fast's lr grid
+    classifier: nn.Module  # a LinearClassifier (or AttentiveClassifier), or a HeadGrid of them for --fast's lr grid
     model: nn.Module  # what gets optimized (the DDP wrapper of classifier when distributed)
     featurize: Callable[[torch.Tensor], torch.Tensor]
     train_batches: Callable[[int], linear_probe.Batches]
@@ -132,12 +138,13 @@ class Probe:
     holdout_batches: Callable[[], linear_probe.Batches] | None = None  # --fast lr grid: chooses the head
     test_sets: dict[str, ProbeTestSet] = field(default_factory=dict)
     features: FeatureSet | None = None  # --fast: every extracted feature (few-shot heads draw from its train split)
+    make_head: Callable[[], nn.Module] | None = None  # --fast: one fresh head of the probe (few-shot heads)
 
 
 def _output_dir(args: argparse.Namespace, tag: str, protocol: str) -> str:
     if args.output_dir is not None:
         return args.output_dir
-    prefix = "linear_fast" if protocol == "fast" else "linear"
+    prefix = f"{args.probe}_fast" if protocol == "fast" else "linear"
     return os.path.join(eval_flags.default_output_dir(args), f"{prefix}_{tag}")
 
 
@@ -215,9 +222,10 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
         held, kept = seeded_split(len(train_labels), cut, args.seed)
         holdout = (train_features[held], train_labels[held])
         train_features, train_labels = train_features[kept], train_labels[kept]
+    make_head = head_factory(args, data, train_features.shape[1], classes)
     torch.manual_seed(args.seed)
-    classifier: nn.Module = (linear_probe.LinearHeads(train_features.shape[1], classes, lrs) if holdout is not None
-                             else linear_probe.LinearClassifier(train_features.shape[1], classes)).to(info.device)
+    classifier: nn.Module = (linear_probe.HeadGrid(make_head, lrs) if holdout is not None else make_head()
+                             ).to(info.device)
 
     train_batches = _shuffled_batches(train_features, train_labels, args)
 
@@ -229,8 +237,11 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
            "total_batch_size": args.batch_size_per_gpu, "options": data.meta["options"]}
     if at_init:
         run["at_init"] = True  # a resumed head must come from the same network
+    if args.probe != "linear":
+        run["probe"] = args.probe  # (absent for the linear probe, whose earlier checkpoints did not record it)
     probe = Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run,
-                  _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False, features=data)
+                  _output_dir(args, data.meta["tag"], "fast"), info.device, reduce=False, features=data,
+                  make_head=make_head)
     for name, test in data.test_sets.items():
         probe.test_sets[name] = ProbeTestSet(_feature_batches(test, args.batch_size_per_gpu), test.present,
                                              test.describe(classes))
@@ -238,6 +249,14 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
         probe.run["holdout_fraction"] = args.holdout_fraction
         probe.holdout_batches = lambda: linear_probe.tensor_batches(*holdout, args.batch_size_per_gpu)
     return probe
+
+
+def head_factory(args: argparse.Namespace, data: FeatureSet, dim: int, classes: int) -> Callable[[], nn.Module]:
+    """A function building one fresh head of --probe for features of width `dim`."""
+    if args.probe == "linear":
+        return lambda: linear_probe.LinearClassifier(dim, classes)
+    num_tokens, embed_dim = extraction.token_shape(data.meta["options"], data.meta["crop_size"], dim)
+    return lambda: linear_probe.AttentiveClassifier(embed_dim, num_tokens, classes)
 
 
 def _shuffled_batches(features: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace
@@ -277,14 +296,14 @@ def fewshot_probes(args: argparse.Namespace, probe: Probe, lr: float) -> dict[st
 
     def evaluate(n: int, attempt: int, indices: torch.Tensor) -> fewshot.TryResult:
         torch.manual_seed(args.seed)
-        head = linear_probe.LinearClassifier(probe.run["dim"], classes).to(probe.device)
+        head = probe.make_head().to(probe.device)
         run = {**probe.run, "lr": lr, "fewshot": {"n_per_class": n, "try": attempt, "seed": args.seed}}
         linear_probe.fit(head, _shuffled_batches(data.train_features[indices], data.train_labels[indices], args),
                          _feature_batches(sets[VAL_NAME], args.batch_size_per_gpu), lambda x: x,
                          num_classes=classes, epochs=args.epochs, lr=lr, val_freq=args.epochs,
                          output_dir=os.path.join(probe.output_dir, FEWSHOT_DIR, f"n{n}_try{attempt}"), run=run,
                          device=probe.device, reduce=False)
-        return {name: {TABLE_COLUMN: linear_probe.evaluate(
+        return {name: {probe_name(probe.run): linear_probe.evaluate(
                     RestrictedHead(head, test.present), linear_probe.tensor_batches(test.features, test.labels,
                                                                                     args.batch_size_per_gpu),
                     lambda x: x, classes, probe.device, reduce=False)["top1"]}
@@ -309,10 +328,12 @@ def evaluate_extras(args: argparse.Namespace, probe: Probe, trained: dict[str, A
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The closing table (sparo_dino/eval/results_table.py): the final head's top-1 on val and each test set, few-shot
     means, and the random-init probe's beside them when asked."""
+    column = probe_name(results["run"])
+
     def top1(probed: dict[str, Any]) -> dict[str, dict[str, float]]:
         val = probed["final"] if "final" in probed else probed["evaluate"]
-        return {VAL_NAME: {TABLE_COLUMN: val["top1"]},
-                **{name: {TABLE_COLUMN: test["top1"]} for name, test in probed.get("test_sets", {}).items()}}
+        return {VAL_NAME: {column: val["top1"]},
+                **{name: {column: test["top1"]} for name, test in probed.get("test_sets", {}).items()}}
 
     val = results["final"] if "final" in results else results["evaluate"]
     sizes = {VAL_NAME: (val["num_samples"], results["run"]["num_classes"]),
@@ -338,15 +359,21 @@ def evaluate_head(args: argparse.Namespace, probe: Probe) -> dict[str, Any] | No
     if tests:
         results["test_sets"] = tests
         results["table"] = table_rows(results)
-        print("\n".join(results_table.format_rows(results["table"], results_table.title("linear probe (this head)"))))
+        print("\n".join(results_table.format_rows(results["table"], results_table.title(
+            f"{probe_name(probe.run)} probe (this head)"))))
     return results
+
+
+def probe_name(run: dict[str, Any]) -> str:
+    """Which probe a run trained: "linear" or "attentive" (the table's column and the printed lines say it)."""
+    return run.get("probe", "linear")
 
 
 def summary_line(results: dict[str, Any]) -> str:
     """The headline is the best top-1 over the validations (official DINO's "Max accuracy"); final beside it."""
     final, best = results["final"], results["best"]
     protocol = linear_probe.PROTOCOLS[results["run"]["protocol"]]
-    line = (f"Linear probe result [{protocol}]: best Top1: {best['top1']:.2f} (epoch {best['epoch']}, "
+    line = (f"{probe_name(results['run']).capitalize()} probe result [{protocol}]: best Top1: {best['top1']:.2f} (epoch {best['epoch']}, "
             f"Top5 {best['top5']:.2f}), final Top1: {final['top1']:.2f}, Top5: {final['top5']:.2f}")
     if "lr_grid" in results:
         grid = results["lr_grid"]
@@ -361,7 +388,7 @@ def init_baseline_line(results: dict[str, Any]) -> str:
     choice is made on the train hold-out, so final is what both report)."""
     initial = results["init_baseline"]
     protocol = linear_probe.PROTOCOLS[results["run"]["protocol"]]
-    line = (f"Linear probe at random init (same arch, seed and images) [{protocol}]: final Top1: "
+    line = (f"{probe_name(results['run']).capitalize()} probe at random init (same arch, seed and images) [{protocol}]: final Top1: "
             f"{initial['final']['top1']:.2f}, Top5: {initial['final']['top5']:.2f}")
     if "lr_grid" in initial:
         line += f"; lr {initial['lr_grid']['chosen_lr']:g} chosen on the same hold-out"
@@ -403,6 +430,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.n_per_class and (not args.fast or args.evaluate):
         raise ValueError("--n_per_class trains few-shot heads on cached centre-crop features: it needs --fast "
                          "training, not the official protocol or --evaluate")
+    if args.probe == "attentive" and (not args.fast or args.n_last_blocks is not None or args.avgpool_patchtokens
+                                      or args.sparo_features != "encoding"):
+        raise ValueError("--probe attentive trains on cached tokens: it needs --fast, and reads all final-norm tokens "
+                         "(not --n_last_blocks, --avgpool_patchtokens or --sparo_features)")
     eval_flags.check_robustness_args(args)
     distributed.check_launcher_args(args)
 
@@ -435,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if args.test_sets or args.n_per_class:
             results["table"] = table_rows(results)
             print("\n".join(results_table.format_rows(results["table"], results_table.title(
-                f"linear probe [{results['run']['protocol']}], final head", results.get("fewshot")))), flush=True)
+                f"{probe_name(results['run'])} probe [{results['run']['protocol']}], final head", results.get("fewshot")))), flush=True)
         config.save_config(args, probe.output_dir, name="config_linear.yaml")
         eval_flags.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results

@@ -24,6 +24,9 @@ from sparo_dino.data import datasets
 # encoding alone, or the encoding after the final-norm CLS of the n-1 trunk blocks before it (official DINO's
 # n_last_blocks idea).
 SPARO_FEATURES: tuple[str, ...] = ("encoding", "encoding+cls")
+# The attentive probe's features: every final-norm token of the trunk (CLS first), flattened to one row per image so
+# the caches and the gathering treat them like any feature vector.
+TOKENS_KIND = "tokens"
 # Rows per rank and per collective when gathering features: bounds the extra (GPU) memory of the gather.
 _GATHER_ROWS = 4096
 # Where extracted features end up: gathered on the main process, gathered on every rank, or each rank's own shard.
@@ -55,6 +58,15 @@ def feature_kind(arch: str, n_last_blocks: int = 1, avgpool: bool = False, sparo
 _KIND = re.compile(r"cls_last(\d+)(_avgpool|\+(?:attpool|mhca|sparo)_encoding)?")
 
 
+def token_shape(options: dict, crop_size: int, width: int) -> tuple[int, int]:
+    """(tokens, embed_dim) of a row of TOKENS_KIND features of `width` values: CLS plus the crop's patches."""
+    num_tokens = 1 + (crop_size // int(options.get("patch_size", 16))) ** 2
+    if width % num_tokens:
+        raise ValueError(f"token features of width {width} do not split into {num_tokens} tokens "
+                         f"({crop_size} px crops, patch {options.get('patch_size')})")
+    return num_tokens, width // num_tokens
+
+
 def feature_function(backbone: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """images -> features for a feature kind, in one pass through the trunk.
 
@@ -63,7 +75,10 @@ def feature_function(backbone: nn.Module, kind: str) -> Callable[[torch.Tensor],
     - `_avgpool`: plus the mean final-norm patch token, interleaved with the last CLS dim by dim as official DINO
       lays it out (its reshape of the pair), so official linear heads (ViT-B: n=1 + avgpool) read it correctly.
     - `+<readout>_encoding`: the CLS of the last n trunk blocks (the ones before the read-out), then the encoding.
+    - `tokens` (TOKENS_KIND): all final-norm tokens of the trunk, (B, tokens * embed_dim): what the read-out reads.
     """
+    if kind == TOKENS_KIND:
+        return lambda images: backbone.tokens(images).flatten(1)
     if kind == f"{backbone.readout}_encoding" or (kind == "cls_last1" and backbone.readout == "cls"):
         return backbone
     match = _KIND.fullmatch(kind)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import AttentionPoolLatent
 
 from sparo_dino import distributed
 from sparo_dino.io.checkpoint import load_checkpoint, save_checkpoint
@@ -46,14 +47,32 @@ class LinearClassifier(nn.Module):
         return self.linear(features.flatten(1))
 
 
-class LinearHeads(nn.Module):
-    """One LinearClassifier per learning rate, trained side by side on the same batches (DINOv2's lr grid): a
-    short probe of unfamiliar features then does not hinge on one guessed lr."""
+class AttentiveClassifier(nn.Module):
+    """The attentive probe (DINOv2, V-JEPA, CAPI): one cross-attention pooling layer, timm's AttentionPoolLatent
+    (a learned query over all tokens, then an MLP), and a linear classifier initialised as LinearClassifier.
 
-    def __init__(self, dim: int, num_classes: int, lrs: Iterable[float]) -> None:
+    It reads the flattened final-norm tokens a cache holds, (B, tokens * embed_dim), so the probe trains on cached
+    features like the linear one; heads of 64 dims, as the ViT's own attention."""
+
+    def __init__(self, embed_dim: int, num_tokens: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_tokens, self.embed_dim = num_tokens, embed_dim
+        self.pool = AttentionPoolLatent(embed_dim, num_heads=max(1, embed_dim // 64), mlp_ratio=4.0)
+        self.classifier = LinearClassifier(embed_dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = features.reshape(len(features), self.num_tokens, self.embed_dim)
+        return self.classifier(self.pool(tokens))
+
+
+class HeadGrid(nn.Module):
+    """One head per learning rate, trained side by side on the same batches (DINOv2's lr grid): a short probe of
+    unfamiliar features then does not hinge on one guessed lr. `make_head` builds one head."""
+
+    def __init__(self, make_head: Callable[[], nn.Module], lrs: Iterable[float]) -> None:
         super().__init__()
         self.lrs = [float(lr) for lr in lrs]
-        self.heads = nn.ModuleList(LinearClassifier(dim, num_classes) for _ in self.lrs)
+        self.heads = nn.ModuleList(make_head() for _ in self.lrs)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, ...) -> logits (num_heads, B, num_classes)."""
@@ -61,6 +80,13 @@ class LinearHeads(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(head.parameters()), "lr": lr} for head, lr in zip(self.heads, self.lrs)]
+
+
+class LinearHeads(HeadGrid):
+    """The lr grid of LinearClassifiers (--fast's default probe)."""
+
+    def __init__(self, dim: int, num_classes: int, lrs: Iterable[float]) -> None:
+        super().__init__(lambda: LinearClassifier(dim, num_classes), lrs)
 
 
 def _per_head(logits: torch.Tensor) -> torch.Tensor:
@@ -98,7 +124,7 @@ def evaluate_heads(classifier: nn.Module, batches: Batches, featurize: Callable[
     """Per head: top-1/top-5 (top-min(5, classes)) in percent and mean loss; `reduce` sums the counts of all ranks,
     which is exact when each rank saw a disjoint shard (extraction.ShardSampler)."""
     classifier.eval()
-    num_heads = len(classifier.heads) if isinstance(classifier, LinearHeads) else 1
+    num_heads = len(classifier.heads) if isinstance(classifier, HeadGrid) else 1
     # per head: correct@1, correct@5, loss, samples; zeros on a rank whose shard is empty, which still all-reduces
     sums = torch.zeros(num_heads, 4, dtype=torch.float64, device=device)
     for inputs, labels in batches:
@@ -218,7 +244,7 @@ def _end_epoch(output_dir: str, record: dict[str, Any], state: dict[str, Any]) -
     print(json.dumps(record), flush=True)
 
 
-def fit_lr_grid(heads: LinearHeads, train_batches: Callable[[int], Batches], holdout_batches: Callable[[], Batches],
+def fit_lr_grid(heads: HeadGrid, train_batches: Callable[[int], Batches], holdout_batches: Callable[[], Batches],
                 test_batches: Callable[[], Batches], *, num_classes: int, epochs: int, output_dir: str,
                 run: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Train every head of the grid in one pass over the same batches (official optimizer and cosine schedule, each
