@@ -143,6 +143,27 @@ def test_paper_configs_are_the_official_recipe_in_fp16(name: str, arch: str) -> 
     assert (args.global_crop_size, args.local_crop_size, args.img_size) == (224, 96, 224)
 
 
+# Official DINO's ViT-B/16 run (https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/args.txt), written out
+# here independently of the configs: where it differs from the ViT-S defaults above.
+OFFICIAL_VIT_B16 = {"arch": "vit_base", "patch_size": 16, "lr": 0.00075, "min_lr": 2e-06, "epochs": 400,
+                    "batch_size_per_gpu": 32, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
+                    "warmup_teacher_temp_epochs": 50, "clip_grad": 0.3, "freeze_last_layer": 3, "norm_last_layer": True,
+                    "global_crops_scale": [0.25, 1.0], "local_crops_number": 10, "local_crops_scale": [0.05, 0.25],
+                    "momentum_teacher": 0.996, "weight_decay": 0.04, "weight_decay_end": 0.4, "out_dim": 65536,
+                    "drop_path_rate": 0.1, "warmup_epochs": 10, "optimizer": "adamw", "use_bn_in_head": False}
+
+
+@pytest.mark.parametrize("name, arch", [("dino_vit_base_in1k.yaml", "vit_base"),
+                                        ("dino_vit_base_sparo_in1k.yaml", "vit_base_sparo")])
+def test_vit_base_configs_are_official_dinos_vit_b16_run(name: str, arch: str) -> None:
+    args = _parse("--config", os.path.join(REPO, "configs", name))
+    for key, value in {**OFFICIAL_VIT_B16, "arch": arch}.items():
+        assert getattr(args, key) == value, key
+    assert args.precision == "fp32"  # official use_fp16 false
+    assert (args.global_crop_size, args.local_crop_size, args.img_size) == (224, 96, 224)
+    assert (args.num_slots, args.slot_dim, args.attn_dim, args.group_size) == (64, 64, 64, 1)
+
+
 @pytest.mark.parametrize("name, arch", [("fmnist_vit_tiny.yaml", "vit_tiny"),
                                         ("fmnist_vit_tiny_sparo.yaml", "vit_tiny_sparo")])
 def test_fashion_mnist_configs(name: str, arch: str) -> None:
