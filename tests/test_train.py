@@ -469,3 +469,58 @@ def test_resume_overrides_must_name_flags(images, tmp_path, capsys) -> None:
         run(images, str(tmp_path / "run"), "--resume_overrides", "learning_rate")
     err = capsys.readouterr().err
     assert "--resume_overrides: unknown flag(s) learning_rate; valid: " in err and " lr," in err
+
+
+def wandb_history(path: str) -> tuple[list[dict[str, float]], dict[str, str]]:
+    """(logged rows, config as JSON strings) of an offline W&B run file: LevelDB-log framed records (7-byte headers,
+    32 KiB blocks) of W&B's own protobuf schema, read with wandb's generated classes."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending, rows, config = open(path, "rb").read(), 7, b"", [], {}
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if length == 0 and kind == 0:
+            break
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                             for item in record.history.item})
+            elif record.WhichOneof("record_type") == "config":
+                config.update({item.key: item.value_json for item in record.config.update})
+    return rows, config
+
+
+def test_wandb_project_flag(images, tmp_path, monkeypatch) -> None:
+    """--wandb_project: offline, the run logs TensorBoard's scalars (step/ and epoch/ names on their own axes) and its
+    config and provenance under OUTPUT_DIR/wandb; a resumed run continues the same W&B run. Without wandb: one line."""
+    out = str(tmp_path / "run")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="--wandb_project needs the wandb package"):
+            run(images, out, "--epochs", "1", "--wandb_project", "sparo-test")
+        assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
+        return
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert run(images, out, "--epochs", "1", "--wandb_project", "sparo-test").code == 0
+    run_id = open(os.path.join(out, "wandb_run_id.txt")).read().strip()
+    (folder,) = [name for name in os.listdir(os.path.join(out, "wandb")) if name.startswith("offline-run-")]
+    rows, config = wandb_history(os.path.join(out, "wandb", folder, f"run-{run_id}.wandb"))
+    record = json.loads(open(os.path.join(out, "log.txt")).readline())
+    steps = [row for row in rows if "global_step" in row]
+    assert [row["global_step"] for row in steps] == [1, 3]  # TensorBoard's steps: every --print_freq 2
+    assert {"step/loss", "step/lr", "step/teacher_entropy", "step/kl"} <= set(steps[0])
+    (epoch,) = [row for row in rows if "epoch" in row]
+    assert epoch["epoch"] == 0 and epoch["epoch/train_loss"] == pytest.approx(record["train_loss"])
+    assert json.loads(config["arch"]) == "vit_tiny" and json.loads(config["provenance"])["world_size"] == 1
+    assert run(images, out, "--epochs", "2", "--resume_overrides", "epochs", "--wandb_project", "sparo-test").code == 0
+    assert open(os.path.join(out, "wandb_run_id.txt")).read().strip() == run_id

@@ -31,7 +31,7 @@ RESUME_MUST_MATCH_KEYS = (*BACKBONE_OPTION_KEYS, "out_dim", "use_bn_in_head", "n
 # other flag, and the number of processes (the total batch), changes the run's meaning: continuing with another
 # value needs --resume_overrides.
 RESUME_FREE_KEYS = frozenset({
-    "config", "output_dir", "resume", "resume_overrides", "num_workers", "print_freq", "tensorboard",
+    "config", "output_dir", "resume", "resume_overrides", "num_workers", "print_freq", "tensorboard", "wandb_project",
     "saveckp_freq", "ckpt_every_iters", "skip_bad_images", "precision", "use_fp16", "compile", "fused_adamw",
     "augmentation", "grad_checkpointing", "knn_every", "knn_data_path", "knn_subset", "knn_crop_size",
     "knn_resize_size", "dist_url", "local_rank", "dist_timeout_minutes"})
@@ -164,6 +164,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--print_freq", default=10, type=int, help="console log every N iterations")
     run.add_argument("--tensorboard", default=False, type=bool_flag,
                      help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard (needs `tensorboard`)")
+    run.add_argument("--wandb_project", default=None, type=str, metavar="NAME",
+                     help="also log what TensorBoard gets, and the run's config and provenance, to this Weights & "
+                          "Biases project (needs `wandb`; WANDB_MODE=offline keeps it in OUTPUT_DIR/wandb)")
     knn = parser.add_argument_group("periodic k-NN monitor (weighted 20-NN of the teacher, as eval_knn.py)")
     knn.add_argument("--knn_every", default=0, type=int,
                      help="run the k-NN after every N-th epoch and the last one, logged as knn_top1; 0 disables")

@@ -79,10 +79,11 @@ def collect(config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -
     }
 
 
-def append_provenance(output_dir: str, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
-    """Append this launch's record to OUTPUT_DIR/provenance.jsonl and return the file's path."""
+def append_provenance(output_dir: str, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """Append this launch's record to OUTPUT_DIR/provenance.jsonl and return it (experiment trackers keep it too)."""
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, PROVENANCE_NAME)
-    with open(path, "a") as handle:
-        handle.write(json.dumps(collect(config, extra), sort_keys=True) + "\n")
-    return path
+    record = collect(config, extra)
+    with open(os.path.join(output_dir, PROVENANCE_NAME), "a") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+    return record

@@ -32,7 +32,15 @@ from sparo_dino.train.knn_monitor import PeriodicKnn
 from sparo_dino.train.loss import DINOLoss
 from sparo_dino.train.optim import build_optimizer, param_groups
 from sparo_dino.train.preemption import StopPoll
-from sparo_dino.train.progress import LOG_NAME, MetricSums, ProgressLogger, all_finite, require_tensorboard, trim_log
+from sparo_dino.train.progress import (
+    LOG_NAME,
+    MetricSums,
+    ProgressLogger,
+    all_finite,
+    require_tensorboard,
+    require_wandb,
+    trim_log,
+)
 from sparo_dino.train.run_state import RunState, resume_source
 from sparo_dino.train.schedules import Schedules, scaled_lr
 from sparo_dino.train.step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile
@@ -61,6 +69,8 @@ class DinoTrainer:
         self.precision = resolve_precision(args.precision, args.use_fp16, self.device)
         if args.tensorboard:
             require_tensorboard()
+        if args.wandb_project:
+            require_wandb()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.batch_size = args.batch_size_per_gpu
@@ -105,7 +115,8 @@ class DinoTrainer:
                                  trunk_params=self._trunk_parameters())
         self.stop_poll = StopPoll(stop, self.device)
         self.progress = ProgressLogger(args.output_dir, args.epochs, self.schedules, self.dino_loss.teacher_temp,
-                                       self.batch_size * info.world_size, self.device, args.tensorboard)
+                                       self.batch_size * info.world_size, self.device, args.tensorboard,
+                                       args.wandb_project)
         self._window, self._window_first = MetricSums(), 0  # the steps since the last console line
 
     @property
@@ -169,13 +180,14 @@ class DinoTrainer:
                   "(the run was killed before saving it)", flush=True)
         save_config(self.args, self.args.output_dir)
         self.data.save_index()
-        append_provenance(self.args.output_dir, args_to_dict(self.args),
+        record = append_provenance(self.args.output_dir, args_to_dict(self.args),
                           {"world_size": self.info.world_size, "precision": self.precision,
                            "augmentation": self.data.pipeline, "compiled": self.step.compiled,
                            "device": str(self.device), "resumed_from": self.resumed_from,
                            "start_epoch": self.epoch, "start_iteration": self.iteration,
                            "pretrained_trunk": None if self.trunk is None else {
                                **self.trunk.record(), "sha256": file_sha256(self.trunk.source)}})
+        self.progress.record_run(args_to_dict(self.args), record)
 
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict[str, Any]]:
