@@ -19,13 +19,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-import sparo_vit
 from sparo_dino import distributed
 from sparo_dino.cli import config, eval_flags
 from sparo_dino.eval import extraction, feature_cache, fewshot, knn, results_table
 from sparo_dino.eval.knn import weighted_knn  # noqa: F401  (public API: eval_knn.weighted_knn)
 from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, restrict
 from sparo_dino.io import provenance
+from sparo_dino.model import registry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     """arch -> feature kind; checked before any forward pass so a slot analysis of a baseline fails at once."""
     def kind_for(arch: str) -> str:
-        if (args.per_slot or args.select_slots is not None) and not sparo_vit.has_slots(arch):
-            raise ValueError(f"--per_slot and --select_slots need a slot read-out (*_sparo, *_mhca), not {arch}")
+        if (args.per_slot or args.select_slots is not None) and not registry.has_slots(arch):
+            raise ValueError(f"--per_slot and --select_slots need a slot read-out "
+                             f"({registry.arch_patterns('has_slots')}), not {arch}")
         return extraction.feature_kind(arch)
     return kind_for
 

@@ -27,7 +27,6 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-import sparo_vit
 from sparo_dino import distributed
 from sparo_dino.cli import config, eval_flags
 from sparo_dino.data import augmentation
@@ -36,6 +35,7 @@ from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, RestrictedHead
 from sparo_dino.eval.subsets import seeded_split
 from sparo_dino.io import provenance, weights
+from sparo_dino.model import registry
 from sparo_dino.train.schedules import scaled_lr
 
 DEFAULT_N_LAST_BLOCKS = 4
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--avgpool_patchtokens", type=config.bool_flag, default=False,
                        help="baselines: also the mean of the last block's patch tokens")
     group.add_argument("--sparo_features", type=str, default="encoding", choices=extraction.SPARO_FEATURES,
-                       help="read-outs (paper C.2 for SPARO): the encoding alone, or, for *_attpool|mhca|sparo, the "
-                            "final-norm CLS of the n_last_blocks-1 blocks before the read-out followed by the encoding")
+                       help="read-outs (paper C.2 for SPARO): the encoding alone, or, for a read-out replacing the "
+                            "last block, the final-norm CLS of the n_last_blocks-1 blocks before the read-out followed "
+                            "by the encoding")
     group.add_argument("--num_labels", type=int, default=None,
                        help="official flag: outputs of the classifier; default: the data's classes (another "
                             "value is an error)")
@@ -95,7 +96,7 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     def kind_for(arch: str) -> str:
         if args.probe == "attentive":  # every arch: the trunk's tokens (checked against the flags in check_args)
             return extraction.TOKENS_KIND
-        if sparo_vit.readout_of(arch) != "cls":
+        if registry.readout_of(arch) != "cls":
             if args.avgpool_patchtokens or (args.n_last_blocks is not None and args.sparo_features == "encoding"):
                 raise ValueError(f"--n_last_blocks/--avgpool_patchtokens apply to CLS archs; {arch} is probed "
                                  "on its read-out's encoding (--n_last_blocks also counts with --sparo_features "
@@ -103,7 +104,7 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
             return extraction.feature_kind(arch, n_last_blocks, sparo_features=args.sparo_features)
         if args.sparo_features != "encoding":
             raise ValueError(f"--sparo_features {args.sparo_features} applies to read-outs that replace the last "
-                             f"block (*_attpool, *_mhca, *_sparo), not {arch}")
+                             f"block ({registry.arch_patterns('replaces_block')}), not {arch}")
         return extraction.feature_kind(arch, n_last_blocks, args.avgpool_patchtokens)
     return kind_for
 

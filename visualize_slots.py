@@ -38,6 +38,7 @@ from sparo_dino.cli import config, eval_flags  # noqa: E402
 from sparo_dino.data import datasets
 from sparo_dino.eval import feature_cache
 from sparo_dino.io import weights
+from sparo_dino.model import registry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -257,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     eval_flags.check_output_dirs(args)
     backbone, options, tag = weights.load_backbone(args)
     if not sparo_vit.has_slots(options["arch"]):
-        raise ValueError(f"slot maps need a slot read-out (*_sparo, *_mhca); {args.pretrained_weights} is "
-                         f"{options['arch']}")
+        raise ValueError(f"slot maps need a slot read-out ({registry.arch_patterns('has_slots')}); "
+                         f"{args.pretrained_weights} is {options['arch']}")
     images = load_images(args)
     maps, cls_share = sparo_vit.slot_attention_maps(backbone, images)
     slots = choose_slots(args, backbone.slot_readout.num_slots, maps, cls_share)

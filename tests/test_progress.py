@@ -54,7 +54,7 @@ def test_the_epoch_record_and_console_line_read_the_schedules_themselves(tmp_pat
     assert "Epoch [1/2] it [2/4]" in capsys.readouterr().out
     lr = [_cosine(1e-3, 0.0, k, 4) for k in range(4)]  # epoch 1: the cosine after the warmup epoch
     wd = [_cosine(0.04, 0.4, k, 8) for k in range(4, 8)]
-    record = logger.log_epoch(1, means, center_norm=0.25, evaluation={"knn_top1": 60.0})
+    record = logger.log_epoch(1, means, {"center_norm": 0.25}, evaluation={"knn_top1": 60.0})
     assert list(record) == ["train_loss", "train_teacher_entropy", "train_kl", "train_lr", "train_wd", "train_lr_last",
                             "train_wd_last", "train_teacher_temp", "train_momentum", "train_center_norm", "knn_top1",
                             "epoch", "epoch_time_s"]

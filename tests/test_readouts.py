@@ -17,6 +17,7 @@ import hubconf
 import sparo_vit
 from sparo_dino.eval import extraction
 from sparo_dino.io import weights
+from sparo_dino.model import registry
 from sparo_vit import build_backbone
 
 SMALL = dict(patch_size=8, img_size=32)
@@ -251,3 +252,54 @@ def test_evaluating_with_a_flag_the_checkpoints_read_out_does_not_take_is_one_er
     with pytest.raises(ValueError, match="need a slot read-out"):
         eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, "--resize_size", "32",
                        "--crop_size", "32", "--num_workers", "0", "--per_slot", "--output_dir", str(tmp_path / "e")])
+
+
+class MaxPool(torch.nn.Module):
+    """A read-out known only to this test: a learned projection, then the maximum over all final-norm tokens."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(tokens).amax(dim=1)
+
+
+@pytest.fixture
+def maxpool_readout():
+    registry.register(registry.Readout("maxpool", lambda backbone: MaxPool(backbone.embed_dim), replaces_block=True))
+    yield
+    registry.unregister("maxpool")
+
+
+def test_a_readout_registered_by_a_plugin_trains_resumes_and_is_evaluated(maxpool_readout, images, image_folder,
+                                                                            tmp_path, capsys) -> None:
+    """One module and one registry entry are all a read-out needs: the flags, the builder, checkpoints, resume, the
+    option checks, weight loading and the evaluations find it in the registry."""
+    model = build_backbone("vit_tiny_maxpool", **SMALL)
+    assert len(model.blocks) == 11 and model.num_features == WIDTH and model.slot_readout is None
+    assert model.readout_parameter_count() == WIDTH * WIDTH + WIDTH
+    assert weights.load_pretrained_trunk(model, build_backbone("vit_tiny", **SMALL).state_dict()) == \
+        ["maxpool.proj.weight", "maxpool.proj.bias"]
+    with pytest.raises(ValueError, match="^num_slots does not apply to the maxpool read-out of vit_tiny_maxpool; use "
+                                         "vit_tiny_mhca or vit_tiny_sparo$"):
+        build_backbone("vit_tiny_maxpool", num_slots=4)
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert run(images, straight, "--arch", "vit_tiny_maxpool", "--epochs", "2", "--saveckp_freq", "1").code == 0
+    assert run(images, resumed, "--arch", "vit_tiny_maxpool", "--epochs", "2", "--resume",
+               os.path.join(straight, "checkpoint0000.pth")).code == 0
+    assert_same_training_state(straight, resumed)
+    checkpoint = os.path.join(straight, "checkpoint.pth")
+    assert "backbone.maxpool.proj.weight" in torch.load(checkpoint, map_location="cpu", weights_only=True)["teacher"]
+
+    knn = eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, "--resize_size", "32",
+                         "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8", "--nb_knn", "5",
+                         "--output_dir", str(tmp_path / "eval")])
+    assert knn["meta"]["kind"] == "maxpool_encoding" and 0 <= knn["knn"]["5"]["top1"] <= 100
+    assert extraction.feature_kind("vit_tiny_maxpool", 3, sparo_features="encoding+cls") == \
+        "cls_last2+maxpool_encoding"
+    with pytest.raises(ValueError, match=r"need a slot read-out \(\*_mhca, \*_sparo\), not vit_tiny_maxpool"):
+        eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, "--per_slot",
+                       "--output_dir", str(tmp_path / "eval")])
+    capsys.readouterr()

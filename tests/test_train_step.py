@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparo_dino.train.loss import DINOLoss
+from sparo_dino.train.loss import STEP_METRICS, DINOLoss, LossOutput
 from sparo_dino.train.optim import (
     LARS,
     build_optimizer,
@@ -17,6 +17,7 @@ from sparo_dino.train.optim import (
     param_groups,
     set_hyperparameters,
 )
+from sparo_dino.train.progress import MetricSums
 from sparo_dino.train.step import TrainingStep
 from sparo_dino.train.trainer import build_student_teacher
 
@@ -181,3 +182,21 @@ def test_fp16_step_with_grad_scaler_and_fused_adamw() -> None:
     assert all(torch.equal(state["step"], count)
                for state, count in zip(fp16_step.optimizer.state.values(), step_counts))
     assert fp16_step.scaler.get_scale() == 2.0 ** 9
+
+
+def test_the_step_returns_the_losss_metrics_under_the_names_progress_logs() -> None:
+    """One contract: the loss's output fields name the step's metric vector, in order, and the logs' train_ keys."""
+    class MarkedLoss(DINOLoss):
+        def forward(self, *args: torch.Tensor) -> LossOutput:
+            return super().forward(*args)._replace(teacher_entropy=torch.tensor(7.0), kl=torch.tensor(9.0))
+
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(CONFIG)
+    step = TrainingStep(student, student, teacher, MarkedLoss(32, 4, 0.04, 0.04, 0, 2),
+                        build_optimizer("adamw", param_groups(student)), "fp32", torch.device("cpu"))
+    crops = [torch.randn(2, 3, size, size) for size in (32, 32, 16, 16)]
+    sums = MetricSums()
+    sums.add(step(crops, 0, lr=1e-4, weight_decay=0.04, momentum=0.99))
+    means = sums.global_means()
+    assert list(means) == list(STEP_METRICS) == list(LossOutput._fields)
+    assert means["teacher_entropy"] == 7.0 and means["kl"] == 9.0 and means["loss"] > 0

@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-import sparo_vit
 from sparo_dino import distributed
 from sparo_dino.cli import config
 from sparo_dino.cli.errors import exit_with, print_once, require_writable_dirs
@@ -23,6 +22,7 @@ from sparo_dino.eval import extraction, feature_cache, shifted_sets
 from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.io import weights
 from sparo_dino.io.checkpoint import CheckpointError
+from sparo_dino.model import registry
 
 
 def evaluation_parser(doc: str) -> argparse.ArgumentParser:
@@ -44,16 +44,16 @@ def add_weight_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "backbone state dict")
     group.add_argument("--checkpoint_key", type=str, default="teacher", choices=weights.TRAINING_KEYS,
                        help="which network of a training checkpoint to evaluate")
-    group.add_argument("--arch", type=str, default=None, choices=sparo_vit.ARCHS,
+    group.add_argument("--arch", type=str, default=None, choices=registry.archs(),
                        help="read from the checkpoint's config; required for a plain state dict")
     group.add_argument("--patch_size", type=int, default=None,
                        help="read from the checkpoint's config; required for a plain state dict")
     group.add_argument("--img_size", type=int, default=None,
                        help="position-embedding grid of the backbone (config; default 224 for a plain state dict)")
-    for option in sparo_vit.READOUT_OPTIONS:
-        group.add_argument(f"--{option}", type=config.bool_flag if option == "slot_norm" else int, default=None,
-                           help="read-out option, read from the checkpoint's config (plain state dict: "
-                                f"{sparo_vit.READOUT_DEFAULTS[option]})")
+    for name, option in registry.OPTIONS.items():
+        group.add_argument(f"--{name}", type=config.bool_flag if isinstance(option.default, bool) else int,
+                           default=None, help="read-out option, read from the checkpoint's config (plain state dict: "
+                                              f"{option.default})")
     return parser
 
 

@@ -10,7 +10,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-import sparo_vit
 from sparo_dino.cli.config import args_to_dict, bool_flag, parse_args
 from sparo_dino.cli.errors import require_writable_dirs
 from sparo_dino.data import augmentation
@@ -18,6 +17,8 @@ from sparo_dino.data.datasets import DATASETS, FASHION_MNIST_DIR
 from sparo_dino.data.loader import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
 from sparo_dino.io.weights import BACKBONE_OPTION_KEYS
+from sparo_dino.model import registry
+from sparo_dino.model.backbone import POS_EMBED_INTERPOLATIONS
 from sparo_dino.train import knn_monitor
 from sparo_dino.train.optim import OPTIMIZERS
 from sparo_dino.train.step import COMPILE_CHOICES
@@ -49,12 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      description="DINO self-supervised training with a SPARO read-out",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="vit_small", choices=sparo_vit.ARCHS,
-                       help="backbone; *_sparo replaces the last block with SPARO")
+    model.add_argument("--arch", default="vit_small", choices=registry.archs(),
+                       help="backbone: vit_<size>[_<read-out>]; *_sparo replaces the last block with SPARO")
     model.add_argument("--patch_size", default=16, type=int, help="ViT patch size in pixels")
     model.add_argument("--img_size", default=224, type=int,
                        help="image size of the position-embedding grid (other crop sizes are resampled)")
-    model.add_argument("--pos_embed_interpolation", default="dino", choices=sparo_vit.POS_EMBED_INTERPOLATIONS,
+    model.add_argument("--pos_embed_interpolation", default="dino", choices=POS_EMBED_INTERPOLATIONS,
                        help="position embeddings of crops with another patch grid (96 px local crops): dino = "
                             "official DINO's bicubic interpolation, timm = timm's antialiased resampling")
     model.add_argument("--out_dim", default=65536, type=int,
@@ -75,19 +76,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="start a fresh run from this ViT's trunk (official DINO checkpoint or backbone, timm state "
                             "dict or .safetensors, this repository's checkpoint: its teacher): blocks 1..N-1 and the "
                             "final norm load, the block a read-out replaces is dropped, read-out and head start fresh")
-    readout = parser.add_argument_group("read-out options (the read-out is the arch's suffix: _gap, _attpool, _mhca, "
-                                        "_sparo; none = CLS)")
-    defaults = sparo_vit.READOUT_DEFAULTS
-    readout.add_argument("--num_slots", default=defaults["num_slots"], type=int,
-                         help="L, number of slots (_sparo, _mhca)")
-    readout.add_argument("--slot_dim", default=defaults["slot_dim"], type=int,
-                         help="V, output size per slot (_sparo, _mhca)")
-    readout.add_argument("--attn_dim", default=defaults["attn_dim"], type=int, help="D, key/query size (_sparo)")
-    readout.add_argument("--group_size", default=defaults["group_size"], type=int,
-                         help="g, consecutive slots sharing one key projection (_sparo)")
-    readout.add_argument("--slot_norm", default=defaults["slot_norm"], type=bool_flag,
-                         help="slot-wise LayerNorm of each slot's attention output before the slot-wise projection "
-                              "(paper Tab. 6; _sparo, _mhca)")
+    suffixes = ", ".join(f"_{name}" for name in registry.names() if name != "cls")
+    readout = parser.add_argument_group(f"read-out options (the read-out is the arch's suffix: {suffixes}; none = CLS)")
+    for name, option in registry.OPTIONS.items():
+        readout.add_argument(f"--{name}", default=option.default,
+                             type=bool_flag if isinstance(option.default, bool) else int,
+                             help=f"{option.help} ({registry.takers(name)})")
 
     temperature = parser.add_argument_group("teacher temperature")
     temperature.add_argument("--warmup_teacher_temp", default=0.04, type=float,
@@ -236,8 +230,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             _fail(parser, "--data_path is required for --dataset imagefolder")
         args.data_path = FASHION_MNIST_DIR
     try:
-        sparo_vit.reject_readout_options(args.arch, [f"--{key}" for key, default in sparo_vit.READOUT_DEFAULTS.items()
-                                                     if getattr(args, key) != default])
+        registry.reject_readout_options(args.arch, [f"--{key}" for key, option in registry.OPTIONS.items()
+                                                    if getattr(args, key) != option.default])
     except ValueError as error:
         _fail(parser, str(error))
     try:

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-import sparo_vit
 from sparo_dino import distributed
 
 # What the linear probe of a read-out that replaces the last block reads (paper C.2, two readings for SPARO): the
 from sparo_dino.data import datasets
+from sparo_dino.model import registry
 
 # encoding alone, or the encoding after the final-norm CLS of the n-1 trunk blocks before it (official DINO's
 # n_last_blocks idea).
@@ -39,23 +39,23 @@ def feature_kind(arch: str, n_last_blocks: int = 1, avgpool: bool = False, sparo
     CLS read-out (baselines): `cls_last<n>[_avgpool]`. Other read-outs: `<readout>_encoding` (e.g.
     `sparo_encoding`), or for one that replaces the last block with sparo_features="encoding+cls"
     `cls_last<n-1>+<readout>_encoding` (the CLS of the n-1 trunk blocks before the read-out, then the encoding)."""
-    readout = sparo_vit.readout_of(arch)
-    if readout == "cls":
+    readout = registry.split_arch(arch)[1]
+    if readout.name == "cls":
         return f"cls_last{n_last_blocks}" + ("_avgpool" if avgpool else "")
     if sparo_features == "encoding":
-        return f"{readout}_encoding"
+        return f"{readout.name}_encoding"
     if sparo_features != "encoding+cls":
         raise ValueError(f"unknown SPARO features {sparo_features!r}; choose from {', '.join(SPARO_FEATURES)}")
-    if readout == "gap":
+    if not readout.replaces_block:
         raise ValueError("--sparo_features encoding+cls applies to read-outs that replace the last block "
-                         f"(_attpool, _mhca, _sparo), not {arch}")
+                         f"({registry.arch_patterns('replaces_block')}), not {arch}")
     if n_last_blocks < 2:
         raise ValueError(f"--sparo_features encoding+cls needs --n_last_blocks >= 2 (n-1 CLS tokens and the "
                          f"encoding), got {n_last_blocks}")
-    return f"cls_last{n_last_blocks - 1}+{readout}_encoding"
+    return f"cls_last{n_last_blocks - 1}+{readout.name}_encoding"
 
 
-_KIND = re.compile(r"cls_last(\d+)(_avgpool|\+(?:attpool|mhca|sparo)_encoding)?")
+_KIND = re.compile(r"cls_last(\d+)(_avgpool|\+[a-z0-9]+_encoding)?")
 
 
 def token_shape(options: dict, crop_size: int, width: int) -> tuple[int, int]:

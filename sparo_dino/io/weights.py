@@ -21,13 +21,13 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-import sparo_vit
 from sparo_dino.io.checkpoint import load_checkpoint
-from sparo_dino.model import networks
+from sparo_dino.model import networks, registry
+from sparo_dino.model.backbone import DinoVisionTransformer, backbone_kwargs, build_backbone
 
 # The backbone options an evaluation reads from a checkpoint's config (flags may fill the gaps, never contradict).
-BACKBONE_OPTION_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size",
-                                         "pos_embed_interpolation") + sparo_vit.READOUT_OPTIONS
+BACKBONE_OPTION_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size", "pos_embed_interpolation",
+                                         *registry.OPTIONS)
 # What export_model.py writes into its folder (the Hugging Face Hub layout timm reads): weights and model config.
 EXPORT_WEIGHTS_NAME = "model.safetensors"
 EXPORT_CONFIG_NAME = "config.json"
@@ -41,8 +41,6 @@ _OLD_WEIGHT_NORM_NAMES: dict[str, str] = {"last_layer.weight_g": "last_layer.par
 # The entries of a ViT state dict that make up a trunk (patch and position embeddings, CLS, blocks, final norm):
 # everything else in a file (a classifier, a DINO head, an earlier read-out) is left out of a pretrained trunk.
 _TRUNK_PREFIXES: tuple[str, ...] = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-# The module each read-out that replaces the last block is registered under: a file holding one had one block fewer.
-_REPLACING_READOUT_MODULES: dict[str, str] = {"attpool": "attn_pool", "mhca": "mhca", "sparo": "sparo"}
 
 
 @dataclass(frozen=True)
@@ -144,8 +142,7 @@ def resolve_model_options(flags: Mapping[str, Any], config: Mapping[str, Any] | 
     flags = {key: flags.get(key) for key in BACKBONE_OPTION_KEYS}
     arch = (config or {}).get("arch") or flags["arch"]
     if arch is not None:  # before the comparison: a config saves every read-out flag, also those its arch ignores
-        sparo_vit.reject_readout_options(arch, [f"--{key}" for key in sparo_vit.READOUT_OPTIONS
-                                                if flags[key] is not None])
+        registry.reject_readout_options(arch, [f"--{key}" for key in registry.OPTIONS if flags[key] is not None])
     if config is None:
         missing = [f"--{key}" for key in ("arch", "patch_size") if flags[key] is None]
         if missing:
@@ -161,7 +158,7 @@ def resolve_model_options(flags: Mapping[str, Any], config: Mapping[str, Any] | 
             merged[key] = stored if stored is not None else flags[key]
         if merged["arch"] is None:
             raise ValueError("the checkpoint's config names no arch; give --arch")
-    kwargs = sparo_vit.backbone_kwargs(merged)
+    kwargs = backbone_kwargs(merged)
     kwargs.pop("drop_path_rate", None)
     kwargs.pop("grad_checkpointing", None)
     return kwargs
@@ -170,7 +167,7 @@ def resolve_model_options(flags: Mapping[str, Any], config: Mapping[str, Any] | 
 def build_frozen_backbone(options: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
                           source: str) -> nn.Module:
     """Build the backbone and load the weights strictly: a partial load would evaluate a random network."""
-    backbone = sparo_vit.build_backbone(**options)
+    backbone = build_backbone(**options)
     own = backbone.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -209,16 +206,18 @@ def load_backbone(args: argparse.Namespace, at_init: bool = False) -> tuple[nn.M
 
 
 
-def _readout_module(backbone: sparo_vit.DinoVisionTransformer) -> str | None:
-    """The name of the module that replaces the backbone's last block (None when it keeps all blocks)."""
-    return _REPLACING_READOUT_MODULES.get(backbone.readout)
+def _replacing_readout_modules() -> list[str]:
+    """The module names of the registered read-outs that replace the last block: a file holding one of them had one
+    block fewer than the ViT it was trained as."""
+    return [spec.module_name for spec in map(registry.get, registry.names()) if spec.replaces_block]
 
 
-def fresh_parameter_names(backbone: sparo_vit.DinoVisionTransformer) -> list[str]:
+def fresh_parameter_names(backbone: DinoVisionTransformer) -> list[str]:
     """The backbone's parameters that a pretrained trunk does not set: the read-out that replaces the last block
     (none for cls and gap, which keep all blocks). --freeze_trunk_epochs trains these and the head only."""
-    module = _readout_module(backbone)
-    return [name for name, _ in backbone.named_parameters() if module is not None and name.startswith(f"{module}.")]
+    spec = backbone.readout_spec
+    return [name for name, _ in backbone.named_parameters()
+            if spec.replaces_block and name.startswith(f"{spec.module_name}.")]
 
 
 def _trunk_size(state: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
@@ -229,7 +228,7 @@ def _trunk_size(state: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
     if width_from is None or not blocks:
         return None
     width = width_from.shape[-1] if "cls_token" in state else width_from.shape[0]
-    replaced = any(key.startswith(f"{module}.") for key in state for module in _REPLACING_READOUT_MODULES.values())
+    replaced = any(key.startswith(f"{module}.") for key in state for module in _replacing_readout_modules())
     return int(width), max(blocks) + 1 + int(replaced)
 
 
@@ -271,7 +270,7 @@ class TrunkLoad:
                 "missing": _key_groups(self.missing), "pos_embed_resampled": self.pos_embed}
 
 
-def load_pretrained_trunk(backbone: sparo_vit.DinoVisionTransformer, source: str | Mapping[str, torch.Tensor],
+def load_pretrained_trunk(backbone: DinoVisionTransformer, source: str | Mapping[str, torch.Tensor],
                           checkpoint_key: str = "teacher") -> TrunkLoad:
     """Set a backbone's trunk from a pretrained ViT of the same width and depth, whichever read-out either has.
 
@@ -288,10 +287,10 @@ def load_pretrained_trunk(backbone: sparo_vit.DinoVisionTransformer, source: str
         state, name = read_weights(source, checkpoint_key).state_dict, source
     else:
         state, name = clean_state_dict(source, "backbone"), "the state dict"
-    readout_module = _readout_module(backbone)
+    replaces_block = backbone.readout_spec.replaces_block
     kept = len(backbone.blocks)
     size = _trunk_size(state)
-    wanted = (backbone.embed_dim, kept + int(readout_module is not None))
+    wanted = (backbone.embed_dim, kept + int(replaces_block))
     if size is None:
         raise ValueError(f"{name} holds no ViT trunk (no cls_token, patch_embed or blocks entries); first keys: "
                          f"{', '.join(list(state)[:5])}")
@@ -323,8 +322,8 @@ def load_pretrained_trunk(backbone: sparo_vit.DinoVisionTransformer, source: str
             raise ValueError(f"{name} does not fit this backbone: {key} has shape {tuple(value.shape)}, the backbone "
                              f"{tuple(own[key].shape)} (another patch size?)")
     backbone.load_state_dict(trunk, strict=False)
-    notes = {f"{module}.*": "a read-out, fresh here" for module in _REPLACING_READOUT_MODULES.values()}
-    if readout_module is not None:
+    notes = {f"{module}.*": "a read-out, fresh here" for module in _replacing_readout_modules()}
+    if replaces_block:
         notes[f"blocks.{kept}.*"] = f"the block the {backbone.readout} read-out replaces"
     return TrunkLoad(name, sorted(trunk), sorted(set(state) - set(trunk)), sorted(set(own) - set(trunk)), resampled,
                      notes)

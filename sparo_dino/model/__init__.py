@@ -1,1 +1,1 @@
-"""The networks of a run: student and teacher built from a config (backbones and read-outs: sparo_vit.py)."""
+"""The networks: ViT backbone, read-outs (plug-ins listed in registry.py), DINO head, student and teacher."""

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-import sparo_vit
+from sparo_dino.model.backbone import DinoVisionTransformer, backbone_kwargs, build_backbone
+from sparo_dino.model.head import DINOHead, MultiCropWrapper
 
 
 def seed_everything(seed: int) -> None:
@@ -18,20 +19,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def build_student_teacher(config: Mapping[str, Any]) -> tuple[sparo_vit.MultiCropWrapper, sparo_vit.MultiCropWrapper]:
+def build_student_teacher(config: Mapping[str, Any]) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student and teacher of a run config (flags or a checkpoint's `config`): the one place they are built.
 
     Both have the same backbone and unchanged DINO head; the student alone gets drop-path. The teacher starts as
     a copy of the student and never receives gradients (it follows the student by EMA).
     """
-    kwargs = sparo_vit.backbone_kwargs(config)
+    kwargs = backbone_kwargs(config)
 
-    def network(drop_path_rate: float, grad_checkpointing: bool) -> sparo_vit.MultiCropWrapper:
-        backbone = sparo_vit.build_backbone(**{**kwargs, "drop_path_rate": drop_path_rate,
-                                               "grad_checkpointing": grad_checkpointing})
-        head = sparo_vit.DINOHead(backbone.num_features, config["out_dim"], use_bn=config["use_bn_in_head"],
-                                  norm_last_layer=config["norm_last_layer"])
-        return sparo_vit.MultiCropWrapper(backbone, head)
+    def network(drop_path_rate: float, grad_checkpointing: bool) -> MultiCropWrapper:
+        backbone = build_backbone(**{**kwargs, "drop_path_rate": drop_path_rate,
+                                     "grad_checkpointing": grad_checkpointing})
+        head = DINOHead(backbone.num_features, config["out_dim"], use_bn=config["use_bn_in_head"],
+                        norm_last_layer=config["norm_last_layer"])
+        return MultiCropWrapper(backbone, head)
 
     student = network(config.get("drop_path_rate", 0.0), bool(config.get("grad_checkpointing", False)))
     with torch.device("meta"):  # skip a random init that the copy below overwrites anyway
@@ -42,16 +43,16 @@ def build_student_teacher(config: Mapping[str, Any]) -> tuple[sparo_vit.MultiCro
     return student, teacher
 
 
-def parameter_line(arch: str, backbone: sparo_vit.DinoVisionTransformer) -> str:
+def parameter_line(arch: str, backbone: DinoVisionTransformer) -> str:
     """The backbone's size and its read-out's share, printed at the start of a run: read-outs are compared at
     their parameter counts (the issue with SPARO at small widths: 64x64 keys outgrow the block they replace)."""
     total = sum(parameter.numel() for parameter in backbone.parameters())
-    part = "its last block" if backbone.readout in ("cls", "gap") else "the read-out replacing the last block"
+    part = "the read-out replacing the last block" if backbone.readout_spec.replaces_block else "its last block"
     return (f"{arch}: {total:,} backbone parameters, {backbone.readout_parameter_count():,} in {part}; "
             f"encoding of {backbone.num_features} dims")
 
 
-def initial_teacher_backbone(config: Mapping[str, Any]) -> sparo_vit.DinoVisionTransformer:
+def initial_teacher_backbone(config: Mapping[str, Any]) -> DinoVisionTransformer:
     """The teacher backbone a run with this config starts from (its weights before the first step).
 
     Seeded and built exactly as the trainer does, so a checkpoint's `config` gives back the network it was trained

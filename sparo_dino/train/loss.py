@@ -19,9 +19,14 @@ from sparo_dino.train.schedules import teacher_temperature_schedule
 
 
 class LossOutput(NamedTuple):
+    """The loss and its diagnostics by name: every field is a step metric, logged as train_<name> (STEP_METRICS)."""
     loss: torch.Tensor
     teacher_entropy: torch.Tensor  # mean entropy (nats) of the teacher distributions: -> 0 means one-hot collapse
     kl: torch.Tensor  # mean KL(teacher || student) over the loss pairs: -> 0 with high entropy means uniform collapse
+
+
+# The step returns these as one device vector in this order; progress sums, logs and plots them under these names.
+STEP_METRICS: tuple[str, ...] = LossOutput._fields
 
 
 class DINOLoss(nn.Module):
@@ -82,6 +87,10 @@ class DINOLoss(nn.Module):
             kl = loss.detach() - entropy
         self.update_center(teacher_output)
         return LossOutput(loss, entropy, kl)
+
+    def state_metrics(self) -> dict[str, float]:
+        """The loss's state for the epoch record (a device read: the trainer asks at epoch ends only)."""
+        return {"center_norm": float(self.center.norm())}
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

@@ -19,10 +19,12 @@ from typing import Any, Callable, Mapping
 import torch
 
 from sparo_dino import distributed
+from sparo_dino.train.loss import STEP_METRICS
 from sparo_dino.train.schedules import Schedules
 
-STEP_METRICS = ("loss", "teacher_entropy", "kl")
 LOG_NAME = "log.txt"
+# Short names of step metrics on the console line (others appear under their own name).
+CONSOLE_LABELS = {"teacher_entropy": "H", "kl": "KL"}
 
 
 class MetricSums:
@@ -151,11 +153,11 @@ class ProgressLogger:
         self._window_start, self._window_first = now, iteration + 1
         if not self.enabled:
             return
+        diagnostics = " ".join(f"{CONSOLE_LABELS.get(name, name)} {means[name]:.3f}" for name in STEP_METRICS[1:])
         print(f"Epoch [{epoch}/{self.epochs}] it [{iteration + 1}/{self.iters_per_epoch}] "
               f"eta {_format_duration(eta)} | loss {means['loss']:.4f} | lr {hyper['lr']:.3e} "
               f"wd {hyper['wd']:.4f} temp {hyper['teacher_temp']:.4f} mom {hyper['momentum']:.5f} | "
-              f"H {means['teacher_entropy']:.3f} KL {means['kl']:.3f} | {images_per_s:.1f} img/s | "
-              f"mem {memory_mb(self.device):.0f} MB", flush=True)
+              f"{diagnostics} | {images_per_s:.1f} img/s | mem {memory_mb(self.device):.0f} MB", flush=True)
         step = epoch * self.iters_per_epoch + iteration
         if self.writer is not None:
             for key, value in {**means, **hyper}.items():
@@ -163,22 +165,22 @@ class ProgressLogger:
         if self.wandb is not None:
             self.wandb.log("step", {**means, **hyper}, step)
 
-    def epoch_record(self, epoch: int, means: Mapping[str, float], center_norm: float,
+    def epoch_record(self, epoch: int, means: Mapping[str, float], loss_state: Mapping[str, float],
                      evaluation: Mapping[str, float] | None = None) -> dict[str, Any]:
         """The log.txt record of `epoch`: official `train_*` keys for the step metrics' `means` and the schedules
         (lr and wd as epoch means, as official DINO's metric logger averages them; `*_last`, temperature and
-        momentum at the epoch's last step), the loss's center norm, then evaluation results such as `knn_top1`
-        unprefixed."""
+        momentum at the epoch's last step), the loss's `loss_state` (DINOLoss.state_metrics), then evaluation
+        results such as `knn_top1` unprefixed."""
         last = self.schedule_values(epoch, self.iters_per_epoch - 1)
         train = {**means, **self.schedules.epoch_means(epoch), "lr_last": last["lr"], "wd_last": last["wd"],
-                 "teacher_temp": last["teacher_temp"], "momentum": last["momentum"], "center_norm": center_norm}
+                 "teacher_temp": last["teacher_temp"], "momentum": last["momentum"], **loss_state}
         return {**{f"train_{key}": value for key, value in train.items()}, **(evaluation or {}),
                 "epoch": epoch, "epoch_time_s": round(time.perf_counter() - self._epoch_start, 3)}
 
-    def log_epoch(self, epoch: int, means: Mapping[str, float], center_norm: float,
+    def log_epoch(self, epoch: int, means: Mapping[str, float], loss_state: Mapping[str, float],
                   evaluation: Mapping[str, float] | None = None) -> dict[str, Any]:
         """Append `epoch_record` to log.txt and the console (and TensorBoard) and return it."""
-        record = self.epoch_record(epoch, means, center_norm, evaluation)
+        record = self.epoch_record(epoch, means, loss_state, evaluation)
         if not self.enabled:
             return record
         with open(os.path.join(self.output_dir, LOG_NAME), "a") as handle:

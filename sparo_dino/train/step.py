@@ -164,7 +164,8 @@ class TrainingStep:
 
     def __call__(self, crops: Sequence[torch.Tensor], epoch: int, lr: float, weight_decay: float,
                  momentum: float) -> torch.Tensor:
-        """One optimisation step; returns (loss, teacher entropy, KL) as a device tensor, not synchronised."""
+        """One optimisation step; returns the loss's metrics (loss.STEP_METRICS, in order) as one device tensor, not
+        synchronised."""
         set_hyperparameters(self.optimizer, lr, weight_decay)
         output = self.forward(crops, epoch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -183,4 +184,4 @@ class TrainingStep:
         else:
             self.optimizer.step()
         ema_update_(self.teacher_params, self.student_params, momentum)
-        return torch.stack([output.loss.detach(), output.teacher_entropy, output.kl])
+        return torch.stack([metric.detach() for metric in output])

@@ -203,7 +203,7 @@ class DinoTrainer:
                 if self.stopped:  # inside the epoch, its position saved
                     break
                 evaluation = {**init_evaluation, **self.evaluate(epoch)}
-                records.append(self.progress.log_epoch(epoch, means, float(self.dino_loss.center.norm()), evaluation))
+                records.append(self.progress.log_epoch(epoch, means, self.dino_loss.state_metrics(), evaluation))
                 init_evaluation = {}
                 self._save_epoch(epoch)
         finally:
@@ -236,7 +236,7 @@ class DinoTrainer:
 
     def train_step(self, crops: list[torch.Tensor], epoch: int, global_iteration: int) -> torch.Tensor:
         """One optimisation step at the schedules' values of `global_iteration`, on crops already on the device;
-        returns the metric vector (loss, teacher entropy, KL) on the device, unsynced."""
+        returns the metric vector (loss.STEP_METRICS) on the device, unsynced."""
         return self.step(crops, epoch, **self.schedules.at(global_iteration))
 
     # ----------------------------------------------------------------------------------------- boundaries
