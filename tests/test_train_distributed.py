@@ -34,11 +34,14 @@ def torchrun(script: str, data: str, out, cwd, env=ENV, *extra: str) -> subproce
 
 @pytest.fixture(scope="module")
 def two_process_run(data, tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
-    """2 epochs, with the k-NN monitor after the last one (both ranks extract features)."""
+    """2 epochs, with the k-NN monitor after the last one (both ranks extract features). torchrun runs inside a
+    simulated SLURM allocation of another size, as an sbatch script would start it: torchrun's variables win."""
     out = tmp_path_factory.mktemp("run")
     labelled = make_image_folder(tmp_path_factory.mktemp("labelled"), num_classes=3, per_class=5, size=32,
                                  splits=("train", "val"))
-    return str(out), torchrun(os.path.join(REPO, "main_dino.py"), data, out, out, ENV, "--knn_every", "2",
+    in_allocation = {**ENV, "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0",
+                     "SLURM_JOB_NODELIST": "nosuchnode[1-4]"}
+    return str(out), torchrun(os.path.join(REPO, "main_dino.py"), data, out, out, in_allocation, "--knn_every", "2",
                               "--knn_data_path", labelled)
 
 
