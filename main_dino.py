@@ -17,9 +17,9 @@ import sys
 from typing import Sequence
 
 from sparo_dino.cli.errors import print_once
-from sparo_dino.distributed import LaunchError
 from sparo_dino.cli.train_flags import parse_train_args
 from sparo_dino.data.datasets import BadImageError
+from sparo_dino.distributed import LaunchError
 from sparo_dino.io.checkpoint import CheckpointError
 from sparo_dino.train.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
 from sparo_dino.train.trainer import TrainingError, train

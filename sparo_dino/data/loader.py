@@ -23,8 +23,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from sparo_dino import distributed, node_limits
 from sparo_dino.data import image_files
 from sparo_dino.data.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
-from sparo_dino.data.batched_data import (DeviceMultiCrop, collate_decoded, decoded_sizes, min_decode_area,
-                                          reduce_jpeg_decoding, rgb_to_uint8_tensor)
+from sparo_dino.data.batched_data import (
+    DeviceMultiCrop,
+    collate_decoded,
+    decoded_sizes,
+    min_decode_area,
+    reduce_jpeg_decoding,
+    rgb_to_uint8_tensor,
+)
 from sparo_dino.data.datasets import build_dataset, require_min_size
 from sparo_dino.train.preemption import ignore_stop_signals
 
