@@ -374,7 +374,8 @@ def summary_line(results: dict[str, Any]) -> str:
     """The headline is the best top-1 over the validations (official DINO's "Max accuracy"); final beside it."""
     final, best = results["final"], results["best"]
     protocol = linear_probe.PROTOCOLS[results["run"]["protocol"]]
-    line = (f"{probe_name(results['run']).capitalize()} probe result [{protocol}]: best Top1: {best['top1']:.2f} (epoch {best['epoch']}, "
+    name = probe_name(results["run"]).capitalize()
+    line = (f"{name} probe result [{protocol}]: best Top1: {best['top1']:.2f} (epoch {best['epoch']}, "
             f"Top5 {best['top5']:.2f}), final Top1: {final['top1']:.2f}, Top5: {final['top5']:.2f}")
     if "lr_grid" in results:
         grid = results["lr_grid"]
@@ -389,7 +390,8 @@ def init_baseline_line(results: dict[str, Any]) -> str:
     choice is made on the train hold-out, so final is what both report)."""
     initial = results["init_baseline"]
     protocol = linear_probe.PROTOCOLS[results["run"]["protocol"]]
-    line = (f"{probe_name(results['run']).capitalize()} probe at random init (same arch, seed and images) [{protocol}]: final Top1: "
+    line = (f"{probe_name(results['run']).capitalize()} probe at random init (same arch, seed and images) "
+            f"[{protocol}]: final Top1: "
             f"{initial['final']['top1']:.2f}, Top5: {initial['final']['top5']:.2f}")
     if "lr_grid" in initial:
         line += f"; lr {initial['lr_grid']['chosen_lr']:g} chosen on the same hold-out"
@@ -467,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if args.test_sets or args.n_per_class:
             results["table"] = table_rows(results)
             print("\n".join(results_table.format_rows(results["table"], results_table.title(
-                f"{probe_name(results['run'])} probe [{results['run']['protocol']}], final head", results.get("fewshot")))), flush=True)
+                f"{probe_name(results['run'])} probe [{results['run']['protocol']}], final head",
+                results.get("fewshot")))), flush=True)
         config.save_config(args, probe.output_dir, name="config_linear.yaml")
         eval_flags.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results

@@ -208,8 +208,8 @@ def export_backbone(weights_path: str, output_dir: str, flags: Mapping[str, Any]
     os.makedirs(output_dir, exist_ok=True)
     from safetensors.torch import save_file  # timm's dependency
 
-    files = [os.path.join(output_dir, weights.EXPORT_WEIGHTS_NAME), os.path.join(output_dir, weights.EXPORT_CONFIG_NAME),
-             os.path.join(output_dir, CARD_NAME)]
+    files = [os.path.join(output_dir, name) for name in (weights.EXPORT_WEIGHTS_NAME, weights.EXPORT_CONFIG_NAME,
+                                                         CARD_NAME)]
     save_file({key: value.contiguous() for key, value in backbone.state_dict().items()}, files[0],
               metadata={"format": "pt"})
     config = model_config(options, backbone.num_features, loaded.config, checkpoint_key, weights_path, loaded.epoch)

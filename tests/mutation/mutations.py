@@ -40,6 +40,7 @@ TEST_SETS = "tests/test_shifted_sets.py::"
 REPRODUCE = "tests/test_reproduce.py::"
 IMAGES = "tests/test_image_files.py::"
 SRUN = "tests/test_srun_launch.py::"
+TRUNK = "tests/test_pretrained_trunk.py::"
 BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -297,4 +298,19 @@ MUTATIONS: tuple[Mutation, ...] = (
              "per_worker = batch_bytes * prefetch_factor",
              ("tests/test_node_limits.py::test_shm_that_holds_not_one_workers_batches_is_an_error",),
              "the /dev/shm check counts one rank's workers although all ranks of the node share it"),
+    # ------------------------------------------------------------------------- pretrained trunks (issue 29)
+    Mutation("trunk-teacher-random", "sparo_dino/train/trainer.py",
+             "teacher.backbone.load_state_dict(student.backbone.state_dict())", "pass",
+             (TRUNK + "test_with_lr_0_the_teachers_trunk_after_training_is_the_files",),
+             "--pretrained_trunk loads the student only; the teacher keeps its random trunk"),
+    Mutation("freeze-trunk-off", "sparo_dino/train/step.py",
+             "cancel_trunk_gradients(self.trunk_params, epoch, self.freeze_trunk_epochs)", "pass",
+             (TRUNK + "test_freeze_trunk_epochs_trains_only_the_readout_and_head_first",),
+             "--freeze_trunk_epochs is accepted but the trunk trains from the first step"),
+    Mutation("ema-mul-add", "sparo_dino/train/optim.py",
+             "torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)",
+             "torch._foreach_mul_(teacher_params, momentum)\n"
+             "    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)",
+             (TRUNK + "test_the_ema_of_a_teacher_equal_to_its_student_is_exact",),
+             "the teacher EMA rounds a teacher equal to its student away from it every step"),
 )
