@@ -101,6 +101,23 @@ def test_the_student_exports_with_its_key(run_dir, tmp_path) -> None:
     close(torch.hub.load(REPO, "vit_tiny_sparo", source="local", weights=str(tmp_path))(images), student(images))
 
 
+def test_an_official_dino_checkpoint_exports(images, tmp_path) -> None:
+    """Official main_dino.py's checkpoint format (argparse Namespace with a PosixPath, weight_g/weight_v head)."""
+    from test_untrusted_checkpoints import official_training_checkpoint, save
+
+    from sparo_dino.cli.train_flags import parse_train_args
+
+    args = parse_train_args(["--arch", "vit_tiny", "--patch_size", "8", "--img_size", "32", "--out_dim", "64",
+                             "--data_path", images, "--output_dir", str(tmp_path / "official")])
+    state = official_training_checkpoint(args)
+    path = save(state, str(tmp_path / "checkpoint.pth"), "numpy 1")
+    export_model.main(["--pretrained_weights", path, "--output_dir", str(tmp_path / "export")])
+    teacher = torch.hub.load(REPO, "vit_tiny", source="local", weights=path)
+    images_in = images_batch()
+    close(timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()(images_in),
+          teacher(images_in))
+
+
 def test_eval_knn_reads_the_folder_like_the_checkpoint(run_dir, exported, image_folder, tmp_path) -> None:
     """The same k-NN result from the export as from the checkpoint, and the random-init baseline from the run
     config the export keeps."""

@@ -279,8 +279,9 @@ def test_a_readout_registered_by_a_plugin_trains_resumes_and_is_evaluated(maxpoo
     model = build_backbone("vit_tiny_maxpool", **SMALL)
     assert len(model.blocks) == 11 and model.num_features == WIDTH and model.slot_readout is None
     assert model.readout_parameter_count() == WIDTH * WIDTH + WIDTH
-    assert weights.load_pretrained_trunk(model, build_backbone("vit_tiny", **SMALL).state_dict()) == \
-        ["maxpool.proj.weight", "maxpool.proj.bias"]
+    loaded = weights.load_pretrained_trunk(model, build_backbone("vit_tiny", **SMALL).state_dict())
+    assert loaded.missing == ["maxpool.proj.bias", "maxpool.proj.weight"]
+    assert "blocks.11.* (12): the block the maxpool read-out replaces" in loaded.summary()
     with pytest.raises(ValueError, match="^num_slots does not apply to the maxpool read-out of vit_tiny_maxpool; use "
                                          "vit_tiny_mhca or vit_tiny_sparo$"):
         build_backbone("vit_tiny_maxpool", num_slots=4)

@@ -213,8 +213,8 @@ def export_backbone(weights_path: str, output_dir: str, flags: Mapping[str, Any]
     save_file({key: value.contiguous() for key, value in backbone.state_dict().items()}, files[0],
               metadata={"format": "pt"})
     config = model_config(options, backbone.num_features, loaded.config, checkpoint_key, weights_path, loaded.epoch)
-    with open(files[1], "w") as handle:
-        json.dump(config, handle, indent=2)
+    with open(files[1], "w") as handle:  # default=str: an official DINO config holds a PosixPath
+        json.dump(config, handle, indent=2, default=str)
     with open(files[2], "w") as handle:
         handle.write(model_card(config, run_dir or os.path.dirname(os.path.abspath(weights_path)), loaded.tag,
                                 repo_id))
