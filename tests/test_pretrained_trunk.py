@@ -17,8 +17,10 @@ from safetensors.torch import save_file
 from test_untrusted_checkpoints import official_training_checkpoint, save
 
 import main_dino
+import sparo_vit
 from sparo_dino.cli.train_flags import parse_train_args
 from sparo_dino.io.provenance import file_sha256
+from sparo_dino.io.weights import load_pretrained_trunk, read_weights
 from sparo_dino.train.optim import ema_update_
 
 # vit_tiny_sparo/8 on 32 px globals: 16 images, 4 per step, 4 steps per epoch.
@@ -57,6 +59,20 @@ def assert_equal_tensors(actual: dict[str, torch.Tensor], expected: dict[str, to
     assert sorted(actual) == sorted(expected)
     different = [key for key in expected if not torch.equal(actual[key], expected[key])]
     assert not different, f"not bit-for-bit the file's: {different[:5]}"
+
+
+def test_a_timm_hub_download_is_a_plain_state_dict(tmp_path) -> None:
+    """timm's Hub folders also hold model.safetensors beside a config.json (of timm's archs): the file still loads."""
+    source = timm_vit()
+    save_file({key: value.contiguous() for key, value in source.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 10}))
+    model = sparo_vit.build_backbone("vit_tiny_sparo", patch_size=8, img_size=32, num_slots=8, slot_dim=8)
+    loaded = load_pretrained_trunk(model, str(tmp_path / "model.safetensors"))
+    assert loaded.missing == ["sparo.key.bias", "sparo.key.weight", "sparo.proj.bias", "sparo.proj.weight",
+                              "sparo.query"]
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, source.blocks[3].mlp.fc1.weight)
+    assert read_weights(str(tmp_path / "model.safetensors")).config is None  # not mistaken for an export's config
 
 
 @pytest.fixture

@@ -122,10 +122,12 @@ def read_export_config(path: str) -> dict[str, Any] | None:
         return None
     with open(config_path) as handle:
         config = json.load(handle)
-    if not isinstance(config, dict) or "architecture" not in config or not os.path.isfile(
-            os.path.join(folder, EXPORT_WEIGHTS_NAME)):
-        raise ValueError(f"{folder} is not an export_model.py folder ({EXPORT_CONFIG_NAME} with an architecture, "
-                         f"and {EXPORT_WEIGHTS_NAME})")
+    ours = isinstance(config, dict) and "sparo_dino" in config and "architecture" in config
+    if not ours and folder != path:  # e.g. timm's own Hub download: its weights read as a plain state dict
+        return None
+    if not ours or not os.path.isfile(os.path.join(folder, EXPORT_WEIGHTS_NAME)):
+        raise ValueError(f"{folder} is not an export_model.py folder ({EXPORT_CONFIG_NAME} with its `sparo_dino` "
+                         f"entry, and {EXPORT_WEIGHTS_NAME})")
     return config
 
 
