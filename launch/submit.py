@@ -29,8 +29,8 @@ if str(REPO_ROOT) not in sys.path:  # lets `python launch/submit.py` work from a
     sys.path.insert(0, str(REPO_ROOT))
 
 import main_dino  # noqa: E402
-from sparo_dino.preemption import StopRequest  # noqa: E402
-from sparo_dino.train_args import parse_train_args  # noqa: E402
+from sparo_dino.cli.train_flags import parse_train_args  # noqa: E402
+from sparo_dino.train.preemption import StopRequest  # noqa: E402
 
 SAVE_WAIT_SECONDS = 600.0  # longest we wait in checkpoint() for the trainer to reach a step boundary and save
 JOB_ID = "%j"  # placeholder in --output_dir for the SLURM job id, as in official DINO
