@@ -19,9 +19,10 @@ differences, all below the size of one uint8 level or the resampling kernel:
   blur), where PIL approximates the Gaussian with box blurs.
 
 On a GPU a batch costs the host no synchronisation: the parameters are drawn and selected on the CPU, and every
-CPU tensor reaches the device through pinned memory with an asynchronous copy (`to_device`). It also costs the host
-few ops (about 500 per batch of 64 x (2 + 10) crops, whatever the batch size; docs/performance.md): each parameter is
-drawn once for all views, and the colour jitter selects samples by per-sample weights, not by index copies.
+CPU tensor reaches the device through pinned memory with an asynchronous copy (`to_device`). It also issues few ops,
+each a kernel launch the host pays for: 590 per batch with 2 + 10 views, at any batch or pixel size (2,198 before
+issue 27.6; docs/performance.md). Each parameter is drawn once for all views, and the colour jitter chooses each
+sample's op by per-sample weights, not by index copies.
 """
 from __future__ import annotations
 
@@ -351,7 +352,8 @@ class BatchedMultiCrop:
             batch, sizes = pad_images(images)
         else:
             batch = images
-            if batch.ndim != 4 or batch.shape[1] != 3 or batch.dtype != torch.uint8 or sizes.shape != (batch.shape[0], 2):
+            if (batch.ndim != 4 or batch.shape[1] != 3 or batch.dtype != torch.uint8
+                    or sizes.shape != (batch.shape[0], 2)):
                 raise ValueError(f"expected a uint8 (B, 3, H, W) batch and (B, 2) sizes, got {batch.dtype} "
                                  f"{tuple(batch.shape)} and {tuple(sizes.shape)}")
         sizes = sizes.cpu()
