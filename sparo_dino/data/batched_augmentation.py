@@ -114,8 +114,8 @@ class ViewParams:
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on `device` without making the host wait: a copy to a GPU from pageable memory may wait for
-    the device, one from pinned memory is queued behind the work already there. On its own device: the tensor."""
-    if device.type != "cuda" or tensor.device == device:
+    the device, one from pinned memory is queued behind the work already there. On the CPU: the tensor itself."""
+    if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
@@ -239,29 +239,29 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tenso
     there is hue: sorted by their hue's position (one gather in, one out), those of each position are a slice (a
     view). factors/order/apply live on the CPU, so none of this waits for the device.
     """
-    device, positions = images.device, order.shape[1]
+    device, (count, positions) = images.device, order.shape
+    # Position of each sample's hue op; `positions` (after all of them) for the samples without jitter.
     hue_position = torch.where(apply, (order == HUE_OP).to(torch.uint8).argmax(dim=1), positions)
     sort = hue_position.argsort(stable=True)
-    counts = torch.bincount(hue_position, minlength=positions + 1).tolist()
+    hue_counts = torch.bincount(hue_position, minlength=positions + 1).tolist()
     ops, on = order[sort], apply[sort, None]
-    at = factors[sort].gather(1, ops)  # the factor of the op at each position
-    weight = torch.where(on & (ops != HUE_OP), at, 1.0)
+    factor = factors[sort].gather(1, ops)  # (n, positions): the factor of the op at each position
+    weight = torch.where(on & (ops != HUE_OP), factor, 1.0)
     rest = 1 - weight
     weights = torch.stack([weight, torch.where(ops == SATURATION_OP, rest, 0.0),
                            torch.where(ops == CONTRAST_OP, rest, 0.0)]).permute(2, 0, 1)  # (positions, 3, n)
-    hue = factors[sort, HUE_OP]
-    rows = to_device(torch.cat([weights.reshape(-1, len(sort)), hue[None]]).view(-1, len(sort), 1, 1, 1), device)
-    *weights, hue = rows.unbind()
-    indices = to_device(torch.stack([sort, sort.argsort()]), device)
-    images = images.index_select(0, indices[0])
+    per_sample = torch.cat([weights.reshape(-1, count), factors[sort, HUE_OP][None]]).view(-1, count, 1, 1, 1)
+    *blend_weights, hue = to_device(per_sample, device).unbind()  # one copy to the device
+    gathers = to_device(torch.stack([sort, sort.argsort()]), device)
+    images = images.index_select(0, gathers[0])
     start = 0
     for position in range(positions):
-        images = blend(images, *weights[3 * position:3 * position + 3])
-        if counts[position]:
-            rotated = images.narrow(0, start, counts[position])
-            rotated.copy_(adjust_hue(rotated, hue.narrow(0, start, counts[position])))
-            start += counts[position]
-    return images.index_select(0, indices[1])
+        images = blend(images, *blend_weights[3 * position:3 * position + 3])
+        if hue_counts[position]:
+            rotated = images.narrow(0, start, hue_counts[position])
+            rotated.copy_(adjust_hue(rotated, hue.narrow(0, start, hue_counts[position])))
+            start += hue_counts[position]
+    return images.index_select(0, gathers[1])
 
 
 def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
