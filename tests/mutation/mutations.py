@@ -285,4 +285,13 @@ MUTATIONS: tuple[Mutation, ...] = (
              "            if path.exists():\n                print(", "            if False:\n                print(",
              (REPRODUCE + "test_a_rerun_skips_finished_runs_and_records_each_run_once",),
              "a restarted comparison trains every finished run again (an hour lost) and records it twice"),
+    # ------------------------------------------------------------------------------------- compiled or not
+    Mutation("compiled-if-nothing-raised", "sparo_dino/training_step.py",
+             "nothing_compiled = not errors and not (", "nothing_compiled = False and not (",
+             ("tests/test_compile.py::test_a_step_that_compiled_nothing_says_not_compiled_and_runs_eagerly",),
+             "TORCH_COMPILE_DISABLE=1 or a suppressed compile error counts as compiled: eager speed, a green check"),
+    Mutation("gpu-check-budget-unchecked", "benchmarks/gpu_check.py",
+             "        if total + setup_s > deadline_s:", "        if False:",
+             ("tests/test_gpu_check.py::test_each_gpu_stage_fits_one_device_call_and_the_parts_are_ordered_by_value",),
+             "a stage whose part limits outgrow one device call's 6 minutes is accepted"),
 )
