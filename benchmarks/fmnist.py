@@ -1,4 +1,4 @@
-"""The Fashion-MNIST GPU profile (`python -m sparo_dino.demo --profile gpu`) shortened to --epochs: the demo end to
+"""The Fashion-MNIST GPU profile (`python -m experiments.demo --profile gpu`) shortened to --epochs: the demo end to
 end on a GPU (train, then 20-NN of the teacher next to the same network at random init and raw pixels).
 
 `make bench` runs it on a GPU; it does not fit in `make gpu-check`'s two device calls. Rows: the three top-1s, the
@@ -23,7 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import Row, fashion_mnist_dir  # noqa: E402
-from sparo_dino import demo, knn  # noqa: E402
+
+from experiments import demo  # noqa: E402
+from sparo_dino.eval import knn  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,10 +18,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
 
-from sparo_dino.loss import DINOLoss
-from sparo_dino.networks import build_student_teacher
-from sparo_dino.optim import build_optimizer, param_groups
-from sparo_dino.training_step import TrainingStep
+from sparo_dino.model.networks import build_student_teacher
+from sparo_dino.train.loss import DINOLoss
+from sparo_dino.train.optim import build_optimizer, param_groups
+from sparo_dino.train.step import TrainingStep
 
 OUT_DIM, BATCH = 16, 3
 TINY_VIT = {"arch": "vit_tiny_sparo", "patch_size": 8, "img_size": 32, "out_dim": OUT_DIM, "use_bn_in_head": False,
@@ -126,9 +126,10 @@ def test_provenance_is_written_after_the_first_step_and_says_whether_it_ran_comp
     after it and says compiled false (written before, it said true); a launch that runs no step says null."""
     import json
 
-    import main_dino
-    from sparo_dino.trainer import DinoTrainer
     from test_train import TINY
+
+    import main_dino
+    from sparo_dino.train.trainer import DinoTrainer
 
     out = tmp_path / "run"
     existed_at_first_step = []

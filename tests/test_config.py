@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import yaml
-
 from test_official_compat import OFFICIAL_MAIN_DINO
-from sparo_dino.train_args import get_args_parser, parse_train_args, resolve_precision
+
+from sparo_dino.cli.train_flags import get_args_parser, parse_train_args, resolve_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))

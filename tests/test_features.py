@@ -9,11 +9,13 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_sparo_vit import intermediate_cls
 from torch.utils.data import Dataset
 
 import sparo_vit
-from sparo_dino import distributed, extraction, feature_cache, linear_probe, weights
-from test_sparo_vit import intermediate_cls
+from sparo_dino import distributed
+from sparo_dino.eval import extraction, feature_cache, linear_probe
+from sparo_dino.io import weights
 
 SPARO_TINY = {"arch": "vit_tiny_sparo", "patch_size": 8, "img_size": 32, "num_slots": 4, "slot_dim": 16,
               "attn_dim": 16, "group_size": 1}

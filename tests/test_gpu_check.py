@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_benchmarks import _load
 
 gpu_check = _load("gpu_check")

@@ -24,9 +24,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from sparo_dino import distributed
-from sparo_dino.loss import DINOLoss, LossOutput
-from sparo_dino.optim import cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update_, set_hyperparameters
+from sparo_dino import distributed, node_limits
+from sparo_dino.train.loss import DINOLoss, LossOutput
+from sparo_dino.train.optim import (
+    cancel_last_layer_gradients,
+    clip_gradients_per_parameter,
+    ema_update_,
+    set_hyperparameters,
+)
 
 NUM_GLOBAL_CROPS = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -126,6 +131,7 @@ class TrainingStep:
         self.ran_compiled: bool | None = None
         self.networks: tuple[Callable, Callable, Callable] = (student, teacher, loss)
         if compiled:
+            node_limits.bound_compile_threads()  # before the first step compiles: a share of the node per rank
             self.networks = tuple(_EagerIfCompilationFails(torch.compile(module, backend=compile_backend), module)
                                   for module in self.networks)
         self.student_params = list(student_module.parameters())

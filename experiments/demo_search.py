@@ -1,7 +1,7 @@
 """A search for the CPU demo profile: short Fashion-MNIST recipes, each trained and evaluated as `make demo` does,
 and recorded next to the same network's random-init accuracy.
 
-    python -m sparo_dino.demo_search --candidates cpu --seeds 0 1 [--table docs/demo_recipes.md]
+    python -m experiments.demo_search --candidates cpu --seeds 0 1 [--table docs/demo_recipes.md]
 
 Every run appends one row to the table (flags, minutes, img/s, init / trained 20-NN top-1, collapse diagnostics), so
 the record of what was tried grows with each search instead of being rewritten; the recipes tried so far, and what
@@ -19,9 +19,11 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from sparo_dino import demo, provenance
+from experiments import demo
 
 # The fields a candidate changes start from these, written out rather than read from the demo's profile, so that a
+from sparo_dino.io import provenance
+
 # recorded candidate keeps its meaning when the demo's profile changes.
 BASE = demo.Profile("search", num_train=4096, num_test=2000, epochs=3, warmup_epochs=1, batch_size=32, local_crops=2)
 CPU = demo.PROFILES["cpu"]
