@@ -40,7 +40,7 @@ TEST_SETS = "tests/test_shifted_sets.py::"
 REPRODUCE = "tests/test_reproduce.py::"
 IMAGES = "tests/test_image_files.py::"
 SRUN = "tests/test_srun_launch.py::"
-BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
+BATCHED_FACTORS = "(1 - {0}, 1 + {0})"  # the batched pipeline's range of a jitter factor
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------------- resume and training wiring
@@ -175,8 +175,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("batched-saturation-cut", "sparo_dino/data/batched_augmentation.py", BATCHED_FACTORS.format("SATURATION"),
              BATCHED_FACTORS.format("SATURATION / 2"), (JITTER_READ_BACK + "[batched]",),
              "colour-jitter saturation strength 0.1 instead of 0.2 (batched pipeline)"),
-    Mutation("batched-hue-cut", "sparo_dino/data/batched_augmentation.py", "_uniform((batch,), -HUE, HUE, generator)",
-             "_uniform((batch,), -HUE / 2, HUE / 2, generator)", (JITTER_READ_BACK + "[batched]",),
+    Mutation("batched-hue-cut", "sparo_dino/data/batched_augmentation.py", "(-HUE, HUE)]",
+             "(-HUE / 2, HUE / 2)]", (JITTER_READ_BACK + "[batched]",),
              "colour-jitter hue strength 0.05 instead of 0.1 (batched pipeline)"),
     Mutation("pil-blur-no-effect", "sparo_dino/data/augmentation.py",
              "return image.filter(ImageFilter.GaussianBlur(radius=radius))", "return image",
