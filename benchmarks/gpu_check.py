@@ -18,7 +18,8 @@ stage 2
   fp16-224        the same run with --precision fp16 (GradScaler and fused AdamW: the paper configs' path), stopped
   step            benchmarks/step.py at the official shape (vit_small and vit_small_sparo, 64 per GPU, 2x224 + 10x96,
                   out_dim 65536): img/s of the fast path (compiled bf16) against the reference (eager fp32)
-  data            benchmarks/data.py: img/s from JPEGs through the loader, both pipelines
+  data            benchmarks/data.py: img/s from JPEGs through the loader, both pipelines; the device multi-crop's
+                  aten ops and host ms per batch (this checkout only: the device's copy has no git history)
   bad-image       a corrupt image under the default loader workers (no compile): one error line, exit 1 in seconds
 cpu (the CPU half, `make cpu-check`; never part of a loan)
   compile-ddp, cpu-gpu-path, cpu-gpu-path-resume: torch.compile(DDP(student)) on 2 gloo processes, and the GPU
@@ -230,8 +231,9 @@ def plan(args: argparse.Namespace, work: str, cuda: bool) -> list[Part]:
         Part("step", "2", [python, "benchmarks/step.py", "--steps", "10", "--warmup", "3", "--check", "false"], 145,
              quote=lambda output: " / ".join(re.findall(r"arch=\S+ ratio fast/reference: img/s x[0-9.]+", output))),
         Part("data", "2", [python, "benchmarks/data.py", "--data_path", images, "--workers", str(args.workers),
-                           "--batches", "8"], 35,
-             quote=lambda output: " / ".join(re.findall(r"pipeline=\S+ img/s=[0-9.]+", output))),
+                           "--batches", "8", "--baseline", "", "--host_rounds", "1"], 35,  # no older revision
+             quote=lambda output: " / ".join(re.findall(r"pipeline=\S+ img/s=[0-9.]+|aten ops per batch: \d+|"
+                                                        r"host ms per batch: [0-9.]+", output))),
         Part("bad-image", "2", bad_run, 25, ok_codes=(1,), must_print=("cannot read image",),
              quote=lambda output: last_line(output, "error:"), fresh_dir=os.path.join(runs, "bad_image")),
         Part("compile-ddp", "cpu", [*pytest, "tests/test_compile.py"], 300, needs_gpu=False,
