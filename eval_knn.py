@@ -165,7 +165,7 @@ def fewshot_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, plan: 
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The closing table (sparo_dino/eval/results_table.py): one k-NN top-1 column per k, at init beside it when asked."""
+    """The closing table (eval/results_table.py): one k-NN top-1 column per k, at init beside it when asked."""
     tests = results.get("test_sets", {})
     sizes = {VAL_NAME: (results["num_test"], results["num_classes"]),
              **{name: (test["num_test"], test["num_classes"]) for name, test in tests.items()}}
@@ -207,7 +207,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         lines += [f"{k}-NN classifier result with {len(selected['slots'])} selected slots: "
                   f"Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}" for k, acc in selected["knn"].items()]
     if "table" in results:
-        lines += results_table.format_rows(results["table"], results_table.title("weighted k-NN", results.get("fewshot")))
+        title = results_table.title("weighted k-NN", results.get("fewshot"))
+        lines += results_table.format_rows(results["table"], title)
     return lines
 
 

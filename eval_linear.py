@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = eval_flags.evaluation_parser(__doc__)
     group = parser.add_argument_group("linear probe")
     group.add_argument("--n_last_blocks", type=int, default=None,
-                       help=f"CLS archs: concatenate the CLS of the last n blocks; other read-outs with --sparo_features "
-                            f"encoding+cls: the CLS of the n-1 blocks before the read-out (default "
+                       help=f"CLS archs: concatenate the CLS of the last n blocks; other read-outs with "
+                            f"--sparo_features encoding+cls: the CLS of the n-1 blocks before the read-out (default "
                             f"{DEFAULT_N_LAST_BLOCKS})")
     group.add_argument("--avgpool_patchtokens", type=config.bool_flag, default=False,
                        help="baselines: also the mean of the last block's patch tokens")
@@ -188,8 +188,8 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
                   _output_dir(args, tag, "official"), info.device, reduce=True)
     for test in tests:
         loader = eval_loader(test.dataset)
-        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: loader, test.present, shifted_sets.describe(
-            test.spec.path, len(test.dataset), test.present, classes))
+        described = shifted_sets.describe(test.spec.path, len(test.dataset), test.present, classes)
+        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: loader, test.present, described)
     return probe
 
 

@@ -7,8 +7,9 @@ Writes what the official script writes to --output_dir: `img.png` (the resized i
 CLS attention over the patches in the last block, upsampled by the patch size) and, with --threshold t,
 `mask_th<t>_head<j>.png` (the smallest set of patches that holds a fraction t of that attention, over the image).
 For a slot read-out (*_sparo; *_mhca averaged over its heads) the last attention is the read-out's, so the files are
-`attn-slot<j>.png` and `mask_th<t>_slot<j>.png`, one per slot. The model comes from the checkpoint's config; --arch and --patch_size (official
-defaults vit_small and 8) apply to plain state dicts. Nothing is downloaded: weights and image must be given.
+`attn-slot<j>.png` and `mask_th<t>_slot<j>.png`, one per slot. The model comes from the checkpoint's config; --arch
+and --patch_size (official defaults vit_small and 8) apply to plain state dicts. Nothing is downloaded: weights and
+image must be given.
 """
 from __future__ import annotations
 

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dataset split to draw images from when --images is not given")
     group.add_argument("--num_images", type=int, default=8, help="columns of the grid")
     group = parser.add_argument_group("slot selection")
-    group.add_argument("--slots", type=int, nargs="*", default=None, help="slot indices to show (overrides --select_by)")
+    group.add_argument("--slots", type=int, nargs="*", default=None,
+                       help="slot indices to show (overrides --select_by)")
     group.add_argument("--select_by", type=str, default="entropy", choices=("index", "knn", "entropy"),
                        help="index: first slots; knn: best per-slot k-NN top-1; entropy: sharpest attention")
     group.add_argument("--num_slots_shown", type=int, default=8)

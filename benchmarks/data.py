@@ -3,7 +3,8 @@
 - per_image (`--augmentation per_image`, the reference): a data-loader worker decodes each image with PIL and makes
   its 2 global + N local crops (augmentation.MultiCropAugmentation).
 - batched (`--augmentation batched`, the default on GPUs): a worker only decodes (batched_data: PIL, large JPEGs at a
-  reduced DCT scale) and packs the batch into one uint8 tensor; the device makes the crops (batched_data.DeviceMultiCrop).
+  reduced DCT scale) and packs the batch into one uint8 tensor; the device makes the crops
+  (batched_data.DeviceMultiCrop).
 
 Three measurements:
 1. worker CPU time per image, in this process with one thread (CPU time, so other jobs on the machine count less

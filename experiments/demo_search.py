@@ -46,7 +46,8 @@ def record(table: Path, name: str, seed: int, changes: dict, flags: tuple[str, .
     row = (f"| {name} | {seed} | {changes or '-'} | `{' '.join(flags) or '-'}` | {summary['train_seconds'] / 60:.1f} | "
            f"{summary['total_seconds'] / 60:.1f} | {images_per_s:.1f} | {summary['init_top1']:.2f} | "
            f"{summary['trained_top1']:.2f} | {summary['trained_top1'] - summary['init_top1']:+.2f} | "
-           f"{summary['teacher_entropy']:.3f} | {summary['kl']:.3f} | {summary['loss']:.3f} | {provenance.machine()} |\n")
+           f"{summary['teacher_entropy']:.3f} | {summary['kl']:.3f} | {summary['loss']:.3f} | "
+           f"{provenance.machine()} |\n")
     with table.open("a") as handle:
         handle.write(row)
     print(row, end="", flush=True)

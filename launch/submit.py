@@ -40,7 +40,8 @@ VOLTA32_CONSTRAINT = "volta32gb"  # what official DINO's --use_volta32 asks SLUR
 
 def build_parser() -> argparse.ArgumentParser:
     """Launcher flags; official run_with_submitit.py flags keep their names and defaults (docs/compatibility.md
-    lists the few that differ). No abbreviations, so a training flag is never mistaken for a prefix of a launcher flag."""
+    lists the few that differ). No abbreviations, so a training flag is never mistaken for a prefix of a launcher
+    flag."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--nodes", type=int, default=None,

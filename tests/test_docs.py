@@ -63,31 +63,35 @@ def test_every_relative_link_resolves() -> None:
 
 def test_every_make_target_shown_exists() -> None:
     targets = set(re.findall(r"^([a-z][\w-]*):", _read(os.path.join(REPO, "Makefile")), flags=re.MULTILINE))
-    shown = {name for page in _pages() for name in re.findall(r"(?:`|^)make ([a-z][\w-]*)", _read(page), flags=re.MULTILINE)}
+    shown = {name for page in _pages()
+             for name in re.findall(r"(?:`|^)make ([a-z][\w-]*)", _read(page), flags=re.MULTILINE)}
     assert shown, "the README shows no make command"
     assert shown <= targets, f"make targets shown in the docs but missing from the Makefile: {shown - targets}"
 
 
-def test_layout_table_names_every_module() -> None:
-    layout = _section(_read(README), "Layout")
-    named = set(re.findall(r"([\w/]+\.py)`", layout))
+ARCHITECTURE = os.path.join(REPO, "docs", "architecture.md")
+
+
+def test_the_architecture_layout_names_every_module() -> None:
+    named = set(re.findall(r"([\w/]+\.py)`", _section(_read(ARCHITECTURE), "Layout")))
     named_files = {os.path.basename(name) for name in named}
-    modules = [os.path.relpath(path, REPO) for path in sorted(glob.glob(os.path.join(REPO, "*.py")))
-               + sorted(glob.glob(os.path.join(REPO, "sparo_dino", "*.py")))]
+    modules = [os.path.relpath(path, REPO) for pattern in ("*.py", "sparo_dino/**/*.py", "experiments/*.py")
+               for path in sorted(glob.glob(os.path.join(REPO, pattern), recursive=True))]
     missing = [module for module in modules
                if os.path.basename(module) != "__init__.py" and os.path.basename(module) not in named_files]
-    assert not missing, f"modules missing from the README's Layout table: {missing}"
+    assert not missing, f"modules missing from docs/architecture.md's Layout table: {missing}"
 
 
-def test_layout_table_names_only_existing_modules() -> None:
+def test_layout_tables_name_only_existing_modules() -> None:
     """A row names its first module with its folder (`sparo_dino/a.py`, `b.py`); the others share that folder."""
     stale = []
-    for row in _section(_read(README), "Layout").splitlines():
-        names = re.findall(r"`([\w/]+\.py)`", row)
-        folder = os.path.dirname(names[0]) if names else ""
-        stale += [name for name in names
-                  if not os.path.isfile(os.path.join(REPO, name if "/" in name else os.path.join(folder, name)))]
-    assert not stale, f"the README's Layout table names modules that do not exist: {stale}"
+    for page in (README, ARCHITECTURE):
+        for row in _section(_read(page), "Layout").splitlines():
+            names = re.findall(r"`([\w/]+\.py)`", row)
+            folder = os.path.dirname(names[0]) if names else ""
+            stale += [name for name in names
+                      if not os.path.isfile(os.path.join(REPO, name if "/" in name else os.path.join(folder, name)))]
+    assert not stale, f"Layout tables name modules that do not exist: {stale}"
 
 
 def test_true_false_flags_are_shown_with_their_value() -> None:

@@ -256,7 +256,7 @@ def test_init_baseline_is_the_same_probe_on_the_runs_initial_network(image_folde
     folder = tmp_path / "run" / "linear_fast_checkpoint_teacher"
     assert (folder / eval_linear.INIT_BASELINE_DIR / linear_probe.CHECKPOINT_NAME).exists()
     gain = results["final"]["top1"] - at_init["final"]["top1"]
-    assert (f"Linear probe at random init (same arch, seed and images) [FAST MODE" in out
+    assert ("Linear probe at random init (same arch, seed and images) [FAST MODE" in out
             and f"final Top1: {at_init['final']['top1']:.2f}" in out and f"trained minus init: {gain:+.2f}" in out)
     saved = json.loads((folder / "results_linear.json").read_text())
     assert saved["init_baseline"]["final"]["top1"] == at_init["final"]["top1"]

@@ -38,8 +38,8 @@ def test_draws_repeat_with_the_seed_and_differ_between_tries_and_seeds():
 
 def test_summary_is_the_mean_and_sample_std_over_tries():
     values = [50.0, 62.5, 75.0]
-    assert fewshot.summarize(values) == {"mean": statistics.mean(values), "std": pytest.approx(statistics.stdev(values)),
-                                         "values": values}
+    assert fewshot.summarize(values) == {"mean": statistics.mean(values),
+                                         "std": pytest.approx(statistics.stdev(values)), "values": values}
     assert fewshot.summarize([40.0])["std"] is None  # one try measures no spread
 
 

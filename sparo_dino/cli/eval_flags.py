@@ -1,8 +1,8 @@
 """What eval_knn.py and eval_linear.py share: their flags, the features they evaluate, their output and errors.
 
 The features of both splits come from --load_features (a cache, checked against the flags) or from the backbone of
---pretrained_weights (sparo_dino.io.weights) run over the dataset (sparo_dino.eval.extraction), optionally dumped for later
-(sparo_dino.eval.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
+--pretrained_weights (io.weights) run over the dataset (eval.extraction), optionally dumped for later
+(eval.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
 checkpoint unless --output_dir says otherwise; a user's mistake ends the script with one line instead of a traceback.
 """
 from __future__ import annotations

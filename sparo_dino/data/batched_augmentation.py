@@ -309,7 +309,8 @@ class BatchedMultiCrop:
             batch, sizes = pad_images(images)
         else:
             batch = images
-            if batch.ndim != 4 or batch.shape[1] != 3 or batch.dtype != torch.uint8 or sizes.shape != (batch.shape[0], 2):
+            if (batch.ndim != 4 or batch.shape[1] != 3 or batch.dtype != torch.uint8
+                    or sizes.shape != (batch.shape[0], 2)):
                 raise ValueError(f"expected a uint8 (B, 3, H, W) batch and (B, 2) sizes, got {batch.dtype} "
                                  f"{tuple(batch.shape)} and {tuple(sizes.shape)}")
         return self.apply(batch, sizes.cpu(), self.sample(sizes.cpu(), generator))

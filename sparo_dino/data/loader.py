@@ -5,9 +5,9 @@ Two pipelines make the same recipe (`--augmentation`); both run on any device:
   (augmentation.MultiCropAugmentation), seeded per sample from (seed, epoch, index) by SeededDataset;
 - batched: the workers only decode and pack uint8 batches, the training device makes every crop of a batch at
   once (batched_data.DeviceMultiCrop), seeded per batch from (seed, epoch, iteration, rank).
-auto picks batched on CUDA devices and per_image elsewhere. Either way a run resumed mid-epoch, or run with another number of
-workers, sees exactly the crops of the uninterrupted run: the sampler skips what the epoch already consumed and no
-crop depends on a worker's history.
+auto picks batched on CUDA devices and per_image elsewhere. Either way a run resumed mid-epoch, or run with another
+number of workers, sees exactly the crops of the uninterrupted run: the sampler skips what the epoch already consumed
+and no crop depends on a worker's history.
 """
 from __future__ import annotations
 

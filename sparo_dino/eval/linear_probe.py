@@ -178,8 +178,8 @@ def fit(classifier: nn.Module, train_batches: Callable[[int], Batches], val_batc
         val_freq: int, output_dir: str, run: dict[str, Any], device: torch.device, reduce: bool,
         model: nn.Module | None = None) -> dict[str, Any]:
     """Train `classifier` for `epochs` with the official optimizer and schedule; resume from and checkpoint to
-    output_dir/checkpoint_linear.pth, append one JSON line per epoch to output_dir/log_linear.txt, and return the final and
-    best validation results (best: the highest top-1, official DINO's headline). `model` is what gets optimized
+    output_dir/checkpoint_linear.pth, append one JSON line per epoch to output_dir/log_linear.txt, and return the final
+    and best validation results (best: the highest top-1, official DINO's headline). `model` is what gets optimized
     (e.g. the DDP wrapper of `classifier`)."""
     model = model or classifier
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)

@@ -185,7 +185,7 @@ def load_pretrained_trunk(backbone: DinoVisionTransformer,
     missing, unexpected = backbone.load_state_dict(trunk, strict=False)
     if unexpected:
         raise ValueError(f"pretrained weights hold keys this backbone lacks: {', '.join(sorted(unexpected)[:5])}")
-    readout = f"{backbone.readout_spec.module_name}."  # a read-out replacing the last block keeps its fresh init
+    readout = f"{backbone.readout_spec.attribute}."  # a read-out replacing the last block keeps its fresh init
     trunk_missing = [k for k in missing if not (backbone.readout_spec.replaces_block and k.startswith(readout))]
     if trunk_missing:
         raise ValueError(f"pretrained weights lack trunk keys: {', '.join(sorted(trunk_missing)[:5])}")

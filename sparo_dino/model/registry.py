@@ -6,7 +6,7 @@ read this registry; adding a read-out is one module under readouts/ plus its `re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -57,10 +57,6 @@ class Readout:
     attribute: str = ""
     vit_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def module_name(self) -> str:
-        return self.attribute or self.name
-
 
 _READOUTS: dict[str, Readout] = {}
 # Trunk sizes (embed_dim, depth, num_heads) by arch prefix.
@@ -78,6 +74,7 @@ def register(readout: Readout) -> Readout:
     if undeclared:
         raise ValueError(f"read-out {readout.name} takes undeclared option(s) {', '.join(undeclared)}; declare them "
                          "in sparo_dino.model.registry.OPTIONS")
+    readout = replace(readout, attribute=readout.attribute or readout.name)
     _READOUTS[readout.name] = readout
     return readout
 

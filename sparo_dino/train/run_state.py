@@ -166,8 +166,8 @@ class RunState:
         config = _saved_config(state, path)
         _check_same_model(path, config, self.config.flat)
         if not named_by_user:  # a rerun in the same output dir; a named --resume seeds a new run on purpose
-            _check_same_recipe(path, {**config, **{k: state[k] for k in ("world_size",) if k in state}}, self.config.flat,
-                               self.info.world_size)
+            saved = {**config, **{k: state[k] for k in ("world_size",) if k in state}}
+            _check_same_recipe(path, saved, self.config.flat, self.info.world_size)
         self._load_weights(state, path)
         self._load_optimizer_state(state, path)
         self._load_position(state, path, iters_per_epoch)

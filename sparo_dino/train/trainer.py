@@ -297,6 +297,6 @@ def train(config: RunConfig, stop: StopRequest | None = None,
             if isinstance(error, (TrainingError, CheckpointError)) or not distributed.is_collective_failure(error):
                 raise
             where = f"in epoch {trainer.epoch} after step {trainer.iteration}/{trainer.iters_per_epoch}"
-            raise TrainingError(distributed.describe_collective_failure(error, where, config.run.dist_timeout_minutes)) \
-                from error
+            message = distributed.describe_collective_failure(error, where, config.run.dist_timeout_minutes)
+            raise TrainingError(message) from error
         return not trainer.stopped
