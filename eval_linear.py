@@ -57,9 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--avgpool_patchtokens", type=config.bool_flag, default=False,
                        help="baselines: also the mean of the last block's patch tokens")
     group.add_argument("--sparo_features", type=str, default="encoding", choices=extraction.SPARO_FEATURES,
-                       help="read-outs (paper C.2 for SPARO): the encoding alone, or, for a read-out replacing the "
-                            "last block, the final-norm CLS of the n_last_blocks-1 blocks before the read-out followed "
-                            "by the encoding")
+                       help="the encoding alone, or (read-outs replacing the last block; paper C.2) the final-norm "
+                            "CLS of the n_last_blocks-1 blocks before the read-out, then the encoding")
     group.add_argument("--num_labels", type=int, default=None,
                        help="official flag: outputs of the classifier; default: the data's classes (another "
                             "value is an error)")

@@ -1,14 +1,7 @@
 """DINO's multi-crop augmentation, the evaluation transforms, and per-sample seeding of their randomness.
 
-The recipe is the official one, with its strengths and probabilities read from crop_recipe (flip 0.5; colour
-jitter (0.4, 0.4, 0.2, 0.1) with p=0.8; grayscale p=0.2; global crop 1 blur p=1; global crop 2 blur p=0.1 and
-solarize p=0.2; local crops blur p=0.5; bicubic RandomResizedCrop; ImageNet mean/std), built from
-torchvision.transforms.v2 on PIL images, with PIL's Gaussian blur. Blur sigma is uniform in the official [0.1, 2.0] px
-times global_crop_size / 224, the same range for every crop of a run: exactly official for the 224/96 px recipe, and
-a 32/16 px Fashion-MNIST run is blurred in proportion instead of wiped out.
-
-All randomness comes from torch's global generator, which SeededDataset reseeds per sample; that is what makes a
-resumed run (or one with a different number of workers) see exactly the same crops.
+The official recipe (numbers from crop_recipe) on PIL images; blur sigma scales with global_crop_size / 224
+(docs/training.md, The recipe). SeededDataset reseeds per sample, so resumes and worker counts see the same crops.
 """
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
 """The training data of one process: images -> sampler -> data loader -> the batch's crops on the device.
 
-Two pipelines make the same recipe (`--augmentation`); both run on any device:
-- per_image, the reference: PIL multi-crop per image in the data-loader workers
-  (augmentation.MultiCropAugmentation), seeded per sample from (seed, epoch, index) by SeededDataset;
-- batched: the workers only decode and pack uint8 batches, the training device makes every crop of a batch at
-  once (batched_data.DeviceMultiCrop), seeded per batch from (seed, epoch, iteration, rank).
-auto picks batched on CUDA devices and per_image elsewhere. Either way a run resumed mid-epoch, or run with another
-number of workers, sees exactly the crops of the uninterrupted run: the sampler skips what the epoch already consumed
-and no crop depends on a worker's history.
+Either pipeline (`--augmentation per_image|batched`; auto: batched on CUDA). A resume mid-epoch or another worker
+count sees the uninterrupted run's crops: the sampler skips what the epoch consumed, crops are seeded by position.
 """
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
 """Linear classifier on frozen features: the official DINO protocol and a fast mode on cached features.
 
-One training loop serves both modes; they differ only in what a batch holds. The official protocol feeds
-RandomResizedCrop + flip images through the frozen backbone every step (SGD momentum 0.9, weight decay 0, cosine
-schedule over the epochs, lr scaled by total batch / 256). The fast mode trains the same classifier with the same
-optimizer on features extracted once from the centre crop, so it has no augmentation and is labelled as such
-everywhere its numbers appear. Every epoch ends with an atomic checkpoint, so an interrupted probe resumes.
-
-Validation follows official DINO: on the 0-based epochs that are multiples of val_freq and after the last one, with
-its console lines ("Accuracy at epoch ...", "Max accuracy so far: ..."); the headline of a probe is the best top-1
-over those validations, as official DINO reports it, and the final one is kept beside it. A trained head (this
-probe's checkpoint or official DINO's linear weights) can be validated again without training (load_head).
+One loop for both (fast: centre-crop features, no augmentation, labelled as such); validation and the best-top-1
+headline as official DINO, an atomic checkpoint every epoch (docs/evaluation.md, Linear probe).
 """
 from __future__ import annotations
 

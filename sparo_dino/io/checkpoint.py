@@ -1,13 +1,7 @@
 """Checkpoint files that survive crashes and load with torch.load(weights_only=True).
 
-A checkpoint is written to a temporary file in the same folder, fsynced and renamed over the target, so a kill
-during the write leaves the previous checkpoint intact. Everything in it is plain data (state dicts, a config
-dict, RNG states as tensors and ints), so it loads with torch >= 2.6's safe default instead of failing on a
-pickled argparse Namespace like the official DINO checkpoints.
-
-Every file is loaded with weights_only=True, also one the user names: unpickling arbitrary objects would let a
-crafted checkpoint run code. Official DINO checkpoints load through an allow-list of the few value classes they
-pickle, scoped to the one load call.
+Written to a temporary file, fsynced and renamed; every file loads weights-only, official DINO checkpoints through
+an allow-list scoped to that one load, so a crafted file cannot run code (docs/training.md, Checkpoints and resume).
 """
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """Reading backbone weights from the files users name, and building a frozen backbone from them.
 
-Every reader of weights goes through here: the evaluations (eval_knn.py, eval_linear.py), the figures
-(visualize_*.py), torch.hub, `load_pretrained_trunk`, training's resume and the linear head's --evaluate. Wrappers
-write the same weights under different names (DDP's `module.`, MultiCropWrapper's `backbone.`/`head.`, the weight-norm
-names of older torch), so one function, `clean_state_dict`, maps them all to this repository's names. The
-architecture comes from the checkpoint's `config`; a flag that contradicts it is an error, because silently building
-another model would load mismatched weights or evaluate the wrong thing.
+Every reader of weights goes through here; `clean_state_dict` maps every wrapper's names to ours, and the model comes
+from the checkpoint's `config` (a contradicting flag is an error: it would load mismatched weights).
 """
 from __future__ import annotations
 

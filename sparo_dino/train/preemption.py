@@ -64,19 +64,10 @@ class StopRequest:
 
 
 class StopPoll:
-    """Asks all ranks at every step boundary whether any was asked to stop; every rank gets the same answer at the
-    same boundary, so they all save the same position.
+    """Asks all ranks at each step boundary whether any was asked to stop, so they all save the same position.
 
-    - one process: its own flag, read at each boundary (no collective): a request during step k stops after step k.
-    - several processes on CPUs (gloo): `agreed_to_stop` at each boundary, the same answer at once.
-    - several processes on GPUs (`asynchronous`): reading a device flag would stall the host until the GPU finished
-      the step, and the GPU would idle while the host prepares the next one. Instead each boundary launches the
-      all-reduce of this rank's flag (and its copy to pinned host memory) behind the step on the device, and reads
-      the poll launched at the previous boundary, which the GPU has normally finished by then (the host runs about
-      one step ahead). A request during step k therefore stops every rank after step k + 1.
-
-    Requests are never withdrawn, so a poll dropped by `reset` (at epoch ends, where the trainer asks
-    synchronously anyway) loses nothing.
+    On GPUs (`asynchronous`) the poll is read one boundary after it was launched: a request during step k stops every
+    rank after step k + 1 (docs/architecture.md, design notes). `reset` loses nothing: requests are never withdrawn.
     """
 
     def __init__(self, stop: StopRequest | None, device: torch.device, asynchronous: bool | None = None) -> None:

@@ -1,16 +1,7 @@
 """One DINO optimisation step, eager (the reference) or compiled, with no host synchronisation inside it.
 
-teacher on the 2 global crops -> student on all crops -> DINO loss -> backward -> per-parameter clipping -> last
-layer frozen in the first epochs -> optimizer step -> EMA of the teacher. The trainer and benchmarks/step.py run
-this same object, so what the benchmark times is what training runs.
-
-`compiled` wraps student, teacher and loss in torch.compile (Inductor fuses the ViT's element-wise work and the
-loss over the 65536-way head); the optimizer stays eager and, on GPUs, is the fused AdamW (optim.build_optimizer).
-Nothing here reads a device value on the host: the schedule values arrive as Python floats, clipping and EMA are
-foreach kernels, and the step returns its metrics as a device tensor, read by the trainer at the logging interval
-(fp16's GradScaler is the exception: its inf check reads the device unless the optimizer is the fused AdamW, which
-takes the check's result on the device; bf16 needs no scaler). A compiled step reads one value on its first step
-only: whether every rank compiled (TrainingStep._settle_compilation).
+The trainer and benchmarks/step.py run this same object; its parts and the device reads it avoids:
+docs/architecture.md (one training step, design notes).
 """
 from __future__ import annotations
 

@@ -280,14 +280,9 @@ class DinoTrainer:
 
 def train(config: RunConfig, stop: StopRequest | None = None,
           report_error: Callable[[BaseException], None] | None = None) -> bool:
-    """Run (or continue) the DINO training described by `config` in this process.
-
-    Joins the process group given by the environment (torchrun, submitit) or runs alone. A group created here is
-    destroyed on success, so jobs exit instead of hanging in NCCL teardown; on an error `report_error` prints it
-    first and the group is aborted, since the peers may be stuck in a collective that a coordinated destroy would
-    wait for. With `stop`, a request (signal handler, submitit's checkpoint callback) makes every rank save a
-    checkpoint at the next step boundary and return. Returns whether all epochs are done (False: stopped early,
-    resume from the checkpoint).
+    """Run (or continue) the training of `config` in this process; returns whether all epochs are done (False:
+    stopped early, resume from the checkpoint). The process group is destroyed on success and aborted on an error, after
+    `report_error` printed it (peers may be stuck in a collective a coordinated destroy would wait for).
     """
     with distributed.process_group(config.run.dist_timeout_minutes, report_error) as info:
         trainer = DinoTrainer(config, info, stop)
