@@ -1,8 +1,7 @@
 """DINO's multi-crop augmentation, the evaluation transforms, and per-sample seeding of their randomness.
 
 The official recipe (numbers from crop_recipe) on PIL images; blur sigma scales with global_crop_size / 224
-(docs/training.md, The recipe). SeededDataset reseeds per sample, so resumes and worker counts see the same crops.
-"""
+(docs/training.md, The recipe). SeededDataset reseeds per sample, so resumes and worker counts see the same crops."""
 from __future__ import annotations
 
 import random
@@ -39,8 +38,7 @@ def blur_sigma_range(global_crop_size: int) -> tuple[float, float]:
     """The blur sigma range of every crop (global and local) of a run with `global_crop_size` px global crops.
 
     The official range scaled by global_crop_size / 224: a run's scale is set by its global crops, so local crops
-    keep the official sigma in pixels (as in the paper's 224/96 recipe) rather than a range shrunk to their size.
-    """
+    keep the official sigma in pixels (as in the paper's 224/96 recipe) rather than a range shrunk to their size."""
     if global_crop_size <= 0:
         raise ValueError(f"global_crop_size must be positive, got {global_crop_size}")
     scale = global_crop_size / BLUR_REFERENCE_SIZE

@@ -1,8 +1,7 @@
 """DINO multi-crop augmentation on batches of decoded uint8 image tensors, on any device (`--augmentation batched`).
 
 The per-image pipeline's recipe and parameter distributions (crop_recipe), every parameter of a batch drawn at once on
-the CPU; its deliberate differences and host cost: docs/architecture.md (design notes), docs/performance.md.
-"""
+the CPU; its deliberate differences and host cost: docs/architecture.md (design notes), docs/performance.md."""
 from __future__ import annotations
 
 import math

@@ -1,8 +1,7 @@
 """The data path of `--augmentation batched`: data-loader workers only decode, the training device builds every crop.
 
 Crops are seeded by (seed, epoch, iteration, rank), so neither the worker count nor a resume changes them; large
-JPEGs are decoded at a reduced DCT scale, never below `min_decode_area` (why: docs/architecture.md, design notes).
-"""
+JPEGs are decoded at a reduced DCT scale, never below `min_decode_area` (why: docs/architecture.md, design notes)."""
 from __future__ import annotations
 
 import functools

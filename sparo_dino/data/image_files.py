@@ -1,8 +1,7 @@
 """The training images of `--dataset imagefolder`: what `--data_path` holds, its index, and the index cache.
 
 A list file, a folder of unlabeled images or an ImageFolder tree (`detect_kind`; docs/training.md, Your own data).
-Only the main process lists or reads the cache; the other ranks receive its index, so all train on the same images.
-"""
+Only the main process lists or reads the cache; the other ranks receive its index, so all train on the same images."""
 from __future__ import annotations
 
 import json

@@ -1,8 +1,7 @@
 """The training data of one process: images -> sampler -> data loader -> the batch's crops on the device.
 
 Either pipeline (`--augmentation per_image|batched`; auto: batched on CUDA). A resume mid-epoch or another worker
-count sees the uninterrupted run's crops: the sampler skips what the epoch consumed, crops are seeded by position.
-"""
+count sees the uninterrupted run's crops: the sampler skips what the epoch consumed, crops are seeded by position."""
 from __future__ import annotations
 
 import atexit

@@ -1,8 +1,7 @@
 """Weighted k-nearest-neighbour classification on frozen encodings (the DINO k-NN protocol) and SPARO slot analysis.
 
 One exact search with the largest k serves every k (faiss IndexFlatIP when installed; chunked torch, the reference,
-otherwise). Memory at ImageNet scale, sharding and slot selection: docs/evaluation.md and docs/architecture.md.
-"""
+otherwise). Memory at ImageNet scale, sharding and slot selection: docs/evaluation.md and docs/architecture.md."""
 from __future__ import annotations
 
 import functools
@@ -321,8 +320,7 @@ def select_slots(train_features: torch.Tensor, train_labels: torch.Tensor, num_s
     """Rank slots by their k-NN top-1 on a held-out part of the train set and keep the best `num_select`.
 
     Takes the train set only, by design: the test set cannot leak into the choice of slots.
-    Returns (selected slots best first, held-out top-1 of every slot).
-    """
+    Returns (selected slots best first, held-out top-1 of every slot)."""
     if not 1 <= num_select <= num_slots:
         raise ValueError(f"--select_slots must lie in [1, {num_slots}] (the number of slots), got {num_select}")
     train_labels = torch.as_tensor(train_labels).long().cpu()

@@ -1,8 +1,7 @@
 """Linear classifier on frozen features: the official DINO protocol and a fast mode on cached features.
 
 One loop for both (fast: centre-crop features, no augmentation, labelled as such); validation and the best-top-1
-headline as official DINO, an atomic checkpoint every epoch (docs/evaluation.md, Linear probe).
-"""
+headline as official DINO, an atomic checkpoint every epoch (docs/evaluation.md, Linear probe)."""
 from __future__ import annotations
 
 import json

@@ -1,8 +1,7 @@
 """Shifted test sets (ImageNet-V2, -R, -A, -Sketch, ...) evaluated against the training set's classes.
 
 Class folders map to training classes by name, else as class indices (ImageNet-V2); a set holding only some classes
-predicts among those (`restrict`). An unmatched folder is an error (docs/evaluation.md, Robustness evaluation).
-"""
+predicts among those (`restrict`). An unmatched folder is an error (docs/evaluation.md, Robustness evaluation)."""
 from __future__ import annotations
 
 import os

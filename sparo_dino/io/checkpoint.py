@@ -1,8 +1,7 @@
 """Checkpoint files that survive crashes and load with torch.load(weights_only=True).
 
 Written to a temporary file, fsynced and renamed; every file loads weights-only, official DINO checkpoints through
-an allow-list scoped to that one load, so a crafted file cannot run code (docs/training.md, Checkpoints and resume).
-"""
+an allow-list scoped to that one load, so a crafted file cannot run code (docs/training.md, Checkpoints and resume)."""
 from __future__ import annotations
 
 import argparse

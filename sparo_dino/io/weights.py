@@ -1,8 +1,7 @@
 """Reading backbone weights from the files users name, and building a frozen backbone from them.
 
 Every reader of weights goes through here; `clean_state_dict` maps every wrapper's names to ours, and the model comes
-from the checkpoint's `config` (a contradicting flag is an error: it would load mismatched weights).
-"""
+from the checkpoint's `config` (a contradicting flag is an error: it would load mismatched weights)."""
 from __future__ import annotations
 
 import argparse
@@ -137,8 +136,7 @@ def load_backbone(args: argparse.Namespace, at_init: bool = False) -> tuple[nn.M
     """(frozen eval-mode backbone on CPU, its build options, result tag) from --pretrained_weights and flags.
 
     With `at_init`, the network the checkpoint's run started from instead (same config and seed, weights before the
-    first step): the random-init baseline that a trained result must clear to show that training did something.
-    """
+    first step): the random-init baseline that a trained result must clear to show that training did something."""
     if args.pretrained_weights is None:
         raise ValueError("--pretrained_weights is required (or --load_features with cached features)")
     weights = read_weights(args.pretrained_weights, args.checkpoint_key)

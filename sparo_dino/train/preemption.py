@@ -67,8 +67,7 @@ class StopPoll:
     """Asks all ranks at each step boundary whether any was asked to stop, so they all save the same position.
 
     On GPUs (`asynchronous`) the poll is read one boundary after it was launched: a request during step k stops every
-    rank after step k + 1 (docs/architecture.md, design notes). `reset` loses nothing: requests are never withdrawn.
-    """
+    rank after step k + 1 (docs/architecture.md, design notes). `reset` loses nothing: requests are never withdrawn."""
 
     def __init__(self, stop: StopRequest | None, device: torch.device, asynchronous: bool | None = None) -> None:
         self.stop = stop
@@ -120,8 +119,7 @@ def stop_on_signals(signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> It
     """A StopRequest fed by SIGTERM/SIGUSR1 while the block runs, then the previous handlers again.
 
     Yields None outside the main thread (Python only delivers signals there): whoever runs training in a worker
-    thread, like the submitit launcher, owns the signals and passes its own StopRequest instead.
-    """
+    thread, like the submitit launcher, owns the signals and passes its own StopRequest instead."""
     if threading.current_thread() is not threading.main_thread():
         yield None
         return

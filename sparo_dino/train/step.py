@@ -1,8 +1,7 @@
 """One DINO optimisation step, eager (the reference) or compiled, with no host synchronisation inside it.
 
 The trainer and benchmarks/step.py run this same object; its parts and the device reads it avoids:
-docs/architecture.md (one training step, design notes).
-"""
+docs/architecture.md (one training step, design notes)."""
 from __future__ import annotations
 
 import contextlib
