@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 import sparo_vit
-from sparo_dino import config, distributed, eval_cli, eval_table, extraction, feature_cache, fewshot, knn, provenance
+from sparo_dino import (cli_errors, config, distributed, eval_cli, eval_table, extraction, feature_cache, fewshot, knn,
+                        provenance)
 from sparo_dino.test_sets import VAL_NAME, EvalSet, restrict
 from sparo_dino.knn import weighted_knn  # noqa: F401  (public API: eval_knn.weighted_knn)
 
@@ -70,14 +71,23 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     return kind_for
 
 
-def _accuracies(scores: dict[int, torch.Tensor], labels: torch.Tensor, present: torch.Tensor | None = None
-                ) -> dict[str, dict[str, float]]:
-    """Top-1/top-5 per k; with `present`, predicted among those classes only (a test set holding some classes)."""
+def _accuracies(scores: dict[int, torch.Tensor], labels: torch.Tensor, present: torch.Tensor | None = None,
+                bank_size: int | None = None) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 per k; with `present`, predicted among those classes only (a test set holding some classes).
+    With `bank_size`, each entry also says the k the search used (`k`: at most the bank's size)."""
     results = {}
     for k, class_scores in scores.items():
         top1, top5 = knn.topk_accuracy(restrict(class_scores, present), labels)
         results[str(k)] = {"top1": top1, "top5": top5}
+        if bank_size is not None:
+            results[str(k)]["k"] = min(k, bank_size)
     return results
+
+
+def _neighbours(k: str, accuracy: dict[str, float]) -> str:
+    """`20-NN`, or `60-NN (asked 500)` where the train bank held fewer than the k asked for."""
+    used = int(accuracy.get("k", k))
+    return f"{k}-NN" if used == int(k) else f"{used}-NN (asked {k})"
 
 
 def _top1(accuracies: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -109,7 +119,12 @@ def run_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, device: to
                               where, bank_dtype)
 
     num_train = data.meta["train_shard"]["num_train"] if "train_shard" in data.meta else len(train_labels)
-    results: dict[str, Any] = {"knn": _accuracies(scores(val), val_labels), "num_train": num_train,
+    clipped = [k for k in args.nb_knn if k > num_train]
+    if clipped:
+        cli_errors.warn(f"--nb_knn {' '.join(map(str, clipped))} asks for more neighbours than the {num_train} train "
+                        f"features; the search uses all {num_train} (reported as {num_train}-NN (asked k))")
+    results: dict[str, Any] = {"knn": _accuracies(scores(val), val_labels, bank_size=num_train),
+                               "num_train": num_train,
                                "num_test": len(val_labels), "num_classes": num_classes,
                                "temperature": args.temperature, "backend": backend, "device": str(where),
                                "bank_dtype": bank_dtype, "meta": data.meta}
@@ -180,14 +195,14 @@ def _slot_spread(top1: list[float]) -> str:
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """The official one-line-per-k summary, then the random-init baseline and the slot analysis."""
-    lines = [f"{k}-NN classifier result: Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}"
+    lines = [f"{_neighbours(k, acc)} classifier result: Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}"
              for k, acc in results["knn"].items()]
     lines.append(f"k-NN search: {results['backend']} on {results['device']}, {results['bank_dtype']} bank")
     for k, acc in results.get("init_baseline", {}).items():
         gain = results["knn"][k]["top1"] - acc["top1"]
-        lines.append(f"{k}-NN classifier result at random init (same arch, seed and images): Top1: {acc['top1']:.2f}, "
-                     f"Top5: {acc['top5']:.2f}; training {'adds' if gain > 0 else 'changes'} {gain:+.2f} points "
-                     "of Top1")
+        lines.append(f"{_neighbours(k, acc)} classifier result at random init (same arch, seed and images): "
+                     f"Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}; training "
+                     f"{'adds' if gain > 0 else 'changes'} {gain:+.2f} points of Top1")
     if "per_slot" in results:
         k, top1 = results["per_slot"]["k"], results["per_slot"]["top1"]
         lines += [f"slot {slot} {k}-NN Top1: {acc:.2f}" for slot, acc in enumerate(top1)]

@@ -53,12 +53,10 @@ class SPARO(nn.Module):
                  slot_dim: int = SPARO_DEFAULTS["slot_dim"], attn_dim: int = SPARO_DEFAULTS["attn_dim"],
                  group_size: int = SPARO_DEFAULTS["group_size"], slot_norm: bool = False) -> None:
         super().__init__()
-        if min(embed_dim, num_slots, slot_dim, attn_dim, group_size) < 1:
-            raise ValueError("SPARO sizes must be positive: "
-                             f"embed_dim={embed_dim} num_slots={num_slots} slot_dim={slot_dim} "
-                             f"attn_dim={attn_dim} group_size={group_size}")
-        if num_slots % group_size:
-            raise ValueError(f"num_slots ({num_slots}) must be a multiple of group_size ({group_size})")
+        if embed_dim < 1:
+            raise ValueError(f"SPARO needs a positive embed_dim, got {embed_dim}")
+        check_readout_sizes({"num_slots": num_slots, "slot_dim": slot_dim, "attn_dim": attn_dim,
+                             "group_size": group_size})
         self.num_slots, self.slot_dim, self.attn_dim, self.group_size = num_slots, slot_dim, attn_dim, group_size
         self.num_groups = num_slots // group_size
         self.query = nn.Parameter(torch.empty(num_slots, attn_dim))
@@ -203,6 +201,20 @@ def has_slots(arch: str) -> bool:
     return readout_of(arch) in SLOT_READOUTS
 
 
+def check_readout_sizes(sizes: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise ValueError unless the given read-out sizes (num_slots, slot_dim, attn_dim, group_size; None: not given)
+    are >= 1 and num_slots is a multiple of group_size. The one check of these rules: the modules apply it to their
+    arguments, the scripts to their flags before any model is built (`prefix` "--" names them as the user wrote
+    them)."""
+    for key in ("num_slots", "slot_dim", "attn_dim", "group_size"):
+        value = sizes.get(key)
+        if value is not None and value < 1:
+            raise ValueError(f"{prefix}{key} must be >= 1, got {value}")
+    num_slots, group_size = sizes.get("num_slots"), sizes.get("group_size")
+    if num_slots is not None and group_size is not None and num_slots % group_size:
+        raise ValueError(f"{prefix}num_slots {num_slots} must be a multiple of {prefix}group_size {group_size}")
+
+
 def reject_readout_options(arch: str, given: Sequence[str]) -> None:
     """Raise ValueError when read-out options are given to an arch whose read-out does not take them, where they
     would silently do nothing.
@@ -312,6 +324,8 @@ def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_pa
                         f"{', '.join(READOUT_OPTIONS)}")
     reject_readout_options(arch, sorted(readout_options))
     options = {key: (bool(value) if key == "slot_norm" else int(value)) for key, value in readout_options.items()}
+    if min(patch_size, img_size) < 1:
+        raise ValueError(f"patch_size and img_size must be >= 1, got {patch_size} and {img_size}")
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
     spec = _SIZES[size]

@@ -28,6 +28,7 @@ from torchvision import transforms  # noqa: E402
 
 import sparo_vit  # noqa: E402
 from sparo_dino import eval_cli, weights  # noqa: E402
+from sparo_dino import cli_errors  # noqa: E402
 from sparo_dino.cli_errors import require_writable_dirs  # noqa: E402
 from visualize_slots import for_display, load_named_backbone  # noqa: E402
 
@@ -36,7 +37,7 @@ OFFICIAL_PLAIN_DEFAULTS = {"arch": "vit_small", "patch_size": 8}  # official fla
 
 def build_parser() -> argparse.ArgumentParser:
     """Official flags, names and defaults; arch and patch size are read from a checkpoint's config instead."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=str, default=None, choices=sparo_vit.ARCHS,
                         help="for a plain state dict (default vit_small); else read from the checkpoint's config")
     parser.add_argument("--patch_size", type=int, default=None,

@@ -34,13 +34,13 @@ from PIL import Image  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import sparo_vit  # noqa: E402
-from sparo_dino import config, datasets, eval_cli, feature_cache, weights  # noqa: E402
+from sparo_dino import cli_errors, config, datasets, eval_cli, feature_cache, weights  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     eval_cli.add_feature_args(parser)
     group = parser.add_argument_group("images")

@@ -11,7 +11,6 @@ learning), though still below raw pixels. It says which side of the bar a run la
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -28,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # the entry scripts live in the checkout, th
 
 import eval_knn  # noqa: E402
 import main_dino  # noqa: E402
-from sparo_dino import datasets, knn  # noqa: E402
+from sparo_dino import cli_errors, datasets, knn  # noqa: E402
 from sparo_dino.progress import LOG_NAME  # noqa: E402
 
 CONFIGS = {"vit_tiny_sparo": REPO_ROOT / "configs" / "fmnist_vit_tiny_sparo.yaml",
@@ -182,7 +181,7 @@ def run(output_dir: Path, profile: Profile, num_workers: int, arch: str = "vit_t
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--profile", choices=("auto", *PROFILES), default="auto",
                         help="auto: gpu when CUDA is available, else cpu")

@@ -14,12 +14,11 @@ run it for two seeds. When it wins, make it demo.PROFILES["cpu"] and the "cpu" e
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 from pathlib import Path
 
-from sparo_dino import demo, provenance
+from sparo_dino import cli_errors, demo, provenance
 
 # The fields a candidate changes start from these, written out rather than read from the demo's profile, so that a
 # recorded candidate keeps its meaning when the demo's profile changes.
@@ -51,7 +50,7 @@ def record(table: Path, name: str, seed: int, changes: dict, flags: tuple[str, .
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", nargs="+", choices=tuple(CANDIDATES), default=list(CANDIDATES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--table", type=Path, default=demo.REPO_ROOT / "docs" / "demo_recipes.md")

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 import sparo_vit
-from sparo_dino import (augmentation, config, datasets, distributed, extraction, feature_cache, test_sets,
-                        weights)
+from sparo_dino import (augmentation, cli_errors, config, datasets, distributed, extraction, feature_cache,
+                        fewshot, test_sets, weights)
 from sparo_dino.checkpoint import CheckpointError
 from sparo_dino.cli_errors import exit_with, print_once, require_writable_dirs
 from sparo_dino.feature_cache import FeatureSet
@@ -25,7 +25,7 @@ from sparo_dino.feature_cache import FeatureSet
 def evaluation_parser(doc: str) -> argparse.ArgumentParser:
     """The parser eval_knn.py and eval_linear.py start from: the script's docstring as description, the shared
     feature flags and the official launcher flags."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+    parser = cli_errors.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_feature_args(parser)
     add_robustness_args(parser)
@@ -148,7 +148,9 @@ def compute_features(args: argparse.Namespace, device: torch.device,
                              "--load_features")
         if not distributed.is_main_process():
             return None
-        return _check_cached(feature_cache.load_features(args.load_features), args, kind_for, accept_official_dump)
+        cached = _check_cached(feature_cache.load_features(args.load_features), args, kind_for, accept_official_dump)
+        fewshot.require_shots(cached.train_labels, getattr(args, "n_per_class", None) or [], cached.classes)
+        return cached
     backbone, options, tag = weights.load_backbone(args, at_init)
     backbone.to(device)
     kind = kind_for(options["arch"])
@@ -156,6 +158,9 @@ def compute_features(args: argparse.Namespace, device: torch.device,
     transform = augmentation.eval_transform(args.resize_size, args.crop_size)
     splits = dict(zip(feature_cache.SPLITS,
                       extraction.build_splits(args.dataset, data_path(args), transform, transform)))
+    # before the extraction: a class too small for --n_per_class would otherwise fail after it
+    fewshot.require_shots(splits["train"].targets, getattr(args, "n_per_class", None) or [],
+                          splits["train"].classes)
     tests = test_sets.build(test_sets.parse_specs(args.test_sets), splits["train"].classes, transform)
     scopes = {"train": "local", "val": "all"} if shard_train else {"train": "main", "val": "main"}
     results = {split: extraction.extract_features(fn, dataset, args.batch_size_per_gpu, args.num_workers, device,

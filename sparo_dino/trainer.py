@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparo_dino import distributed
+from sparo_dino import cli_errors, distributed
 from sparo_dino.checkpoint import CheckpointError, remove_stale_temporaries
 from sparo_dino.config import args_to_dict, save_config
 from sparo_dino.loss import DINOLoss
@@ -58,6 +58,9 @@ class DinoTrainer:
         self.stopped = False
         self.device = info.device
         self.precision = resolve_precision(args.precision, args.use_fp16, self.device)
+        if self.precision == "fp16" and self.device.type == "cpu":
+            cli_errors.warn("fp16 on a CPU: float16 autocast has no fast CPU kernels, so training runs several "
+                            "times slower than in fp32 (--precision auto picks fp32 on CPUs)")
         if args.tensorboard:
             require_tensorboard()
         if self.device.type == "cuda":
