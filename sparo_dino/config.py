@@ -88,8 +88,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         if key in explicit:
             continue
         action = actions[key]
-        if action.nargs in ("+", "*") and value is not None and not isinstance(value, list):
+        takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+        if takes_list and value is not None and not isinstance(value, list):
             value = [value]  # `scale: 0.4` reads as the command line's `--scale 0.4`, and is checked as that is
+        if not takes_list and isinstance(value, (list, dict)):
+            raise SystemExit(f"error: bad value {value!r} for key {key} in {args.config}: it takes one value")
         if action.type is not None and value is not None:
             try:
                 value = ([_typed(action.type, v) for v in value] if isinstance(value, list)
