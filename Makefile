@@ -26,7 +26,7 @@ bench: install
 # Train vit_tiny_sparo on Fashion-MNIST and report its 20-NN accuracy next to the same network at random init and raw
 # pixels (2-core CPU, fresh clone: 3.5 min of train + eval on 2026-12-06, 7.2-7.4 min earlier; docs/demo_recipes.md).
 demo: install data
-	$(PYTHON) -m sparo_dino.demo
+	$(PYTHON) -m experiments.demo
 
 # Curated mutation check (not part of `make test`/CI): every bug in tests/mutation/mutations.py must fail its tests.
 mutation: install data

@@ -20,14 +20,17 @@ from typing import Any, Callable, Sequence
 import torch
 
 import sparo_vit
-from sparo_dino import (cli_errors, config, distributed, eval_cli, eval_table, extraction, feature_cache, fewshot, knn,
-                        provenance)
-from sparo_dino.test_sets import VAL_NAME, EvalSet, restrict
-from sparo_dino.knn import weighted_knn  # noqa: F401  (public API: eval_knn.weighted_knn)
+from sparo_dino import distributed
+from sparo_dino.cli import config, eval_flags
+from sparo_dino.cli import errors as cli_errors
+from sparo_dino.eval import extraction, feature_cache, fewshot, knn, results_table
+from sparo_dino.eval.knn import weighted_knn  # noqa: F401  (public API: eval_knn.weighted_knn)
+from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, restrict
+from sparo_dino.io import provenance
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = eval_cli.evaluation_parser(__doc__)
+    parser = eval_flags.evaluation_parser(__doc__)
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
     group.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
@@ -175,7 +178,7 @@ def fewshot_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, plan: 
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The closing table (sparo_dino/eval_table.py): one k-NN top-1 column per k, at init beside it when asked."""
+    """The closing table (sparo_dino/eval/results_table.py): one k-NN top-1 column per k, at init beside it when asked."""
     tests = results.get("test_sets", {})
     sizes = {VAL_NAME: (results["num_test"], results["num_classes"]),
              **{name: (test["num_test"], test["num_classes"]) for name, test in tests.items()}}
@@ -184,7 +187,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "init_baseline" in results:
         init_full = {VAL_NAME: _top1(results["init_baseline"]),
                      **{name: _top1(test["knn"]) for name, test in results.get("init_test_sets", {}).items()}}
-    return eval_table.build_rows(sizes, full, results.get("fewshot", {}).get("n_per_class"), init_full,
+    return results_table.build_rows(sizes, full, results.get("fewshot", {}).get("n_per_class"), init_full,
                                  results.get("init_fewshot", {}).get("n_per_class"))
 
 
@@ -217,7 +220,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         lines += [f"{k}-NN classifier result with {len(selected['slots'])} selected slots: "
                   f"Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}" for k, acc in selected["knn"].items()]
     if "table" in results:
-        lines += eval_table.format_rows(results["table"], eval_table.title("weighted k-NN", results.get("fewshot")))
+        lines += results_table.format_rows(results["table"], results_table.title("weighted k-NN", results.get("fewshot")))
     return lines
 
 
@@ -234,14 +237,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                          "--dump_features and --load_features need them in one process")
     if args.shard_bank and args.n_per_class:
         raise ValueError("--n_per_class draws from the whole train bank in one process; not with --shard_bank")
-    eval_cli.check_robustness_args(args)
+    eval_flags.check_robustness_args(args)
     distributed.check_launcher_args(args)
-    eval_cli.check_output_dirs(args)
-    with distributed.process_group(args.dist_timeout_minutes, report_error=eval_cli.print_user_error) as info:
+    eval_flags.check_output_dirs(args)
+    with distributed.process_group(args.dist_timeout_minutes, report_error=eval_flags.print_user_error) as info:
         # the baseline first: a checkpoint that cannot give it fails before the long extraction
-        initial = (eval_cli.compute_features(args, info.device, kind_resolver(args), at_init=True,
+        initial = (eval_flags.compute_features(args, info.device, kind_resolver(args), at_init=True,
                                              shard_train=args.shard_bank) if args.init_baseline else None)
-        data = eval_cli.compute_features(args, info.device, kind_resolver(args), accept_official_dump=True,
+        data = eval_flags.compute_features(args, info.device, kind_resolver(args), accept_official_dump=True,
                                          shard_train=args.shard_bank)
         if data is None:  # features live on the main process only (unless --shard_bank)
             return None
@@ -259,10 +262,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             results["table"] = table_rows(results)
         for line in summary_lines(results):
             print(line, flush=True)
-        output_dir = eval_cli.default_output_dir(args)
-        eval_cli.write_results(results, os.path.join(output_dir, f"knn_{data.meta['tag']}.json"))
+        output_dir = eval_flags.default_output_dir(args)
+        eval_flags.write_results(results, os.path.join(output_dir, f"knn_{data.meta['tag']}.json"))
         return results
 
 
 if __name__ == "__main__":
-    eval_cli.run_cli(main)
+    eval_flags.run_cli(main)

@@ -28,12 +28,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import sparo_vit
-from sparo_dino import (augmentation, config, distributed, eval_cli, eval_table, extraction, fewshot, linear_probe,
-                        provenance, test_sets, weights)
-from sparo_dino.feature_cache import FeatureSet
-from sparo_dino.schedules import scaled_lr
-from sparo_dino.subsets import seeded_split
-from sparo_dino.test_sets import VAL_NAME, EvalSet, RestrictedHead
+from sparo_dino import distributed
+from sparo_dino.cli import config, eval_flags
+from sparo_dino.data import augmentation
+from sparo_dino.eval import extraction, fewshot, linear_probe, results_table, shifted_sets
+from sparo_dino.eval.feature_cache import FeatureSet
+from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, RestrictedHead
+from sparo_dino.eval.subsets import seeded_split
+from sparo_dino.io import provenance, weights
+from sparo_dino.train.schedules import scaled_lr
 
 DEFAULT_N_LAST_BLOCKS = 4
 # --fast's base lrs: official 1e-3 and around it, up to where unnormalized SPARO encodings of a short run need it
@@ -44,7 +47,7 @@ TABLE_COLUMN = "linear"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = eval_cli.evaluation_parser(__doc__)
+    parser = eval_flags.evaluation_parser(__doc__)
     group = parser.add_argument_group("linear probe")
     group.add_argument("--n_last_blocks", type=int, default=None,
                        help=f"CLS archs: concatenate the CLS of the last n blocks; other read-outs with --sparo_features "
@@ -111,7 +114,7 @@ class ProbeTestSet:
     """A --test_sets entry as a probe evaluates it: its batches (images, or features with --fast) and classes."""
     batches: Callable[[], linear_probe.Batches]
     present: torch.Tensor | None  # training classes it holds (predictions restricted to them); None: all
-    info: dict[str, Any]  # test_sets.describe
+    info: dict[str, Any]  # shifted_sets.describe
 
 
 @dataclass
@@ -135,7 +138,7 @@ def _output_dir(args: argparse.Namespace, tag: str, protocol: str) -> str:
     if args.output_dir is not None:
         return args.output_dir
     prefix = "linear_fast" if protocol == "fast" else "linear"
-    return os.path.join(eval_cli.default_output_dir(args), f"{prefix}_{tag}")
+    return os.path.join(eval_flags.default_output_dir(args), f"{prefix}_{tag}")
 
 
 def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Probe:
@@ -145,7 +148,7 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
     kind = kind_resolver(args)(options["arch"])
     featurize = extraction.feature_function(backbone, kind)
     # Augmentation seeded per (seed, epoch, sample): a resumed probe sees the crops it would have seen.
-    train_set, val_set = extraction.build_splits(args.dataset, eval_cli.data_path(args),
+    train_set, val_set = extraction.build_splits(args.dataset, eval_flags.data_path(args),
                                                  augmentation.linear_train_transform(args.crop_size),
                                                  augmentation.eval_transform(args.resize_size, args.crop_size))
     train_set = augmentation.SeededDataset(train_set, args.seed)
@@ -167,7 +170,7 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
         return DataLoader(dataset, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
                           sampler=extraction.ShardSampler(len(dataset), info.rank, info.world_size), pin_memory=pin)
     val_loader = eval_loader(val_set)
-    tests = test_sets.build(test_sets.parse_specs(args.test_sets), train_set.classes,
+    tests = shifted_sets.build(shifted_sets.parse_specs(args.test_sets), train_set.classes,
                             augmentation.eval_transform(args.resize_size, args.crop_size))
 
     def train_batches(epoch: int) -> linear_probe.Batches:
@@ -183,7 +186,7 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
                   _output_dir(args, tag, "official"), info.device, reduce=True)
     for test in tests:
         loader = eval_loader(test.dataset)
-        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: loader, test.present, test_sets.describe(
+        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: loader, test.present, shifted_sets.describe(
             test.spec.path, len(test.dataset), test.present, classes))
     return probe
 
@@ -199,7 +202,7 @@ def fast_probe(args: argparse.Namespace, info: distributed.DistInfo, at_init: bo
     holds the heads and one batch, not the 21 GB of an ImageNet SPARO bank. Not fp16 features on the device
     instead: that still holds 10.5 GB, and the encodings are unnormalized, so fp16 would round (or overflow) the
     very inputs whose probe accuracy is reported."""
-    data = eval_cli.compute_features(args, info.device, kind_resolver(args), at_init=at_init)
+    data = eval_flags.compute_features(args, info.device, kind_resolver(args), at_init=at_init)
     if data is None:
         return None
     train_features, train_labels = data.train_features, data.train_labels
@@ -266,7 +269,7 @@ def evaluate_test_sets(probe: Probe, head: nn.Module) -> dict[str, dict[str, Any
 
 def fewshot_probes(args: argparse.Namespace, probe: Probe, lr: float) -> dict[str, Any]:
     """--n_per_class: for each n and try, a head trained on n cached train features per class (the draw of
-    sparo_dino/fewshot.py) with the full probe's lr (chosen on its train hold-out), then scored on val and every
+    sparo_dino/eval/fewshot.py) with the full probe's lr (chosen on its train hold-out), then scored on val and every
     test set. Each head resumes from its own folder under fewshot/."""
     data = probe.features
     sets = {VAL_NAME: EvalSet(data.val_features, data.val_labels, None), **data.test_sets}
@@ -304,7 +307,7 @@ def evaluate_extras(args: argparse.Namespace, probe: Probe, trained: dict[str, A
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The closing table (sparo_dino/eval_table.py): the final head's top-1 on val and each test set, few-shot
+    """The closing table (sparo_dino/eval/results_table.py): the final head's top-1 on val and each test set, few-shot
     means, and the random-init probe's beside them when asked."""
     def top1(probed: dict[str, Any]) -> dict[str, dict[str, float]]:
         val = probed["final"] if "final" in probed else probed["evaluate"]
@@ -315,7 +318,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     sizes = {VAL_NAME: (val["num_samples"], results["run"]["num_classes"]),
              **{name: (test["num_test"], test["num_classes"]) for name, test in results.get("test_sets", {}).items()}}
     initial = results.get("init_baseline")
-    return eval_table.build_rows(sizes, top1(results), results.get("fewshot", {}).get("n_per_class"),
+    return results_table.build_rows(sizes, top1(results), results.get("fewshot", {}).get("n_per_class"),
                                  top1(initial) if initial else None,
                                  (initial or {}).get("fewshot", {}).get("n_per_class"))
 
@@ -335,7 +338,7 @@ def evaluate_head(args: argparse.Namespace, probe: Probe) -> dict[str, Any] | No
     if tests:
         results["test_sets"] = tests
         results["table"] = table_rows(results)
-        print("\n".join(eval_table.format_rows(results["table"], eval_table.title("linear probe (this head)"))))
+        print("\n".join(results_table.format_rows(results["table"], results_table.title("linear probe (this head)"))))
     return results
 
 
@@ -400,15 +403,15 @@ def check_args(args: argparse.Namespace) -> None:
     if args.n_per_class and (not args.fast or args.evaluate):
         raise ValueError("--n_per_class trains few-shot heads on cached centre-crop features: it needs --fast "
                          "training, not the official protocol or --evaluate")
-    eval_cli.check_robustness_args(args)
+    eval_flags.check_robustness_args(args)
     distributed.check_launcher_args(args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = config.parse_args(build_parser(), argv)
     check_args(args)
-    eval_cli.check_output_dirs(args)
-    with distributed.process_group(args.dist_timeout_minutes, report_error=eval_cli.print_user_error) as info:
+    eval_flags.check_output_dirs(args)
+    with distributed.process_group(args.dist_timeout_minutes, report_error=eval_flags.print_user_error) as info:
         # the baseline first: a checkpoint that cannot give it fails before the long extraction
         initial = fast_probe(args, info, at_init=True) if args.init_baseline else None
         probe = fast_probe(args, info) if args.fast else official_probe(args, info)
@@ -431,12 +434,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             print(init_baseline_line(results), flush=True)
         if args.test_sets or args.n_per_class:
             results["table"] = table_rows(results)
-            print("\n".join(eval_table.format_rows(results["table"], eval_table.title(
+            print("\n".join(results_table.format_rows(results["table"], results_table.title(
                 f"linear probe [{results['run']['protocol']}], final head", results.get("fewshot")))), flush=True)
         config.save_config(args, probe.output_dir, name="config_linear.yaml")
-        eval_cli.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
+        eval_flags.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results
 
 
 if __name__ == "__main__":
-    eval_cli.run_cli(main)
+    eval_flags.run_cli(main)

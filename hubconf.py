@@ -5,18 +5,18 @@
                              checkpoint_key="student")
     fresh = torch.hub.load(REPO, "vit_small_sparo", source="local", num_slots=32)  # weights=None: random init
 
-A training checkpoint is read through the evaluation scripts' loader (sparo_dino.weights), so the backbone is
+A training checkpoint is read through the evaluation scripts' loader (sparo_dino.io.weights), so the backbone is
 built from the checkpoint's own `config` (patch size, img_size, SPARO sizes) exactly as eval_knn.py builds it, and
 the weights load strictly. Plain backbone state dicts (such as official DINO's published ViT weights) work too;
 their patch size is 16 unless `patch_size=` says otherwise. No weights are published for this repository, so no
 entry point ever downloads anything: `pretrained=True` without `weights=` is an error. The file is read with
-weights_only=True (official DINO checkpoints through sparo_dino.checkpoint's allow-list), so a crafted `weights=`
+weights_only=True (official DINO checkpoints through sparo_dino.io.checkpoint's allow-list), so a crafted `weights=`
 file cannot run code.
 """
 from typing import Any as _Any
 
 import sparo_vit as _sparo_vit
-from sparo_dino import weights as _weights
+from sparo_dino.io import weights as _weights
 
 dependencies = ["torch", "torchvision", "timm"]
 

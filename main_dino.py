@@ -15,13 +15,12 @@ import contextlib
 import sys
 from typing import Sequence
 
-from sparo_dino.checkpoint import CheckpointError
-from sparo_dino.cli_errors import print_once
-from sparo_dino.datasets import BadImageError
-from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
-from sparo_dino.train_args import parse_train_args
-from sparo_dino.trainer import TrainingError, train
-
+from sparo_dino.cli.errors import print_once
+from sparo_dino.cli.train_flags import parse_train_args
+from sparo_dino.data.datasets import BadImageError
+from sparo_dino.io.checkpoint import CheckpointError
+from sparo_dino.train.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
+from sparo_dino.train.trainer import TrainingError, train
 
 # Errors that end a run with their one line instead of a traceback: bad data, checkpoints, runs, a lost rank.
 USER_ERRORS = (TrainingError, CheckpointError, FileNotFoundError, BadImageError)

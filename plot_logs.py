@@ -18,9 +18,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sparo_dino import cli_errors  # noqa: E402
-from sparo_dino.cli_errors import OutputDirError, require_writable_dirs  # noqa: E402
-from sparo_dino.progress import LOG_NAME  # noqa: E402
+from sparo_dino.cli import errors as cli_errors  # noqa: E402
+from sparo_dino.cli.errors import OutputDirError, require_writable_dirs  # noqa: E402
+from sparo_dino.train.progress import LOG_NAME  # noqa: E402
 
 
 def read_log(run_dir: str) -> list[dict[str, float]]:

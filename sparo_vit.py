@@ -18,10 +18,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import AttentionPoolLatent, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
-
 
 # The paper's DINO setting L = V = D = 64, g = 1: SPARO's signature, build_backbone and main_dino's flags all read
 # this one table (read-only, so no caller can change the defaults of the others).
@@ -356,7 +355,7 @@ def _register(arch: str) -> None:
     def create(pretrained: bool = False, **kwargs: Any) -> DinoVisionTransformer:
         if pretrained:
             raise ValueError(f"no pretrained weights are published for {arch}; "
-                             "load a file with sparo_dino.weights.load_pretrained_trunk")
+                             "load a file with sparo_dino.io.weights.load_pretrained_trunk")
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
         kwargs.pop("cache_dir", None)

@@ -27,9 +27,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 import sparo_vit  # noqa: E402
-from sparo_dino import eval_cli, weights  # noqa: E402
-from sparo_dino import cli_errors  # noqa: E402
-from sparo_dino.cli_errors import require_writable_dirs  # noqa: E402
+from sparo_dino.cli import errors as cli_errors  # noqa: E402
+from sparo_dino.cli import eval_flags  # noqa: E402
+from sparo_dino.cli.errors import require_writable_dirs  # noqa: E402
+from sparo_dino.io import weights
 from visualize_slots import for_display, load_named_backbone  # noqa: E402
 
 OFFICIAL_PLAIN_DEFAULTS = {"arch": "vit_small", "patch_size": 8}  # official flag defaults (its paper figures)
@@ -135,4 +136,4 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    eval_cli.run_cli(main)
+    eval_flags.run_cli(main)

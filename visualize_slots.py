@@ -34,7 +34,11 @@ from PIL import Image  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import sparo_vit  # noqa: E402
-from sparo_dino import cli_errors, config, datasets, eval_cli, feature_cache, weights  # noqa: E402
+from sparo_dino.cli import config, eval_flags  # noqa: E402
+from sparo_dino.cli import errors as cli_errors  # noqa: E402
+from sparo_dino.data import datasets
+from sparo_dino.eval import feature_cache
+from sparo_dino.io import weights
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -42,7 +46,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def build_parser() -> argparse.ArgumentParser:
     parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    eval_cli.add_feature_args(parser)
+    eval_flags.add_feature_args(parser)
     group = parser.add_argument_group("images")
     group.add_argument("--images", type=str, nargs="*", default=None, help="image files and/or folders of images")
     group.add_argument("--split", type=str, default="val", choices=feature_cache.SPLITS,
@@ -104,12 +108,12 @@ def image_files(entries: Sequence[str]) -> list[Path]:
 
 
 def split_dataset(args: argparse.Namespace, transform):
-    return datasets.build_dataset(args.dataset, eval_cli.data_path(args), split=args.split, transform=transform)
+    return datasets.build_dataset(args.dataset, eval_flags.data_path(args), split=args.split, transform=transform)
 
 
 def load_images(args: argparse.Namespace) -> torch.Tensor:
     """Normalized evaluation views (B, 3, crop, crop) of --images, or of the first --num_images of the split."""
-    from sparo_dino.augmentation import eval_transform
+    from sparo_dino.data.augmentation import eval_transform
 
     transform = eval_transform(args.resize_size, args.crop_size)
     if args.images:
@@ -251,7 +255,7 @@ def render_comparison(args: argparse.Namespace, images: torch.Tensor, slot_rows:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = config.parse_args(build_parser(), argv)
-    eval_cli.check_output_dirs(args)
+    eval_flags.check_output_dirs(args)
     backbone, options, tag = weights.load_backbone(args)
     if not sparo_vit.has_slots(options["arch"]):
         raise ValueError(f"slot maps need a slot read-out (*_sparo, *_mhca); {args.pretrained_weights} is "
@@ -259,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     images = load_images(args)
     maps, cls_share = sparo_vit.slot_attention_maps(backbone, images)
     slots = choose_slots(args, backbone.slot_readout.num_slots, maps, cls_share)
-    output_dir = eval_cli.default_output_dir(args)
+    output_dir = eval_flags.default_output_dir(args)
     os.makedirs(output_dir, exist_ok=True)
     outputs: dict[str, object] = {"slots": slots}
     slot_rows = map_rows("slot", maps, cls_share, slots)
@@ -270,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if args.gallery_query is not None:
         if not 0 <= args.gallery_query < len(images):
             raise ValueError(f"--gallery_query {args.gallery_query} is not one of the {len(images)} images shown")
-        from sparo_dino.augmentation import eval_transform
+        from sparo_dino.data.augmentation import eval_transform
 
         dataset = split_dataset(args, eval_transform(args.resize_size, args.crop_size))
         pool = torch.stack([dataset[i][0] for i in range(min(args.gallery_pool, len(dataset)))])
@@ -284,4 +288,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    eval_cli.run_cli(main)
+    eval_flags.run_cli(main)

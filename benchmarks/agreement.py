@@ -28,9 +28,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main_dino  # noqa: E402
-from sparo_dino.progress import LOG_NAME  # noqa: E402
 from common import Row  # noqa: E402
+
+import main_dino  # noqa: E402
+from sparo_dino.train.progress import LOG_NAME  # noqa: E402
 
 PIPELINES = ("per_image", "batched")
 _LOSS = re.compile(r"\| loss ([0-9.]+) \|")

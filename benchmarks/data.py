@@ -33,10 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import Row, on_image_folder, pick_device, synchronize  # noqa: E402
-from sparo_dino.batched_augmentation import BatchedMultiCrop, ViewParams, gaussian_blur  # noqa: E402
-from sparo_dino.batched_data import collate_decoded  # noqa: E402
-from sparo_dino.train_args import parse_train_args  # noqa: E402
-from sparo_dino.train_data import TrainingData  # noqa: E402
+
+from sparo_dino.cli.train_flags import parse_train_args  # noqa: E402
+from sparo_dino.data.batched_augmentation import BatchedMultiCrop, ViewParams, gaussian_blur  # noqa: E402
+from sparo_dino.data.batched_data import collate_decoded  # noqa: E402
+from sparo_dino.data.loader import TrainingData  # noqa: E402
 
 PIPELINES = ("per_image", "batched")
 
@@ -128,7 +129,7 @@ def nvjpeg_rate(args: argparse.Namespace, root: str, device: torch.device, data:
     from torchvision.datasets import ImageFolder
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    from sparo_dino.batched_augmentation import pad_images
+    from sparo_dino.data.batched_augmentation import pad_images
 
     files = ImageFolder(root, loader=read_file)
     loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.workers, drop_last=True,

@@ -4,7 +4,7 @@
     python benchmarks/file_index.py --data_path /imagenet/train
 
 Times (median of --repeats, in seconds) what a training start spends before its first batch on finding its images
-(sparo_dino.image_files): the first start lists the tree and writes OUTPUT_DIR/data_index.json, a later start
+(sparo_dino.data.image_files): the first start lists the tree and writes OUTPUT_DIR/data_index.json, a later start
 checks the folders' times and reads that file, and a list file given as --data_path is read and every entry
 checked to exist (then cached the same way); for an ImageFolder tree also torchvision's scan, which every start
 paid before the cache. Generated files sit in the page cache: on a network file system the
@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import Row  # noqa: E402
-from sparo_dino.image_files import INDEX_NAME, load_index, write_cache  # noqa: E402
+
+from sparo_dino.data.image_files import INDEX_NAME, load_index, write_cache  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:

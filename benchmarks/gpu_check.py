@@ -7,7 +7,7 @@ Parts, in order (each a subprocess with its own time limit, all under --deadline
                   torch.compile, bf16, fused AdamW, 64 per GPU, 8 locals, out_dim 65536) on synthetic JPEGs; SIGTERM
                   after --train_s: it must save and exit 75 (requeue)
   resume-224      the same command again: it must resume from that checkpoint, train, and stop the same way
-  fmnist          the Fashion-MNIST GPU profile (sparo_dino.demo --profile gpu) shortened to --fmnist_epochs epochs,
+  fmnist          the Fashion-MNIST GPU profile (experiments.demo --profile gpu) shortened to --fmnist_epochs epochs,
                   with its 20-NN next to the same network's random init and raw pixels
   bench           benchmarks/report.py (`make bench`) at the official shape: vit_small(_sparo), 64 per GPU,
                   2x224 + 10x96 crops
@@ -144,7 +144,7 @@ def plan(args: argparse.Namespace, work: str, images: str, bench_table: str) -> 
                "--data_path", bad_images, "--output_dir", os.path.join(work, "bad_run")]  # default workers, crops
     img_per_s = lambda output: last_match(output, r"[0-9.]+ img/s")  # noqa: E731 - the trainer's progress lines
     data = fashion_mnist_dir()
-    fmnist = [python, "-m", "sparo_dino.demo", "--profile", "gpu", "--epochs", str(args.fmnist_epochs),
+    fmnist = [python, "-m", "experiments.demo", "--profile", "gpu", "--epochs", str(args.fmnist_epochs),
               "--output_dir", os.path.join(work, "fmnist")] + (["--data_path", data] if data else [])
     return [
         Part("gpu-tests", True, [*pytest, "tests/test_gpu.py",

@@ -1,4 +1,4 @@
-"""Weighted k-NN speed of sparo_dino.knn on an ImageNet-sized bank of random features, per search backend.
+"""Weighted k-NN speed of sparo_dino.eval.knn on an ImageNet-sized bank of random features, per search backend.
 
 Times knn_scores (exact cosine top-k search + exp(sim / T) votes, what eval_knn.py runs) with the faiss backend (GPU
 index when faiss has a GPU, IndexFlatIP on the CPU otherwise) and the chunked torch matmul backend (on --device).
@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import Row, pick_device  # noqa: E402
-from sparo_dino import knn  # noqa: E402
+
+from sparo_dino.eval import knn  # noqa: E402
 
 GIB = 2 ** 30
 MIB = 2 ** 20

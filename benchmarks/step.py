@@ -34,14 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import Row, pick_device, synchronize  # noqa: E402
-from sparo_dino.config import bool_flag  # noqa: E402
-from sparo_dino.loss import DINOLoss  # noqa: E402
-from sparo_dino.networks import build_student_teacher  # noqa: E402
-from sparo_dino.optim import build_optimizer, param_groups  # noqa: E402
-from sparo_dino.progress import memory_mb  # noqa: E402
-from sparo_dino.train_args import get_args_parser  # noqa: E402
-from sparo_dino.training_step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep  # noqa: E402
 
+from sparo_dino.cli.config import bool_flag  # noqa: E402
+from sparo_dino.cli.train_flags import get_args_parser  # noqa: E402
+from sparo_dino.model.networks import build_student_teacher  # noqa: E402
+from sparo_dino.train.loss import DINOLoss  # noqa: E402
+from sparo_dino.train.optim import build_optimizer, param_groups  # noqa: E402
+from sparo_dino.train.progress import memory_mb  # noqa: E402
+from sparo_dino.train.step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep  # noqa: E402
 
 
 @dataclass(frozen=True)

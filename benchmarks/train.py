@@ -31,10 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import Row, on_image_folder, pick_device, synchronize  # noqa: E402
+
+from sparo_dino.cli.train_flags import parse_train_args  # noqa: E402
 from sparo_dino.distributed import DistInfo  # noqa: E402
-from sparo_dino.progress import memory_mb  # noqa: E402
-from sparo_dino.train_args import parse_train_args  # noqa: E402
-from sparo_dino.trainer import DinoTrainer  # noqa: E402
+from sparo_dino.train.progress import memory_mb  # noqa: E402
+from sparo_dino.train.trainer import DinoTrainer  # noqa: E402
 
 PATHS = {"reference": ["--augmentation", "per_image", "--compile", "false", "--precision", "fp32",
                        "--fused_adamw", "false"],

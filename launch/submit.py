@@ -31,11 +31,11 @@ if str(REPO_ROOT) not in sys.path:  # lets `python launch/submit.py` work from a
     sys.path.insert(0, str(REPO_ROOT))
 
 import main_dino  # noqa: E402
-from sparo_dino import cli_errors  # noqa: E402
-from sparo_dino.preemption import StopRequest  # noqa: E402
-from sparo_dino.config import parse_args  # noqa: E402
-from sparo_dino.datasets import FASHION_MNIST_DIR  # noqa: E402
-from sparo_dino.train_args import get_args_parser, parse_train_args  # noqa: E402
+from sparo_dino.cli import errors as cli_errors  # noqa: E402
+from sparo_dino.cli.config import parse_args  # noqa: E402
+from sparo_dino.cli.train_flags import get_args_parser, parse_train_args  # noqa: E402
+from sparo_dino.data.datasets import FASHION_MNIST_DIR  # noqa: E402
+from sparo_dino.train.preemption import StopRequest  # noqa: E402
 
 SAVE_WAIT_SECONDS = 600.0  # longest we wait in checkpoint() for the trainer to reach a step boundary and save
 JOB_ID = "%j"  # placeholder in --output_dir for the SLURM job id, as in official DINO

@@ -13,8 +13,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from sparo_dino.augmentation import (MultiCropAugmentation, SeededDataset, blur_sigma_range, eval_transform,
-                                     linear_train_transform, random_blur, RandomRadiusBlur)
+from sparo_dino.data.augmentation import (
+    MultiCropAugmentation,
+    RandomRadiusBlur,
+    SeededDataset,
+    blur_sigma_range,
+    eval_transform,
+    linear_train_transform,
+    random_blur,
+)
 
 # Independent references (official DINO / ImageNet constants).
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -129,9 +136,9 @@ def test_blur_probabilities_and_one_sigma_range_for_every_crop(tiny_aug):
 def test_shipped_configs_blur_every_crop_with_the_runs_sigma_range(config, sigma):
     """The paper's ImageNet recipe blurs global and 96 px local crops alike with sigma in [0.1, 2.0] (official DINO),
     in both pipelines, as the trainer wires them; the 32/16 px Fashion-MNIST recipe in proportion to 32 px."""
-    from sparo_dino.augmentation import multicrop_kwargs
-    from sparo_dino.batched_augmentation import BatchedMultiCrop
-    from sparo_dino.train_args import parse_train_args
+    from sparo_dino.cli.train_flags import parse_train_args
+    from sparo_dino.data.augmentation import multicrop_kwargs
+    from sparo_dino.data.batched_augmentation import BatchedMultiCrop
 
     args = parse_train_args(["--config", os.path.join(CONFIGS, config), "--data_path", "unused"])
     recipe = multicrop_kwargs(vars(args))

@@ -15,10 +15,19 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from sparo_dino.augmentation import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, blur_sigma_range
-from sparo_dino.batched_augmentation import (BatchedMultiCrop, adjust_brightness, adjust_contrast, adjust_hue,
-                                         adjust_saturation, color_jitter, gaussian_blur, pad_images,
-                                         sample_crop_boxes, solarize)
+from sparo_dino.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, blur_sigma_range
+from sparo_dino.data.batched_augmentation import (
+    BatchedMultiCrop,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    color_jitter,
+    gaussian_blur,
+    pad_images,
+    sample_crop_boxes,
+    solarize,
+)
 
 GLOBAL, LOCAL, NUM_LOCAL = 32, 16, 2
 

@@ -17,12 +17,13 @@ import time
 
 import pytest
 import torch
-
-import main_dino
 from conftest import OutputLines, make_image_folder
-from sparo_dino import checkpoint, distributed
 from test_faults import WRAPPER, temporaries, write_wrapper
 from test_train import TINY, assert_same_training_state, error_line, load
+
+import main_dino
+from sparo_dino import distributed
+from sparo_dino.io import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
@@ -177,7 +178,7 @@ def test_a_hung_rank_is_named_after_the_collective_timeout(data, tmp_path, spawn
 BLOCKING_DESTROY = '''
 import os, time
 import torch.distributed
-from sparo_dino import trainer
+from sparo_dino.train import trainer
 
 
 def destroy_waits_for_the_peers(*args, **kwargs):

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from sparo_dino.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
-                                   save_checkpoint)
+from sparo_dino.io.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 
 
 def _state() -> dict:

@@ -18,10 +18,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
 
-from sparo_dino.loss import DINOLoss
-from sparo_dino.networks import build_student_teacher
-from sparo_dino.optim import build_optimizer, param_groups
-from sparo_dino.training_step import TrainingStep
+from sparo_dino.model.networks import build_student_teacher
+from sparo_dino.train.loss import DINOLoss
+from sparo_dino.train.optim import build_optimizer, param_groups
+from sparo_dino.train.step import TrainingStep
 
 OUT_DIM, BATCH = 16, 3
 TINY_VIT = {"arch": "vit_tiny_sparo", "patch_size": 8, "img_size": 32, "out_dim": OUT_DIM, "use_bn_in_head": False,

@@ -11,7 +11,8 @@ import yaml
 
 import sparo_vit
 from test_official_compat import OFFICIAL_MAIN_DINO
-from sparo_dino.train_args import get_args_parser, parse_train_args, resolve_precision
+
+from sparo_dino.cli.train_flags import get_args_parser, parse_train_args, resolve_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -101,8 +102,8 @@ def test_bad_flags_fail_with_one_line(argv, message, capsys) -> None:
 
 # Every command-line entry point, as "module:function" taking argv.
 ENTRY_POINTS = ["main_dino:main", "eval_knn:main", "eval_linear:main", "plot_logs:main", "visualize_slots:main",
-                "visualize_attention:main", "launch.submit:submit", "sparo_dino.demo:main",
-                "sparo_dino.reproduce:main", "sparo_dino.demo_search:main"]
+                "visualize_attention:main", "launch.submit:submit", "experiments.demo:main",
+                "experiments.reproduce:main", "experiments.demo_search:main"]
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)

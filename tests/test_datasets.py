@@ -11,12 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from conftest import make_image_folder
-from sparo_dino.datasets import (DATASETS, FASHION_MNIST_DIR, BadImageError, build_dataset, read_idx_ubyte,
-                                 require_min_size)
+from sparo_dino.data.datasets import (
+    DATASETS,
+    FASHION_MNIST_DIR,
+    BadImageError,
+    build_dataset,
+    read_idx_ubyte,
+    require_min_size,
+)
 
 # Independent reference: the class names published with Fashion-MNIST.
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

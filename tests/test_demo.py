@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import eval_knn
-from sparo_dino import datasets, demo, knn, weights
+from experiments import demo
+from sparo_dino.data import datasets
+from sparo_dino.eval import knn
+from sparo_dino.io import weights
 
 needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(datasets.FASHION_MNIST_DIR),
                                          reason="Debian's dataset-fashion-mnist is not installed (make data)")

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from sparo_dino import demo, demo_search
-from sparo_dino.train_args import parse_train_args
+from experiments import demo, demo_search
+from sparo_dino.cli.train_flags import parse_train_args
 
 
 @pytest.mark.parametrize("name", list(demo_search.CANDIDATES))

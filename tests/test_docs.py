@@ -9,8 +9,8 @@ import glob
 import os
 import re
 
-from sparo_dino.config import bool_flag
-from sparo_dino.train_args import get_args_parser
+from sparo_dino.cli.config import bool_flag
+from sparo_dino.cli.train_flags import get_args_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")

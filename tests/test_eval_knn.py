@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_features import SPARO_TINY, training_checkpoint
+from test_knn import brute_force_scores
 
 import eval_knn
 import sparo_vit
-from sparo_dino import augmentation, feature_cache, weights
-from test_features import SPARO_TINY, training_checkpoint
-from test_knn import brute_force_scores
+from sparo_dino.data import augmentation
+from sparo_dino.eval import feature_cache
+from sparo_dino.io import weights
 
 SUMMARY = re.compile(r"^(\d+)-NN classifier result: Top1: ([\d.]+), Top5: ([\d.]+)$", re.M)
 # a k larger than the train bank: the line says the k the search used and the one asked for
@@ -225,11 +227,12 @@ def test_dump_format_official_and_both(image_folder, sparo_checkpoint, tmp_path)
 def test_init_baseline_is_the_runs_own_initial_network_on_the_same_images(image_folder, tmp_path, capsys):
     """--init_baseline evaluates the network the trainer started from (same arch and seed; compared with the
     trainer's own teacher before its first step), on the same images with the same k-NN, next to the trained one."""
+    from test_train import TINY
+
     import main_dino
     from sparo_dino import distributed
-    from sparo_dino.train_args import parse_train_args
-    from sparo_dino.trainer import DinoTrainer
-    from test_train import TINY
+    from sparo_dino.cli.train_flags import parse_train_args
+    from sparo_dino.train.trainer import DinoTrainer
 
     train_argv = [*TINY, "--data_path", os.path.join(image_folder, "train"), "--epochs", "1", "--seed", "7",
                   "--lr", "0.05"]
@@ -268,8 +271,9 @@ def torchvision_folder(root, transform):
 
 def trained_sparo_run(image_folder, folder) -> str:
     """checkpoint.pth of one epoch of a tiny SPARO run (4 slots) on the fixture's train images."""
-    import main_dino
     from test_train import TINY
+
+    import main_dino
 
     sparo = ["--arch", "vit_tiny_sparo", "--num_slots", "4", "--slot_dim", "8", "--attn_dim", "8"]
     assert main_dino.main([*TINY, *sparo, "--data_path", os.path.join(image_folder, "train"), "--epochs", "1",

@@ -8,13 +8,14 @@ import re
 
 import pytest
 import torch
-
-import eval_linear
-from sparo_dino import distributed, linear_probe
-from sparo_dino.feature_cache import FeatureSet, load_features, save_features
-from sparo_dino.checkpoint import CheckpointError
 from test_eval_knn import SMALL_IMAGES, initial_network_checkpoint, trained_sparo_run, write_checkpoint
 from test_features import SPARO_TINY
+
+import eval_linear
+from sparo_dino import distributed
+from sparo_dino.eval import linear_probe
+from sparo_dino.eval.feature_cache import FeatureSet, load_features, save_features
+from sparo_dino.io.checkpoint import CheckpointError
 
 SUMMARY = re.compile(r"^Linear probe result \[(.+)\]: best Top1: ([\d.]+) \(epoch (\d+), Top5 ([\d.]+)\), "
                      r"final Top1: ([\d.]+), Top5: ([\d.]+)$", re.M)

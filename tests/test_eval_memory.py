@@ -11,11 +11,14 @@ import weakref
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from sparo_dino import distributed, eval_cli, knn, weights
 from test_eval_knn import REPO, SMALL_IMAGES, write_checkpoint
 from test_features import SPARO_TINY, _free_port
 from test_knn import brute_force_scores, random_problem
+
+from sparo_dino import distributed
+from sparo_dino.cli import eval_flags
+from sparo_dino.eval import knn
+from sparo_dino.io import weights
 
 
 def test_cached_device_memory_is_released_once_the_backbone_is_gone(image_folder, tmp_path, monkeypatch):
@@ -40,7 +43,7 @@ def test_cached_device_memory_is_released_once_the_backbone_is_gone(image_folder
     checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
     args = eval_knn.build_parser().parse_args(["--pretrained_weights", checkpoint, "--data_path", image_folder,
                                                *SMALL_IMAGES])
-    data = eval_cli.compute_features(args, torch.device("cpu"))
+    data = eval_flags.compute_features(args, torch.device("cpu"))
     assert data is not None and len(data.train_features) == 24
     assert alive_at_release == [False]
 

@@ -24,26 +24,26 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
+from test_train import EVERY_STEP, TINY, assert_same_training_state, executed_steps, logged_epochs, run, steps_between
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DistributedSampler
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 import main_dino
-from conftest import make_image_folder
-from sparo_dino.datasets import FASHION_MNIST_DIR, BadImageError, write_fashion_mnist_subset
+from sparo_dino.cli.train_flags import parse_train_args
+from sparo_dino.data.batched_augmentation import BatchedMultiCrop, pad_images
+from sparo_dino.data.batched_data import DeviceMultiCrop, load_rgb_image_reduced, min_decode_area, pack_images
+from sparo_dino.data.datasets import FASHION_MNIST_DIR, BadImageError, write_fashion_mnist_subset
+from sparo_dino.data.loader import TrainingData, resolve_augmentation
 from sparo_dino.distributed import DistInfo
-from sparo_dino.batched_augmentation import BatchedMultiCrop, pad_images
-from sparo_dino.batched_data import DeviceMultiCrop, load_rgb_image_reduced, min_decode_area, pack_images
-from sparo_dino.optim import build_optimizer, param_groups
-from sparo_dino.preemption import StopRequest
-from sparo_dino.progress import MetricSums
-from sparo_dino.train_args import parse_train_args
-from sparo_dino.train_data import TrainingData, resolve_augmentation
-from sparo_dino.trainer import DinoTrainer
-from sparo_dino.training_step import TrainingStep, resolve_compile
-from test_train import EVERY_STEP, TINY, assert_same_training_state, executed_steps, logged_epochs, run, steps_between
+from sparo_dino.train.optim import build_optimizer, param_groups
+from sparo_dino.train.preemption import StopRequest
+from sparo_dino.train.progress import MetricSums
+from sparo_dino.train.step import TrainingStep, resolve_compile
+from sparo_dino.train.trainer import DinoTrainer
 
 BATCHED = ("--augmentation", "batched")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,8 +231,8 @@ def test_fused_adamw_step_equals_the_foreach_step(images) -> None:
     """TrainingStep with the fused AdamW the trainer uses by default (on GPUs and CPUs) moves student and teacher
     as the default foreach AdamW does: update vectors equal up to float rounding (measured 4e-6 relative; a fused
     step that skipped the scheduled weight decay would differ by ~1e-3)."""
-    from sparo_dino.loss import DINOLoss
-    from sparo_dino.networks import build_student_teacher
+    from sparo_dino.model.networks import build_student_teacher
+    from sparo_dino.train.loss import DINOLoss
 
     cfg = config(images, "--drop_path_rate", "0")
     crops = [torch.randn(4, 3, s, s, generator=torch.Generator().manual_seed(i))
@@ -361,7 +361,7 @@ def test_on_a_gpu_crops_and_step_make_the_host_wait_for_nothing(images, tmp_path
 # whole trainer twice): rank 1 alone is asked to stop during step 3; each prints its answers at boundaries 1-6.
 POLL_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from sparo_dino.preemption import StopPoll, StopRequest
+from sparo_dino.train.preemption import StopPoll, StopRequest
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 for asynchronous in (False, True):

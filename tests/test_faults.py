@@ -13,13 +13,13 @@ import time
 
 import pytest
 import torch
-
-import main_dino
 from conftest import make_image_folder
-from sparo_dino import checkpoint
-from sparo_dino.loss import DINOLoss
 from test_preemption import clean_run  # noqa: F401 (a fixture)
 from test_train import EVERY_STEP, TINY, assert_same_training_state, error_line, executed_steps, load, steps_between
+
+import main_dino
+from sparo_dino.io import checkpoint
+from sparo_dino.train.loss import DINOLoss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ WRAPPER = '''
 import errno, io, os, signal, sys, time
 import torch
 import main_dino
-from sparo_dino import trainer
+from sparo_dino.train import trainer
 
 
 def say(line):
@@ -98,7 +98,7 @@ sys.exit(code)
 # failure inside a training step does.
 FAILS_WITH_WORKERS = '''
 from torch.utils.data import DataLoader
-from sparo_dino.preemption import ignore_stop_signals
+from sparo_dino.train.preemption import ignore_stop_signals
 
 
 def test_fails_while_workers_run():
@@ -320,9 +320,9 @@ def tiny_backbone(folder) -> str:
 def test_closing_training_data_after_a_worker_error_ends_its_workers_at_once(tmp_path) -> None:
     """What the exit hook relies on, in-process: the workers (which ignore SIGTERM) are gone right after close(),
     although the failed iterator is still referenced, as a traceback references it."""
-    from sparo_dino.datasets import BadImageError
-    from sparo_dino.train_args import parse_train_args
-    from sparo_dino.train_data import TrainingData
+    from sparo_dino.cli.train_flags import parse_train_args
+    from sparo_dino.data.datasets import BadImageError
+    from sparo_dino.data.loader import TrainingData
 
     data_dir, bad = corrupt_image_folder(tmp_path / "data")
     config = vars(parse_train_args([*TINY, "--data_path", data_dir, "--output_dir", str(tmp_path / "run"),

@@ -10,12 +10,15 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_sparo_vit import intermediate_cls
 from torch.utils.data import Dataset
 
 import eval_knn
 import sparo_vit
-from sparo_dino import distributed, eval_cli, extraction, feature_cache, linear_probe, weights
-from test_sparo_vit import intermediate_cls
+from sparo_dino import distributed
+from sparo_dino.cli import eval_flags
+from sparo_dino.eval import extraction, feature_cache, linear_probe
+from sparo_dino.io import weights
 
 SPARO_TINY = {"arch": "vit_tiny_sparo", "patch_size": 8, "img_size": 32, "num_slots": 4, "slot_dim": 16,
               "attn_dim": 16, "group_size": 1}
@@ -307,7 +310,7 @@ def test_load_features_on_a_damaged_foreign_or_crafted_file_is_one_line(tmp_path
     damage_file, words = DAMAGED_FEATURE_FILES[damage]
     damage_file(path)
     with pytest.raises(SystemExit) as info:
-        eval_cli.run_cli(lambda: eval_knn.main(["--load_features", cache, "--nb_knn", "1"]))
+        eval_flags.run_cli(lambda: eval_knn.main(["--load_features", cache, "--nb_knn", "1"]))
     line = str(info.value.code)
     assert line.startswith("error: ") and "\n" not in line and path in line and words in line, line
     assert "weights_only" not in line and not os.path.exists(os.path.join(cache, "marker"))

@@ -8,15 +8,15 @@ import statistics
 
 import pytest
 import torch
-
-import eval_knn
-import eval_linear
-from sparo_dino import eval_table, extraction, feature_cache, fewshot, linear_probe
 from conftest import make_image_folder
 from test_eval_knn import SMALL_IMAGES, trained_sparo_run, write_checkpoint
 from test_features import SPARO_TINY
 from test_knn import brute_force_scores
-from test_test_sets import wnid_folder
+from test_shifted_sets import wnid_folder
+
+import eval_knn
+import eval_linear
+from sparo_dino.eval import extraction, feature_cache, fewshot, linear_probe, results_table
 
 LABELS = torch.tensor([2, 0, 1, 1, 0, 2, 2, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 2])  # 5, 6 and 7 images per class
 
@@ -58,12 +58,12 @@ def test_run_scores_each_draw_and_summarizes_per_set_and_column():
 
 def test_table_rows_and_text():
     summary = fewshot.summarize([40.0, 60.0])
-    rows = eval_table.build_rows({"val": (100, 10), "r": (20, 2)}, {"val": {"20-NN": 91.0}, "r": {"20-NN": 55.5}},
+    rows = results_table.build_rows({"val": (100, 10), "r": (20, 2)}, {"val": {"20-NN": 91.0}, "r": {"20-NN": 55.5}},
                                  {"1": {"val": {"20-NN": summary}, "r": {"20-NN": fewshot.summarize([12.5])}}},
                                  init_full={"val": {"20-NN": 70.0}, "r": {"20-NN": 30.25}})
     assert rows[2] == {"set": "val", "train": "1/class", "images": 100, "classes": 10, "top1": {"20-NN": summary}}
     assert rows[1]["top1"] == {"20-NN": 55.5, "20-NN at init": 30.25}
-    assert eval_table.format_rows(rows, eval_table.title("k-NN", {"tries": 2, "seed": 0})) == [
+    assert results_table.format_rows(rows, results_table.title("k-NN", {"tries": 2, "seed": 0})) == [
         "k-NN top-1 (%) on val and the test sets; n/class rows: mean +- std over 2 seeded draws (seed 0):",
         "set  train    images  classes           20-NN  20-NN at init",
         "val  all         100       10           91.00          70.00",

@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
-
-from sparo_dino.distributed import DistInfo
-from sparo_dino.batched_data import DeviceMultiCrop
-from sparo_dino.train_args import parse_train_args
-from sparo_dino.trainer import DinoTrainer
 from test_benchmarks import TINY_STEP, _load
 from test_train import EVERY_STEP, TINY, executed_steps, load, run, steps_between
+
+from sparo_dino.cli.train_flags import parse_train_args
+from sparo_dino.data.batched_data import DeviceMultiCrop
+from sparo_dino.distributed import DistInfo
+from sparo_dino.train.trainer import DinoTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a GPU: `make gpu-check` runs these on a machine with CUDA")

@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
+from test_features import SPARO_TINY
 
 import sparo_vit
-from test_features import SPARO_TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,21 +13,22 @@ import pytest
 import torch
 import torch.distributed as dist
 import torchvision
-from PIL import Image
-
-import eval_knn
-import main_dino
 from conftest import make_image_folder
-from sparo_dino import extraction, image_files
-from sparo_dino.datasets import BadImageError
-from sparo_dino.image_files import DataIndexError, load_index, read_cache, write_cache
-from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest
-from sparo_dino.train_args import parse_train_args
-from sparo_dino.train_data import TrainingData
-from sparo_dino.trainer import DinoTrainer
+from PIL import Image
 from test_eval_knn import SMALL_IMAGES, write_checkpoint
 from test_features import SPARO_TINY
 from test_train import TINY, assert_same_training_state, executed_steps
+
+import eval_knn
+import main_dino
+from sparo_dino.cli.train_flags import parse_train_args
+from sparo_dino.data import image_files
+from sparo_dino.data.datasets import BadImageError
+from sparo_dino.data.image_files import DataIndexError, load_index, read_cache, write_cache
+from sparo_dino.data.loader import TrainingData
+from sparo_dino.eval import extraction
+from sparo_dino.train.preemption import REQUEUE_EXIT_CODE, StopRequest
+from sparo_dino.train.trainer import DinoTrainer
 
 PIXELS = np.zeros((8, 8, 3), dtype=np.uint8)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import eval_knn
-from sparo_dino import knn
+from sparo_dino.eval import knn
 
 
 def brute_force_scores(train, train_labels, test, num_classes, k, temperature):

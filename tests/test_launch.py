@@ -12,8 +12,8 @@ import time
 import pytest
 import submitit
 import torch
-
 from conftest import make_image_folder
+
 from launch import submit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sparo_dino.loss import DINOLoss
+from sparo_dino.train.loss import DINOLoss
 
 
 def reference_dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, num_crops: int,

@@ -3,10 +3,10 @@ under --precision bf16 it would otherwise report a number eval_knn.py does not g
 from __future__ import annotations
 
 import torch
-
 from conftest import make_image_folder
-from sparo_dino import extraction
 from test_train import assert_monitor_matches_eval_knn, run
+
+from sparo_dino.eval import extraction
 
 
 def test_monitor_under_bf16_training_extracts_in_fp32_and_matches_eval_knn(images, tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ import os
 import re
 
 import pytest
-
 from mutation.mutations import MUTATIONS, Mutation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ import pytest
 import eval_knn
 import eval_linear
 from launch import submit
-from sparo_dino.train_args import get_args_parser
+from sparo_dino.cli.train_flags import get_args_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,6 +8,8 @@ import os
 
 import pytest
 import torch
+from conftest import make_image_folder
+from test_train import TINY
 
 import eval_knn
 import eval_linear
@@ -16,10 +18,9 @@ import plot_logs
 import sparo_vit
 import visualize_attention
 import visualize_slots
-from conftest import make_image_folder
-from sparo_dino import distributed, eval_cli
-from sparo_dino.cli_errors import OutputDirError, one_line, require_writable_dirs
-from test_train import TINY
+from sparo_dino import distributed
+from sparo_dino.cli import eval_flags
+from sparo_dino.cli.errors import OutputDirError, one_line, require_writable_dirs
 
 EVAL_IMAGES = ["--arch", "vit_tiny", "--patch_size", "8", "--img_size", "32", "--resize_size", "32",
                "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "4"]
@@ -48,7 +49,7 @@ def nothing_starts(monkeypatch) -> None:
         raise AssertionError("work started before the output folder was checked")
 
     monkeypatch.setattr(distributed, "init_distributed", started)
-    monkeypatch.setattr("sparo_dino.weights.load_backbone", started)
+    monkeypatch.setattr("sparo_dino.io.weights.load_backbone", started)
     monkeypatch.setattr(visualize_attention, "load_named_backbone", started)
     monkeypatch.setattr(plot_logs, "read_log", started)
 
@@ -56,7 +57,7 @@ def nothing_starts(monkeypatch) -> None:
 def cli_error(main, argv: list[str]) -> str:
     """The one line a run_cli entry point exits with."""
     with pytest.raises(SystemExit) as ended:
-        eval_cli.run_cli(lambda: main(argv))
+        eval_flags.run_cli(lambda: main(argv))
     message = str(ended.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message

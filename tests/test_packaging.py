@@ -25,4 +25,4 @@ def test_the_wheel_installs_the_package_and_sparo_vit_but_not_the_scripts(tmp_pa
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"sparo_dino", "sparo_vit.py"}
-    assert "sparo_dino/train_args.py" in names
+    assert "sparo_dino/cli/train_flags.py" in names

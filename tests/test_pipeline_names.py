@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparo_dino.train_args import parse_train_args
-from sparo_dino.train_data import resolve_augmentation
+from sparo_dino.cli.train_flags import parse_train_args
+from sparo_dino.data.loader import resolve_augmentation
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 

@@ -8,11 +8,12 @@ import sys
 import threading
 
 import pytest
+from test_train import EVERY_STEP, TINY, assert_same_training_state, executed_steps, load, logged_epochs, steps_between
 
 import main_dino
-from sparo_dino import checkpoint, run_state
-from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
-from test_train import EVERY_STEP, TINY, assert_same_training_state, executed_steps, load, logged_epochs, steps_between
+from sparo_dino.io import checkpoint
+from sparo_dino.train import run_state
+from sparo_dino.train.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from sparo_dino.progress import LOG_NAME, STEP_METRICS, MetricSums, ProgressLogger, trim_log
-from sparo_dino.schedules import Schedules
+from sparo_dino.train.progress import LOG_NAME, STEP_METRICS, MetricSums, ProgressLogger, trim_log
+from sparo_dino.train.schedules import Schedules
 
 
 def test_trim_log_keeps_the_checkpoints_epochs_and_drops_later_and_partial_lines(tmp_path) -> None:

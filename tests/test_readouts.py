@@ -9,14 +9,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import assert_same_training_state, run
 
 import eval_knn
 import eval_linear
 import hubconf
 import sparo_vit
-from sparo_dino import extraction, weights
+from sparo_dino.eval import extraction
+from sparo_dino.io import weights
 from sparo_vit import build_backbone
-from test_train import assert_same_training_state, run
 
 SMALL = dict(patch_size=8, img_size=32)
 WIDTH, HEADS = 192, 3  # vit_tiny

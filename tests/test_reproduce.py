@@ -1,4 +1,4 @@
-"""The read-out comparison (sparo_dino.reproduce): its statistics and 2-SE verdicts against numbers worked out by
+"""The read-out comparison (experiments.reproduce): its statistics and 2-SE verdicts against numbers worked out by
 hand, the L that matches SPARO's size to the block it replaces, skipping finished runs on a rerun, and a tiny run
 end to end that writes the table and the figure."""
 from __future__ import annotations
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import sparo_vit
-from sparo_dino import datasets, demo, reproduce
-from sparo_dino.reproduce import Stat, Variant
+from experiments import demo, reproduce
+from experiments.reproduce import Stat, Variant
+from sparo_dino.data import datasets
 
 needs_readouts = pytest.mark.skipif(not hasattr(sparo_vit, "READOUTS"), reason="needs the read-out archs")
 needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(datasets.FASHION_MNIST_DIR),

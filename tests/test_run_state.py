@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from test_train import TINY, load
 
 import eval_linear
-from sparo_dino import linear_probe, schedules
-from sparo_dino.checkpoint import CheckpointError
+from sparo_dino.cli.train_flags import parse_train_args
 from sparo_dino.distributed import DistInfo
-from sparo_dino.loss import DINOLoss
-from sparo_dino.run_state import RunState
-from sparo_dino.train_args import parse_train_args
-from test_train import TINY, load
+from sparo_dino.eval import linear_probe
+from sparo_dino.io.checkpoint import CheckpointError
+from sparo_dino.train import schedules
+from sparo_dino.train.loss import DINOLoss
+from sparo_dino.train.run_state import RunState
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 CHECKPOINT_KEYS = ["student", "teacher", "optimizer", "dino_loss", "epoch", "iteration", "config", "rng",

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sparo_dino.schedules import Schedules, cosine_schedule, scaled_lr, teacher_temperature_schedule
+from sparo_dino.train.schedules import Schedules, cosine_schedule, scaled_lr, teacher_temperature_schedule
 
 
 def test_cosine_with_warmup_matches_formula() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 
 import sparo_vit
-from sparo_dino import train_args
+from sparo_dino.cli import train_flags
 
 
 def test_sparo_defaults_have_one_definition_read_by_the_module_the_builder_and_the_flags() -> None:
@@ -19,7 +19,7 @@ def test_sparo_defaults_have_one_definition_read_by_the_module_the_builder_and_t
     assert sparo_vit.READOUT_OPTIONS == (*defaults, "slot_norm")
     assert {name: signature.parameters[name].default for name in sparo_vit.READOUT_OPTIONS} == \
         dict(sparo_vit.READOUT_DEFAULTS)
-    parsed = train_args.get_args_parser().parse_args([])
+    parsed = train_flags.get_args_parser().parse_args([])
     assert {name: getattr(parsed, name) for name in sparo_vit.READOUT_OPTIONS} == dict(sparo_vit.READOUT_DEFAULTS)
 
 
@@ -33,9 +33,9 @@ def _pil_ops(transform) -> dict[str, object]:
 
 
 def test_both_crop_pipelines_build_their_recipe_from_one_table() -> None:
-    from sparo_dino import crop_recipe
-    from sparo_dino.augmentation import MultiCropAugmentation
-    from sparo_dino.batched_augmentation import BatchedMultiCrop
+    from sparo_dino.data import crop_recipe
+    from sparo_dino.data.augmentation import MultiCropAugmentation
+    from sparo_dino.data.batched_augmentation import BatchedMultiCrop
 
     official = {"FLIP_P": 0.5, "JITTER_P": 0.8, "BRIGHTNESS": 0.4, "CONTRAST": 0.4, "SATURATION": 0.2, "HUE": 0.1,
                 "GRAYSCALE_P": 0.2, "GLOBAL1_BLUR_P": 1.0, "GLOBAL2_BLUR_P": 0.1, "LOCAL_BLUR_P": 0.5,
@@ -65,22 +65,22 @@ def test_main_dinos_flag_validation_reports_the_recipes_own_crop_check(monkeypat
     reports that check's error as its one line instead of keeping a second copy of the rules."""
     import pytest
 
-    from sparo_dino import augmentation
+    from sparo_dino.data import augmentation
 
     def stricter(**recipe):
         raise ValueError(f"local_crops_number must be even, got {recipe['local_crops_number']}")
 
     monkeypatch.setattr(augmentation, "check_multicrop_args", stricter)
     with pytest.raises(SystemExit):
-        train_args.parse_train_args(["--data_path", "x", "--local_crops_number", "3"])
+        train_flags.parse_train_args(["--data_path", "x", "--local_crops_number", "3"])
     assert "error: --local_crops_number must be even, got 3" in capsys.readouterr().err
 
 
 def test_a_crop_scale_that_is_not_two_numbers_is_one_line_for_either_pipeline() -> None:
     import pytest
 
-    from sparo_dino.augmentation import MultiCropAugmentation
-    from sparo_dino.batched_augmentation import BatchedMultiCrop
+    from sparo_dino.data.augmentation import MultiCropAugmentation
+    from sparo_dino.data.batched_augmentation import BatchedMultiCrop
 
     for pipeline in (MultiCropAugmentation, BatchedMultiCrop):
         with pytest.raises(ValueError, match=r"^global_crops_scale must be two numbers 0 < min <= max <= 1, got 0.4$"):
@@ -97,6 +97,6 @@ def test_sparo_options_on_a_baseline_are_one_rule_with_one_message_from_the_buil
     assert str(error.value) == ("num_slots does not apply to the cls read-out of vit_small; use vit_small_mhca or "
                                 "vit_small_sparo")
     with pytest.raises(SystemExit):
-        train_args.parse_train_args(["--data_path", "x", "--arch", "vit_small", "--num_slots", "32"])
+        train_flags.parse_train_args(["--data_path", "x", "--arch", "vit_small", "--num_slots", "32"])
     assert ("error: --num_slots does not apply to the cls read-out of vit_small; use vit_small_mhca or "
             "vit_small_sparo") in capsys.readouterr().err

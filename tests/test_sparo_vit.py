@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import sparo_vit
-from sparo_dino import extraction
-from sparo_dino.weights import load_pretrained_trunk
+from sparo_dino.eval import extraction
+from sparo_dino.io.weights import load_pretrained_trunk
 from sparo_vit import SPARO, DINOHead, MultiCropWrapper, build_backbone, slot_attention_maps
 
 torch.manual_seed(0)

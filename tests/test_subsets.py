@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from sparo_dino import knn, periodic_knn
-from sparo_dino.subsets import seeded_split
+from sparo_dino.eval import knn
+from sparo_dino.eval.subsets import seeded_split
+from sparo_dino.train import knn_monitor
 
 
 def test_a_seeded_split_is_a_sorted_partition_that_depends_on_the_seed_only() -> None:
@@ -23,8 +24,8 @@ def test_a_seeded_split_is_a_sorted_partition_that_depends_on_the_seed_only() ->
 
 def test_the_monitor_subset_and_the_slot_holdout_draw_the_same_split() -> None:
     dataset = TensorDataset(torch.arange(50))
-    subset = periodic_knn._fixed_subset(dataset, 10, seed=3)
+    subset = knn_monitor._fixed_subset(dataset, 10, seed=3)
     fit, holdout = knn.holdout_split(50, 0.2, seed=3)
     chosen, rest = seeded_split(50, 10, seed=3)
     assert subset.indices == chosen.tolist() and torch.equal(holdout, chosen) and torch.equal(fit, rest)
-    assert periodic_knn._fixed_subset(dataset, 50, seed=3) is dataset  # small enough: all of it
+    assert knn_monitor._fixed_subset(dataset, 50, seed=3) is dataset  # small enough: all of it

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import make_image_folder
 
 import main_dino
-from conftest import make_image_folder
+from sparo_dino.cli.train_flags import parse_train_args
+from sparo_dino.data.loader import TrainingData
 from sparo_dino.distributed import DistInfo
-from sparo_dino.preemption import REQUEUE_EXIT_CODE, StopRequest
-from sparo_dino.train_args import parse_train_args
-from sparo_dino.train_data import TrainingData
-from sparo_dino.trainer import DinoTrainer, build_student_teacher
-from sparo_dino.training_step import TrainingStep
+from sparo_dino.train.preemption import REQUEUE_EXIT_CODE, StopRequest
+from sparo_dino.train.step import TrainingStep
+from sparo_dino.train.trainer import DinoTrainer, build_student_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # vit_tiny/8 on 32 px globals and 16 px locals, 16 images, 4 per step: a few seconds per epoch-pair on CPU.
@@ -378,7 +378,7 @@ def test_periodic_knn_evaluates_at_its_own_resolution(images, tmp_path, monkeypa
     """A run that trains on 16 px global crops and is judged at 32 px (the CPU demo) monitors the 32 px view:
     --knn_resize_size / --knn_crop_size give the number eval_knn.py reports with the same --resize_size /
     --crop_size; without them the monitor evaluates at the training resolution (resize 18, crop 16)."""
-    from sparo_dino import augmentation
+    from sparo_dino.data import augmentation
 
     views = []
     real_eval_transform = augmentation.eval_transform

@@ -10,12 +10,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_image_folder
-from sparo_dino.preemption import REQUEUE_EXIT_CODE
 from test_faults import write_wrapper
-from test_train import assert_same_training_state
-from test_train import TINY
+from test_train import TINY, assert_same_training_state
+
+from sparo_dino.train.preemption import REQUEUE_EXIT_CODE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}

@@ -7,11 +7,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparo_dino.loss import DINOLoss
-from sparo_dino.optim import (LARS, build_optimizer, cancel_last_layer_gradients, clip_gradients_per_parameter,
-                              ema_update_, param_groups, set_hyperparameters)
-from sparo_dino.trainer import build_student_teacher
-from sparo_dino.training_step import TrainingStep
+from sparo_dino.train.loss import DINOLoss
+from sparo_dino.train.optim import (
+    LARS,
+    build_optimizer,
+    cancel_last_layer_gradients,
+    clip_gradients_per_parameter,
+    ema_update_,
+    param_groups,
+    set_hyperparameters,
+)
+from sparo_dino.train.step import TrainingStep
+from sparo_dino.train.trainer import build_student_teacher
 
 CONFIG = {"arch": "vit_tiny_sparo", "patch_size": 8, "img_size": 32, "out_dim": 32, "use_bn_in_head": False,
           "norm_last_layer": True, "drop_path_rate": 0.1, "num_slots": 4, "slot_dim": 8, "attn_dim": 8,

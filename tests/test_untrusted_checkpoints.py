@@ -13,27 +13,27 @@ holds epoch, state_dict (DDP), optimizer, scheduler and best_acc.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import pathlib
 import pickle
-import sys
 import types
 
 import numpy as np
 import pytest
 import torch
+from test_train import TINY
 
 import eval_knn
 import eval_linear
 import main_dino
 import sparo_vit
-from sparo_dino import checkpoint, eval_cli, extraction, linear_probe, weights
-from sparo_dino.feature_cache import FeatureSet, save_features
-from sparo_dino.checkpoint import CheckpointError, load_checkpoint
-from sparo_dino.networks import build_student_teacher
-from sparo_dino.train_args import parse_train_args
-from test_train import TINY
+from sparo_dino.cli import eval_flags
+from sparo_dino.cli.train_flags import parse_train_args
+from sparo_dino.eval import extraction, linear_probe
+from sparo_dino.eval.feature_cache import FeatureSet, save_features
+from sparo_dino.io import weights
+from sparo_dino.io.checkpoint import CheckpointError, load_checkpoint
+from sparo_dino.model.networks import build_student_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,9 +88,9 @@ def feature_cache(folder: pathlib.Path) -> str:
 
 
 def cli_error(main, argv: list[str]) -> str:
-    """The line an evaluation script exits with (its __main__ runs eval_cli.run_cli)."""
+    """The line an evaluation script exits with (its __main__ runs eval_flags.run_cli)."""
     with pytest.raises(SystemExit) as info:
-        eval_cli.run_cli(lambda: main(argv))
+        eval_flags.run_cli(lambda: main(argv))
     return str(info.value.code)
 
 

@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 from PIL import Image
+from test_eval_knn import write_checkpoint
+from test_features import SPARO_TINY
 
 import plot_logs
 import sparo_vit
 import visualize_attention
 import visualize_slots
-from test_eval_knn import write_checkpoint
-from test_features import SPARO_TINY
 
 SMALL = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8"]
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import sparo_vit
-from sparo_dino import train_args, weights
+from sparo_dino.cli import train_flags
+from sparo_dino.io import weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"arch": "vit_tiny", "patch_size": 8, "img_size": 32}
@@ -77,17 +78,17 @@ def _imported_modules(statement: str) -> set[str]:
 def test_the_model_file_reads_no_checkpoints_and_the_hub_needs_only_weight_reading() -> None:
     assert not {name for name in _imported_modules("import sparo_vit") if name.startswith("sparo_dino")}
     hub = _imported_modules("import hubconf")
-    assert "sparo_dino.weights" in hub
-    assert not hub & {"sparo_dino.extraction", "sparo_dino.feature_cache", "sparo_dino.eval_cli"}
+    assert "sparo_dino.io.weights" in hub
+    assert not hub & {"sparo_dino.eval.extraction", "sparo_dino.eval.feature_cache", "sparo_dino.cli.eval_flags"}
 
 
 def test_backbone_options_and_resume_keys_are_named_for_what_they_are() -> None:
     assert weights.BACKBONE_OPTION_KEYS == ("arch", "patch_size", "img_size", "pos_embed_interpolation",
                                             "num_slots", "slot_dim", "attn_dim", "group_size", "slot_norm")
     # a resume must also keep the DINO head: other head sizes cannot load the checkpoint's weights
-    assert set(train_args.RESUME_MUST_MATCH_KEYS) == set(weights.BACKBONE_OPTION_KEYS) | {
+    assert set(train_flags.RESUME_MUST_MATCH_KEYS) == set(weights.BACKBONE_OPTION_KEYS) | {
         "out_dim", "use_bn_in_head", "norm_last_layer"}
-    assert not hasattr(weights, "MODEL_KEYS") and not hasattr(train_args, "MODEL_KEYS")
+    assert not hasattr(weights, "MODEL_KEYS") and not hasattr(train_flags, "MODEL_KEYS")
 
 
 def test_a_missing_trunk_file_names_itself(tmp_path) -> None:

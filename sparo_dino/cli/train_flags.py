@@ -1,7 +1,7 @@
 """Command-line flags of main_dino.py: every official DINO flag with its name and default, plus SPARO's.
 
 Flags are declared once here so that main_dino.py, the submitit launcher and the tests parse the same thing
-(`parse_train_args(argv)`), and a `--config FILE.yaml` can set any of them (see sparo_dino/config.py).
+(`parse_train_args(argv)`), and a `--config FILE.yaml` can set any of them (see sparo_dino/cli/config.py).
 """
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ from typing import Any, Mapping, Sequence
 import torch
 
 import sparo_vit
-from sparo_dino import augmentation, cli_errors, periodic_knn
-from sparo_dino.cli_errors import require_writable_dirs
-from sparo_dino.config import args_to_dict, bool_flag, parse_args, read_config
+from sparo_dino.cli import errors as cli_errors
+from sparo_dino.cli.config import args_to_dict, bool_flag, parse_args, read_config
+from sparo_dino.cli.errors import require_writable_dirs
+from sparo_dino.data import augmentation
+from sparo_dino.data.datasets import DATASETS, FASHION_MNIST_DIR
+from sparo_dino.data.loader import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
-from sparo_dino.datasets import DATASETS, FASHION_MNIST_DIR
-from sparo_dino.optim import OPTIMIZERS
-from sparo_dino.train_data import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
-from sparo_dino.training_step import COMPILE_CHOICES
-from sparo_dino.weights import BACKBONE_OPTION_KEYS
+from sparo_dino.io.weights import BACKBONE_OPTION_KEYS
+from sparo_dino.train import knn_monitor
+from sparo_dino.train.optim import OPTIMIZERS
+from sparo_dino.train.step import COMPILE_CHOICES
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # Flags that define the networks (the backbone's options and the DINO head's sizes): a checkpoint trained with other
@@ -266,7 +268,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             _fail(parser, f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}")
     if args.knn_every and args.dataset == "imagefolder":
         try:
-            periodic_knn.require_labelled_data(args.data_path, args.knn_data_path)
+            knn_monitor.require_labelled_data(args.data_path, args.knn_data_path)
         except ValueError as error:
             _fail(parser, str(error))
     if args.knn_every and args.knn_data_path is None:

@@ -20,13 +20,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from sparo_dino import distributed, image_files
-from sparo_dino.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
-from sparo_dino.datasets import build_dataset, require_min_size
-from sparo_dino.batched_data import (DeviceMultiCrop, collate_decoded, reduce_jpeg_decoding,
-                                     rgb_to_uint8_tensor)
-from sparo_dino.preemption import ignore_stop_signals
-from sparo_dino.subsets import seeded_split
+from sparo_dino import distributed
+from sparo_dino.data import image_files
+from sparo_dino.data.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
+from sparo_dino.data.batched_data import DeviceMultiCrop, collate_decoded, reduce_jpeg_decoding, rgb_to_uint8_tensor
+from sparo_dino.data.datasets import build_dataset, require_min_size
+from sparo_dino.eval.subsets import seeded_split
+from sparo_dino.train.preemption import ignore_stop_signals
 
 AUGMENTATIONS = ("auto", "per_image", "batched")
 # The pipelines' former names, kept for command lines, YAML files and the config of checkpoints that use them.

@@ -21,9 +21,22 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from sparo_dino.crop_recipe import (BLUR_REFERENCE_SIZE, BLUR_SIGMA_AT_REFERENCE, BRIGHTNESS, CONTRAST, FLIP_P,
-                                    GLOBAL1_BLUR_P, GLOBAL2_BLUR_P, GLOBAL2_SOLARIZE_P, GRAYSCALE_P, HUE, JITTER_P,
-                                    LOCAL_BLUR_P, SATURATION, SOLARIZE_THRESHOLD)
+from sparo_dino.data.crop_recipe import (
+    BLUR_REFERENCE_SIZE,
+    BLUR_SIGMA_AT_REFERENCE,
+    BRIGHTNESS,
+    CONTRAST,
+    FLIP_P,
+    GLOBAL1_BLUR_P,
+    GLOBAL2_BLUR_P,
+    GLOBAL2_SOLARIZE_P,
+    GRAYSCALE_P,
+    HUE,
+    JITTER_P,
+    LOCAL_BLUR_P,
+    SATURATION,
+    SOLARIZE_THRESHOLD,
+)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)

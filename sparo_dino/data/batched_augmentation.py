@@ -32,9 +32,21 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from sparo_dino.augmentation import IMAGENET_MEAN, IMAGENET_STD, check_multicrop_args, blur_sigma_range
-from sparo_dino.crop_recipe import (BRIGHTNESS, CONTRAST, FLIP_P, GLOBAL1_BLUR_P, GLOBAL2_BLUR_P, GLOBAL2_SOLARIZE_P,
-                                    GRAYSCALE_P, HUE, JITTER_P, LOCAL_BLUR_P, SATURATION, SOLARIZE_THRESHOLD)
+from sparo_dino.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, blur_sigma_range, check_multicrop_args
+from sparo_dino.data.crop_recipe import (
+    BRIGHTNESS,
+    CONTRAST,
+    FLIP_P,
+    GLOBAL1_BLUR_P,
+    GLOBAL2_BLUR_P,
+    GLOBAL2_SOLARIZE_P,
+    GRAYSCALE_P,
+    HUE,
+    JITTER_P,
+    LOCAL_BLUR_P,
+    SATURATION,
+    SOLARIZE_THRESHOLD,
+)
 
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default
 CROP_TRIES = 10  # torchvision RandomResizedCrop: tries before the centre-crop fallback

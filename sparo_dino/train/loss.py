@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparo_dino import distributed
-from sparo_dino.schedules import teacher_temperature_schedule
+from sparo_dino.train.schedules import teacher_temperature_schedule
 
 
 class LossOutput(NamedTuple):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from sparo_dino import distributed
-from sparo_dino.schedules import Schedules
+from sparo_dino.train.schedules import Schedules
 
 STEP_METRICS = ("loss", "teacher_entropy", "kl")
 LOG_NAME = "log.txt"

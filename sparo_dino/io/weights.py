@@ -20,8 +20,8 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 import sparo_vit
-from sparo_dino import networks
-from sparo_dino.checkpoint import load_checkpoint
+from sparo_dino.io.checkpoint import load_checkpoint
+from sparo_dino.model import networks
 
 # The backbone options an evaluation reads from a checkpoint's config (flags may fill the gaps, never contradict).
 BACKBONE_OPTION_KEYS: tuple[str, ...] = ("arch", "patch_size", "img_size",

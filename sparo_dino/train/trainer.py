@@ -20,24 +20,25 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparo_dino import cli_errors, distributed
-from sparo_dino.checkpoint import CheckpointError, remove_stale_temporaries
-from sparo_dino.config import args_to_dict, save_config
-from sparo_dino.loss import DINOLoss
-from sparo_dino.networks import build_student_teacher, parameter_line, seed_everything
-from sparo_dino.optim import build_optimizer, param_groups
-from sparo_dino.periodic_knn import PeriodicKnn
-from sparo_dino.preemption import StopPoll
-from sparo_dino.progress import LOG_NAME, MetricSums, ProgressLogger, all_finite, require_tensorboard, trim_log
-from sparo_dino.provenance import append_provenance
-from sparo_dino.run_state import RunState
-from sparo_dino.schedules import Schedules, scaled_lr
-from sparo_dino.train_args import resolve_precision
-from sparo_dino.train_data import TrainingData
-from sparo_dino.training_step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile
+from sparo_dino import distributed
+from sparo_dino.cli import errors as cli_errors
+from sparo_dino.cli.config import args_to_dict, save_config
+from sparo_dino.cli.train_flags import resolve_precision
+from sparo_dino.data.loader import TrainingData
+from sparo_dino.io.checkpoint import CheckpointError, remove_stale_temporaries
+from sparo_dino.io.provenance import append_provenance
+from sparo_dino.model.networks import build_student_teacher, parameter_line, seed_everything
+from sparo_dino.train.knn_monitor import PeriodicKnn
+from sparo_dino.train.loss import DINOLoss
+from sparo_dino.train.optim import build_optimizer, param_groups
+from sparo_dino.train.preemption import StopPoll
+from sparo_dino.train.progress import LOG_NAME, MetricSums, ProgressLogger, all_finite, require_tensorboard, trim_log
+from sparo_dino.train.run_state import RunState
+from sparo_dino.train.schedules import Schedules, scaled_lr
+from sparo_dino.train.step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile
 
 if TYPE_CHECKING:
-    from sparo_dino.preemption import StopRequest
+    from sparo_dino.train.preemption import StopRequest
 
 
 class TrainingError(RuntimeError):

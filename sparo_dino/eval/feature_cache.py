@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sparo_dino.checkpoint import load_plain_data
+from sparo_dino.io.checkpoint import load_plain_data
 
 SPLITS: tuple[str, ...] = ("train", "val")
 # --dump_features formats: this repository's (raw features, classes, what produced them), official DINO's

@@ -16,9 +16,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import sparo_vit
-from sparo_dino import datasets, distributed
+from sparo_dino import distributed
 
 # What the linear probe of a read-out that replaces the last block reads (paper C.2, two readings for SPARO): the
+from sparo_dino.data import datasets
+
 # encoding alone, or the encoding after the final-norm CLS of the n-1 trunk blocks before it (official DINO's
 # n_last_blocks idea).
 SPARO_FEATURES: tuple[str, ...] = ("encoding", "encoding+cls")

@@ -1,8 +1,8 @@
 """What eval_knn.py and eval_linear.py share: their flags, the features they evaluate, their output and errors.
 
 The features of both splits come from --load_features (a cache, checked against the flags) or from the backbone of
---pretrained_weights (sparo_dino.weights) run over the dataset (sparo_dino.extraction), optionally dumped for later
-(sparo_dino.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
+--pretrained_weights (sparo_dino.io.weights) run over the dataset (sparo_dino.eval.extraction), optionally dumped for later
+(sparo_dino.eval.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
 checkpoint unless --output_dir says otherwise; a user's mistake ends the script with one line instead of a traceback.
 """
 from __future__ import annotations
@@ -15,11 +15,15 @@ from typing import Any, Callable, Mapping
 import torch
 
 import sparo_vit
-from sparo_dino import (augmentation, cli_errors, config, datasets, distributed, extraction, feature_cache,
-                        fewshot, test_sets, weights)
-from sparo_dino.checkpoint import CheckpointError
-from sparo_dino.cli_errors import exit_with, print_once, require_writable_dirs
-from sparo_dino.feature_cache import FeatureSet
+from sparo_dino import distributed
+from sparo_dino.cli import config
+from sparo_dino.cli import errors as cli_errors
+from sparo_dino.cli.errors import exit_with, print_once, require_writable_dirs
+from sparo_dino.data import augmentation, datasets
+from sparo_dino.eval import extraction, feature_cache, fewshot, shifted_sets
+from sparo_dino.eval.feature_cache import FeatureSet
+from sparo_dino.io import weights
+from sparo_dino.io.checkpoint import CheckpointError
 
 
 def evaluation_parser(doc: str) -> argparse.ArgumentParser:
@@ -75,7 +79,7 @@ def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def add_robustness_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Shifted test sets and few-shot tries (docs/evaluation.md, Robustness evaluation); both scripts end with one
-    table of them (sparo_dino/eval_table.py)."""
+    table of them (sparo_dino/eval/results_table.py)."""
     group = parser.add_argument_group("robustness: shifted test sets and few-shot")
     group.add_argument("--test_sets", type=str, nargs="+", default=None, metavar="NAME=PATH",
                        help="also evaluate on these ImageFolders (e.g. imagenet_r=/data/imagenet-r), whose class "
@@ -91,7 +95,7 @@ def add_robustness_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def check_robustness_args(args: argparse.Namespace) -> None:
     """--test_sets and few-shot flags, checked before any process group, weights or images."""
-    test_sets.parse_specs(args.test_sets)
+    shifted_sets.parse_specs(args.test_sets)
     if args.test_sets and args.load_features is not None:
         raise ValueError("--test_sets extracts the test sets' features with --pretrained_weights; cached features "
                          "(--load_features) hold train and val only")
@@ -161,7 +165,7 @@ def compute_features(args: argparse.Namespace, device: torch.device,
     # before the extraction: a class too small for --n_per_class would otherwise fail after it
     fewshot.require_shots(splits["train"].targets, getattr(args, "n_per_class", None) or [],
                           splits["train"].classes)
-    tests = test_sets.build(test_sets.parse_specs(args.test_sets), splits["train"].classes, transform)
+    tests = shifted_sets.build(shifted_sets.parse_specs(args.test_sets), splits["train"].classes, transform)
     scopes = {"train": "local", "val": "all"} if shard_train else {"train": "main", "val": "main"}
     results = {split: extraction.extract_features(fn, dataset, args.batch_size_per_gpu, args.num_workers, device,
                                        name=f"{split} features", scope=scopes.get(split, scopes["val"]))
@@ -177,7 +181,7 @@ def compute_features(args: argparse.Namespace, device: torch.device,
         meta["train_shard"] = {"rank": distributed.get_rank(), "world_size": distributed.get_world_size(),
                                "num_train": len(splits["train"])}
     features = FeatureSet(*results["train"], *results["val"], list(splits["train"].classes), meta)
-    features.test_sets = {test.spec.name: test_sets.EvalSet(*results[test.spec.name], test.present, test.spec.path)
+    features.test_sets = {test.spec.name: shifted_sets.EvalSet(*results[test.spec.name], test.present, test.spec.path)
                           for test in tests}
     if args.dump_features is not None and not at_init:
         feature_cache.save_features(features, args.dump_features, args.dump_format)

@@ -1,6 +1,6 @@
 """The quickstart: train vit_tiny_sparo with DINO on Fashion-MNIST, then weighted 20-NN, within about 10 minutes.
 
-    python -m sparo_dino.demo [--output_dir runs/demo] [--profile auto|cpu|gpu]
+    python -m experiments.demo [--output_dir runs/demo] [--profile auto|cpu|gpu]
 
 It runs the same entry points a researcher uses (main_dino.main, eval_knn.main with
 configs/fmnist_vit_tiny_sparo.yaml), and prints the encoding's k-NN accuracy next to the same network at its random
@@ -14,25 +14,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # the entry scripts live in the checkout, they are not installed
-    sys.path.insert(0, str(REPO_ROOT))
+import eval_knn
+import main_dino
+from sparo_dino.cli import errors as cli_errors
+from sparo_dino.data import datasets
+from sparo_dino.eval import knn
+from sparo_dino.train.progress import LOG_NAME
 
-import eval_knn  # noqa: E402
-import main_dino  # noqa: E402
-from sparo_dino import cli_errors, datasets, knn  # noqa: E402
-from sparo_dino.progress import LOG_NAME  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {"vit_tiny_sparo": REPO_ROOT / "configs" / "fmnist_vit_tiny_sparo.yaml",
            "vit_tiny": REPO_ROOT / "configs" / "fmnist_vit_tiny.yaml"}
-FULL_DATA_RAW_PIXEL_TOP1 = 84.59  # 60k-image bank, 10k test images, measured with sparo_dino.knn (README, Results)
+FULL_DATA_RAW_PIXEL_TOP1 = 84.59  # 60k-image bank, 10k test images, measured with sparo_dino.eval.knn (README, Results)
 # Points of 20-NN top-1 over the same network's random init that count as learning: a random-init ViT already scores
 # about 54% on the demo's images, so the gain over it, not the accuracy, is the evidence.
 LEARNED_MARGIN = 5.0
@@ -55,7 +54,7 @@ class Profile:
 
 
 # Short-run changes to the official recipe: no frozen last layer, no drop-path, constant weight decay (docs/
-# demo_recipes.md); shared with sparo_dino.demo_search's candidates.
+# demo_recipes.md); shared with experiments.demo_search's candidates.
 SHORT_RUN_FLAGS = ("--freeze_last_layer", "0", "--drop_path_rate", "0", "--weight_decay_end", "0.04")
 PROFILES = {
     # 640 steps of 32 with the best recipe found (docs/demo_recipes.md): lr 1e-3 and teacher momentum 0.99, no local

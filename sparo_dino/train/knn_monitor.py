@@ -14,8 +14,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-from sparo_dino import augmentation, datasets, distributed, extraction, image_files, knn
-from sparo_dino.subsets import seeded_split
+from sparo_dino import distributed
+from sparo_dino.data import augmentation, datasets, image_files
+from sparo_dino.eval import extraction, knn
+from sparo_dino.eval.subsets import seeded_split
 
 K = 20
 TEMPERATURE = 0.07

@@ -22,8 +22,13 @@ import torch
 import torch.nn as nn
 
 from sparo_dino import distributed
-from sparo_dino.loss import DINOLoss, LossOutput
-from sparo_dino.optim import cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update_, set_hyperparameters
+from sparo_dino.train.loss import DINOLoss, LossOutput
+from sparo_dino.train.optim import (
+    cancel_last_layer_gradients,
+    clip_gradients_per_parameter,
+    ema_update_,
+    set_hyperparameters,
+)
 
 NUM_GLOBAL_CROPS = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

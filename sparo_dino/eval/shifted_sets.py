@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from sparo_dino import datasets
+from sparo_dino.data import datasets
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # The usual splits' names in features, tables and results; a test set may not take them.

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparo_dino import distributed
-from sparo_dino.checkpoint import load_checkpoint, save_checkpoint
-from sparo_dino.weights import clean_state_dict
+from sparo_dino.io.checkpoint import load_checkpoint, save_checkpoint
+from sparo_dino.io.weights import clean_state_dict
 
 PROTOCOLS = {
     "official": "official protocol",

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sparo_dino import distributed
-from sparo_dino.datasets import CheckedImages, Transform
+from sparo_dino.data.datasets import CheckedImages, Transform
 
 INDEX_NAME = "data_index.json"
 NO_LABEL = -1

@@ -18,12 +18,20 @@ import torch
 import torch.nn as nn
 
 from sparo_dino import distributed
-from sparo_dino.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
-                                   load_with_fallback, periodic_checkpoints, restore_rng_state, save_checkpoint)
-from sparo_dino.config import args_to_dict
-from sparo_dino.progress import MetricSums
-from sparo_dino.train_args import RESUME_MUST_MATCH_KEYS, changed_recipe
-from sparo_dino.weights import clean_state_dict
+from sparo_dino.cli.config import args_to_dict
+from sparo_dino.cli.train_flags import RESUME_MUST_MATCH_KEYS, changed_recipe
+from sparo_dino.io.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    load_with_fallback,
+    periodic_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from sparo_dino.io.weights import clean_state_dict
+from sparo_dino.train.progress import MetricSums
 
 
 def resume_source(output_dir: str, resume: str | None) -> tuple[str, bool] | None:

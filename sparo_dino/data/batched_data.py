@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sparo_dino.augmentation import multicrop_kwargs
-from sparo_dino.datasets import CheckedImages, load_rgb_image
-from sparo_dino.batched_augmentation import BatchedMultiCrop
+from sparo_dino.data.augmentation import multicrop_kwargs
+from sparo_dino.data.batched_augmentation import BatchedMultiCrop
+from sparo_dino.data.datasets import CheckedImages, load_rgb_image
 
 
 def min_decode_area(config: Mapping[str, Any]) -> int:

@@ -1,7 +1,7 @@
 """A search for the CPU demo profile: short Fashion-MNIST recipes, each trained and evaluated as `make demo` does,
 and recorded next to the same network's random-init accuracy.
 
-    python -m sparo_dino.demo_search --candidates cpu --seeds 0 1 [--table docs/demo_recipes.md]
+    python -m experiments.demo_search --candidates cpu --seeds 0 1 [--table docs/demo_recipes.md]
 
 Every run appends one row to the table (flags, minutes, img/s, init / trained 20-NN top-1, collapse diagnostics), so
 the record of what was tried grows with each search instead of being rewritten; the recipes tried so far, and what
@@ -18,7 +18,9 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from sparo_dino import cli_errors, demo, provenance
+from experiments import demo
+from sparo_dino.cli import errors as cli_errors
+from sparo_dino.io import provenance
 
 # The fields a candidate changes start from these, written out rather than read from the demo's profile, so that a
 # recorded candidate keeps its meaning when the demo's profile changes.

@@ -10,14 +10,15 @@ import sys
 
 import pytest
 import torch
-
-import eval_knn
-import eval_linear
 from conftest import make_image_folder
-from sparo_dino import augmentation, feature_cache, linear_probe, test_sets
 from test_eval_knn import REPO, SMALL_IMAGES, write_checkpoint
 from test_features import SPARO_TINY
 from test_knn import brute_force_scores
+
+import eval_knn
+import eval_linear
+from sparo_dino.data import augmentation
+from sparo_dino.eval import feature_cache, linear_probe, shifted_sets
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
 
@@ -38,36 +39,36 @@ def wnid_folder(root, splits=None, per_class=8, seed=0, drop=()) -> str:
     ("sketch={tmp}/missing", "--test_sets sketch: folder {tmp}/missing does not exist")])
 def test_malformed_entries_are_one_line_errors(entry, message, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match=message.format(tmp=tmp_path).replace("\\", "\\\\")):
-        test_sets.parse_specs([entry.format(tmp=tmp_path)])
+        shifted_sets.parse_specs([entry.format(tmp=tmp_path)])
 
 
 def test_entries_parse_in_order_and_a_name_given_twice_is_an_error(tmp_path):
     (tmp_path / "a=b").mkdir()  # a path may hold "=": the name ends at the first one
-    specs = test_sets.parse_specs([f"imagenet_v2={tmp_path}", f"im-a.2={tmp_path}/a=b"])
+    specs = shifted_sets.parse_specs([f"imagenet_v2={tmp_path}", f"im-a.2={tmp_path}/a=b"])
     assert [(spec.name, spec.path) for spec in specs] == [("imagenet_v2", str(tmp_path)), ("im-a.2", f"{tmp_path}/a=b")]
-    assert test_sets.parse_specs(None) == []
+    assert shifted_sets.parse_specs(None) == []
     with pytest.raises(ValueError, match="--test_sets names 'r' twice"):
-        test_sets.parse_specs([f"r={tmp_path}", f"r={tmp_path}"])
+        shifted_sets.parse_specs([f"r={tmp_path}", f"r={tmp_path}"])
 
 
 def test_class_folders_map_to_training_classes_by_name_then_as_integer_indices():
     train = ["n1", "n2", "n3", "n4"]
-    assert test_sets.class_indices(["n2", "n4"], train, "r") == [1, 3]  # ImageNet-R: a subset, by name
-    assert test_sets.class_indices(["0", "1", "10", "2"], [f"n{i:02d}" for i in range(11)], "v2") == [0, 1, 10, 2]
+    assert shifted_sets.class_indices(["n2", "n4"], train, "r") == [1, 3]  # ImageNet-R: a subset, by name
+    assert shifted_sets.class_indices(["0", "1", "10", "2"], [f"n{i:02d}" for i in range(11)], "v2") == [0, 1, 10, 2]
     # a training set whose own folders are integers is matched by name: ImageFolder sorted "10" before "2" there too
     integer_train = sorted(str(i) for i in range(11))
-    assert test_sets.class_indices(["10", "2"], integer_train, "t") == [integer_train.index("10"), integer_train.index("2")]
+    assert shifted_sets.class_indices(["10", "2"], integer_train, "t") == [integer_train.index("10"), integer_train.index("2")]
     with pytest.raises(ValueError, match=r"test set r: class folder 'n9' is not a class of the training set "
                                          r"\(1 of its 2 folders"):
-        test_sets.class_indices(["n1", "n9"], train, "r")
+        shifted_sets.class_indices(["n1", "n9"], train, "r")
     with pytest.raises(ValueError, match="test set v2: class folder 4 is read as a class index .* has 4 classes"):
-        test_sets.class_indices(["0", "4"], train, "v2")
+        shifted_sets.class_indices(["0", "4"], train, "v2")
 
 
 def test_built_set_labels_images_with_training_classes_and_knows_which_it_holds(tmp_path):
     transform = augmentation.eval_transform(32, 32)
     shifted = wnid_folder(tmp_path / "r", per_class=2, drop=(WNIDS[0], WNIDS[2]))
-    (built,) = test_sets.build(test_sets.parse_specs([f"r={shifted}"]), WNIDS, transform)
+    (built,) = shifted_sets.build(shifted_sets.parse_specs([f"r={shifted}"]), WNIDS, transform)
     assert [built.dataset[i][1] for i in range(len(built.dataset))] == [1, 1, 3, 3]
     assert built.present.tolist() == [1, 3]
     assert built.dataset[0][0].shape == (3, 32, 32)
@@ -75,10 +76,10 @@ def test_built_set_labels_images_with_training_classes_and_knows_which_it_holds(
     v2 = tmp_path / "v2"  # ImageNet-V2's release: folders named by class index
     for index in (3, 0):
         shutil.copytree(os.path.join(shifted, WNIDS[1]), v2 / str(index))
-    (built,) = test_sets.build(test_sets.parse_specs([f"v2={v2}"]), WNIDS, transform)
+    (built,) = shifted_sets.build(shifted_sets.parse_specs([f"v2={v2}"]), WNIDS, transform)
     assert sorted(built.dataset[i][1] for i in range(len(built.dataset))) == [0, 0, 3, 3]
     full = wnid_folder(tmp_path / "full", per_class=1)
-    assert test_sets.build(test_sets.parse_specs([f"all={full}"]), WNIDS, transform)[0].present is None
+    assert shifted_sets.build(shifted_sets.parse_specs([f"all={full}"]), WNIDS, transform)[0].present is None
 
 
 def _reference_predictions(scores, present):
@@ -89,11 +90,11 @@ def _reference_predictions(scores, present):
 def test_restriction_predicts_among_present_classes_only():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.0, 0.3, 0.0, 0.2], [0.7, 0.0, 0.0, 0.0]])
     present = [0, 2, 3]
-    restricted = test_sets.restrict(scores, torch.tensor(present))
+    restricted = shifted_sets.restrict(scores, torch.tensor(present))
     assert scores.argmax(1).tolist() == [1, 1, 0]  # unrestricted: class 1, absent from the set, wins twice
     assert restricted.argmax(1).tolist() == _reference_predictions(scores, present) == [2, 3, 0]
     assert torch.equal(restricted[:, present], scores[:, present]) and torch.isinf(restricted[:, 1]).all()
-    assert test_sets.restrict(scores, None) is scores
+    assert shifted_sets.restrict(scores, None) is scores
 
 
 def test_restricted_head_scores_a_probe_among_present_classes_with_a_finite_loss():
@@ -103,7 +104,7 @@ def test_restricted_head_scores_a_probe_among_present_classes_with_a_finite_loss
     features, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1])
     batches = [(features, labels)]
     plain = linear_probe.evaluate(head, batches, lambda x: x, 3, torch.device("cpu"), reduce=False)
-    restricted = linear_probe.evaluate(test_sets.RestrictedHead(head, torch.tensor([0, 1])), batches, lambda x: x, 3,
+    restricted = linear_probe.evaluate(shifted_sets.RestrictedHead(head, torch.tensor([0, 1])), batches, lambda x: x, 3,
                                        torch.device("cpu"), reduce=False)
     assert plain["top1"] == 0.0 and restricted["top1"] == 100.0
     assert torch.isfinite(torch.tensor(restricted["loss"]))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sparo_dino import distributed
-from sparo_dino.subsets import seeded_split
+from sparo_dino.eval.subsets import seeded_split
 
 BACKENDS = ("auto", "faiss", "torch")
 # How the torch backend holds the L2-normalized bank: fp16 halves its memory (1.28M x 4096: 21 -> 10.5 GB).

@@ -1,9 +1,9 @@
 """Read-outs side by side: the same ViT-Tiny trunk, recipe and budget with each read-out, several seeds, one table.
 
-    python -m sparo_dino.reproduce --profile cpu|gpu [--output_dir runs/reproduce] [--seeds 0 1 2] [--variants ...]
+    python -m experiments.reproduce --profile cpu|gpu [--output_dir runs/reproduce] [--seeds 0 1 2] [--variants ...]
 
 Whether SPARO helps is a claim about the read-out, so every other thing is held fixed: the trunk (vit_tiny), the
-DINO recipe and budget of the demo's profile (sparo_dino.demo), the images and both evaluations (weighted 20-NN and
+DINO recipe and budget of the demo's profile (experiments.demo), the images and both evaluations (weighted 20-NN and
 the fast linear probe, each next to the same network at its random init). One seed says little on 4096 images, so
 each read-out runs for several seeds and the table gives mean, std and standard error; a difference smaller than 2
 standard errors of the difference counts as no difference. SPARO at L = V = D = 64 holds more parameters than the
@@ -30,9 +30,14 @@ import torch
 
 import eval_linear
 import sparo_vit
-from sparo_dino import checkpoint as checkpoints
-from sparo_dino import cli_errors, datasets, demo, eval_cli, extraction, provenance
-from sparo_dino.progress import LOG_NAME
+from experiments import demo
+from sparo_dino.cli import errors as cli_errors
+from sparo_dino.cli import eval_flags
+from sparo_dino.data import datasets
+from sparo_dino.eval import extraction
+from sparo_dino.io import checkpoint as checkpoints
+from sparo_dino.io import provenance
+from sparo_dino.train.progress import LOG_NAME
 
 TRUNK = "vit_tiny"
 CONFIG = demo.CONFIGS[TRUNK]  # every variant starts from the baseline recipe; --arch and read-out flags on top
@@ -422,7 +427,7 @@ def report(records: Sequence[Mapping[str, Any]], profile: Profile, raw_pixel_top
     minutes = sum(record["train_seconds"] + record["eval_seconds"] for record in records) / 60
     dates = sorted({record["date"] for record in records})
     machines = sorted({record["machine"] for record in records})
-    text = (f"Measured by `python -m sparo_dino.reproduce --profile {profile.name}` on {', '.join(machines)}, "
+    text = (f"Measured by `python -m experiments.reproduce --profile {profile.name}` on {', '.join(machines)}, "
             f"{' to '.join([dates[0], dates[-1]] if len(dates) > 1 else dates)}; {len(records)} runs, "
             f"{minutes:.0f} minutes of training and evaluation in all. {first['num_train']} train / "
             f"{first['num_test']} test images, {profile.train.epochs} epoch(s) of {profile.train.batch_size}, linear "
@@ -487,4 +492,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    eval_cli.run_cli(main)
+    eval_flags.run_cli(main)

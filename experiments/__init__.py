@@ -1,0 +1,1 @@
+"""Experiments that drive the entry scripts: the quickstart demo and the read-out comparison."""
