@@ -156,7 +156,7 @@ def run_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, device: to
                               backend, where, bank_dtype)
         results["selected_slots"] = {"slots": slots, "holdout_fraction": args.holdout_fraction,
                                      "seed": args.seed, "k": args.slot_knn, "holdout_top1": holdout_top1,
-                                     "knn": _accuracies(kept, val_labels)}
+                                     "knn": _accuracies(kept, val_labels, bank_size=num_train)}
     return results
 
 
@@ -217,7 +217,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         selected = results["selected_slots"]
         lines.append(f"selected slots (best first on a {selected['holdout_fraction']:g} train hold-out): "
                      f"{selected['slots']}")
-        lines += [f"{k}-NN classifier result with {len(selected['slots'])} selected slots: "
+        lines += [f"{_neighbours(k, acc)} classifier result with {len(selected['slots'])} selected slots: "
                   f"Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}" for k, acc in selected["knn"].items()]
     if "table" in results:
         lines += results_table.format_rows(results["table"], results_table.title("weighted k-NN", results.get("fewshot")))
