@@ -6,7 +6,7 @@ Flags are declared once here so that main_dino.py, the submitit launcher and the
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 import torch
 
@@ -188,8 +188,10 @@ def changed_recipe(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
             if key not in allowed and key in saved and saved[key] != value}
 
 
-def _fail(parser: argparse.ArgumentParser, message: str) -> None:
-    parser.error(message)  # one line "main_dino.py: error: message (see main_dino.py --help)", exit status 2
+def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """A flag value the validation refuses: one line naming it, exit status 2 as for argparse's own errors (whose
+    line adds where to look, `--help`; this message already says what to change)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 # (flag, lowest allowed value, whether the lowest value itself is allowed): values outside make no run at all
