@@ -122,10 +122,6 @@ def run_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, device: to
                               where, bank_dtype)
 
     num_train = data.meta["train_shard"]["num_train"] if "train_shard" in data.meta else len(train_labels)
-    clipped = [k for k in args.nb_knn if k > num_train]
-    if clipped:
-        cli_errors.warn(f"--nb_knn {' '.join(map(str, clipped))} asks for more neighbours than the {num_train} train "
-                        f"features; the search uses all {num_train} (reported as {num_train}-NN (asked k))")
     results: dict[str, Any] = {"knn": _accuracies(scores(val), val_labels, bank_size=num_train),
                                "num_train": num_train,
                                "num_test": len(val_labels), "num_classes": num_classes,
@@ -249,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if data is None:  # features live on the main process only (unless --shard_bank)
             return None
         results = run_knn(data, args, info.device)
+        clipped = [k for k in args.nb_knn if k > results["num_train"]]
+        if clipped and distributed.is_main_process():  # once, not again for the random-init baseline's search
+            cli_errors.warn(f"--nb_knn {' '.join(map(str, clipped))} asks for more neighbours than the "
+                            f"{results['num_train']} train features; the search uses all of them (reported as "
+                            f"{results['num_train']}-NN (asked k))")
         if initial is not None:  # with --per_slot also per slot: what each slot holds before any training
             baseline = run_knn(initial, argparse.Namespace(**{**vars(args), "select_slots": None}), info.device)
             results["init_baseline"] = baseline["knn"]
