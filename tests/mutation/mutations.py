@@ -39,7 +39,8 @@ UNTRUSTED = "tests/test_untrusted_checkpoints.py::"
 TEST_SETS = "tests/test_shifted_sets.py::"
 REPRODUCE = "tests/test_reproduce.py::"
 IMAGES = "tests/test_image_files.py::"
-BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
+SRUN = "tests/test_srun_launch.py::"
+BATCHED_FACTORS = "(1 - {0}, 1 + {0})"  # the batched pipeline's range of a jitter factor
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------------- resume and training wiring
@@ -174,8 +175,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("batched-saturation-cut", "sparo_dino/data/batched_augmentation.py", BATCHED_FACTORS.format("SATURATION"),
              BATCHED_FACTORS.format("SATURATION / 2"), (JITTER_READ_BACK + "[batched]",),
              "colour-jitter saturation strength 0.1 instead of 0.2 (batched pipeline)"),
-    Mutation("batched-hue-cut", "sparo_dino/data/batched_augmentation.py", "_uniform((batch,), -HUE, HUE, generator)",
-             "_uniform((batch,), -HUE / 2, HUE / 2, generator)", (JITTER_READ_BACK + "[batched]",),
+    Mutation("batched-hue-cut", "sparo_dino/data/batched_augmentation.py", "(-HUE, HUE)]",
+             "(-HUE / 2, HUE / 2)]", (JITTER_READ_BACK + "[batched]",),
              "colour-jitter hue strength 0.05 instead of 0.1 (batched pipeline)"),
     Mutation("pil-blur-no-effect", "sparo_dino/data/augmentation.py",
              "return image.filter(ImageFilter.GaussianBlur(radius=radius))", "return image",
@@ -285,4 +286,15 @@ MUTATIONS: tuple[Mutation, ...] = (
              "            if path.exists():\n                print(", "            if False:\n                print(",
              (REPRODUCE + "test_a_rerun_skips_finished_runs_and_records_each_run_once",),
              "a restarted comparison trains every finished run again (an hour lost) and records it twice"),
+    # ------------------------------------------------------------------------- launch and the node's limits
+    Mutation("srun-tasks-alone", "sparo_dino/distributed.py", 'if "RANK" in env or "SLURM_PROCID" not in env',
+             'if True or "SLURM_PROCID" not in env',
+             (SRUN + "test_srun_tasks_get_torchrun_variables_with_the_first_host_and_the_default_port",
+              SRUN + "test_main_dino_under_srun_without_a_host_ends_with_that_line"),
+             "srun's N tasks train as N separate runs writing into one output dir"),
+    Mutation("shm-one-rank-per-node", "sparo_dino/node_limits.py",
+             "per_worker = batch_bytes * prefetch_factor * max(1, local_world_size)",
+             "per_worker = batch_bytes * prefetch_factor",
+             ("tests/test_node_limits.py::test_shm_that_holds_not_one_workers_batches_is_an_error",),
+             "the /dev/shm check counts one rank's workers although all ranks of the node share it"),
 )
