@@ -210,8 +210,8 @@ def check_launcher_flags(ns: argparse.Namespace, output_dir: Path) -> None:
 
 
 # Launcher numbers and the least each may be: a value below makes an sbatch line SLURM rejects, or no job at all.
-LAUNCHER_MINIMA = {"nodes": 1, "ngpus": 1, "cpus_per_task": 1, "timeout": 1, "mem_gb": 0, "max_requeues": 0,
-                   "signal_delay_s": 0}
+# (--cpus_per_task has its own check against the training's --num_workers: cpus_per_task above.)
+LAUNCHER_MINIMA = {"nodes": 1, "ngpus": 1, "timeout": 1, "mem_gb": 0, "max_requeues": 0, "signal_delay_s": 0}
 SLURM_COMMANDS = ("sbatch", "srun")  # what submitit's SlurmExecutor calls to submit and to start the tasks
 
 

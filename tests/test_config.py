@@ -8,10 +8,9 @@ import os
 import pytest
 import torch
 import yaml
-
-import sparo_vit
 from test_official_compat import OFFICIAL_MAIN_DINO
 
+import sparo_vit
 from sparo_dino.cli.train_flags import get_args_parser, parse_train_args, resolve_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

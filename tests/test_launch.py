@@ -175,7 +175,6 @@ def fake_slurm(folder, monkeypatch) -> str:
     (["--timeout", "-5"], "--timeout must be >= 1, got -5"),
     (["--mem_gb", "-4"], "--mem_gb must be >= 0, got -4"),
     (["--max_requeues", "-1"], "--max_requeues must be >= 0, got -1"),
-    (["--cpus_per_task", "0"], "--cpus_per_task must be >= 1, got 0"),
 ])
 def test_launcher_numbers_are_one_line_before_anything_is_submitted(tmp_path, monkeypatch, flags, message):
     """Before: invalid #SBATCH lines (--nodes=-2, --mem=-4GB) went to sbatch."""
