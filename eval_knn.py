@@ -129,7 +129,8 @@ def run_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, device: to
                                "bank_dtype": bank_dtype, "meta": data.meta}
     if data.test_sets:  # the same bank searched by each test set's features
         results["test_sets"] = {name: {**test.describe(num_classes),
-                                       "knn": _accuracies(scores(test.features), test.labels, test.present)}
+                                       "knn": _accuracies(scores(test.features), test.labels, test.present,
+                                                          bank_size=num_train)}
                                 for name, test in data.test_sets.items()}
     if args.n_per_class:
         results["fewshot"] = fewshot_knn(data, args, plan)

@@ -45,7 +45,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     eval_flags.add_feature_args(parser)
     group = parser.add_argument_group("images")
     group.add_argument("--images", type=str, nargs="*", default=None, help="image files and/or folders of images")

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Launcher flags; official run_with_submitit.py flags keep their names and defaults (docs/compatibility.md
     lists the few that differ). No abbreviations, so a training flag is never mistaken for a prefix of a launcher flag."""
     parser = cli_errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+                                       allow_abbrev=False)
     parser.add_argument("--nodes", type=int, default=None,
                         help="number of nodes to request (default 2, as official; 1 with --cluster local)")
     parser.add_argument("--ngpus", type=int, default=8, help="GPUs per node; one task per GPU")

@@ -30,7 +30,7 @@ def evaluation_parser(doc: str) -> argparse.ArgumentParser:
     """The parser eval_knn.py and eval_linear.py start from: the script's docstring as description, the shared
     feature flags and the official launcher flags."""
     parser = cli_errors.ArgumentParser(description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_feature_args(parser)
     add_robustness_args(parser)
     distributed.add_launcher_args(parser)

@@ -47,8 +47,8 @@ def auto_or_bool(value: str | bool) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli_errors.ArgumentParser(prog="main_dino.py", allow_abbrev=False,
-                                     description="DINO self-supervised training with a SPARO read-out",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                       description="DINO self-supervised training with a SPARO read-out",
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="vit_small", choices=sparo_vit.ARCHS,
                        help="backbone; *_sparo replaces the last block with SPARO")
