@@ -297,4 +297,13 @@ MUTATIONS: tuple[Mutation, ...] = (
              "per_worker = batch_bytes * prefetch_factor",
              ("tests/test_node_limits.py::test_shm_that_holds_not_one_workers_batches_is_an_error",),
              "the /dev/shm check counts one rank's workers although all ranks of the node share it"),
+    # ------------------------------------------------------------------------------------- compiled or not
+    Mutation("compiled-if-nothing-raised", "sparo_dino/train/step.py",
+             "nothing_compiled = not errors and not (", "nothing_compiled = False and not (",
+             ("tests/test_compile.py::test_a_step_that_compiled_nothing_says_not_compiled_and_runs_eagerly",),
+             "TORCH_COMPILE_DISABLE=1 or a suppressed compile error counts as compiled: eager speed, a green check"),
+    Mutation("gpu-check-budget-unchecked", "benchmarks/gpu_check.py",
+             "        if total + setup_s > deadline_s:", "        if False:",
+             ("tests/test_gpu_check.py::test_each_gpu_stage_fits_one_device_call_and_the_parts_are_ordered_by_value",),
+             "a stage whose part limits outgrow one device call's 6 minutes is accepted"),
 )
