@@ -399,8 +399,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.init_baseline and (not args.fast or args.evaluate or args.load_features):
         raise ValueError("--init_baseline needs --fast training from --pretrained_weights (a training checkpoint), "
                          "not the official protocol, --evaluate or --load_features")
-    if min(args.lr_grid) <= 0 or not 0 < args.holdout_fraction < 1:
-        raise ValueError("--lr_grid values must be > 0 and --holdout_fraction in (0, 1)")
+    if args.lr <= 0 or min(args.lr_grid) <= 0 or not 0 < args.holdout_fraction < 1:
+        raise ValueError("--lr and --lr_grid values must be > 0 and --holdout_fraction in (0, 1)")
     if args.n_per_class and (not args.fast or args.evaluate):
         raise ValueError("--n_per_class trains few-shot heads on cached centre-crop features: it needs --fast "
                          "training, not the official protocol or --evaluate")

@@ -28,6 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 import sparo_vit  # noqa: E402
+from sparo_dino.cli import errors as cli_errors  # noqa: E402
 from sparo_dino.cli import eval_flags  # noqa: E402
 from sparo_dino.cli.errors import require_writable_dirs  # noqa: E402
 from sparo_dino.io import weights
@@ -38,7 +39,7 @@ OFFICIAL_PLAIN_DEFAULTS = {"arch": "vit_small", "patch_size": 8}  # official fla
 
 def build_parser() -> argparse.ArgumentParser:
     """Official flags, names and defaults; arch and patch size are read from a checkpoint's config instead."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=str, default=None, choices=sparo_vit.ARCHS,
                         help="for a plain state dict (default vit_small); else read from the checkpoint's config")
     parser.add_argument("--patch_size", type=int, default=None,

@@ -62,6 +62,7 @@ class RunSettings:
     """Data, output, checkpoints, logging and the periodic k-NN monitor."""
     dataset: str
     data_path: str
+    train_subset: int | None
     output_dir: str
     seed: int
     num_workers: int

@@ -105,3 +105,13 @@ def test_true_false_flags_are_shown_with_their_value() -> None:
             for match in re.finditer(re.escape(flag) + r"\b(?!\s+(true|false))", text):
                 shown_alone.append(f"{where}: {text[match.start():match.end() + 20]!r}")
     assert not shown_alone, "true/false flags shown without a value:\n" + "\n".join(shown_alone)
+
+
+def test_every_test_named_in_reliability_md_exists() -> None:
+    """The fault and bad-input tables name the test that holds each row; a renamed or deleted test must not leave
+    a row claiming a guard that no longer runs."""
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", _read(os.path.join(REPO, "docs", "reliability.md")))
+    assert len(named) >= 20
+    missing = [f"{path}::{name}" for path, name in named
+               if not re.search(rf"^def {name}\(", _read(os.path.join(REPO, path)), re.M)]
+    assert not missing, missing

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -145,6 +145,19 @@ def load_head(path: str, classifier: LinearClassifier, run: dict[str, Any]) -> N
     classifier.load_state_dict(head)
 
 
+def run_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`key=saved (this probe: current)` for each key whose value differs, nested dicts (the backbone's options)
+    key by key: a user sees what changed instead of two whole run records."""
+    lines = []
+    for key in sorted(set(saved) | set(current), key=str):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            lines += run_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}={old!r} (this probe: {new!r})")
+    return lines
+
+
 def _resume(path: str, run: dict[str, Any], classifier: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler, key: str = "classifier"
             ) -> tuple[int, dict[str, Any] | None]:
@@ -154,8 +167,9 @@ def _resume(path: str, run: dict[str, Any], classifier: nn.Module, optimizer: to
         return 0, None
     state = load_checkpoint(path)
     if state.get("run") != run:
-        raise ValueError(f"{path} belongs to another linear probe ({state.get('run')}); "
-                         f"this one is {run}; use another --output_dir")
+        differences = "; ".join(run_differences(state.get("run") or {}, run))
+        raise ValueError(f"{path} belongs to another linear probe: {differences}; use another --output_dir "
+                         "(or remove the file to start over)")
     classifier.load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

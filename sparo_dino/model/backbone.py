@@ -135,6 +135,8 @@ def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_pa
                         f"{', '.join(registry.OPTIONS)}")
     registry.reject_readout_options(arch, sorted(readout_options))
     options = {key: type(registry.OPTIONS[key].default)(value) for key, value in readout_options.items()}
+    if min(patch_size, img_size) < 1:
+        raise ValueError(f"patch_size and img_size must be >= 1, got {patch_size} and {img_size}")
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
     embed_dim, depth, num_heads = registry.SIZES[size]

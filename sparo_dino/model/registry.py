@@ -15,6 +15,7 @@ import torch.nn as nn
 from sparo_dino.model.readouts import pooling
 from sparo_dino.model.readouts.mhca import MultiHeadCrossAttention
 from sparo_dino.model.readouts.sparo import SPARO, SPARO_DEFAULTS
+from sparo_dino.model.readouts.sparo import check_readout_sizes as check_readout_sizes  # the options' size rules
 
 if TYPE_CHECKING:
     from sparo_dino.model.backbone import DinoVisionTransformer

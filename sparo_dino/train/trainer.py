@@ -7,6 +7,7 @@ intervals, except where it writes a checkpoint.
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -51,6 +52,9 @@ class DinoTrainer:
         self.stopped = False
         self.device = info.device
         self.precision = resolve_precision(optim.precision, optim.use_fp16, self.device)
+        if self.precision == "fp16" and self.device.type == "cpu" and distributed.is_main_process():
+            print("warning: fp16 on a CPU: float16 autocast has no fast CPU kernels, so training runs several times "
+                  "slower than in fp32 (--precision auto picks fp32 on CPUs)", file=sys.stderr, flush=True)
         if run.tensorboard:
             require_tensorboard()
         if self.device.type == "cuda":
