@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
 
-.PHONY: install data test demo mutation bench chaos gpu-check cpu-check gpu-check-files
+.PHONY: install data lint test demo mutation bench chaos gpu-check cpu-check gpu-check-files
 
 install:
 	$(PIP_INSTALL) -e ".[test]"
@@ -14,8 +14,12 @@ data:
 		echo "note: could not install dataset-fashion-mnist; tests on the real files will be skipped"; \
 	fi
 
+# Lint and import order (ruff, configured in pyproject.toml; the line length is 120).
+lint: install
+	$(PYTHON) -m ruff check .
+
 # One OpenMP thread per process: the suite starts several processes (gloo DDP, submitit tasks) on small machines.
-test: install data
+test: install data lint
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
 
 # Every benchmark at the size that fits the machine (GPU: the official recipe's shape, 2x224 + 10x96 crops, 64 per GPU; CPU: small sizes), one Markdown table

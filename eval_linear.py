@@ -36,6 +36,7 @@ from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, RestrictedHead
 from sparo_dino.eval.subsets import seeded_split
 from sparo_dino.io import provenance, weights
 from sparo_dino.model import registry
+from sparo_dino.run_config import args_to_dict
 from sparo_dino.train.schedules import scaled_lr
 
 DEFAULT_N_LAST_BLOCKS = 4
@@ -50,15 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = eval_flags.evaluation_parser(__doc__)
     group = parser.add_argument_group("linear probe")
     group.add_argument("--n_last_blocks", type=int, default=None,
-                       help=f"CLS archs: concatenate the CLS of the last n blocks; other read-outs with --sparo_features "
-                            f"encoding+cls: the CLS of the n-1 blocks before the read-out (default "
+                       help=f"CLS archs: concatenate the CLS of the last n blocks; other read-outs with "
+                            f"--sparo_features encoding+cls: the CLS of the n-1 blocks before the read-out (default "
                             f"{DEFAULT_N_LAST_BLOCKS})")
     group.add_argument("--avgpool_patchtokens", type=config.bool_flag, default=False,
                        help="baselines: also the mean of the last block's patch tokens")
     group.add_argument("--sparo_features", type=str, default="encoding", choices=extraction.SPARO_FEATURES,
-                       help="read-outs (paper C.2 for SPARO): the encoding alone, or, for a read-out replacing the "
-                            "last block, the final-norm CLS of the n_last_blocks-1 blocks before the read-out followed "
-                            "by the encoding")
+                       help="the encoding alone, or (read-outs replacing the last block; paper C.2) the final-norm "
+                            "CLS of the n_last_blocks-1 blocks before the read-out, then the encoding")
     group.add_argument("--num_labels", type=int, default=None,
                        help="official flag: outputs of the classifier; default: the data's classes (another "
                             "value is an error)")
@@ -194,8 +194,8 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
                   _output_dir(args, tag, "official"), info.device, reduce=True)
     for test in tests:
         loader = eval_loader(test.dataset)
-        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: loader, test.present, shifted_sets.describe(
-            test.spec.path, len(test.dataset), test.present, classes))
+        described = shifted_sets.describe(test.spec.path, len(test.dataset), test.present, classes)
+        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: loader, test.present, described)
     return probe
 
 
@@ -428,8 +428,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.init_baseline and (not args.fast or args.evaluate or args.load_features):
         raise ValueError("--init_baseline needs --fast training from --pretrained_weights (a training checkpoint), "
                          "not the official protocol, --evaluate or --load_features")
-    if min(args.lr_grid) <= 0 or not 0 < args.holdout_fraction < 1:
-        raise ValueError("--lr_grid values must be > 0 and --holdout_fraction in (0, 1)")
+    if args.lr <= 0 or min(args.lr_grid) <= 0 or not 0 < args.holdout_fraction < 1:
+        raise ValueError("--lr and --lr_grid values must be > 0 and --holdout_fraction in (0, 1)")
     if args.n_per_class and (not args.fast or args.evaluate):
         raise ValueError("--n_per_class trains few-shot heads on cached centre-crop features: it needs --fast "
                          "training, not the official protocol or --evaluate")
@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if not distributed.is_main_process():
             return None
         results = {**results, "run": probe.run,
-                   "provenance": provenance.collect(config.args_to_dict(args), {"world_size": info.world_size})}
+                   "provenance": provenance.collect(args_to_dict(args), {"world_size": info.world_size})}
         print(summary_line(results), flush=True)
         if initial is not None:  # beside the trained head, whatever the init features' tag
             initial.output_dir = os.path.join(probe.output_dir, INIT_BASELINE_DIR)
@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             print("\n".join(results_table.format_rows(results["table"], results_table.title(
                 f"{probe_name(results['run'])} probe [{results['run']['protocol']}], final head",
                 results.get("fewshot")))), flush=True)
-        config.save_config(args, probe.output_dir, name="config_linear.yaml")
+        provenance.save_config(args_to_dict(args), probe.output_dir, name="config_linear.yaml")
         eval_flags.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results
 

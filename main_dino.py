@@ -21,6 +21,7 @@ from sparo_dino.cli.train_flags import parse_train_args
 from sparo_dino.data.datasets import BadImageError
 from sparo_dino.distributed import LaunchError
 from sparo_dino.io.checkpoint import CheckpointError
+from sparo_dino.run_config import RunConfig
 from sparo_dino.train.preemption import REQUEUE_EXIT_CODE, StopRequest, stop_on_signals
 from sparo_dino.train.trainer import TrainingError, train
 
@@ -42,10 +43,10 @@ def main(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> 
     the main thread, from SIGTERM/SIGUSR1 (what SLURM sends before a kill), which are turned into a stop request
     while training runs.
     """
-    args = parse_train_args(argv)
+    config = RunConfig.from_flags(parse_train_args(argv))  # the flags, parsed once, in sections
     with contextlib.nullcontext(stop) if stop is not None else stop_on_signals() as stop:
         try:
-            finished = train(args, stop, report_error=_print_user_error)
+            finished = train(config, stop, report_error=_print_user_error)
         except USER_ERRORS as error:
             print_once(error)  # printed already when it ended a process group
             return 1

@@ -26,14 +26,14 @@ from sparo_dino.model.backbone import (
 )
 from sparo_dino.model.head import DINOHead, MultiCropWrapper
 from sparo_dino.model.readouts.mhca import MultiHeadCrossAttention
-from sparo_dino.model.readouts.sparo import SPARO, SPARO_DEFAULTS
+from sparo_dino.model.readouts.sparo import SPARO, SPARO_DEFAULTS, check_readout_sizes
 from sparo_dino.model.registry import has_slots, readout_of, reject_readout_options
 
 __all__ = ["SPARO", "SPARO_DEFAULTS", "MultiHeadCrossAttention", "DinoVisionTransformer", "DINOHead",
            "MultiCropWrapper", "build_backbone", "backbone_kwargs", "interpolate_pos_embed_dino",
            "POS_EMBED_INTERPOLATIONS", "DINO_INTERPOLATE_OFFSET", "slot_attention_maps", "cls_attention_maps",
-           "has_slots", "readout_of", "reject_readout_options", "split_arch", "is_sparo_arch", "ARCHS", "READOUTS",
-           "SLOT_READOUTS", "READOUT_DEFAULTS", "READOUT_OPTIONS", "OPTIONS_OF_READOUT"]
+           "has_slots", "readout_of", "reject_readout_options", "check_readout_sizes", "split_arch", "is_sparo_arch",
+           "ARCHS", "READOUTS", "SLOT_READOUTS", "READOUT_DEFAULTS", "READOUT_OPTIONS", "OPTIONS_OF_READOUT"]
 
 # The built-in read-outs and archs as the registry lists them at import (registry.names() and registry.archs() also
 # see read-outs registered later by plug-ins).

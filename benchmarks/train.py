@@ -34,6 +34,7 @@ from common import Row, on_image_folder, pick_device, synchronize  # noqa: E402
 
 from sparo_dino.cli.train_flags import parse_train_args  # noqa: E402
 from sparo_dino.distributed import DistInfo  # noqa: E402
+from sparo_dino.run_config import RunConfig  # noqa: E402
 from sparo_dino.train.progress import memory_mb  # noqa: E402
 from sparo_dino.train.trainer import DinoTrainer  # noqa: E402
 
@@ -93,7 +94,7 @@ def time_trainer(trainer: DinoTrainer, steps: int, warmup: int) -> Split:
         if marks:
             marks[1].record()
         # epoch 1 and after: the head's last layer trains, as in all but the first epoch
-        trainer.train_step(crops, max(epoch, trainer.args.freeze_last_layer), iteration)
+        trainer.train_step(crops, max(epoch, trainer.config.optim.freeze_last_layer), iteration)
         if marks:
             marks[2].record()
         if count >= warmup:
@@ -150,8 +151,8 @@ def run(args: argparse.Namespace, root: str) -> list[Row]:
         rates = {}
         for path in args.paths:
             with tempfile.TemporaryDirectory(prefix="sparo_train_bench_") as output_dir:
-                trainer = DinoTrainer(parse_train_args(trainer_argv(args, arch, root, output_dir, path)),
-                                      DistInfo(0, 1, 0, device))
+                flags = parse_train_args(trainer_argv(args, arch, root, output_dir, path))
+                trainer = DinoTrainer(RunConfig.from_flags(flags), DistInfo(0, 1, 0, device))
                 split = time_trainer(trainer, args.steps, args.warmup)
                 label = (f"augmentation {trainer.data.pipeline}, {trainer.precision}, "
                          f"{'compiled' if trainer.step.compiled else 'eager'}")

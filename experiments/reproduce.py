@@ -16,7 +16,6 @@ row to the run record in docs/readouts.md. The table (docs/readouts.md, between 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -32,6 +31,7 @@ import torch
 import eval_linear
 import sparo_vit
 from experiments import demo
+from sparo_dino.cli import errors as cli_errors
 from sparo_dino.cli import eval_flags
 from sparo_dino.data import datasets
 from sparo_dino.eval import extraction
@@ -472,7 +472,7 @@ def run_all(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int],
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=tuple(PROFILES), required=True)
     parser.add_argument("--output_dir", type=Path, default=Path("runs/reproduce"),
                         help="runs go to OUTPUT_DIR/<profile>/; finished ones there are skipped on a rerun")

@@ -23,6 +23,8 @@ from sparo_dino.eval import feature_cache
 from sparo_dino.io import weights
 
 SUMMARY = re.compile(r"^(\d+)-NN classifier result: Top1: ([\d.]+), Top5: ([\d.]+)$", re.M)
+# a k larger than the train bank: the line says the k the search used and the one asked for
+CLIPPED = re.compile(r"^(\d+)-NN \(asked (\d+)\) classifier result: Top1: ([\d.]+), Top5: ([\d.]+)$", re.M)
 SMALL_IMAGES = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,9 +48,15 @@ def test_knn_on_separable_images_with_slot_analysis(image_folder, sparo_checkpoi
     results = eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
                              "--nb_knn", "1", "5", "20", "100", "--per_slot", "--select_slots", "2",
                              "--holdout_fraction", "0.25", "--slot_knn", "5"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     printed = {int(k): (float(top1), float(top5)) for k, top1, top5 in SUMMARY.findall(out)}
-    assert sorted(printed) == [1, 5, 20, 100]  # k=100 > 24 train images is clipped, not a crash
+    clipped = {(int(used), int(asked)): float(top1) for used, asked, top1, _ in CLIPPED.findall(out)}
+    assert sorted(printed) == [1, 5, 20]
+    # k=100 > 24 train images is clipped to all 24, not a crash, and the summary says so instead of "100-NN"
+    assert list(clipped) == [(24, 100)] and "100-NN classifier" not in out
+    assert results["knn"]["100"]["k"] == 24 and results["knn"]["20"]["k"] == 20
+    assert "warning: --nb_knn 100 asks for more neighbours than the 24 train features" in captured.err
     assert printed[5][0] >= 90.0, out
     assert all(top5 == 100.0 for _, top5 in printed.values())  # 3 classes: top-5 is top-3
     assert results["num_classes"] == 3 and results["num_train"] == 24 and results["num_test"] == 24
@@ -224,13 +232,14 @@ def test_init_baseline_is_the_runs_own_initial_network_on_the_same_images(image_
     import main_dino
     from sparo_dino import distributed
     from sparo_dino.cli.train_flags import parse_train_args
+    from sparo_dino.run_config import RunConfig
     from sparo_dino.train.trainer import DinoTrainer
 
     train_argv = [*TINY, "--data_path", os.path.join(image_folder, "train"), "--epochs", "1", "--seed", "7",
                   "--lr", "0.05"]
     assert main_dino.main([*train_argv, "--output_dir", str(tmp_path / "run")]) == 0
-    untrained = DinoTrainer(parse_train_args([*train_argv, "--output_dir", str(tmp_path / "fresh")]),
-                            distributed.init_distributed()).teacher.backbone.eval()
+    flags = parse_train_args([*train_argv, "--output_dir", str(tmp_path / "fresh")])
+    untrained = DinoTrainer(RunConfig.from_flags(flags), distributed.init_distributed()).teacher.backbone.eval()
     checkpoint = str(tmp_path / "run" / "checkpoint.pth")
     capsys.readouterr()
     results = eval_knn.main(["--pretrained_weights", checkpoint, "--data_path", image_folder, *SMALL_IMAGES,

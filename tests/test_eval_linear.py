@@ -256,7 +256,7 @@ def test_init_baseline_is_the_same_probe_on_the_runs_initial_network(image_folde
     folder = tmp_path / "run" / "linear_fast_checkpoint_teacher"
     assert (folder / eval_linear.INIT_BASELINE_DIR / linear_probe.CHECKPOINT_NAME).exists()
     gain = results["final"]["top1"] - at_init["final"]["top1"]
-    assert (f"Linear probe at random init (same arch, seed and images) [FAST MODE" in out
+    assert ("Linear probe at random init (same arch, seed and images) [FAST MODE" in out
             and f"final Top1: {at_init['final']['top1']:.2f}" in out and f"trained minus init: {gain:+.2f}" in out)
     saved = json.loads((folder / "results_linear.json").read_text())
     assert saved["init_baseline"]["final"]["top1"] == at_init["final"]["top1"]
@@ -283,3 +283,28 @@ def test_fast_mode_keeps_features_in_host_memory_and_moves_one_batch_per_step(tm
     for batches in (probe.train_batches(0), probe.holdout_batches(), probe.val_batches()):
         inputs, labels = next(iter(batches))
         assert (inputs.device.type, labels.device.type) == ("cpu", "cpu")
+
+
+def test_a_probe_of_another_run_in_the_output_folder_names_the_keys_that_differ(tmp_path):
+    """Before: both whole run records (two dicts of about 400 characters each) in one line."""
+    run = {"protocol": "fast", "kind": "sparo_encoding", "dim": 64, "num_classes": 3, "tag": "checkpoint_teacher",
+           "epochs": 100, "lr": 0.001, "total_batch_size": 256,
+           "options": {"arch": "vit_tiny_sparo", "patch_size": 8, "num_slots": 4}}
+    other = {**run, "epochs": 10, "options": {**run["options"], "num_slots": 8}}
+    head = linear_probe.LinearClassifier(64, 3)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10)
+    path = str(tmp_path / linear_probe.CHECKPOINT_NAME)
+    torch.save({"classifier": head.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": 3, "run": other}, path)
+    with pytest.raises(ValueError) as info:
+        linear_probe._resume(path, run, head, optimizer, scheduler)
+    assert str(info.value) == (f"{path} belongs to another linear probe: epochs=10 (this probe: 100); "
+                               "options.num_slots=8 (this probe: 4); use another --output_dir (or remove the file "
+                               "to start over)")
+
+
+def test_negative_lr_is_an_error(capsys):
+    """Before: the official protocol trained with a negative learning rate."""
+    with pytest.raises(ValueError, match="--lr and --lr_grid values must be > 0"):
+        eval_linear.main(["--lr", "-0.001", "--pretrained_weights", "x.pth", "--data_path", "d"])

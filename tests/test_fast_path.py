@@ -39,6 +39,7 @@ from sparo_dino.data.batched_data import DeviceMultiCrop, load_rgb_image_reduced
 from sparo_dino.data.datasets import FASHION_MNIST_DIR, BadImageError, write_fashion_mnist_subset
 from sparo_dino.data.loader import TrainingData, resolve_augmentation
 from sparo_dino.distributed import DistInfo
+from sparo_dino.run_config import RunConfig
 from sparo_dino.train.optim import build_optimizer, param_groups
 from sparo_dino.train.preemption import StopRequest
 from sparo_dino.train.progress import MetricSums
@@ -263,7 +264,7 @@ def test_trainer_fuses_adamw_by_default_and_the_reference_flag_keeps_foreach(ima
     false is the reference path the test above compares it with."""
     for flags, fused in (((), True), (("--fused_adamw", "false"), None)):
         args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"), *flags])
-        trainer = DinoTrainer(args, DistInfo(0, 1, 0, torch.device("cpu")), stop=StopRequest())
+        trainer = DinoTrainer(RunConfig.from_flags(args), DistInfo(0, 1, 0, torch.device("cpu")), stop=StopRequest())
         assert trainer.optimizer.defaults["fused"] is fused
 
 
@@ -312,7 +313,7 @@ def test_an_epoch_reads_nothing_from_the_device_between_logging_intervals(images
     the step fails this test."""
     args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"), "--epochs", "1",
                              *BATCHED, "--print_freq", "3"])
-    trainer = DinoTrainer(args, DistInfo(0, 1, 0, torch.device("cpu")), stop=StopRequest())
+    trainer = DinoTrainer(RunConfig.from_flags(args), DistInfo(0, 1, 0, torch.device("cpu")), stop=StopRequest())
     device_crops, global_means = DeviceMultiCrop.__call__, MetricSums.global_means
     metric_reads = []
 
@@ -343,7 +344,8 @@ def test_on_a_gpu_crops_and_step_make_the_host_wait_for_nothing(images, tmp_path
     eager, so that compilation does not count) raises on any blocking copy or device read."""
     args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"), "--epochs", "1",
                              "--compile", "false"])
-    trainer = DinoTrainer(args, DistInfo(0, 1, 0, torch.device("cuda", torch.cuda.current_device())))
+    device = torch.device("cuda", torch.cuda.current_device())
+    trainer = DinoTrainer(RunConfig.from_flags(args), DistInfo(0, 1, 0, device))
     assert trainer.data.pipeline == "batched" and trainer.precision == "bf16" and trainer.optimizer.defaults["fused"]
     trainer.data.start_epoch(0, 0)
     for iteration, batch in enumerate(trainer.data.loader):

@@ -13,6 +13,7 @@ from test_train import EVERY_STEP, TINY, executed_steps, load, run, steps_betwee
 from sparo_dino.cli.train_flags import parse_train_args
 from sparo_dino.data.batched_data import DeviceMultiCrop
 from sparo_dino.distributed import DistInfo
+from sparo_dino.run_config import RunConfig
 from sparo_dino.train.trainer import DinoTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -34,7 +35,7 @@ def test_resume_on_the_gpu_restores_the_cuda_rng_and_continues_like_the_straight
     assert first["rng"]["cuda"].shape[0] == 1  # one row per rank
     args = parse_train_args([*TINY, "--data_path", images, "--output_dir", resumed, "--epochs", "2", *flags,
                              "--resume", os.path.join(straight, "checkpoint0000.pth")])
-    trainer = DinoTrainer(args, DistInfo(0, 1, 0, _cuda()))
+    trainer = DinoTrainer(RunConfig.from_flags(args), DistInfo(0, 1, 0, _cuda()))
     assert torch.equal(torch.cuda.get_rng_state(_cuda()), first["rng"]["cuda"][0])
     trainer.data.close()
     capsys.readouterr()
@@ -53,7 +54,7 @@ def test_device_crops_from_pinned_batches_equal_the_cpu_crops(images, tmp_path):
     in float rounding)."""
     args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"), "--epochs", "1",
                              "--augmentation", "batched", "--num_workers", "2", "--precision", "fp32"])
-    trainer = DinoTrainer(args, DistInfo(0, 1, 0, _cuda()))
+    trainer = DinoTrainer(RunConfig.from_flags(args), DistInfo(0, 1, 0, _cuda()))
     trainer.data.start_epoch(0, 0)
     batch = next(iter(trainer.data.loader))
     pixels, sizes = batch[0], batch[1]

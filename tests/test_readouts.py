@@ -24,7 +24,8 @@ SMALL = dict(patch_size=8, img_size=32)
 WIDTH, HEADS = 192, 3  # vit_tiny
 
 
-def tokens_of(model: sparo_vit.DinoVisionTransformer, batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def tokens_of(model: sparo_vit.DinoVisionTransformer, batch: int = 2, seed: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     return images, model.tokens(images)
 
@@ -61,7 +62,8 @@ def test_cls_and_gap_read_the_final_norm_tokens_of_all_blocks() -> None:
         expected = x[:, 0] if readout == "cls" else x[:, 1:].sum(dim=1) / 16
         torch.testing.assert_close(model(images), expected)
     # gap and cls share every parameter name: the same trunk, only the pooling differs
-    assert build_backbone("vit_tiny_gap", **SMALL).state_dict().keys() == build_backbone("vit_tiny", **SMALL).state_dict().keys()
+    gap, cls = build_backbone("vit_tiny_gap", **SMALL), build_backbone("vit_tiny", **SMALL)
+    assert gap.state_dict().keys() == cls.state_dict().keys()
 
 
 @torch.no_grad()
@@ -200,7 +202,8 @@ def test_encodings_have_the_documented_sizes_and_feature_kinds() -> None:
 
 # One read-out per row, each with a non-default option where it takes one, so the round trip has to carry it.
 TRAINED = {"gap": [], "attpool": [], "mhca": ["--num_slots", "6", "--slot_dim", "8", "--slot_norm", "true"],
-           "sparo": ["--num_slots", "4", "--slot_dim", "8", "--attn_dim", "8", "--group_size", "2", "--slot_norm", "true"]}
+           "sparo": ["--num_slots", "4", "--slot_dim", "8", "--attn_dim", "8", "--group_size", "2",
+                     "--slot_norm", "true"]}
 
 
 @pytest.mark.parametrize("readout", list(TRAINED))

@@ -12,6 +12,7 @@ from sparo_dino.cli.train_flags import parse_train_args
 from sparo_dino.distributed import DistInfo
 from sparo_dino.eval import linear_probe
 from sparo_dino.io.checkpoint import CheckpointError
+from sparo_dino.run_config import RunConfig
 from sparo_dino.train import schedules
 from sparo_dino.train.loss import DINOLoss
 from sparo_dino.train.run_state import RunState
@@ -21,12 +22,13 @@ CHECKPOINT_KEYS = ["student", "teacher", "optimizer", "dino_loss", "epoch", "ite
                    "epoch_sums", "world_size"]
 
 
-def new_state(output_dir: str, seed: int) -> RunState:
+def new_state(output_dir: str, seed: int, *flags: str) -> RunState:
     """A RunState over small stand-in networks, initialised from `seed`."""
     torch.manual_seed(seed)
     student, teacher = nn.Linear(3, 2), nn.Linear(3, 2)
-    return RunState(parse_train_args([*TINY, "--data_path", "x", "--output_dir", output_dir]), CPU, student,
-                    teacher, torch.optim.AdamW(student.parameters(), lr=0.1), DINOLoss(4, 4, 0.04, 0.04, 0, 2), None)
+    config = RunConfig.from_flags(parse_train_args([*TINY, "--data_path", "x", "--output_dir", output_dir, *flags]))
+    return RunState(config, CPU, student, teacher, torch.optim.AdamW(student.parameters(), lr=0.1),
+                    DINOLoss(4, 4, 0.04, 0.04, 0, 2), None)
 
 
 def trained_state(output_dir: str) -> RunState:
@@ -72,14 +74,12 @@ def test_an_epoch_end_checkpoint_holds_no_metric_sums(tmp_path) -> None:
 def test_resume_source_prefers_the_runs_own_checkpoint_over_resume(tmp_path, capsys) -> None:
     seed = tmp_path / "seed"
     trained_state(str(seed)).save()
-    fresh = new_state(str(tmp_path / "run"), seed=1)
-    fresh.args.resume = str(seed / "checkpoint.pth")
+    fresh = new_state(str(tmp_path / "run"), 1, "--resume", str(seed / "checkpoint.pth"))
     assert fresh.resume(iters_per_epoch=4) == str(seed / "checkpoint.pth")  # seeds a fresh output dir
     own = trained_state(str(tmp_path / "run"))
     own.epoch = 3
     own.save()
-    rerun = new_state(str(tmp_path / "run"), seed=1)
-    rerun.args.resume = str(seed / "checkpoint.pth")
+    rerun = new_state(str(tmp_path / "run"), 1, "--resume", str(seed / "checkpoint.pth"))
     assert rerun.resume(iters_per_epoch=4) == str(tmp_path / "run" / "checkpoint.pth") and rerun.epoch == 3
     assert "exists: continuing this run, --resume" in capsys.readouterr().out
     assert new_state(str(tmp_path / "empty"), seed=1).resume(iters_per_epoch=4) is None

@@ -20,7 +20,7 @@ def reference_sparo(module: SPARO, tokens: torch.Tensor) -> tuple[torch.Tensor, 
     """Eq. (1) slot by slot: y_l = W K_g H^T softmax(H K_g^T q_l / sqrt(D)), g = l // group_size."""
     d = module.attn_dim
     slots, weights = [], []
-    for l in range(module.num_slots):
+    for l in range(module.num_slots):  # noqa: E741 (the paper's slot index)
         g = l // module.group_size
         k_weight = module.key.weight[g * d:(g + 1) * d]
         k_bias = module.key.bias[g * d:(g + 1) * d]

@@ -1,8 +1,8 @@
 """What eval_knn.py and eval_linear.py share: their flags, the features they evaluate, their output and errors.
 
 The features of both splits come from --load_features (a cache, checked against the flags) or from the backbone of
---pretrained_weights (sparo_dino.io.weights) run over the dataset (sparo_dino.eval.extraction), optionally dumped for later
-(sparo_dino.eval.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
+--pretrained_weights (io.weights) run over the dataset (eval.extraction), optionally dumped for later
+(eval.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
 checkpoint unless --output_dir says otherwise; a user's mistake ends the script with one line instead of a traceback.
 """
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 
 from sparo_dino import distributed
 from sparo_dino.cli import config
+from sparo_dino.cli import errors as cli_errors
 from sparo_dino.cli.errors import exit_with, print_once, require_writable_dirs
 from sparo_dino.data import augmentation, datasets
-from sparo_dino.eval import extraction, feature_cache, shifted_sets
+from sparo_dino.eval import extraction, feature_cache, fewshot, shifted_sets
 from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.io import weights
 from sparo_dino.io.checkpoint import CheckpointError
@@ -28,8 +29,8 @@ from sparo_dino.model import registry
 def evaluation_parser(doc: str) -> argparse.ArgumentParser:
     """The parser eval_knn.py and eval_linear.py start from: the script's docstring as description, the shared
     feature flags and the official launcher flags."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli_errors.ArgumentParser(description=doc.split("\n\n")[0],
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_feature_args(parser)
     add_robustness_args(parser)
     distributed.add_launcher_args(parser)
@@ -158,7 +159,9 @@ def compute_features(args: argparse.Namespace, device: torch.device,
                              "--load_features")
         if not distributed.is_main_process():
             return None
-        return _check_cached(feature_cache.load_features(args.load_features), args, kind_for, accept_official_dump)
+        cached = _check_cached(feature_cache.load_features(args.load_features), args, kind_for, accept_official_dump)
+        fewshot.require_shots(cached.train_labels, getattr(args, "n_per_class", None) or [], cached.classes)
+        return cached
     backbone, options, tag = weights.load_backbone(args, at_init)
     backbone.to(device)
     kind = kind_for(options["arch"])
@@ -166,6 +169,9 @@ def compute_features(args: argparse.Namespace, device: torch.device,
     transform = augmentation.eval_transform(args.resize_size, args.crop_size)
     splits = dict(zip(feature_cache.SPLITS,
                       extraction.build_splits(args.dataset, data_path(args), transform, transform)))
+    # before the extraction: a class too small for --n_per_class would otherwise fail after it
+    fewshot.require_shots(splits["train"].targets, getattr(args, "n_per_class", None) or [],
+                          splits["train"].classes)
     tests = shifted_sets.build(shifted_sets.parse_specs(args.test_sets), splits["train"].classes, transform)
     scopes = {"train": "local", "val": "all"} if shard_train else {"train": "main", "val": "main"}
     results = {split: extraction.extract_features(fn, dataset, args.batch_size_per_gpu, args.num_workers, device,

@@ -6,36 +6,23 @@ Flags are declared once here so that main_dino.py, the submitit launcher and the
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping, Sequence
+from typing import NoReturn, Sequence
 
 import torch
 
-from sparo_dino.cli.config import args_to_dict, bool_flag, parse_args
+from sparo_dino.cli import errors as cli_errors
+from sparo_dino.cli.config import bool_flag, parse_args, read_config
 from sparo_dino.cli.errors import require_writable_dirs
 from sparo_dino.data import augmentation
 from sparo_dino.data.datasets import DATASETS, FASHION_MNIST_DIR
 from sparo_dino.data.loader import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
 from sparo_dino.distributed import add_launcher_args, check_launcher_args
-from sparo_dino.io.weights import BACKBONE_OPTION_KEYS
 from sparo_dino.model import registry
 from sparo_dino.model.backbone import POS_EMBED_INTERPOLATIONS
 from sparo_dino.train import knn_monitor
 from sparo_dino.train.optim import OPTIMIZERS
-from sparo_dino.train.step import COMPILE_CHOICES
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-# Flags that define the networks (the backbone's options and the DINO head's sizes): a checkpoint trained with other
-# values cannot be resumed.
-RESUME_MUST_MATCH_KEYS = (*BACKBONE_OPTION_KEYS, "out_dim", "use_bn_in_head", "norm_last_layer")
-# Flags that say how a run executes, not what it computes: a rerun in the same output dir may change them freely
-# (another machine picks another precision or augmentation device; logging, workers, checkpoint frequency). Every
-# other flag, and the number of processes (the total batch), changes the run's meaning: continuing with another
-# value needs --resume_overrides.
-RESUME_FREE_KEYS = frozenset({
-    "config", "output_dir", "resume", "resume_overrides", "num_workers", "print_freq", "tensorboard", "wandb_project",
-    "saveckp_freq", "ckpt_every_iters", "skip_bad_images", "precision", "use_fp16", "compile", "fused_adamw",
-    "augmentation", "grad_checkpointing", "knn_every", "knn_data_path", "knn_subset", "knn_crop_size",
-    "knn_resize_size", "dist_url", "local_rank", "dist_timeout_minutes"})
+from sparo_dino.train.run_state import RESUME_FREE_KEYS, RESUME_MUST_MATCH_KEYS
+from sparo_dino.train.step import COMPILE_CHOICES, PRECISIONS, resolve_precision
 
 
 def auto_or_bool(value: str | bool) -> str:
@@ -46,9 +33,9 @@ def auto_or_bool(value: str | bool) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main_dino.py", allow_abbrev=False,
-                                     description="DINO self-supervised training with a SPARO read-out",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli_errors.ArgumentParser(prog="main_dino.py", allow_abbrev=False,
+                                       description="DINO self-supervised training with a SPARO read-out",
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="vit_small", choices=registry.archs(),
                        help="backbone: vit_<size>[_<read-out>]; *_sparo replaces the last block with SPARO")
@@ -153,6 +140,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="continue this output dir's run with new values of these flags (names without --, e.g. "
                           "epochs lr, or world_size for another number of processes); without it a rerun whose "
                           "recipe differs from its checkpoint's stops and lists the differences")
+    run.add_argument("--train_subset", default=None, type=int, metavar="N",
+                     help="train on at most N images of --data_path: a fixed random subset drawn from --seed, the "
+                          "same at every resume (small runs on a CPU); default: all")
     run.add_argument("--seed", default=0, type=int, help="random seed")
     run.add_argument("--num_workers", default=10, type=int, help="data-loading workers per process")
     run.add_argument("--print_freq", default=10, type=int, help="console log every N iterations")
@@ -178,40 +168,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def changed_recipe(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, str]:
-    """{key: "key=saved (this run: new)"} for every flag that changes the run's meaning and differs from the
-    checkpoint's config (plain data, so `current` is compared as args_to_dict writes it), except model flags (checked
-    separately: those can never be resumed), flags the checkpoint predates, and those named in --resume_overrides."""
-    allowed = RESUME_FREE_KEYS | set(RESUME_MUST_MATCH_KEYS) | set(current.get("resume_overrides") or ())
-    return {key: f"{key}={saved[key]!r} (this run: {value!r})" for key, value in args_to_dict(dict(current)).items()
-            if key not in allowed and key in saved and saved[key] != value}
+def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """A flag value the validation refuses: one line naming it, exit status 2 as for argparse's own errors (whose
+    line adds where to look, `--help`; this message already says what to change)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
-def _fail(parser: argparse.ArgumentParser, message: str) -> None:
-    parser.error(message)  # prints usage and "error: message", exits with status 2
-
-
-def resolve_precision(precision: str, use_fp16: bool | None, device: torch.device) -> str:
-    """The effective precision: the official --use_fp16 wins when given, auto picks bf16 on capable GPUs."""
-    if use_fp16 is not None:
-        wanted = "fp16" if use_fp16 else "fp32"
-        if precision not in ("auto", wanted):
-            raise ValueError(f"--use_fp16 {str(use_fp16).lower()} contradicts --precision {precision}")
-        return wanted
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if native_bf16(device) else "fp16"
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the GPU computes in bf16 itself. torch.cuda.is_bf16_supported() also says yes where bf16 is only
-    emulated (V100: several times slower than fp16), so auto would pick the slow path there."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch without the keyword: bf16 tensor cores arrived with compute capability 8.0
-        return torch.cuda.get_device_capability(device) >= (8, 0)
+# (flag, lowest allowed value, whether the lowest value itself is allowed): values outside make no run at all
+_FLOAT_BOUNDS = (("lr", 0.0, False), ("min_lr", 0.0, True), ("weight_decay", 0.0, True),
+                 ("weight_decay_end", 0.0, True), ("clip_grad", 0.0, True), ("teacher_temp", 0.0, False),
+                 ("warmup_teacher_temp", 0.0, False), ("drop_path_rate", 0.0, True))
 
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -229,11 +195,25 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         if args.dataset != "fashion_mnist":
             _fail(parser, "--data_path is required for --dataset imagefolder")
         args.data_path = FASHION_MNIST_DIR
+    _drop_config_readout_options(args)
     try:
         registry.reject_readout_options(args.arch, [f"--{key}" for key, option in registry.OPTIONS.items()
                                                     if getattr(args, key) != option.default])
+        registry.check_readout_sizes(vars(args), prefix="--")
     except ValueError as error:
         _fail(parser, str(error))
+    for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size", "img_size", "knn_subset"):
+        if getattr(args, name) < 1:
+            _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.train_subset is not None and args.train_subset < 1:
+        _fail(parser, f"--train_subset must be >= 1, got {args.train_subset}")
+    for name, lowest, inclusive in _FLOAT_BOUNDS:
+        value = getattr(args, name)
+        if not (value >= lowest if inclusive else value > lowest):
+            _fail(parser, f"--{name} must be {'>=' if inclusive else '>'} {lowest:g}, got {value:g}")
+    if args.drop_path_rate >= 1:
+        _fail(parser, f"--drop_path_rate must be < 1 (the share of residual branches dropped), got "
+                      f"{args.drop_path_rate:g}")
     try:
         scales = augmentation.check_multicrop_args(**augmentation.multicrop_kwargs(vars(args)))
     except ValueError as error:
@@ -252,8 +232,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             _fail(parser, str(error))
     if args.knn_every and args.knn_data_path is None:
         args.knn_data_path = args.data_path  # the IDX folder holds the labelled train and test splits too
-    for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size", "knn_subset",
-                 "knn_crop_size", "knn_resize_size"):
+    for name in ("knn_crop_size", "knn_resize_size"):
         if getattr(args, name) < 1:
             _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",
@@ -272,12 +251,42 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     for name in ("momentum_teacher", "final_momentum_teacher"):
         if not 0 <= getattr(args, name) <= 1:
             _fail(parser, f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    _warn_surprising(args)
     try:
         resolve_precision(args.precision, args.use_fp16, torch.device("cpu"))
         require_writable_dirs({"--output_dir": args.output_dir})
     except ValueError as error:
         _fail(parser, str(error))
     return args
+
+
+def _drop_config_readout_options(args: argparse.Namespace) -> None:
+    """`--config sparo.yaml --arch vit_tiny` (a baseline from a SPARO recipe): the YAML's read-out options do not
+    apply to the arch given on the command line; they go back to their defaults, and one line says so. A YAML whose
+    own arch rejects its options stays an error (reject_readout_options)."""
+    if args.config is None:
+        return
+    values = read_config(args.config)
+    if values.get("arch", args.arch) == args.arch:
+        return
+    takes = registry.split_arch(args.arch)[1].options
+    dropped = [key for key in registry.OPTIONS
+               if key in values and key not in takes and getattr(args, key) == values[key]]
+    if dropped:
+        cli_errors.warn(f"--arch {args.arch} overrides {args.config}'s arch {values['arch']}; its "
+                        f"{', '.join(dropped)} do not apply to {args.arch} and are ignored")
+        for key in dropped:
+            setattr(args, key, registry.OPTIONS[key].default)
+
+
+def _warn_surprising(args: argparse.Namespace) -> None:
+    """One line for each flag value that is legal but likely a mistake; the run goes on."""
+    if args.freeze_last_layer > args.epochs:
+        cli_errors.warn(f"--freeze_last_layer {args.freeze_last_layer} exceeds --epochs {args.epochs}: the head's "
+                        "last layer is never trained")
+    if args.local_crops_number and args.local_crop_size > args.global_crop_size:
+        cli_errors.warn(f"--local_crop_size {args.local_crop_size} is larger than --global_crop_size "
+                        f"{args.global_crop_size}: DINO's local crops are the small views")
 
 
 def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

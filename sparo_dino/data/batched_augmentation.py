@@ -1,29 +1,7 @@
 """DINO multi-crop augmentation on batches of decoded uint8 image tensors, on any device (`--augmentation batched`).
 
-The per-image pipeline (augmentation.MultiCropAugmentation) augments one PIL image at a time in data-loader workers; at
-about 41 img/s per core it cannot feed a GPU that trains at several hundred img/s. Here every random parameter of a
-whole batch is drawn at once from a torch.Generator (on the CPU, so results do not depend on the device), and each
-op runs once per crop-size group on the device, with per-sample factors broadcast instead of one call per image.
-
-Same recipe (the numbers come from crop_recipe) and parameter distributions as the per-image pipeline:
-RandomResizedCrop (torchvision's sampler, including its 10 tries and the centre-crop fallback, vectorized), flip 0.5,
-ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 in a random order of the four ops per sample (as torchvision), grayscale
-0.2, Gaussian blur with sigma uniform in blur_sigma_range(global crop size), the same for every crop (global 1 p=1,
-global 2 p=0.1, locals p=0.5), solarize (threshold 128) p=0.2 on global 2 only, ImageNet mean/std. Deliberate
-differences, all below the size of one uint8 level or the resampling kernel:
-- resampling is bilinear with box-filter antialiasing (torchvision.ops.roi_align, aligned=True, adaptive sampling
-  ratio: every output pixel averages ceil(box / output)^2 bilinear samples of its cell), not PIL's antialiased
-  bicubic; when a crop is upsampled the outermost samples may read one pixel beyond the crop (edges are replicated);
-- pixel values stay float between ops, where PIL rounds to uint8 after every op;
-- the blur is an exact separable Gaussian (radius ceil(3 sigma_max), reflect padding, like torchvision's tensor
-  blur), where PIL approximates the Gaussian with box blurs.
-
-On a GPU a batch costs the host no synchronisation: the parameters are drawn and selected on the CPU, and every
-CPU tensor reaches the device through pinned memory with an asynchronous copy (`to_device`). It also issues few ops,
-each a kernel launch the host pays for: 590 per batch with 2 + 10 views, at any batch or pixel size (2,198 before
-issue 27.6; docs/performance.md). Each parameter is drawn once for all views, and the colour jitter chooses each
-sample's op by per-sample weights, not by index copies.
-"""
+The per-image pipeline's recipe and parameter distributions (crop_recipe), every parameter of a batch drawn at once on
+the CPU; its deliberate differences and host cost: docs/architecture.md (design notes), docs/performance.md."""
 from __future__ import annotations
 
 import math

@@ -1,19 +1,7 @@
 """The data path of `--augmentation batched`: data-loader workers only decode, the training device builds every crop.
 
-The PIL pipeline spends most of a worker's time on twelve crops per image (resampling, colour jitter, blur), about
-41 images/s per core, so 16 cores cannot feed a GPU that trains at 1,500 images/s. Here a worker decodes an image
-to uint8 (with PIL, the decoder of the reference pipeline, so both paths see the same pixels) and packs a batch
-into one padded uint8 tensor in PIL's channels-last layout (row copies, no transpose); the main process moves it to
-the device, puts the channels first there, and batched_augmentation.BatchedMultiCrop makes all crops of the batch.
-
-The crops' randomness comes from a generator seeded by (seed, epoch, iteration, rank): a batch gets the same crops
-whatever the number of workers, and a run resumed in the middle of an epoch continues with exactly the crops the
-uninterrupted run would have made.
-
-A JPEG much larger than any crop needs is decoded at a reduced DCT scale (PIL's `draft`, 1/2 to 1/8), which is
-cheaper than a full decode; it keeps at least `min_decode_area` pixels, so no crop has fewer source pixels than
-output pixels because of it.
-"""
+Crops are seeded by (seed, epoch, iteration, rank), so neither the worker count nor a resume changes them; large
+JPEGs are decoded at a reduced DCT scale, never below `min_decode_area` (why: docs/architecture.md, design notes)."""
 from __future__ import annotations
 
 import functools

@@ -1,14 +1,7 @@
 """The training data of one process: images -> sampler -> data loader -> the batch's crops on the device.
 
-Two pipelines make the same recipe (`--augmentation`); both run on any device:
-- per_image, the reference: PIL multi-crop per image in the data-loader workers
-  (augmentation.MultiCropAugmentation), seeded per sample from (seed, epoch, index) by SeededDataset;
-- batched: the workers only decode and pack uint8 batches, the training device makes every crop of a batch at
-  once (batched_data.DeviceMultiCrop), seeded per batch from (seed, epoch, iteration, rank).
-auto picks batched on CUDA devices and per_image elsewhere. Either way a run resumed mid-epoch, or run with another number of
-workers, sees exactly the crops of the uninterrupted run: the sampler skips what the epoch already consumed and no
-crop depends on a worker's history.
-"""
+Either pipeline (`--augmentation per_image|batched`; auto: batched on CUDA). A resume mid-epoch or another worker
+count sees the uninterrupted run's crops: the sampler skips what the epoch consumed, crops are seeded by position."""
 from __future__ import annotations
 
 import atexit
@@ -32,6 +25,7 @@ from sparo_dino.data.batched_data import (
     rgb_to_uint8_tensor,
 )
 from sparo_dino.data.datasets import build_dataset, require_min_size
+from sparo_dino.eval.subsets import seeded_split
 from sparo_dino.train.preemption import ignore_stop_signals
 
 AUGMENTATIONS = ("auto", "per_image", "batched")
@@ -79,19 +73,35 @@ def loader_batch_bytes(config: Mapping[str, Any], pipeline: str, dataset: Datase
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch after its first `start` samples (exact mid-epoch resume)."""
+    """DistributedSampler that can start an epoch after its first `start` samples (exact mid-epoch resume).
+
+    With `subset` (dataset indices), it shuffles and shards those only, as if they were the whole dataset: the
+    dataset itself stays whole, so its file names and bad-image records keep their indices."""
 
     start = 0
+
+    def __init__(self, dataset: Dataset, subset: Sequence[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(range(len(subset)) if subset is not None else dataset, **kwargs)  # type: ignore[arg-type]
+        self.subset = subset
 
     def set_position(self, epoch: int, start: int) -> None:
         self.set_epoch(epoch)
         self.start = start
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
+        positions = itertools.islice(super().__iter__(), self.start, None)
+        return positions if self.subset is None else (self.subset[position] for position in positions)
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+def train_subset(num_images: int, size: int | None, seed: int) -> list[int] | None:
+    """--train_subset: the indices of at most `size` images, drawn from `seed` alone (sorted), so every rank and
+    every resume trains on the same images; None trains on all of them."""
+    if size is None or size >= num_images:
+        return None
+    return seeded_split(num_images, size, seed)[0].tolist()
 
 
 class SkipFlags(Dataset):
@@ -146,10 +156,13 @@ class TrainingData:
             self.dataset = SkipFlags(reduce_jpeg_decoding(self._images(config, index, rgb_to_uint8_tensor), config))
             collate = collate_decoded
             self.device_crops = DeviceMultiCrop(config, seed, rank, device, out_dtype=crop_dtype)
-        require_min_size(self.dataset, self.batch_size * world_size,
-                         f"training data {config['data_path']} ({self.batch_size} per process x "
+        subset = train_subset(len(self.dataset), config.get("train_subset"), seed)
+        require_min_size(self.dataset if subset is None else subset, self.batch_size * world_size,
+                         f"training data {config['data_path']}"
+                         f"{'' if subset is None else ' (--train_subset)'} ({self.batch_size} per process x "
                          f"{world_size} processes)")
-        self.sampler = ResumableSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.sampler = ResumableSampler(self.dataset, subset, num_replicas=world_size, rank=rank, shuffle=True,
+                                        seed=seed)
         self.iters_per_epoch = self.sampler.num_samples // self.batch_size
         workers = config["num_workers"]
         # Own generator: creating an epoch's iterator draws a worker base seed, which must not shift the global

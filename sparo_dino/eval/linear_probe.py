@@ -1,21 +1,12 @@
 """Linear classifier on frozen features: the official DINO protocol and a fast mode on cached features.
 
-One training loop serves both modes; they differ only in what a batch holds. The official protocol feeds
-RandomResizedCrop + flip images through the frozen backbone every step (SGD momentum 0.9, weight decay 0, cosine
-schedule over the epochs, lr scaled by total batch / 256). The fast mode trains the same classifier with the same
-optimizer on features extracted once from the centre crop, so it has no augmentation and is labelled as such
-everywhere its numbers appear. Every epoch ends with an atomic checkpoint, so an interrupted probe resumes.
-
-Validation follows official DINO: on the 0-based epochs that are multiples of val_freq and after the last one, with
-its console lines ("Accuracy at epoch ...", "Max accuracy so far: ..."); the headline of a probe is the best top-1
-over those validations, as official DINO reports it, and the final one is kept beside it. A trained head (this
-probe's checkpoint or official DINO's linear weights) can be validated again without training (load_head).
-"""
+One loop for both (fast: centre-crop features, no augmentation, labelled as such); validation and the best-top-1
+headline as official DINO, an atomic checkpoint every epoch (docs/evaluation.md, Linear probe)."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -180,6 +171,19 @@ def load_head(path: str, classifier: LinearClassifier, run: dict[str, Any]) -> N
     classifier.load_state_dict(head)
 
 
+def run_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`key=saved (this probe: current)` for each key whose value differs, nested dicts (the backbone's options)
+    key by key: a user sees what changed instead of two whole run records."""
+    lines = []
+    for key in sorted(set(saved) | set(current), key=str):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            lines += run_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}={old!r} (this probe: {new!r})")
+    return lines
+
+
 def _resume(path: str, run: dict[str, Any], classifier: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler, key: str = "classifier"
             ) -> tuple[int, dict[str, Any] | None]:
@@ -189,8 +193,9 @@ def _resume(path: str, run: dict[str, Any], classifier: nn.Module, optimizer: to
         return 0, None
     state = load_checkpoint(path)
     if state.get("run") != run:
-        raise ValueError(f"{path} belongs to another linear probe ({state.get('run')}); "
-                         f"this one is {run}; use another --output_dir")
+        differences = "; ".join(run_differences(state.get("run") or {}, run))
+        raise ValueError(f"{path} belongs to another linear probe: {differences}; use another --output_dir "
+                         "(or remove the file to start over)")
     classifier.load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -204,8 +209,8 @@ def fit(classifier: nn.Module, train_batches: Callable[[int], Batches], val_batc
         val_freq: int, output_dir: str, run: dict[str, Any], device: torch.device, reduce: bool,
         model: nn.Module | None = None) -> dict[str, Any]:
     """Train `classifier` for `epochs` with the official optimizer and schedule; resume from and checkpoint to
-    output_dir/checkpoint_linear.pth, append one JSON line per epoch to output_dir/log_linear.txt, and return the final and
-    best validation results (best: the highest top-1, official DINO's headline). `model` is what gets optimized
+    output_dir/checkpoint_linear.pth, append one JSON line per epoch to output_dir/log_linear.txt, and return the final
+    and best validation results (best: the highest top-1, official DINO's headline). `model` is what gets optimized
     (e.g. the DDP wrapper of `classifier`)."""
     model = model or classifier
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)

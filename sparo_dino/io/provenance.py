@@ -1,4 +1,4 @@
-"""What produced an output directory: command line, resolved config, code version, package versions.
+"""What produced an output directory: command line, resolved config (config.yaml), code version, package versions.
 
 Each launch (first start and every resume) appends one JSON line to OUTPUT_DIR/provenance.jsonl, so a run that
 was requeued on other machines or resumed after a code change still says which commit trained which epochs. The
@@ -19,6 +19,7 @@ from importlib import metadata
 from typing import Any, Mapping
 
 import torch
+import yaml
 
 PROVENANCE_NAME = "provenance.jsonl"
 _PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pyyaml", "faiss-cpu", "faiss-gpu-cu12", "submitit")
@@ -89,3 +90,12 @@ def append_provenance(output_dir: str, config: Mapping[str, Any], extra: Mapping
     with open(os.path.join(output_dir, PROVENANCE_NAME), "a") as handle:
         handle.write(json.dumps(record, sort_keys=True) + "\n")
     return record
+
+
+def save_config(config: Mapping[str, Any], output_dir: str, name: str = "config.yaml") -> str:
+    """Write the resolved flags (plain data), so a run can be repeated with `--config OUTPUT/config.yaml`."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, name)
+    with open(path, "w") as handle:
+        yaml.safe_dump({k: v for k, v in config.items() if k != "config"}, handle, sort_keys=True)
+    return path

@@ -1,13 +1,8 @@
 """Reading backbone weights from the files users name, and building a frozen backbone from them.
 
-Every reader of weights goes through here: the evaluations (eval_knn.py, eval_linear.py), the figures
-(visualize_*.py), torch.hub, export_model.py, `load_pretrained_trunk` (main_dino.py --pretrained_trunk), training's
-resume and the linear head's --evaluate; an export_model.py folder reads like a checkpoint (its config.json). Wrappers
-write the same weights under different names (DDP's `module.`, MultiCropWrapper's `backbone.`/`head.`, the weight-norm
-names of older torch), so one function, `clean_state_dict`, maps them all to this repository's names. The
-architecture comes from the checkpoint's `config`; a flag that contradicts it is an error, because silently building
-another model would load mismatched weights or evaluate the wrong thing.
-"""
+Every reader of weights goes through here (an export_model.py folder reads like a checkpoint); `clean_state_dict`
+maps every wrapper's names to ours, and the model comes from the checkpoint's `config` (a contradicting flag is an
+error: it would load mismatched weights). `load_pretrained_trunk` is main_dino.py --pretrained_trunk's loader."""
 from __future__ import annotations
 
 import argparse
@@ -189,8 +184,7 @@ def load_backbone(args: argparse.Namespace, at_init: bool = False) -> tuple[nn.M
     """(frozen eval-mode backbone on CPU, its build options, result tag) from --pretrained_weights and flags.
 
     With `at_init`, the network the checkpoint's run started from instead (same config and seed, weights before the
-    first step): the random-init baseline that a trained result must clear to show that training did something.
-    """
+    first step): the random-init baseline that a trained result must clear to show that training did something."""
     if args.pretrained_weights is None:
         raise ValueError("--pretrained_weights is required (or --load_features with cached features)")
     weights = read_weights(args.pretrained_weights, args.checkpoint_key)
@@ -211,7 +205,7 @@ def load_backbone(args: argparse.Namespace, at_init: bool = False) -> tuple[nn.M
 def _replacing_readout_modules() -> list[str]:
     """The module names of the registered read-outs that replace the last block: a file holding one of them had one
     block fewer than the ViT it was trained as."""
-    return [spec.module_name for spec in map(registry.get, registry.names()) if spec.replaces_block]
+    return [spec.attribute for spec in map(registry.get, registry.names()) if spec.replaces_block]
 
 
 def fresh_parameter_names(backbone: DinoVisionTransformer) -> list[str]:
@@ -219,7 +213,7 @@ def fresh_parameter_names(backbone: DinoVisionTransformer) -> list[str]:
     (none for cls and gap, which keep all blocks). --freeze_trunk_epochs trains these and the head only."""
     spec = backbone.readout_spec
     return [name for name, _ in backbone.named_parameters()
-            if spec.replaces_block and name.startswith(f"{spec.module_name}.")]
+            if spec.replaces_block and name.startswith(f"{spec.attribute}.")]
 
 
 def _trunk_size(state: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:

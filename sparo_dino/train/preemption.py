@@ -64,20 +64,10 @@ class StopRequest:
 
 
 class StopPoll:
-    """Asks all ranks at every step boundary whether any was asked to stop; every rank gets the same answer at the
-    same boundary, so they all save the same position.
+    """Asks all ranks at each step boundary whether any was asked to stop, so they all save the same position.
 
-    - one process: its own flag, read at each boundary (no collective): a request during step k stops after step k.
-    - several processes on CPUs (gloo): `agreed_to_stop` at each boundary, the same answer at once.
-    - several processes on GPUs (`asynchronous`): reading a device flag would stall the host until the GPU finished
-      the step, and the GPU would idle while the host prepares the next one. Instead each boundary launches the
-      all-reduce of this rank's flag (and its copy to pinned host memory) behind the step on the device, and reads
-      the poll launched at the previous boundary, which the GPU has normally finished by then (the host runs about
-      one step ahead). A request during step k therefore stops every rank after step k + 1.
-
-    Requests are never withdrawn, so a poll dropped by `reset` (at epoch ends, where the trainer asks
-    synchronously anyway) loses nothing.
-    """
+    On GPUs (`asynchronous`) the poll is read one boundary after it was launched: a request during step k stops every
+    rank after step k + 1 (docs/architecture.md, design notes). `reset` loses nothing: requests are never withdrawn."""
 
     def __init__(self, stop: StopRequest | None, device: torch.device, asynchronous: bool | None = None) -> None:
         self.stop = stop
@@ -129,8 +119,7 @@ def stop_on_signals(signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> It
     """A StopRequest fed by SIGTERM/SIGUSR1 while the block runs, then the previous handlers again.
 
     Yields None outside the main thread (Python only delivers signals there): whoever runs training in a worker
-    thread, like the submitit launcher, owns the signals and passes its own StopRequest instead.
-    """
+    thread, like the submitit launcher, owns the signals and passes its own StopRequest instead."""
     if threading.current_thread() is not threading.main_thread():
         yield None
         return

@@ -8,7 +8,6 @@ position inside the epoch, the epoch's running metric sums and every rank's RNG 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -18,8 +17,6 @@ import torch
 import torch.nn as nn
 
 from sparo_dino import distributed
-from sparo_dino.cli.config import args_to_dict
-from sparo_dino.cli.train_flags import RESUME_MUST_MATCH_KEYS, changed_recipe
 from sparo_dino.io.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -30,8 +27,31 @@ from sparo_dino.io.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from sparo_dino.io.weights import clean_state_dict
+from sparo_dino.io.weights import BACKBONE_OPTION_KEYS, clean_state_dict
+from sparo_dino.run_config import RunConfig, args_to_dict
 from sparo_dino.train.progress import MetricSums
+
+# Flags that define the networks (the backbone's options and the DINO head's sizes): a checkpoint trained with other
+# values cannot be resumed.
+RESUME_MUST_MATCH_KEYS = (*BACKBONE_OPTION_KEYS, "out_dim", "use_bn_in_head", "norm_last_layer")
+# Flags that say how a run executes, not what it computes: a rerun in the same output dir may change them freely
+# (another machine picks another precision or augmentation device; logging, workers, checkpoint frequency). Every
+# other flag, and the number of processes (the total batch), changes the run's meaning: continuing with another
+# value needs --resume_overrides.
+RESUME_FREE_KEYS = frozenset({
+    "config", "output_dir", "resume", "resume_overrides", "num_workers", "print_freq", "tensorboard", "wandb_project",
+    "saveckp_freq", "ckpt_every_iters", "skip_bad_images", "precision", "use_fp16", "compile", "fused_adamw",
+    "augmentation", "grad_checkpointing", "knn_every", "knn_data_path", "knn_subset", "knn_crop_size",
+    "knn_resize_size", "dist_url", "local_rank", "dist_timeout_minutes"})
+
+
+def changed_recipe(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, str]:
+    """{key: "key=saved (this run: new)"} for every flag that changes the run's meaning and differs from the
+    checkpoint's config (plain data, so `current` is compared as args_to_dict writes it), except model flags (checked
+    separately: those can never be resumed), flags the checkpoint predates, and those named in --resume_overrides."""
+    allowed = RESUME_FREE_KEYS | set(RESUME_MUST_MATCH_KEYS) | set(current.get("resume_overrides") or ())
+    return {key: f"{key}={saved[key]!r} (this run: {value!r})" for key, value in args_to_dict(dict(current)).items()
+            if key not in allowed and key in saved and saved[key] != value}
 
 
 def resume_source(output_dir: str, resume: str | None) -> tuple[str, bool] | None:
@@ -57,8 +77,7 @@ def _saved_config(state: Mapping[str, Any], path: str) -> dict[str, Any]:
     return config
 
 
-def _check_same_model(path: str, saved: Mapping[str, Any], args: argparse.Namespace) -> None:
-    ours = vars(args)
+def _check_same_model(path: str, saved: Mapping[str, Any], ours: Mapping[str, Any]) -> None:
     differences = [f"{key}={saved[key]!r} (this run: {ours[key]!r})" for key in RESUME_MUST_MATCH_KEYS
                    if key in saved and saved[key] != ours[key]]
     if differences:
@@ -66,9 +85,9 @@ def _check_same_model(path: str, saved: Mapping[str, Any], args: argparse.Namesp
                               "use matching flags or another --output_dir")
 
 
-def _check_same_recipe(path: str, saved: Mapping[str, Any], args: argparse.Namespace, world_size: int) -> None:
+def _check_same_recipe(path: str, saved: Mapping[str, Any], ours: Mapping[str, Any], world_size: int) -> None:
     """Stop a rerun whose flags would silently change the run it continues (another lr, epochs, data...)."""
-    changes = changed_recipe(saved, {**vars(args), "world_size": world_size})
+    changes = changed_recipe(saved, {**ours, "world_size": world_size})
     if changes:
         raise CheckpointError(
             f"{path} was trained with other settings: {', '.join(changes.values())}; to start afresh use another "
@@ -82,7 +101,7 @@ class RunState:
     no `module.` prefix. `epoch_sums` are the running epoch's metric sums, saved inside an epoch so that a resumed
     epoch logs the same means as an uninterrupted one."""
 
-    args: argparse.Namespace
+    config: RunConfig
     info: distributed.DistInfo
     student: nn.Module
     teacher: nn.Module
@@ -95,7 +114,7 @@ class RunState:
 
     @property
     def checkpoint_path(self) -> str:
-        return os.path.join(self.args.output_dir, CHECKPOINT_NAME)
+        return os.path.join(self.config.run.output_dir, CHECKPOINT_NAME)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue from (epoch, iteration). Collective (gathers RNG states and sums)."""
@@ -106,7 +125,7 @@ class RunState:
             "dino_loss": self.dino_loss.state_dict(),
             "epoch": self.epoch,
             "iteration": self.iteration,
-            "config": args_to_dict(self.args),
+            "config": dict(self.config.flat),
             "rng": capture_rng_state(self.info.device),
             "epoch_sums": self.epoch_sums.gathered() if self.iteration else None,
             "world_size": self.info.world_size,  # with batch_size_per_gpu, the total batch (lr scaling, epoch length)
@@ -126,7 +145,7 @@ class RunState:
             try:
                 save_checkpoint(state, self.checkpoint_path)
                 if extra_copy:
-                    save_checkpoint(state, os.path.join(self.args.output_dir, extra_copy))
+                    save_checkpoint(state, os.path.join(self.config.run.output_dir, extra_copy))
             except CheckpointError as error:
                 failure = error
         failed = torch.tensor(0 if failure is None else 1, device=self.info.device)
@@ -136,19 +155,19 @@ class RunState:
     def resume(self, iters_per_epoch: int) -> str | None:
         """Continue from the run's own checkpoint or --resume, if any; returns the file used. A run's own damaged
         checkpoint.pth falls back to its newest loadable checkpointNNNN.pth."""
-        source = resume_source(self.args.output_dir, self.args.resume)
+        source = resume_source(self.config.run.output_dir, self.config.run.resume)
         if source is None:
             return None
         path, named_by_user = source
         if named_by_user:
             state = load_checkpoint(path, allow_official=True)
         else:
-            state, path = load_with_fallback(path, periodic_checkpoints(self.args.output_dir))
+            state, path = load_with_fallback(path, periodic_checkpoints(self.config.run.output_dir))
         config = _saved_config(state, path)
-        _check_same_model(path, config, self.args)
+        _check_same_model(path, config, self.config.flat)
         if not named_by_user:  # a rerun in the same output dir; a named --resume seeds a new run on purpose
-            _check_same_recipe(path, {**config, **{k: state[k] for k in ("world_size",) if k in state}}, self.args,
-                               self.info.world_size)
+            saved = {**config, **{k: state[k] for k in ("world_size",) if k in state}}
+            _check_same_recipe(path, saved, self.config.flat, self.info.world_size)
         self._load_weights(state, path)
         self._load_optimizer_state(state, path)
         self._load_position(state, path, iters_per_epoch)
@@ -175,7 +194,7 @@ class RunState:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path} has an optimizer state that does not fit --optimizer "
-                                  f"{self.args.optimizer}: {error}") from error
+                                  f"{self.config.optim.optimizer}: {error}") from error
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
 

@@ -1,21 +1,7 @@
 """One DINO optimisation step, eager (the reference) or compiled, with no host synchronisation inside it.
 
-teacher on the 2 global crops -> student on all crops -> DINO loss -> backward -> per-parameter clipping -> last
-layer (and with --freeze_trunk_epochs a pretrained trunk) frozen in the first epochs -> optimizer step -> EMA of the
-teacher. The trainer and benchmarks/step.py run
-this same object, so what the benchmark times is what training runs.
-
-`compiled` wraps student, teacher and loss in torch.compile (Inductor fuses the ViT's element-wise work and the
-loss over the 65536-way head); the optimizer stays eager and, on GPUs, is the fused AdamW (optim.build_optimizer).
-Nothing here reads a device value on the host: the schedule values arrive as Python floats, clipping and EMA are
-foreach kernels, and the step returns its metrics as a device tensor, read by the trainer at the logging interval
-(fp16's GradScaler is the exception: its inf check reads the device unless the optimizer is the fused AdamW, which
-takes the check's result on the device; bf16 needs no scaler). A compiled step reads one value on its first step
-only: whether every rank ran compiled graphs (TrainingStep._settle_compilation). "Ran compiled" is read off the
-first step's autograd graph, not off the compile call: torch.compile that compiles nothing (TORCH_COMPILE_DISABLE=1,
-an error that torch._dynamo.config.suppress_errors turns into eager) raises nothing, and torch's global counters
-miss a model whose graphs an earlier one in the same process already compiled (docs/gpus.md).
-"""
+The trainer and benchmarks/step.py run this same object; its parts and the device reads it avoids:
+docs/architecture.md (one training step, design notes)."""
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +24,7 @@ from sparo_dino.train.optim import (
 NUM_GLOBAL_CROPS = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPILE_CHOICES = ("auto", "true", "false")
+PRECISIONS = ("auto", *DTYPES)
 
 
 def resolve_compile(flag: str | bool, device: torch.device) -> bool:
@@ -47,6 +34,29 @@ def resolve_compile(flag: str | bool, device: torch.device) -> bool:
     if flag not in COMPILE_CHOICES:
         raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {flag!r}")
     return device.type == "cuda" if flag == "auto" else flag == "true"
+
+
+def resolve_precision(precision: str, use_fp16: bool | None, device: torch.device) -> str:
+    """The effective precision: the official --use_fp16 wins when given, auto picks bf16 on capable GPUs."""
+    if use_fp16 is not None:
+        wanted = "fp16" if use_fp16 else "fp32"
+        if precision not in ("auto", wanted):
+            raise ValueError(f"--use_fp16 {str(use_fp16).lower()} contradicts --precision {precision}")
+        return wanted
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp16"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 itself. torch.cuda.is_bf16_supported() also says yes where bf16 is only
+    emulated (V100: several times slower than fp16), so auto would pick the slow path there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the keyword: bf16 tensor cores arrived with compute capability 8.0
+        return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,19 +1,13 @@
 """The DINO training loop: epochs of steps, logging, checkpoints, resume and stop requests.
 
-`train(args)` is the whole run for one process; main_dino.py and the submitit launcher both call it. `fit` and
-`train_one_epoch` keep the shape of official DINO's `train_dino` and `train_one_epoch`: per step, the schedules'
-values and one optimisation step; per epoch, a log record and a checkpoint. What official DINO lacks lives in three
-places: run_state.RunState (what a checkpoint holds, resuming from one), `_at_step_boundary` (every decision between
-two steps: the finite check, a stop request, a periodic save) and progress.ProgressLogger (console lines and the
-epoch record). The position (epoch, iteration) is explicit, so a checkpoint can be written at any step boundary and
-resumed exactly: the data (train_data.TrainingData) skips what the epoch already consumed and seeds every crop by
-its position. The step itself (eager or compiled) is training_step.TrainingStep; between logging intervals the loop
-reads nothing from the device, except where it writes a checkpoint.
+`train(config)` runs (or continues) a run in this process; main_dino.py and the submitit launcher call it. The loop
+keeps official DINO's shape (docs/architecture.md: one step) and reads nothing from the device between logging
+intervals, except where it writes a checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -21,13 +15,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sparo_dino import distributed
-from sparo_dino.cli.config import args_to_dict, save_config
-from sparo_dino.cli.train_flags import resolve_precision
 from sparo_dino.data.loader import TrainingData
 from sparo_dino.io.checkpoint import CheckpointError, remove_stale_temporaries
-from sparo_dino.io.provenance import append_provenance, file_sha256
+from sparo_dino.io.provenance import append_provenance, file_sha256, save_config
 from sparo_dino.io.weights import TrunkLoad, fresh_parameter_names, load_pretrained_trunk
 from sparo_dino.model.networks import build_student_teacher, parameter_line, seed_everything
+from sparo_dino.run_config import RunConfig
 from sparo_dino.train.knn_monitor import PeriodicKnn
 from sparo_dino.train.loss import DINOLoss
 from sparo_dino.train.optim import build_optimizer, param_groups
@@ -43,7 +36,7 @@ from sparo_dino.train.progress import (
 )
 from sparo_dino.train.run_state import RunState, resume_source
 from sparo_dino.train.schedules import Schedules, scaled_lr
-from sparo_dino.train.step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile
+from sparo_dino.train.step import DTYPES, NUM_GLOBAL_CROPS, TrainingStep, resolve_compile, resolve_precision
 
 if TYPE_CHECKING:
     from sparo_dino.train.preemption import StopRequest
@@ -60,48 +53,51 @@ class NonFiniteLossError(TrainingError):
 class DinoTrainer:
     """One process's share of a DINO run. Construction validates data and checkpoint before writing anything."""
 
-    def __init__(self, args: argparse.Namespace, info: distributed.DistInfo, stop: StopRequest | None = None) -> None:
-        self.args = args
+    def __init__(self, config: RunConfig, info: distributed.DistInfo, stop: StopRequest | None = None) -> None:
+        self.config = config
+        model, optim, run = config.model, config.optim, config.run
         self.info = info
         self.stop = stop
         self.stopped = False
         self.device = info.device
-        self.precision = resolve_precision(args.precision, args.use_fp16, self.device)
-        if args.tensorboard:
+        self.precision = resolve_precision(optim.precision, optim.use_fp16, self.device)
+        if self.precision == "fp16" and self.device.type == "cpu" and distributed.is_main_process():
+            print("warning: fp16 on a CPU: float16 autocast has no fast CPU kernels, so training runs several times "
+                  "slower than in fp32 (--precision auto picks fp32 on CPUs)", file=sys.stderr, flush=True)
+        if run.tensorboard:
             require_tensorboard()
-        if args.wandb_project:
+        if run.wandb_project:
             require_wandb()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.batch_size = args.batch_size_per_gpu
+        self.batch_size = optim.batch_size_per_gpu
         self.data = self._build_data()
         self.iters_per_epoch = self.data.iters_per_epoch
         self.knn = self._build_knn_monitor()
 
-        seed_everything(args.seed)  # identical initial weights on every rank
-        student, self.teacher = build_student_teacher(vars(args))
+        seed_everything(run.seed)  # identical initial weights on every rank
+        student, self.teacher = build_student_teacher(config.flat)
         if distributed.is_main_process():
-            print(parameter_line(args.arch, student.backbone), flush=True)
+            print(parameter_line(model.arch, student.backbone), flush=True)
         self.trunk = self._load_pretrained_trunk(student, self.teacher)
-        if args.use_bn_in_head and info.world_size > 1 and self.device.type == "cuda":
+        if model.use_bn_in_head and info.world_size > 1 and self.device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
         self.student_module = student.to(self.device)
         self.teacher.to(self.device)
-        self.optimizer = build_optimizer(args.optimizer, param_groups(self.student_module),
-                                         fused=args.fused_adamw)
+        self.optimizer = build_optimizer(optim.optimizer, param_groups(self.student_module), fused=optim.fused_adamw)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.dino_loss = DINOLoss(args.out_dim, NUM_GLOBAL_CROPS + args.local_crops_number,
-                                  args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs,
-                                  args.epochs).to(self.device)
+        self.dino_loss = DINOLoss(model.out_dim, NUM_GLOBAL_CROPS + config.crops.local_crops_number,
+                                  optim.warmup_teacher_temp, optim.teacher_temp, optim.warmup_teacher_temp_epochs,
+                                  optim.epochs).to(self.device)
         self.schedules = Schedules.for_run(
-            lr=scaled_lr(args.lr, self.batch_size * info.world_size), min_lr=args.min_lr,
-            warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-            weight_decay_end=args.weight_decay_end, momentum_teacher=args.momentum_teacher, epochs=args.epochs,
-            iters_per_epoch=self.iters_per_epoch, final_momentum_teacher=args.final_momentum_teacher)
+            lr=scaled_lr(optim.lr, self.batch_size * info.world_size), min_lr=optim.min_lr,
+            warmup_epochs=optim.warmup_epochs, weight_decay=optim.weight_decay,
+            weight_decay_end=optim.weight_decay_end, momentum_teacher=optim.momentum_teacher, epochs=optim.epochs,
+            iters_per_epoch=self.iters_per_epoch, final_momentum_teacher=optim.final_momentum_teacher)
 
-        seed_everything(args.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
-        self.state = RunState(args, info, self.student_module, self.teacher, self.optimizer, self.dino_loss,
+        seed_everything(run.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
+        self.state = RunState(config, info, self.student_module, self.teacher, self.optimizer, self.dino_loss,
                               self.scaler)
         self.resumed_from = self.state.resume(self.iters_per_epoch)
         self.start_position = (self.state.epoch, self.state.iteration)
@@ -111,14 +107,14 @@ class DinoTrainer:
             self.student = DistributedDataParallel(
                 self.student_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = TrainingStep(self.student, self.student_module, self.teacher, self.dino_loss, self.optimizer,
-                                 self.precision, self.device, compiled=resolve_compile(args.compile, self.device),
-                                 clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
-                                 scaler=self.scaler, freeze_trunk_epochs=args.freeze_trunk_epochs,
+                                 self.precision, self.device, compiled=resolve_compile(optim.compile, self.device),
+                                 clip_grad=optim.clip_grad, freeze_last_layer=optim.freeze_last_layer,
+                                 scaler=self.scaler, freeze_trunk_epochs=optim.freeze_trunk_epochs,
                                  trunk_params=self._trunk_parameters())
         self.stop_poll = StopPoll(stop, self.device)
-        self.progress = ProgressLogger(args.output_dir, args.epochs, self.schedules, self.dino_loss.teacher_temp,
-                                       self.batch_size * info.world_size, self.device, args.tensorboard,
-                                       args.wandb_project)
+        self.progress = ProgressLogger(run.output_dir, optim.epochs, self.schedules, self.dino_loss.teacher_temp,
+                                       self.batch_size * info.world_size, self.device, run.tensorboard,
+                                       run.wandb_project)
         self._window, self._window_first = MetricSums(), 0  # the steps since the last console line
 
     @property
@@ -134,7 +130,7 @@ class DinoTrainer:
     # ----------------------------------------------------------------------------------------------- set-up
     def _build_data(self) -> TrainingData:
         try:
-            return TrainingData(vars(self.args), self.info.rank, self.info.world_size, self.device,
+            return TrainingData(self.config.flat, self.info.rank, self.info.world_size, self.device,
                                 crop_dtype=DTYPES[self.precision])
         except ValueError as error:  # fewer images than one global batch
             raise TrainingError(str(error)) from error
@@ -143,8 +139,8 @@ class DinoTrainer:
         """--pretrained_trunk on a fresh run: the student's trunk from the file and the teacher's backbone a copy of
         the student's (read-out included). A resumed run's weights come from its checkpoint, whose config recorded
         the same file (a rerun naming another is refused as a changed recipe)."""
-        path = self.args.pretrained_trunk
-        if path is None or resume_source(self.args.output_dir, None) is not None:
+        path = self.config.model.pretrained_trunk
+        if path is None or resume_source(self.config.run.output_dir, None) is not None:
             return None
         try:
             loaded = load_pretrained_trunk(student.backbone, path)
@@ -162,25 +158,25 @@ class DinoTrainer:
         return [param for name, param in backbone.named_parameters() if name not in fresh]
 
     def _build_knn_monitor(self) -> PeriodicKnn | None:
-        args = self.args
-        if not args.knn_every:
+        run = self.config.run
+        if not run.knn_every:
             return None
         try:
-            return PeriodicKnn(args.dataset, args.knn_data_path, args.knn_subset, args.knn_resize_size,
-                               args.knn_crop_size, self.batch_size, args.num_workers, self.device, seed=args.seed)
+            return PeriodicKnn(run.dataset, run.knn_data_path, run.knn_subset, run.knn_resize_size,
+                               run.knn_crop_size, self.batch_size, run.num_workers, self.device, seed=run.seed)
         except ValueError as error:
             raise TrainingError(f"--knn_data_path: {error}") from error
 
     def write_run_files(self) -> None:
         if not distributed.is_main_process():
             return
-        for path in remove_stale_temporaries(self.args.output_dir):
+        for path in remove_stale_temporaries(self.config.run.output_dir):
             print(f"removed {path}, a partial checkpoint of a killed run", flush=True)
-        dropped = trim_log(self.args.output_dir, self.epoch)
+        dropped = trim_log(self.config.run.output_dir, self.epoch)
         if dropped:
             print(f"dropped {dropped} line(s) of {LOG_NAME} written after the checkpoint's epoch {self.epoch} "
                   "(the run was killed before saving it)", flush=True)
-        save_config(self.args, self.args.output_dir)
+        save_config(self.config.flat, self.config.run.output_dir)
         self.data.save_index()
 
     def record_provenance(self) -> None:
@@ -191,24 +187,24 @@ class DinoTrainer:
         self._provenance_recorded = True
         if distributed.is_main_process():
             record = append_provenance(
-                self.args.output_dir, args_to_dict(self.args),
+                self.config.run.output_dir, self.config.flat,
                 {"world_size": self.info.world_size, "precision": self.precision,
                  "augmentation": self.data.pipeline, "compiled": self.step.ran_compiled, "device": str(self.device),
                  "resumed_from": self.resumed_from, "start_epoch": self.start_position[0],
                  "start_iteration": self.start_position[1],
                  "pretrained_trunk": None if self.trunk is None else {
                      **self.trunk.record(), "sha256": file_sha256(self.trunk.source)}})
-            self.progress.record_run(args_to_dict(self.args), record)
+            self.progress.record_run(self.config.flat, record)
 
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns the log.txt records of the epochs this call ran."""
         self.write_run_files()
-        if self.epoch >= self.args.epochs and distributed.is_main_process():
-            print(f"nothing to do: {self.epoch} of {self.args.epochs} epochs are done", flush=True)
+        if self.epoch >= self.config.optim.epochs and distributed.is_main_process():
+            print(f"nothing to do: {self.epoch} of {self.config.optim.epochs} epochs are done", flush=True)
         records, init_evaluation = [], self.evaluate_init()
         try:
-            while self.epoch < self.args.epochs and not self.stopped:
+            while self.epoch < self.config.optim.epochs and not self.stopped:
                 epoch = self.epoch
                 means = self.train_one_epoch(epoch)
                 if self.stopped:  # inside the epoch, its position saved
@@ -263,7 +259,7 @@ class DinoTrainer:
         3. a periodic save every --ckpt_every_iters global steps (epoch ends are saved anyway).
         Every rank reaches the same decisions at the same step, as they all take part in the collectives."""
         in_epoch = self.iteration < self.iters_per_epoch
-        if self.iteration % self.args.print_freq == 0 or not in_epoch:
+        if self.iteration % self.config.run.print_freq == 0 or not in_epoch:
             self.progress.log_window(epoch, self.iteration - 1, self._finite_window_means(epoch))
             self._window.reset()
             self._window_first = self.iteration
@@ -271,7 +267,7 @@ class DinoTrainer:
             self._save_checked(epoch)
             self._announce_stop()
             return True
-        every = self.args.ckpt_every_iters
+        every = self.config.run.ckpt_every_iters
         if in_epoch and every and (epoch * self.iters_per_epoch + self.iteration) % every == 0:
             self._save_checked(epoch)
         return False
@@ -300,9 +296,9 @@ class DinoTrainer:
         """After `epoch`: checkpoint.pth, and every --saveckp_freq epochs a checkpointNNNN.pth copy as official DINO;
         then stop if any rank was asked to (a collective, answered at once)."""
         self.state.epoch, self.state.iteration = epoch + 1, 0
-        keep = self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0
+        keep = self.config.run.saveckp_freq and epoch % self.config.run.saveckp_freq == 0
         self.state.save(extra_copy=f"checkpoint{epoch:04d}.pth" if keep else None)
-        if self.epoch < self.args.epochs and self.stop is not None and self.stop.agreed_to_stop(self.device):
+        if self.epoch < self.config.optim.epochs and self.stop is not None and self.stop.agreed_to_stop(self.device):
             self._announce_stop()
 
     def _announce_stop(self) -> None:
@@ -315,7 +311,7 @@ class DinoTrainer:
         """The epoch's step metrics over all ranks; with --skip_bad_images also how many unreadable images were
         replaced (`skipped` on this rank) in the part of the epoch this process ran."""
         means = self.state.epoch_sums.global_means()
-        if self.args.skip_bad_images:
+        if self.config.run.skip_bad_images:
             means["bad_images_skipped"] = int(distributed.all_reduce_sum_(skipped.to(self.device)).item())
         return means
 
@@ -323,10 +319,10 @@ class DinoTrainer:
     def evaluate(self, epoch: int) -> dict[str, float]:
         """The k-NN monitor's result after `epoch` when it is due (every --knn_every epochs and the last), on the
         main process; empty otherwise. All ranks take part in the extraction."""
-        last = epoch + 1 == self.args.epochs
-        if self.knn is None or not ((epoch + 1) % self.args.knn_every == 0 or last):
+        last = epoch + 1 == self.config.optim.epochs
+        if self.knn is None or not ((epoch + 1) % self.config.run.knn_every == 0 or last):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.args.arch)
+        top1 = self.knn.top1(self.teacher.backbone, self.config.model.arch)
         return {} if top1 is None else {"knn_top1": top1}
 
     def evaluate_init(self) -> dict[str, float]:
@@ -334,29 +330,24 @@ class DinoTrainer:
         starts: the baseline that tells training from no training. Logged with epoch 0 as knn_top1_init."""
         if self.knn is None or (self.epoch, self.iteration) != (0, 0):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.args.arch, label="at random init")
+        top1 = self.knn.top1(self.teacher.backbone, self.config.model.arch, label="at random init")
         return {} if top1 is None else {"knn_top1_init": top1}
 
 
-def train(args: argparse.Namespace, stop: StopRequest | None = None,
+def train(config: RunConfig, stop: StopRequest | None = None,
           report_error: Callable[[BaseException], None] | None = None) -> bool:
-    """Run (or continue) the DINO training described by `args` in this process.
-
-    Joins the process group given by the environment (torchrun, submitit) or runs alone. A group created here is
-    destroyed on success, so jobs exit instead of hanging in NCCL teardown; on an error `report_error` prints it
-    first and the group is aborted, since the peers may be stuck in a collective that a coordinated destroy would
-    wait for. With `stop`, a request (signal handler, submitit's checkpoint callback) makes every rank save a
-    checkpoint at the next step boundary and return. Returns whether all epochs are done (False: stopped early,
-    resume from the checkpoint).
+    """Run (or continue) the training of `config` in this process; returns whether all epochs are done (False:
+    stopped early, resume from the checkpoint). The process group is destroyed on success and aborted on an error, after
+    `report_error` printed it (peers may be stuck in a collective a coordinated destroy would wait for).
     """
-    with distributed.process_group(args.dist_timeout_minutes, report_error) as info:
-        trainer = DinoTrainer(args, info, stop)
+    with distributed.process_group(config.run.dist_timeout_minutes, report_error) as info:
+        trainer = DinoTrainer(config, info, stop)
         try:
             trainer.fit()
         except RuntimeError as error:
             if isinstance(error, (TrainingError, CheckpointError)) or not distributed.is_collective_failure(error):
                 raise
             where = f"in epoch {trainer.epoch} after step {trainer.iteration}/{trainer.iters_per_epoch}"
-            raise TrainingError(distributed.describe_collective_failure(error, where, args.dist_timeout_minutes)) \
-                from error
+            message = distributed.describe_collective_failure(error, where, config.run.dist_timeout_minutes)
+            raise TrainingError(message) from error
         return not trainer.stopped
