@@ -138,6 +138,7 @@ def test_sigterm_to_the_whole_job_during_the_knn_monitor_keeps_the_epoch(images,
                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "SLOW_MONITOR_S": "0.15"})
     assert job.wait_for("Epoch [0/2] done"), job.text
     assert job.wait_for("k-NN train features: 1/3"), job.text  # the monitor after epoch 0, 2 batches to go
+    assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 1  # saved before the monitor: a kill loses nothing
     os.killpg(job.process.pid, signal.SIGTERM)
     assert job.wait_exit(timeout=120) == REQUEUE_EXIT_CODE, job.text
     assert "k-NN monitor after epoch 0 skipped: stop requested (received SIGTERM)" in job.text, job.text
