@@ -2,6 +2,7 @@
 
     python main_dino.py --arch vit_small_sparo --data_path /imagenet/train --output_dir out/
     python -m torch.distributed.run --nproc_per_node=8 main_dino.py --config configs/dino_vit_small_sparo_in1k.yaml
+    srun --ntasks-per-node=8 --gpus-per-task=1 python main_dino.py ...   # one job of all tasks, as official
 
 Every official DINO flag keeps its name (defaults: see docs/compatibility.md); `--config
 FILE.yaml` sets any flag, the command line wins. Rerunning the same command continues from OUTPUT_DIR/checkpoint.pth.
@@ -19,14 +20,15 @@ from typing import Sequence
 from sparo_dino.cli.errors import print_once
 from sparo_dino.cli.train_flags import parse_train_args
 from sparo_dino.data.datasets import BadImageError
+from sparo_dino.distributed import LaunchError
 from sparo_dino.io.checkpoint import CheckpointError
 from sparo_dino.train.output_lock import OutputDirBusy
 from sparo_dino.train.preemption import StopRequest, stop_on_signals
 from sparo_dino.train.trainer import TrainingError, train
 
 # Errors that end a run with their one line instead of a traceback: bad data, checkpoints, runs, a busy output dir,
-# a lost rank.
-USER_ERRORS = (TrainingError, CheckpointError, FileNotFoundError, BadImageError, OutputDirBusy)
+# a lost rank, a launch whose process group cannot be derived.
+USER_ERRORS = (TrainingError, CheckpointError, FileNotFoundError, BadImageError, OutputDirBusy, LaunchError)
 
 
 def _print_user_error(error: BaseException) -> None:

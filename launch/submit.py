@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nodes", type=int, default=None,
                         help="number of nodes to request (default 2, as official; 1 with --cluster local)")
     parser.add_argument("--ngpus", type=int, default=8, help="GPUs per node; one task per GPU")
-    parser.add_argument("--cpus_per_task", type=int, default=10, help="data-loader workers + main thread")
+    parser.add_argument("--cpus_per_task", type=int, default=None,
+                        help="CPUs per task (default: --num_workers + 1, the main process needs a core of its own)")
     parser.add_argument("--timeout", type=int, default=2800, help="minutes per job; the run requeues itself")
     parser.add_argument("--partition", type=str, default=None, help="default: the cluster's default partition")
     parser.add_argument("--use_volta32", action="store_true", help=f"ask for the {VOLTA32_CONSTRAINT} constraint")
@@ -79,7 +80,20 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         ns, train_argv = parser.parse_known_args(argv)
     if ns.nodes is None:
         ns.nodes = 1 if ns.cluster == "local" else 2
+    ns.cpus_per_task = cpus_per_task(ns.cpus_per_task, train_argv)
     return ns, train_argv
+
+
+def cpus_per_task(requested: int | None, train_argv: Sequence[str]) -> int:
+    """The CPUs each task asks for: one per data-loader worker plus one for the main process, which feeds the GPU
+    (official DINO asks for 10 with 10 workers, so one worker or the main process always waits for a core)."""
+    workers = parse_train_args(train_argv).num_workers
+    if requested is None:
+        return workers + 1
+    if requested < workers + 1:
+        raise SystemExit(f"error: --cpus_per_task {requested} leaves the main process no core of its own next to "
+                         f"--num_workers {workers}; ask for {workers + 1} or lower --num_workers")
+    return requested
 
 
 def with_absolute_output_dir(train_argv: list[str]) -> tuple[list[str], Path]:

@@ -11,7 +11,7 @@ import torch
 from test_eval_knn import SMALL_IMAGES, trained_sparo_run, write_checkpoint
 from test_features import SPARO_TINY
 from test_knn import brute_force_scores
-from test_test_sets import wnid_folder
+from test_shifted_sets import wnid_folder
 
 import eval_knn
 import eval_linear

@@ -78,10 +78,11 @@ def test_official_command_form_submits_what_the_dash_form_submits(tmp_path, caps
 
 
 def test_official_launcher_defaults(tmp_path, capsys):
-    """Official: 2 nodes x 8 GPUs, 10 CPUs per task, 2800 min, 40 GB per GPU, signal 120 s early, 30 requeues."""
+    """Official: 2 nodes x 8 GPUs, 2800 min, 40 GB per GPU, signal 120 s early, 30 requeues; 11 CPUs per task for
+    the default 10 loader workers and the main process (official asks for 10)."""
     out = _dry_run(["--output_dir", str(tmp_path), "--data_path", "/d", "--dry_run"], capsys)
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --cpus-per-task=10", "#SBATCH --time=2800", "#SBATCH --mem=320GB",
+                 "#SBATCH --cpus-per-task=11", "#SBATCH --time=2800", "#SBATCH --mem=320GB",
                  "#SBATCH --signal=USR2@120", "#SBATCH --job-name=dino", "up to 30 times"):
         assert line in out, line
     assert "--partition" not in out and "--comment" not in out and "--constraint" not in out
@@ -132,6 +133,17 @@ def test_percent_j_log_folder_is_created_for_the_real_job_id(tmp_path, monkeypat
     assert f"#SBATCH --output={runs}/%j/submitit/%j_0_log.out" in (logs / "4242_submission.sh").read_text()
     pickled = submitit.helpers.DelayedSubmission.load(logs / "4242_submitted.pkl").function
     assert pickled.train_argv[-2:] == ["--output_dir", str(runs / "%j")]
+
+
+def test_each_task_asks_for_a_core_per_loader_worker_and_one_for_the_main_process(tmp_path, capsys):
+    training = ["--output_dir", str(tmp_path), "--data_path", "/d", "--dry_run"]
+    assert "#SBATCH --cpus-per-task=5\n" in _dry_run([*training, "--num_workers", "4"], capsys)
+    config = os.path.join(REPO, "configs", "fmnist_vit_tiny.yaml")  # num_workers: 8
+    assert "#SBATCH --cpus-per-task=9\n" in _dry_run(["--dry_run", "--", "--config", config, *training[:4]], capsys)
+    assert "#SBATCH --cpus-per-task=16\n" in _dry_run(["--cpus_per_task", "16", *training], capsys)
+    with pytest.raises(SystemExit, match=r"^error: --cpus_per_task 10 leaves the main process no core of its own "
+                                         r"next to --num_workers 10; ask for 11 or lower --num_workers$"):
+        submit.submit(["--cpus_per_task", "10", *training])
 
 
 def test_launcher_errors_are_one_line(tmp_path):

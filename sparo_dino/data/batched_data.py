@@ -39,6 +39,17 @@ def min_decode_area(config: Mapping[str, Any]) -> int:
     return max(math.ceil(size * size / scale) for size, scale in views)
 
 
+def _draft_reduced(image: Image.Image, min_area: int) -> bool:
+    """Set an opened, not yet decoded JPEG of at least 4 x `min_area` pixels to decode at the smallest DCT scale
+    that keeps at least `min_area` pixels (its size changes at once); whether it was."""
+    area = image.width * image.height
+    if image.format != "JPEG" or area < 4 * min_area:
+        return False
+    scale = math.sqrt(min_area / area)
+    image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+    return True
+
+
 def load_rgb_image_reduced(path: str, min_area: int) -> Image.Image:
     """The RGB image at `path`; a JPEG of at least 4 x `min_area` pixels is decoded at the smallest DCT scale that
     keeps at least `min_area` pixels. Anything else, unreadable files included, goes through
@@ -46,14 +57,25 @@ def load_rgb_image_reduced(path: str, min_area: int) -> Image.Image:
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
-            area = image.width * image.height
-            if image.format == "JPEG" and area >= 4 * min_area:
-                scale = math.sqrt(min_area / area)
-                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+            if _draft_reduced(image, min_area):
                 return image.convert("RGB")
     except Exception:  # noqa: BLE001 - decided again by load_rgb_image, which reports the file
         pass
     return load_rgb_image(path)
+
+
+def decoded_sizes(paths: Sequence[str], min_area: int) -> list[tuple[int, int]]:
+    """(height, width) at which load_rgb_image_reduced decodes each file, read from the headers alone; files that
+    cannot be opened are left out."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                _draft_reduced(image, min_area)
+                sizes.append((image.height, image.width))
+        except Exception:  # noqa: BLE001 - an unreadable file is the loader's to report
+            continue
+    return sizes
 
 
 def rgb_to_uint8_tensor(image: Image.Image) -> torch.Tensor:

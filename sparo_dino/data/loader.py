@@ -21,16 +21,24 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from sparo_dino import distributed
+from sparo_dino import distributed, node_limits
 from sparo_dino.data import image_files
 from sparo_dino.data.augmentation import MultiCropAugmentation, SeededDataset, multicrop_kwargs
-from sparo_dino.data.batched_data import DeviceMultiCrop, collate_decoded, reduce_jpeg_decoding, rgb_to_uint8_tensor
+from sparo_dino.data.batched_data import (
+    DeviceMultiCrop,
+    collate_decoded,
+    decoded_sizes,
+    min_decode_area,
+    reduce_jpeg_decoding,
+    rgb_to_uint8_tensor,
+)
 from sparo_dino.data.datasets import build_dataset, require_min_size
 from sparo_dino.train.preemption import ignore_stop_signals
 
 AUGMENTATIONS = ("auto", "per_image", "batched")
 # The pipelines' former names, kept for command lines, YAML files and the config of checkpoints that use them.
 AUGMENTATION_ALIASES = {"cpu": "per_image", "gpu": "batched"}
+SHM_SAMPLE = 64  # image headers read at start-up to estimate the batched pipeline's shared memory
 # Training data whose loader workers may still run; see _close_at_exit.
 _OPEN: weakref.WeakSet[TrainingData] = weakref.WeakSet()
 
@@ -50,6 +58,25 @@ def resolve_augmentation(augmentation: str, device: torch.device) -> str:
     if name == "auto":
         return "batched" if device.type == "cuda" else "per_image"
     return name
+
+
+def loader_batch_bytes(config: Mapping[str, Any], pipeline: str, dataset: Dataset) -> int:
+    """About what one loader worker passes per batch through shared memory. per_image: the recipe's float32 crops
+    (exact). batched: the uint8 images padded to the batch's largest height and width, at the sizes the reduced
+    decoding gives SHM_SAMPLE images spread over the data (headers only), or, without image files (Fashion-MNIST),
+    at the size of the first image."""
+    batch = config["batch_size_per_gpu"]
+    if pipeline == "per_image":
+        return batch * 3 * 4 * (2 * config["global_crop_size"] ** 2
+                                + config["local_crops_number"] * config["local_crop_size"] ** 2)
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return batch * dataset[0][0].numel()
+    stride = max(1, len(samples) // SHM_SAMPLE)
+    sizes = decoded_sizes([path for path, _ in samples[::stride][:SHM_SAMPLE]], min_decode_area(config))
+    if not sizes:  # none readable: the workers will say which files
+        return 0
+    return batch * 3 * max(height for height, _ in sizes) * max(width for _, width in sizes)
 
 
 class ResumableSampler(DistributedSampler):
@@ -138,7 +165,18 @@ class TrainingData:
                                  persistent_workers=workers > 0,  # SeededDataset's epoch reaches them
                                  worker_init_fn=ignore_stop_signals,  # SIGTERM to the job must not kill the workers
                                  generator=torch.Generator().manual_seed(seed + rank))
+        self._check_shm(config)
         _OPEN.add(self)
+
+    def _check_shm(self, config: Mapping[str, Any]) -> None:
+        """One line at start-up when the workers' prefetched batches would not fit in /dev/shm (node_limits)."""
+        if not self.loader.num_workers:
+            return
+        line = node_limits.check_shm(loader_batch_bytes(config, self.pipeline, self.dataset),
+                                     self.loader.num_workers, self.loader.prefetch_factor or 0,
+                                     distributed.local_world_size(), node_limits.shm_free_bytes())
+        if line is not None and distributed.is_main_process():
+            print(line, flush=True)
 
     @staticmethod
     def _images(config: Mapping[str, Any], index: image_files.ImageIndex | None,

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from sparo_dino import distributed
+from sparo_dino import distributed, node_limits
 from sparo_dino.train.loss import DINOLoss, LossOutput
 from sparo_dino.train.optim import (
     cancel_last_layer_gradients,
@@ -108,6 +108,7 @@ class TrainingStep:
         self.scaler = scaler
         self.networks: tuple[Callable, Callable, Callable] = (student, teacher, loss)
         if compiled:
+            node_limits.bound_compile_threads()  # before the first step compiles: a share of the node per rank
             self.networks = tuple(_EagerIfCompilationFails(torch.compile(module, backend=compile_backend), module)
                                   for module in self.networks)
         self.student_params = list(student_module.parameters())

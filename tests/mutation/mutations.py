@@ -39,6 +39,7 @@ UNTRUSTED = "tests/test_untrusted_checkpoints.py::"
 TEST_SETS = "tests/test_shifted_sets.py::"
 REPRODUCE = "tests/test_reproduce.py::"
 IMAGES = "tests/test_image_files.py::"
+SRUN = "tests/test_srun_launch.py::"
 BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -302,4 +303,15 @@ MUTATIONS: tuple[Mutation, ...] = (
              "            if path.exists():\n                print(", "            if False:\n                print(",
              (REPRODUCE + "test_a_rerun_skips_finished_runs_and_records_each_run_once",),
              "a restarted comparison trains every finished run again (an hour lost) and records it twice"),
+    # ------------------------------------------------------------------------- launch and the node's limits
+    Mutation("srun-tasks-alone", "sparo_dino/distributed.py", 'if "RANK" in env or "SLURM_PROCID" not in env',
+             'if True or "SLURM_PROCID" not in env',
+             (SRUN + "test_srun_tasks_get_torchrun_variables_with_the_first_host_and_the_default_port",
+              SRUN + "test_main_dino_under_srun_without_a_host_ends_with_that_line"),
+             "srun's N tasks train as N separate runs writing into one output dir"),
+    Mutation("shm-one-rank-per-node", "sparo_dino/node_limits.py",
+             "per_worker = batch_bytes * prefetch_factor * max(1, local_world_size)",
+             "per_worker = batch_bytes * prefetch_factor",
+             ("tests/test_node_limits.py::test_shm_that_holds_not_one_workers_batches_is_an_error",),
+             "the /dev/shm check counts one rank's workers although all ranks of the node share it"),
 )
