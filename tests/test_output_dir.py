@@ -219,7 +219,7 @@ def test_a_lock_is_held_once_per_process_and_rank_1_gets_rank_0s_answer(tmp_path
     a collective for a rank 0 that stopped, and touch no file."""
     out = str(tmp_path / "run")
     with output_lock.locked_output_dir(out):
-        with pytest.raises(output_lock.OutputDirBusy, match=rf"another run \(this process, PID {os.getpid()},"):
+        with pytest.raises(output_lock.OutputDirBusy, match=rf"another run \(this process, PID {os.getpid()}\)"):
             output_lock.OutputLock.acquire(out)
     assert os.listdir(out) == []
     monkeypatch.setattr(distributed, "get_rank", lambda: 1)
