@@ -1,7 +1,9 @@
 """What produced an output directory: command line, resolved config, code version, package versions.
 
 Each launch (first start and every resume) appends one JSON line to OUTPUT_DIR/provenance.jsonl, so a run that
-was requeued on other machines or resumed after a code change still says which commit trained which epochs.
+was requeued on other machines or resumed after a code change still says which commit trained which epochs. The
+trainer writes it after the launch's first step, so that `compiled` says whether the step really ran compiled
+graphs, not whether --compile asked for them.
 """
 from __future__ import annotations
 

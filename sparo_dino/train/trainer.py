@@ -94,6 +94,8 @@ class DinoTrainer:
         self.state = RunState(args, info, self.student_module, self.teacher, self.optimizer, self.dino_loss,
                               self.scaler, data=self.data.identity)
         self.resumed_from = self.state.resume(self.iters_per_epoch)
+        self.start_position = (self.state.epoch, self.state.iteration)
+        self._provenance_recorded = False
         self.student: nn.Module = self.student_module
         if info.world_size > 1:
             self.student = DistributedDataParallel(
@@ -146,11 +148,19 @@ class DinoTrainer:
                   "(the run was killed before saving it)", flush=True)
         save_config(self.args, self.args.output_dir)
         self.data.save_index()
-        append_provenance(self.args.output_dir, args_to_dict(self.args),
-                          {"world_size": self.info.world_size, "precision": self.precision,
-                           "augmentation": self.data.pipeline, "compiled": self.step.compiled,
-                           "device": str(self.device), "resumed_from": self.resumed_from,
-                           "start_epoch": self.epoch, "start_iteration": self.iteration})
+
+    def record_provenance(self) -> None:
+        """Append this launch's provenance record, once: after its first step, when whether the step really ran
+        compiled is known (`compiled`; null when the launch ran no step), or when fit ends without a step."""
+        if self._provenance_recorded:
+            return
+        self._provenance_recorded = True
+        if distributed.is_main_process():
+            append_provenance(self.args.output_dir, args_to_dict(self.args),
+                              {"world_size": self.info.world_size, "precision": self.precision,
+                               "augmentation": self.data.pipeline, "compiled": self.step.ran_compiled,
+                               "device": str(self.device), "resumed_from": self.resumed_from,
+                               "start_epoch": self.start_position[0], "start_iteration": self.start_position[1]})
 
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict[str, Any]]:
@@ -179,6 +189,7 @@ class DinoTrainer:
                 if self.epoch < self.args.epochs and self._stop_agreed():
                     self._announce_stop()
         finally:
+            self.record_provenance()
             self.progress.close()
             self.data.close()  # the loader workers ignore SIGTERM: end them now, also after an error
         return records
@@ -197,6 +208,7 @@ class DinoTrainer:
         for iteration, batch in enumerate(self.data.loader, start=first):
             metrics = self.train_step(self.data.crops(batch, epoch, iteration), epoch,
                                       epoch * self.iters_per_epoch + iteration)
+            self.record_provenance()
             self.state.iteration = iteration + 1
             self._window.add(metrics)
             self.state.epoch_sums.add(metrics)

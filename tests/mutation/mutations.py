@@ -40,7 +40,7 @@ TEST_SETS = "tests/test_shifted_sets.py::"
 REPRODUCE = "tests/test_reproduce.py::"
 IMAGES = "tests/test_image_files.py::"
 SRUN = "tests/test_srun_launch.py::"
-BATCHED_FACTORS = "_uniform((batch,), 1 - {0}, 1 + {0}, generator)"  # the batched pipeline draws jitter factors
+BATCHED_FACTORS = "(1 - {0}, 1 + {0})"  # the batched pipeline's range of a jitter factor
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------------- resume and training wiring
@@ -175,8 +175,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("batched-saturation-cut", "sparo_dino/data/batched_augmentation.py", BATCHED_FACTORS.format("SATURATION"),
              BATCHED_FACTORS.format("SATURATION / 2"), (JITTER_READ_BACK + "[batched]",),
              "colour-jitter saturation strength 0.1 instead of 0.2 (batched pipeline)"),
-    Mutation("batched-hue-cut", "sparo_dino/data/batched_augmentation.py", "_uniform((batch,), -HUE, HUE, generator)",
-             "_uniform((batch,), -HUE / 2, HUE / 2, generator)", (JITTER_READ_BACK + "[batched]",),
+    Mutation("batched-hue-cut", "sparo_dino/data/batched_augmentation.py", "(-HUE, HUE)]",
+             "(-HUE / 2, HUE / 2)]", (JITTER_READ_BACK + "[batched]",),
              "colour-jitter hue strength 0.05 instead of 0.1 (batched pipeline)"),
     Mutation("pil-blur-no-effect", "sparo_dino/data/augmentation.py",
              "return image.filter(ImageFilter.GaussianBlur(radius=radius))", "return image",
@@ -314,4 +314,13 @@ MUTATIONS: tuple[Mutation, ...] = (
              "per_worker = batch_bytes * prefetch_factor",
              ("tests/test_node_limits.py::test_shm_that_holds_not_one_workers_batches_is_an_error",),
              "the /dev/shm check counts one rank's workers although all ranks of the node share it"),
+    # ------------------------------------------------------------------------------------- compiled or not
+    Mutation("compiled-if-nothing-raised", "sparo_dino/train/step.py",
+             "nothing_compiled = not errors and not (", "nothing_compiled = False and not (",
+             ("tests/test_compile.py::test_a_step_that_compiled_nothing_says_not_compiled_and_runs_eagerly",),
+             "TORCH_COMPILE_DISABLE=1 or a suppressed compile error counts as compiled: eager speed, a green check"),
+    Mutation("gpu-check-budget-unchecked", "benchmarks/gpu_check.py",
+             "        if total + setup_s > deadline_s:", "        if False:",
+             ("tests/test_gpu_check.py::test_each_gpu_stage_fits_one_device_call_and_the_parts_are_ordered_by_value",),
+             "a stage whose part limits outgrow one device call's 6 minutes is accepted"),
 )
