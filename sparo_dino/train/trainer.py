@@ -25,12 +25,14 @@ from sparo_dino.cli import errors as cli_errors
 from sparo_dino.cli.config import args_to_dict, save_config
 from sparo_dino.cli.train_flags import resolve_precision
 from sparo_dino.data.loader import TrainingData
+from sparo_dino.eval.extraction import ExtractionStopped
 from sparo_dino.io.checkpoint import CheckpointError, remove_stale_temporaries
 from sparo_dino.io.provenance import append_provenance
 from sparo_dino.model.networks import build_student_teacher, parameter_line, seed_everything
 from sparo_dino.train.knn_monitor import PeriodicKnn
 from sparo_dino.train.loss import DINOLoss
 from sparo_dino.train.optim import build_optimizer, param_groups
+from sparo_dino.train.output_lock import locked_output_dir
 from sparo_dino.train.preemption import StopPoll
 from sparo_dino.train.progress import LOG_NAME, MetricSums, ProgressLogger, all_finite, require_tensorboard, trim_log
 from sparo_dino.train.run_state import RunState
@@ -94,7 +96,7 @@ class DinoTrainer:
 
         seed_everything(args.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
         self.state = RunState(args, info, self.student_module, self.teacher, self.optimizer, self.dino_loss,
-                              self.scaler)
+                              self.scaler, data=self.data.identity)
         self.resumed_from = self.state.resume(self.iters_per_epoch)
         self.start_position = (self.state.epoch, self.state.iteration)
         self._provenance_recorded = False
@@ -166,21 +168,30 @@ class DinoTrainer:
 
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict[str, Any]]:
-        """Train the remaining epochs; returns the log.txt records of the epochs this call ran."""
+        """Train the remaining epochs; returns the log.txt records of the epochs this call ran.
+
+        An epoch ends with its log record and checkpoint, and only then the k-NN monitor, which can take minutes:
+        a stop or a kill during the monitor loses no training. The monitor's result is added to the record after."""
         self.write_run_files()
         if self.epoch >= self.args.epochs and distributed.is_main_process():
             print(f"nothing to do: {self.epoch} of {self.args.epochs} epochs are done", flush=True)
-        records, init_evaluation = [], self.evaluate_init()
+        records: list[dict[str, Any]] = []
         try:
+            init_evaluation = self.evaluate_init()
+            if self._stop_agreed():  # asked during the monitor of the random init, before any step
+                self._announce_stop()
             while self.epoch < self.args.epochs and not self.stopped:
                 epoch = self.epoch
                 means = self.train_one_epoch(epoch)
                 if self.stopped:  # inside the epoch, its position saved
                     break
-                evaluation = {**init_evaluation, **self.evaluate(epoch)}
-                records.append(self.progress.log_epoch(epoch, means, float(self.dino_loss.center.norm()), evaluation))
+                records.append(self.progress.log_epoch(epoch, means, float(self.dino_loss.center.norm()),
+                                                       init_evaluation))
                 init_evaluation = {}
                 self._save_epoch(epoch)
+                records[-1].update(self.evaluate(epoch))
+                if self.epoch < self.args.epochs and self._stop_agreed():
+                    self._announce_stop()
         finally:
             self.record_provenance()
             self.progress.close()
@@ -261,19 +272,24 @@ class DinoTrainer:
         self.state.save()
 
     def _save_epoch(self, epoch: int) -> None:
-        """After `epoch`: checkpoint.pth, and every --saveckp_freq epochs a checkpointNNNN.pth copy as official DINO;
-        then stop if any rank was asked to (a collective, answered at once)."""
+        """After `epoch`: checkpoint.pth, and every --saveckp_freq epochs a checkpointNNNN.pth copy as official
+        DINO."""
         self.state.epoch, self.state.iteration = epoch + 1, 0
         keep = self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0
         self.state.save(extra_copy=f"checkpoint{epoch:04d}.pth" if keep else None)
-        if self.epoch < self.args.epochs and self.stop is not None and self.stop.agreed_to_stop(self.device):
-            self._announce_stop()
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective, answered at once; False without a StopRequest)."""
+        return self.stop is not None and self.stop.agreed_to_stop(self.device)
 
     def _announce_stop(self) -> None:
         self.stopped = True
-        if distributed.is_main_process():
-            print(f"stopping ({self.stop.reason}): {self.state.checkpoint_path} holds epoch {self.epoch}, iteration "
-                  f"{self.iteration}; run the same command again to continue", flush=True)
+        if not distributed.is_main_process():
+            return
+        path = self.state.checkpoint_path
+        saved = (f"{path} holds epoch {self.epoch}, iteration {self.iteration}" if os.path.isfile(path)
+                 else "nothing was trained yet, so nothing was saved")
+        print(f"stopping ({self.stop.reason}): {saved}; run the same command again to continue", flush=True)
 
     def _epoch_means(self, skipped: torch.Tensor) -> dict[str, float]:
         """The epoch's step metrics over all ranks; with --skip_bad_images also how many unreadable images were
@@ -284,36 +300,52 @@ class DinoTrainer:
         return means
 
     # ---------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, epoch: int) -> dict[str, float]:
+    def evaluate(self, epoch: int) -> dict[str, Any]:
         """The k-NN monitor's result after `epoch` when it is due (every --knn_every epochs and the last), on the
-        main process; empty otherwise. All ranks take part in the extraction."""
+        main process, also added to the epoch's log.txt record; empty otherwise. All ranks take part in the
+        extraction. A stop request ends it early: the record then says `knn_skipped`."""
         last = epoch + 1 == self.args.epochs
         if self.knn is None or not ((epoch + 1) % self.args.knn_every == 0 or last):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.args.arch)
-        return {} if top1 is None else {"knn_top1": top1}
+        result = self._monitor("knn_top1", f"after epoch {epoch}", label="")
+        self.progress.amend_epoch(epoch, result)
+        return result
 
-    def evaluate_init(self) -> dict[str, float]:
+    def evaluate_init(self) -> dict[str, Any]:
         """The k-NN monitor's result for the untrained teacher (= the student's random init), when a fresh run
         starts: the baseline that tells training from no training. Logged with epoch 0 as knn_top1_init."""
         if self.knn is None or (self.epoch, self.iteration) != (0, 0):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.args.arch, label="at random init")
-        return {} if top1 is None else {"knn_top1_init": top1}
+        return self._monitor("knn_top1_init", "at random init", label="at random init")
+
+    def _monitor(self, key: str, when: str, label: str) -> dict[str, Any]:
+        """{key: top-1} of the k-NN monitor on the main process ({} elsewhere), or {"knn_skipped": why} when a
+        stop request ended it (every rank agrees between two batches)."""
+        try:
+            top1 = self.knn.top1(self.teacher.backbone, self.args.arch, label=label, stop=self._stop_agreed)
+        except ExtractionStopped:
+            if not distributed.is_main_process():
+                return {}
+            why = f"stop requested ({self.stop.reason})"
+            print(f"k-NN monitor {when} skipped: {why}", flush=True)
+            return {"knn_skipped": why}
+        return {} if top1 is None else {key: top1}
 
 
 def train(args: argparse.Namespace, stop: StopRequest | None = None,
           report_error: Callable[[BaseException], None] | None = None) -> bool:
     """Run (or continue) the DINO training described by `args` in this process.
 
-    Joins the process group given by the environment (torchrun, submitit) or runs alone. A group created here is
+    Joins the process group given by the environment (torchrun, submitit) or runs alone, and holds the output
+    dir's lock (output_lock) for the run: a second run into the same folder stops with one line. A group created here is
     destroyed on success, so jobs exit instead of hanging in NCCL teardown; on an error `report_error` prints it
     first and the group is aborted, since the peers may be stuck in a collective that a coordinated destroy would
     wait for. With `stop`, a request (signal handler, submitit's checkpoint callback) makes every rank save a
     checkpoint at the next step boundary and return. Returns whether all epochs are done (False: stopped early,
     resume from the checkpoint).
     """
-    with distributed.process_group(args.dist_timeout_minutes, report_error) as info:
+    with distributed.process_group(args.dist_timeout_minutes, report_error) as info, \
+            locked_output_dir(args.output_dir):
         trainer = DinoTrainer(args, info, stop)
         try:
             trainer.fit()
