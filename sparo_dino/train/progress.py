@@ -190,6 +190,29 @@ class ProgressLogger:
             self.writer.flush()
         return record
 
+    def amend_epoch(self, epoch: int, values: Mapping[str, Any]) -> None:
+        """Add `values` (the k-NN monitor's result, which comes after the epoch's checkpoint) to `epoch`'s log.txt
+        record, the last one, and to TensorBoard. The file is rewritten atomically: a kill leaves the record with or
+        without them, never half of it."""
+        if not self.enabled or not values:
+            return
+        path = os.path.join(self.output_dir, LOG_NAME)
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+        record = json.loads(lines[-1])
+        if record.get("epoch") != epoch:
+            raise RuntimeError(f"{path} ends with epoch {record.get('epoch')}'s record, not epoch {epoch}'s")
+        lines[-1] = json.dumps({**record, **values})
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+        os.replace(temporary, path)
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
