@@ -30,13 +30,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from sparo_dino import distributed
 from sparo_dino.cli import config, eval_flags
 from sparo_dino.data import augmentation
-from sparo_dino.eval import extraction, fewshot, linear_probe, results_table, shifted_sets
+from sparo_dino.eval import extraction, fewshot, interruption, linear_probe, results_table, shifted_sets
 from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, RestrictedHead
 from sparo_dino.eval.subsets import seeded_split
 from sparo_dino.io import provenance, weights
+from sparo_dino.io.checkpoint import load_checkpoint
 from sparo_dino.model import registry
 from sparo_dino.run_config import args_to_dict
+from sparo_dino.train.preemption import ignore_stop_signals
 from sparo_dino.train.schedules import scaled_lr
 
 DEFAULT_N_LAST_BLOCKS = 4
@@ -172,10 +174,11 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
                                  seed=args.seed)
     pin = info.device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=args.batch_size_per_gpu, sampler=sampler,
-                              num_workers=args.num_workers, pin_memory=pin)
+                              num_workers=args.num_workers, pin_memory=pin, worker_init_fn=ignore_stop_signals)
 
     def eval_loader(dataset: torch.utils.data.Dataset) -> DataLoader:  # each rank its shard, metrics summed
         return DataLoader(dataset, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                          worker_init_fn=ignore_stop_signals,
                           sampler=extraction.ShardSampler(len(dataset), info.rank, info.world_size), pin_memory=pin)
     val_loader = eval_loader(val_set)
     tests = shifted_sets.build(shifted_sets.parse_specs(args.test_sets), train_set.classes,
@@ -184,18 +187,19 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
     def train_batches(epoch: int) -> linear_probe.Batches:
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        return train_loader
+        return interruption.guarded(train_loader)
 
     total_batch = args.batch_size_per_gpu * info.world_size
     run = {"protocol": "official", "kind": kind, "dim": dim, "num_classes": classes, "tag": tag,
            "epochs": args.epochs, "lr": scaled_lr(args.lr, total_batch), "total_batch_size": total_batch,
            "options": options}
-    probe = Probe(classifier, model, featurize, train_batches, lambda: val_loader, run,
+    probe = Probe(classifier, model, featurize, train_batches, lambda: interruption.guarded(val_loader), run,
                   _output_dir(args, tag, "official"), info.device, reduce=True)
     for test in tests:
         loader = eval_loader(test.dataset)
         described = shifted_sets.describe(test.spec.path, len(test.dataset), test.present, classes)
-        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: loader, test.present, described)
+        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: interruption.guarded(loader),
+                                                       test.present, described)
     return probe
 
 
@@ -402,6 +406,7 @@ def init_baseline_line(results: dict[str, Any]) -> str:
 def train(args: argparse.Namespace, probe: Probe) -> dict[str, Any]:
     """Train `probe`'s head (every head of an lr grid) and validate it; resumes from its output folder."""
     os.makedirs(probe.output_dir, exist_ok=True)
+    interruption.note_saved(probe.output_dir, lambda: saved_probe(probe, args.epochs))
     if probe.holdout_batches is not None:
         return linear_probe.fit_lr_grid(probe.classifier, probe.train_batches, probe.holdout_batches,
                                         probe.val_batches, num_classes=probe.run["num_classes"], epochs=args.epochs,
@@ -410,6 +415,14 @@ def train(args: argparse.Namespace, probe: Probe) -> dict[str, Any]:
                             num_classes=probe.run["num_classes"], epochs=args.epochs, lr=probe.run["lr"],
                             val_freq=args.val_freq, output_dir=probe.output_dir, run=probe.run, device=probe.device,
                             reduce=probe.reduce, model=probe.model)
+
+
+def saved_probe(probe: Probe, epochs: int) -> str | None:
+    """What a rerun of an interrupted probe continues from: its checkpoint and the epochs it holds."""
+    path = os.path.join(probe.output_dir, linear_probe.CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        return None
+    return f"the linear probe's checkpoint {path} ({load_checkpoint(path)['epoch']} of {epochs} epochs)"
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -90,7 +90,7 @@ def test_auto_precision_without_the_emulation_keyword_reads_the_capability(monke
     (["--patch_size", "0"], "--patch_size must be >= 1, got 0"),
     (["--drop_path_rate", "2"], "--drop_path_rate must be < 1"),
     (["--drop_path_rate", "-0.1"], "--drop_path_rate must be >= 0, got -0.1"),
-    (["--lr", "-0.001"], "--lr must be > 0, got -0.001"),
+    (["--lr", "-0.001"], "--lr must be >= 0, got -0.001"),
     (["--teacher_temp", "0"], "--teacher_temp must be > 0, got 0"),
     (["--warmup_teacher_temp", "-0.04"], "--warmup_teacher_temp must be > 0, got -0.04"),
     (["--weight_decay", "-1"], "--weight_decay must be >= 0, got -1"),

@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 
 import pytest
 import torch
-from test_eval_knn import SMALL_IMAGES, initial_network_checkpoint, trained_sparo_run, write_checkpoint
+from test_eval_knn import (
+    SMALL_IMAGES,
+    assert_group_ends,
+    initial_network_checkpoint,
+    slow_evaluation,
+    trained_sparo_run,
+    write_checkpoint,
+)
 from test_features import SPARO_TINY
 
 import eval_linear
@@ -308,3 +316,24 @@ def test_negative_lr_is_an_error(capsys):
     """Before: the official protocol trained with a negative learning rate."""
     with pytest.raises(ValueError, match="--lr and --lr_grid values must be > 0"):
         eval_linear.main(["--lr", "-0.001", "--pretrained_weights", "x.pth", "--data_path", "d"])
+
+
+def test_sigterm_during_the_probe_names_its_checkpoint_and_the_rerun_continues(image_folder, tmp_path, spawn,
+                                                                                capsys):
+    """SIGTERM to the whole job in the official probe's second epoch: one line names the checkpoint of the first
+    epoch and says to run the same command again, exit 143, no process left; the rerun continues from epoch 1
+    (before: a silent death by the signal)."""
+    checkpoint = write_checkpoint(tmp_path / "base", BASELINE)
+    flags = ["--pretrained_weights", checkpoint, "--data_path", image_folder, "--resize_size", "32", "--crop_size",
+             "32", "--batch_size_per_gpu", "8", "--epochs", "3", "--output_dir", str(tmp_path / "probe")]
+    job = slow_evaluation(spawn, tmp_path, "eval_linear.py", *flags)
+    assert job.wait_for('{"epoch": 0'), job.text  # printed after the epoch's checkpoint
+    os.killpg(job.process.pid, signal.SIGTERM)
+    assert job.wait_exit(timeout=60) == 143, job.text
+    saved = tmp_path / "probe" / linear_probe.CHECKPOINT_NAME
+    assert job.lines[-1] == (f"stopped by SIGTERM: saved the linear probe's checkpoint {saved} (1 of 3 epochs); "
+                             "run the same command again to continue from there\n"), job.text
+    assert "Traceback" not in job.text, job.text
+    assert_group_ends(job.process.pid)
+    eval_linear.main([*flags, "--num_workers", "0"])
+    assert f"resumed linear probe from {saved} after epoch 1" in capsys.readouterr().out

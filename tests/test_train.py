@@ -457,6 +457,30 @@ def test_rerun_with_other_data_or_another_number_of_processes_is_refused(images,
     assert code == 1 and "world_size=8 (this run: 1)" in error_line(err) and "--resume_overrides world_size" in err
 
 
+def test_rerun_after_images_were_added_and_removed_is_refused(images, tmp_path, capsys) -> None:
+    """The same --data_path with 4 images added and 2 removed: one line (before: resumed silently, with another
+    epoch length); --resume_overrides data_path continues on purpose."""
+    data = str(shutil.copytree(images, tmp_path / "data"))
+    out = str(tmp_path / "run")
+    assert run(data, out, "--epochs", "1").code == 0
+    make_image_folder(tmp_path / "more", num_classes=2, per_class=2, size=32, seed=1)
+    for label in range(2):
+        shutil.copy(tmp_path / "more" / f"class_{label}" / "img_000.png", f"{data}/class_{label}/new_{label}.png")
+        shutil.copy(tmp_path / "more" / f"class_{label}" / "img_001.png", f"{data}/class_{label}/more_{label}.png")
+    os.remove(f"{data}/class_0/img_000.png")
+    os.remove(f"{data}/class_1/img_007.png")
+    before = _files(out)
+    code, _, err = run(data, out, "--epochs", "2", "--resume_overrides", "epochs", capsys=capsys)
+    assert code == 1
+    line = error_line(err)
+    assert "was trained on other data: 16 images (fingerprint " in line and f"--data_path {data} now holds 18 " in line
+    assert line.endswith("to continue on these images on purpose add --resume_overrides data_path"), line
+    assert _files(out) == before
+    code, console, _ = run(data, out, "--epochs", "2", "--resume_overrides", "epochs", "data_path", capsys=capsys)
+    assert code == 0 and "resumed from" in console and logged_epochs(out) == [0, 1]
+    assert load(os.path.join(out, "checkpoint.pth"))["data"]["images"] == 18
+
+
 def test_resume_overrides_continue_with_the_new_values_and_cosmetic_flags_pass(images, tmp_path, capsys) -> None:
     out = str(tmp_path / "run")
     assert run(images, out, "--epochs", "1", capsys=capsys).code == 0

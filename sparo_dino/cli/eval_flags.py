@@ -21,6 +21,7 @@ from sparo_dino.cli.errors import exit_with, print_once, require_writable_dirs
 from sparo_dino.data import augmentation, datasets
 from sparo_dino.eval import extraction, feature_cache, fewshot, shifted_sets
 from sparo_dino.eval.feature_cache import FeatureSet
+from sparo_dino.eval.interruption import end_workers_of, interruptible, note_saved
 from sparo_dino.io import weights
 from sparo_dino.io.checkpoint import CheckpointError
 from sparo_dino.model import registry
@@ -192,6 +193,9 @@ def compute_features(args: argparse.Namespace, device: torch.device,
                           for test in tests}
     if args.dump_features is not None and not at_init:
         feature_cache.save_features(features, args.dump_features, args.dump_format)
+        folder = args.dump_features
+        note_saved("features", lambda: f"the features in {folder} (--load_features {folder} instead of "
+                                       "--pretrained_weights skips their extraction)")
     return features
 
 
@@ -227,10 +231,13 @@ USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, datasets.BadImage
 
 def run_cli(main: Callable[[], Any]) -> None:
     """Run an evaluation entry point; bad input ends with one line naming the problem instead of a traceback (also
-    when a data-loader worker raised it and the message carries the worker's traceback)."""
+    when a data-loader worker raised it and the message carries the worker's traceback), SIGTERM and Ctrl-C with
+    one line saying what was saved (sparo_dino/eval/interruption.py)."""
     try:
-        main()
+        with interruptible():
+            main()
     except USER_ERRORS as error:
+        end_workers_of(error)
         exit_with(error)
 
 

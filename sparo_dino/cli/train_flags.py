@@ -174,8 +174,9 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
-# (flag, lowest allowed value, whether the lowest value itself is allowed): values outside make no run at all
-_FLOAT_BOUNDS = (("lr", 0.0, False), ("min_lr", 0.0, True), ("weight_decay", 0.0, True),
+# (flag, lowest allowed value, whether the lowest value itself is allowed): values outside make no run at all. lr 0
+# is a run that does not learn, on purpose: --pretrained_trunk's check that a run keeps the file's trunk exactly.
+_FLOAT_BOUNDS = (("lr", 0.0, True), ("min_lr", 0.0, True), ("weight_decay", 0.0, True),
                  ("weight_decay_end", 0.0, True), ("clip_grad", 0.0, True), ("teacher_temp", 0.0, False),
                  ("warmup_teacher_temp", 0.0, False), ("drop_path_rate", 0.0, True))
 

@@ -4,6 +4,7 @@ A list file, a folder of unlabeled images or an ImageFolder tree (`detect_kind`;
 Only the main process lists or reads the cache; the other ranks receive its index, so all train on the same images."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -11,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sparo_dino import distributed
@@ -56,6 +58,15 @@ class ImageIndex:
         labels = self.labels if self.labels is not None else [NO_LABEL] * len(self.files)
         samples = [(os.path.join(self.base, name), label) for name, label in zip(self.files, labels)]
         return CheckedImages(self.source, samples, self.classes, transform, skip_bad_images)
+
+    def fingerprint(self) -> str:
+        """sha256 of the images' names and labels in training order (the order the sampler indexes): it changes
+        when an image is added, removed, renamed or moved; about a second for ImageNet's 1.28M names."""
+        digest = hashlib.sha256("\0".join(self.files).encode())  # no file name holds a NUL
+        labels = self.labels if self.labels is not None else [NO_LABEL] * len(self.files)
+        digest.update(b"\0\0labels")
+        digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+        return "sha256:" + digest.hexdigest()
 
     def describe(self) -> str:
         classes = f", {len(self.classes)} class folders, labels unused" if self.kind == "imagefolder" else ""

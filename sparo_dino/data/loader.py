@@ -5,6 +5,7 @@ count sees the uninterrupted run's crops: the sampler skips what the epoch consu
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import weakref
@@ -132,6 +133,7 @@ class TrainingData:
     the trainer's crop list [global 1, global 2, local 1..N], each (batch, 3, size, size) on the device. Raises
     ValueError when the data holds fewer images than one global batch, or its images cannot be listed (the same
     error on every rank). Image files are found by image_files.training_index; `save_index` keeps their index.
+    `identity` is the data's size and fingerprint, which checkpoints record.
     """
 
     def __init__(self, config: Mapping[str, Any], rank: int, world_size: int, device: torch.device,
@@ -153,9 +155,12 @@ class TrainingData:
             collate = None
             self.device_crops: DeviceMultiCrop | None = None
         else:
-            self.dataset = SkipFlags(reduce_jpeg_decoding(self._images(config, index, rgb_to_uint8_tensor), config))
+            images = self._images(config, index, rgb_to_uint8_tensor)
+            self.dataset = SkipFlags(reduce_jpeg_decoding(images, config))
             collate = collate_decoded
             self.device_crops = DeviceMultiCrop(config, seed, rank, device, out_dtype=crop_dtype)
+        # what the run trains on, recorded in its checkpoints: a rerun on other images must not resume silently
+        self.identity = {"images": len(images), "fingerprint": (index or images).fingerprint()}
         subset = train_subset(len(self.dataset), config.get("train_subset"), seed)
         require_min_size(self.dataset if subset is None else subset, self.batch_size * world_size,
                          f"training data {config['data_path']}"
@@ -202,23 +207,10 @@ class TrainingData:
             self._unsaved_index = None
 
     def close(self) -> None:
-        """Stop the loader's workers now (a later epoch would start new ones).
-
-        They ignore SIGTERM (preemption.ignore_stop_signals), so only the stop request that the loader's iterator
-        sends from its finalizer ends them. After an error the iterator sits in the traceback's reference cycles:
-        that request then waits for the garbage collector, which runs it after closing the queues that would carry
-        it (the workers wait for indices forever), or never, when the interpreter exits first (see
-        _close_at_exit). Here the same request goes out while everything is alive; a worker still busy after it
-        is killed."""
+        """Stop the loader's workers now (a later epoch would start new ones); see `end_workers`."""
         iterator = getattr(self.loader, "_iterator", None)  # the persistent workers' iterator, once an epoch ran
         self.loader._iterator = None
-        if iterator is None or not hasattr(iterator, "_shutdown_workers"):
-            return
-        iterator._shutdown_workers()
-        for worker in iterator._workers:
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        end_workers(iterator)
 
     def start_epoch(self, epoch: int, iteration: int) -> None:
         """Make the loader's next iterator yield `epoch`'s batches from `iteration` on."""
@@ -237,6 +229,33 @@ class TrainingData:
     def replaced(batch: Sequence[Any]) -> torch.Tensor:
         """Per sample, 1 when its unreadable image was replaced by the next readable one (--skip_bad_images)."""
         return batch[-1]
+
+
+def end_workers(iterator: Any) -> None:
+    """Stop the workers of a data-loader iterator now (nothing to do for one without workers).
+
+    They ignore SIGTERM and SIGINT (preemption.ignore_stop_signals), so only the stop request that the iterator
+    sends from its finalizer ends them. After an error the iterator sits in the traceback's reference cycles: that
+    request then waits for the garbage collector, which runs it after closing the queues that would carry it (the
+    workers wait for indices forever), or never, when the interpreter exits first (see _close_at_exit). Here the
+    same request goes out while everything is alive; a worker still busy after it is killed."""
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    iterator._shutdown_workers()
+    for worker in iterator._workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+@contextlib.contextmanager
+def batches_of(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """Iterate `loader` in a block whose end, also by an error or a stop, ends the loader's workers."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        end_workers(iterator)
 
 
 @atexit.register

@@ -19,7 +19,10 @@ from sparo_dino import distributed
 
 # What the linear probe of a read-out that replaces the last block reads (paper C.2, two readings for SPARO): the
 from sparo_dino.data import datasets
+from sparo_dino.data.loader import batches_of
+from sparo_dino.eval.interruption import guarded
 from sparo_dino.model import registry
+from sparo_dino.train.preemption import ignore_stop_signals
 
 # encoding alone, or the encoding after the final-norm CLS of the n-1 trunk blocks before it (official DINO's
 # n_last_blocks idea).
@@ -151,16 +154,23 @@ def gather_shards(local: torch.Tensor, num_samples: int, device: torch.device, e
     return output
 
 
+class ExtractionStopped(Exception):
+    """A stop request (`extract_features`'s `stop`) ended an extraction before its last batch."""
+
+
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
-                     num_workers: int, device: torch.device, name: str = "features", scope: str = "main"
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     num_workers: int, device: torch.device, name: str = "features", scope: str = "main",
+                     stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(features (N, D) float32 CPU, labels (N,)) of the whole dataset in order on the main process, None elsewhere.
 
     Each rank runs its ShardSampler shard; results are gathered by position, so no sample is duplicated or lost.
     `scope` (GATHER_SCOPES): "all" gathers on every rank, "local" returns this rank's shard ungathered.
     The backbone runs in fp32 whatever autocast the caller is under: the training k-NN monitor (inside the
     trainer's bf16/fp16 autocast) and eval_knn.py must report the same number for the same network.
+    `stop` (a collective when distributed: every rank calls it before each of the batches all shards have) ends
+    the extraction with ExtractionStopped when it says so; the loader's workers ignore SIGTERM and SIGINT, so a
+    signal to the whole job reaches the caller's handler instead of killing them.
     """
     if len(dataset) == 0:
         raise ValueError(f"cannot extract {name}: the dataset is empty")
@@ -169,15 +179,20 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], dataset
     rank, world = distributed.get_rank(), distributed.get_world_size()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
                         num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=ignore_stop_signals)
+    polled = -(-len(ShardSampler(len(dataset), world - 1, world)) // batch_size)  # batches of the smallest shard
     features, labels = [], []
     started, report_every = time.time(), max(1, len(loader) // 10)
-    for step, (images, targets) in enumerate(loader):
-        with torch.autocast(device.type, enabled=False):
-            features.append(feature_fn(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(torch.as_tensor(targets).long())
-        if distributed.is_main_process() and ((step + 1) % report_every == 0 or step + 1 == len(loader)):
-            print(f"{name}: {step + 1}/{len(loader)} batches on rank 0 ({time.time() - started:.0f}s)", flush=True)
+    with batches_of(loader) as batches:
+        for step, (images, targets) in enumerate(guarded(batches)):
+            if stop is not None and step < polled and stop():
+                raise ExtractionStopped(f"{name} stopped after {step} of {len(loader)} batches")
+            with torch.autocast(device.type, enabled=False):
+                features.append(feature_fn(images.to(device, non_blocking=True)).float().cpu())
+            labels.append(torch.as_tensor(targets).long())
+            if distributed.is_main_process() and ((step + 1) % report_every == 0 or step + 1 == len(loader)):
+                print(f"{name}: {step + 1}/{len(loader)} batches on rank 0 ({time.time() - started:.0f}s)",
+                      flush=True)
     local = torch.cat(features) if features else torch.empty(0, 0)
     local_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
     if scope == "local":

@@ -197,6 +197,31 @@ class ProgressLogger:
             self.wandb.log("epoch", scalars, epoch)
         return record
 
+    def amend_epoch(self, epoch: int, values: Mapping[str, Any]) -> None:
+        """Add `values` (the k-NN monitor's result, which comes after the epoch's checkpoint) to `epoch`'s log.txt
+        record, the last one, and to TensorBoard. The file is rewritten atomically: a kill leaves the record with or
+        without them, never half of it."""
+        if not self.enabled or not values:
+            return
+        path = os.path.join(self.output_dir, LOG_NAME)
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+        record = json.loads(lines[-1])
+        if record.get("epoch") != epoch:
+            raise RuntimeError(f"{path} ends with epoch {record.get('epoch')}'s record, not epoch {epoch}'s")
+        lines[-1] = json.dumps({**record, **values})
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+        os.replace(temporary, path)
+        scalars = {key: value for key, value in values.items() if isinstance(value, (int, float))}
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"epoch/{key}", value, epoch)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log("epoch", scalars, epoch)
+
     def record_run(self, config: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
         """The run's flags and this launch's provenance record, for the experiment trackers that keep them."""
         if self.wandb is not None:

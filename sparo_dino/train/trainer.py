@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparo_dino import distributed
 from sparo_dino.data.loader import TrainingData
+from sparo_dino.eval.extraction import ExtractionStopped
 from sparo_dino.io.checkpoint import CheckpointError, remove_stale_temporaries
 from sparo_dino.io.provenance import append_provenance, file_sha256, save_config
 from sparo_dino.io.weights import TrunkLoad, fresh_parameter_names, load_pretrained_trunk
@@ -24,6 +25,7 @@ from sparo_dino.run_config import RunConfig
 from sparo_dino.train.knn_monitor import PeriodicKnn
 from sparo_dino.train.loss import DINOLoss
 from sparo_dino.train.optim import build_optimizer, param_groups
+from sparo_dino.train.output_lock import locked_output_dir
 from sparo_dino.train.preemption import StopPoll
 from sparo_dino.train.progress import (
     LOG_NAME,
@@ -98,7 +100,7 @@ class DinoTrainer:
 
         seed_everything(run.seed + info.rank)  # per-rank streams (drop-path); a checkpoint's states override
         self.state = RunState(config, info, self.student_module, self.teacher, self.optimizer, self.dino_loss,
-                              self.scaler)
+                              self.scaler, data=self.data.identity)
         self.resumed_from = self.state.resume(self.iters_per_epoch)
         self.start_position = (self.state.epoch, self.state.iteration)
         self._provenance_recorded = False
@@ -198,21 +200,29 @@ class DinoTrainer:
 
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict[str, Any]]:
-        """Train the remaining epochs; returns the log.txt records of the epochs this call ran."""
+        """Train the remaining epochs; returns the log.txt records of the epochs this call ran.
+
+        An epoch ends with its log record and checkpoint, and only then the k-NN monitor, which can take minutes:
+        a stop or a kill during the monitor loses no training. The monitor's result is added to the record after."""
         self.write_run_files()
         if self.epoch >= self.config.optim.epochs and distributed.is_main_process():
             print(f"nothing to do: {self.epoch} of {self.config.optim.epochs} epochs are done", flush=True)
-        records, init_evaluation = [], self.evaluate_init()
+        records: list[dict[str, Any]] = []
         try:
+            init_evaluation = self.evaluate_init()
+            if self._stop_agreed():  # asked during the monitor of the random init, before any step
+                self._announce_stop()
             while self.epoch < self.config.optim.epochs and not self.stopped:
                 epoch = self.epoch
                 means = self.train_one_epoch(epoch)
                 if self.stopped:  # inside the epoch, its position saved
                     break
-                evaluation = {**init_evaluation, **self.evaluate(epoch)}
-                records.append(self.progress.log_epoch(epoch, means, self.dino_loss.state_metrics(), evaluation))
+                records.append(self.progress.log_epoch(epoch, means, self.dino_loss.state_metrics(), init_evaluation))
                 init_evaluation = {}
                 self._save_epoch(epoch)
+                records[-1].update(self.evaluate(epoch))
+                if self.epoch < self.config.optim.epochs and self._stop_agreed():
+                    self._announce_stop()
         finally:
             self.record_provenance()
             self.progress.close()
@@ -245,7 +255,7 @@ class DinoTrainer:
 
     def train_step(self, crops: list[torch.Tensor], epoch: int, global_iteration: int) -> torch.Tensor:
         """One optimisation step at the schedules' values of `global_iteration`, on crops already on the device;
-        returns the metric vector (loss.STEP_METRICS) on the device, unsynced."""
+        returns the metric vector (loss, teacher entropy, KL) on the device, unsynced."""
         return self.step(crops, epoch, **self.schedules.at(global_iteration))
 
     # ----------------------------------------------------------------------------------------- boundaries
@@ -293,19 +303,24 @@ class DinoTrainer:
         self.state.save()
 
     def _save_epoch(self, epoch: int) -> None:
-        """After `epoch`: checkpoint.pth, and every --saveckp_freq epochs a checkpointNNNN.pth copy as official DINO;
-        then stop if any rank was asked to (a collective, answered at once)."""
+        """After `epoch`: checkpoint.pth, and every --saveckp_freq epochs a checkpointNNNN.pth copy as official
+        DINO."""
         self.state.epoch, self.state.iteration = epoch + 1, 0
         keep = self.config.run.saveckp_freq and epoch % self.config.run.saveckp_freq == 0
         self.state.save(extra_copy=f"checkpoint{epoch:04d}.pth" if keep else None)
-        if self.epoch < self.config.optim.epochs and self.stop is not None and self.stop.agreed_to_stop(self.device):
-            self._announce_stop()
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective, answered at once; False without a StopRequest)."""
+        return self.stop is not None and self.stop.agreed_to_stop(self.device)
 
     def _announce_stop(self) -> None:
         self.stopped = True
-        if distributed.is_main_process():
-            print(f"stopping ({self.stop.reason}): {self.state.checkpoint_path} holds epoch {self.epoch}, iteration "
-                  f"{self.iteration}; run the same command again to continue", flush=True)
+        if not distributed.is_main_process():
+            return
+        path = self.state.checkpoint_path
+        saved = (f"{path} holds epoch {self.epoch}, iteration {self.iteration}" if os.path.isfile(path)
+                 else "nothing was trained yet, so nothing was saved")
+        print(f"stopping ({self.stop.reason}): {saved}; run the same command again to continue", flush=True)
 
     def _epoch_means(self, skipped: torch.Tensor) -> dict[str, float]:
         """The epoch's step metrics over all ranks; with --skip_bad_images also how many unreadable images were
@@ -316,22 +331,36 @@ class DinoTrainer:
         return means
 
     # ---------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, epoch: int) -> dict[str, float]:
+    def evaluate(self, epoch: int) -> dict[str, Any]:
         """The k-NN monitor's result after `epoch` when it is due (every --knn_every epochs and the last), on the
-        main process; empty otherwise. All ranks take part in the extraction."""
+        main process, also added to the epoch's log.txt record; empty otherwise. All ranks take part in the
+        extraction. A stop request ends it early: the record then says `knn_skipped`."""
         last = epoch + 1 == self.config.optim.epochs
         if self.knn is None or not ((epoch + 1) % self.config.run.knn_every == 0 or last):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.config.model.arch)
-        return {} if top1 is None else {"knn_top1": top1}
+        result = self._monitor("knn_top1", f"after epoch {epoch}", label="")
+        self.progress.amend_epoch(epoch, result)
+        return result
 
-    def evaluate_init(self) -> dict[str, float]:
+    def evaluate_init(self) -> dict[str, Any]:
         """The k-NN monitor's result for the untrained teacher (= the student's random init), when a fresh run
         starts: the baseline that tells training from no training. Logged with epoch 0 as knn_top1_init."""
         if self.knn is None or (self.epoch, self.iteration) != (0, 0):
             return {}
-        top1 = self.knn.top1(self.teacher.backbone, self.config.model.arch, label="at random init")
-        return {} if top1 is None else {"knn_top1_init": top1}
+        return self._monitor("knn_top1_init", "at random init", label="at random init")
+
+    def _monitor(self, key: str, when: str, label: str) -> dict[str, Any]:
+        """{key: top-1} of the k-NN monitor on the main process ({} elsewhere), or {"knn_skipped": why} when a
+        stop request ended it (every rank agrees between two batches)."""
+        try:
+            top1 = self.knn.top1(self.teacher.backbone, self.config.model.arch, label=label, stop=self._stop_agreed)
+        except ExtractionStopped:
+            if not distributed.is_main_process():
+                return {}
+            why = f"stop requested ({self.stop.reason})"
+            print(f"k-NN monitor {when} skipped: {why}", flush=True)
+            return {"knn_skipped": why}
+        return {} if top1 is None else {key: top1}
 
 
 def train(config: RunConfig, stop: StopRequest | None = None,
@@ -340,7 +369,8 @@ def train(config: RunConfig, stop: StopRequest | None = None,
     stopped early, resume from the checkpoint). The process group is destroyed on success and aborted on an error, after
     `report_error` printed it (peers may be stuck in a collective a coordinated destroy would wait for).
     """
-    with distributed.process_group(config.run.dist_timeout_minutes, report_error) as info:
+    with distributed.process_group(config.run.dist_timeout_minutes, report_error) as info, \
+            locked_output_dir(config.run.output_dir):
         trainer = DinoTrainer(config, info, stop)
         try:
             trainer.fit()
