@@ -38,7 +38,7 @@ from sparo_dino.io import provenance, weights
 from sparo_dino.io.checkpoint import load_checkpoint
 from sparo_dino.model import registry
 from sparo_dino.run_config import args_to_dict
-from sparo_dino.train.preemption import ignore_stop_signals
+from sparo_dino.stop_signals import ignore_stop_signals
 from sparo_dino.train.schedules import scaled_lr
 
 DEFAULT_N_LAST_BLOCKS = 4

@@ -27,7 +27,7 @@ from sparo_dino.data.batched_data import (
 )
 from sparo_dino.data.datasets import build_dataset, require_min_size
 from sparo_dino.eval.subsets import seeded_split
-from sparo_dino.train.preemption import ignore_stop_signals
+from sparo_dino.stop_signals import ignore_stop_signals
 
 AUGMENTATIONS = ("auto", "per_image", "batched")
 # The pipelines' former names, kept for command lines, YAML files and the config of checkpoints that use them.
@@ -234,7 +234,7 @@ class TrainingData:
 def end_workers(iterator: Any) -> None:
     """Stop the workers of a data-loader iterator now (nothing to do for one without workers).
 
-    They ignore SIGTERM and SIGINT (preemption.ignore_stop_signals), so only the stop request that the iterator
+    They ignore SIGTERM and SIGINT (stop_signals.ignore_stop_signals), so only the stop request that the iterator
     sends from its finalizer ends them. After an error the iterator sits in the traceback's reference cycles: that
     request then waits for the garbage collector, which runs it after closing the queues that would carry it (the
     workers wait for indices forever), or never, when the interpreter exits first (see _close_at_exit). Here the

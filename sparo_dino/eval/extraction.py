@@ -22,7 +22,7 @@ from sparo_dino.data import datasets
 from sparo_dino.data.loader import batches_of
 from sparo_dino.eval.interruption import guarded
 from sparo_dino.model import registry
-from sparo_dino.train.preemption import ignore_stop_signals
+from sparo_dino.stop_signals import ignore_stop_signals
 
 # encoding alone, or the encoding after the final-norm CLS of the n-1 trunk blocks before it (official DINO's
 # n_last_blocks idea).

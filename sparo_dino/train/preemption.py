@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 
 from sparo_dino import distributed
+from sparo_dino.stop_signals import DEFAULT_SIGNALS
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: the run is incomplete but healthy; run the same command again to resume
 INTERRUPT_EXIT_CODE = 128 + signal.SIGINT  # 130, a shell's status for Ctrl-C; the run is saved as for a requeue
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -154,11 +154,3 @@ def stop_on_signals(signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> It
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """Data-loader `worker_init_fn`: workers survive the SIGTERM that SLURM sends to every process of the job, and
-    the SIGINT that a terminal's Ctrl-C sends to its whole foreground group, so the main process can finish its
-    step and save (or, in the evaluation scripts, report what it saved); it shuts the workers down itself."""
-    for sig in DEFAULT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
