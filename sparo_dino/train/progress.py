@@ -188,13 +188,7 @@ class ProgressLogger:
         print(f"Epoch [{epoch}/{self.epochs}] done in {_format_duration(record['epoch_time_s'])} | "
               + " | ".join(f"{k} {v:.4g}" for k, v in record.items()
                            if k not in ("epoch", "epoch_time_s") and isinstance(v, (int, float))), flush=True)
-        scalars = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "epoch"}
-        if self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(f"epoch/{key}", value, epoch)
-            self.writer.flush()
-        if self.wandb is not None:
-            self.wandb.log("epoch", scalars, epoch)
+        self._epoch_scalars({key: value for key, value in record.items() if key != "epoch"}, epoch)
         return record
 
     def amend_epoch(self, epoch: int, values: Mapping[str, Any]) -> None:
@@ -214,6 +208,10 @@ class ProgressLogger:
         with open(temporary, "w") as handle:
             handle.write("".join(line + "\n" for line in lines))
         os.replace(temporary, path)
+        self._epoch_scalars(values, epoch)
+
+    def _epoch_scalars(self, values: Mapping[str, Any], epoch: int) -> None:
+        """The numbers among `values` to TensorBoard and Weights & Biases, on the epoch axis."""
         scalars = {key: value for key, value in values.items() if isinstance(value, (int, float))}
         if self.writer is not None:
             for key, value in scalars.items():
