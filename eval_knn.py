@@ -21,6 +21,7 @@ import torch
 
 from sparo_dino import distributed
 from sparo_dino.cli import config, eval_flags
+from sparo_dino.cli import errors as cli_errors
 from sparo_dino.eval import extraction, feature_cache, fewshot, knn, results_table
 from sparo_dino.eval.knn import weighted_knn  # noqa: F401  (public API: eval_knn.weighted_knn)
 from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, restrict
@@ -75,14 +76,23 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     return kind_for
 
 
-def _accuracies(scores: dict[int, torch.Tensor], labels: torch.Tensor, present: torch.Tensor | None = None
-                ) -> dict[str, dict[str, float]]:
-    """Top-1/top-5 per k; with `present`, predicted among those classes only (a test set holding some classes)."""
+def _accuracies(scores: dict[int, torch.Tensor], labels: torch.Tensor, present: torch.Tensor | None = None,
+                bank_size: int | None = None) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 per k; with `present`, predicted among those classes only (a test set holding some classes).
+    With `bank_size`, each entry also says the k the search used (`k`: at most the bank's size)."""
     results = {}
     for k, class_scores in scores.items():
         top1, top5 = knn.topk_accuracy(restrict(class_scores, present), labels)
         results[str(k)] = {"top1": top1, "top5": top5}
+        if bank_size is not None:
+            results[str(k)]["k"] = min(k, bank_size)
     return results
+
+
+def _neighbours(k: str, accuracy: dict[str, float]) -> str:
+    """`20-NN`, or `60-NN (asked 500)` where the train bank held fewer than the k asked for."""
+    used = int(accuracy.get("k", k))
+    return f"{k}-NN" if used == int(k) else f"{used}-NN (asked {k})"
 
 
 def _top1(accuracies: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -114,13 +124,15 @@ def run_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, device: to
                               where, bank_dtype)
 
     num_train = data.meta["train_shard"]["num_train"] if "train_shard" in data.meta else len(train_labels)
-    results: dict[str, Any] = {"knn": _accuracies(scores(val), val_labels), "num_train": num_train,
+    results: dict[str, Any] = {"knn": _accuracies(scores(val), val_labels, bank_size=num_train),
+                               "num_train": num_train,
                                "num_test": len(val_labels), "num_classes": num_classes,
                                "temperature": args.temperature, "backend": backend, "device": str(where),
                                "bank_dtype": bank_dtype, "meta": data.meta}
     if data.test_sets:  # the same bank searched by each test set's features
         results["test_sets"] = {name: {**test.describe(num_classes),
-                                       "knn": _accuracies(scores(test.features), test.labels, test.present)}
+                                       "knn": _accuracies(scores(test.features), test.labels, test.present,
+                                                          bank_size=num_train)}
                                 for name, test in data.test_sets.items()}
     if args.n_per_class:
         results["fewshot"] = fewshot_knn(data, args, plan)
@@ -143,7 +155,7 @@ def run_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, device: to
                               backend, where, bank_dtype)
         results["selected_slots"] = {"slots": slots, "holdout_fraction": args.holdout_fraction,
                                      "seed": args.seed, "k": args.slot_knn, "holdout_top1": holdout_top1,
-                                     "knn": _accuracies(kept, val_labels)}
+                                     "knn": _accuracies(kept, val_labels, bank_size=num_train)}
     return results
 
 
@@ -165,7 +177,7 @@ def fewshot_knn(data: feature_cache.FeatureSet, args: argparse.Namespace, plan: 
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The closing table (sparo_dino/eval/results_table.py): one k-NN top-1 column per k, at init beside it when asked."""
+    """The closing table (eval/results_table.py): one k-NN top-1 column per k, at init beside it when asked."""
     tests = results.get("test_sets", {})
     sizes = {VAL_NAME: (results["num_test"], results["num_classes"]),
              **{name: (test["num_test"], test["num_classes"]) for name, test in tests.items()}}
@@ -185,14 +197,14 @@ def _slot_spread(top1: list[float]) -> str:
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """The official one-line-per-k summary, then the random-init baseline and the slot analysis."""
-    lines = [f"{k}-NN classifier result: Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}"
+    lines = [f"{_neighbours(k, acc)} classifier result: Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}"
              for k, acc in results["knn"].items()]
     lines.append(f"k-NN search: {results['backend']} on {results['device']}, {results['bank_dtype']} bank")
     for k, acc in results.get("init_baseline", {}).items():
         gain = results["knn"][k]["top1"] - acc["top1"]
-        lines.append(f"{k}-NN classifier result at random init (same arch, seed and images): Top1: {acc['top1']:.2f}, "
-                     f"Top5: {acc['top5']:.2f}; training {'adds' if gain > 0 else 'changes'} {gain:+.2f} points "
-                     "of Top1")
+        lines.append(f"{_neighbours(k, acc)} classifier result at random init (same arch, seed and images): "
+                     f"Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}; training "
+                     f"{'adds' if gain > 0 else 'changes'} {gain:+.2f} points of Top1")
     if "per_slot" in results:
         k, top1 = results["per_slot"]["k"], results["per_slot"]["top1"]
         lines += [f"slot {slot} {k}-NN Top1: {acc:.2f}" for slot, acc in enumerate(top1)]
@@ -204,10 +216,11 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         selected = results["selected_slots"]
         lines.append(f"selected slots (best first on a {selected['holdout_fraction']:g} train hold-out): "
                      f"{selected['slots']}")
-        lines += [f"{k}-NN classifier result with {len(selected['slots'])} selected slots: "
+        lines += [f"{_neighbours(k, acc)} classifier result with {len(selected['slots'])} selected slots: "
                   f"Top1: {acc['top1']:.2f}, Top5: {acc['top5']:.2f}" for k, acc in selected["knn"].items()]
     if "table" in results:
-        lines += results_table.format_rows(results["table"], results_table.title("weighted k-NN", results.get("fewshot")))
+        title = results_table.title("weighted k-NN", results.get("fewshot"))
+        lines += results_table.format_rows(results["table"], title)
     return lines
 
 
@@ -240,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if data is None:  # features live on the main process only (unless --shard_bank)
             return None
         results = run_knn(data, args, info.device)
+        clipped = [k for k in args.nb_knn if k > results["num_train"]]
+        if clipped and distributed.is_main_process():  # once, not again for the random-init baseline's search
+            cli_errors.warn(f"--nb_knn {' '.join(map(str, clipped))} asks for more neighbours than the "
+                            f"{results['num_train']} train features; the search uses all of them (reported as "
+                            f"{results['num_train']}-NN (asked k))")
         if initial is not None:  # with --per_slot also per slot: what each slot holds before any training
             baseline = run_knn(initial, argparse.Namespace(**{**vars(args), "select_slots": None}), info.device)
             results["init_baseline"] = baseline["knn"]

@@ -30,13 +30,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from sparo_dino import distributed
 from sparo_dino.cli import config, eval_flags
 from sparo_dino.data import augmentation
-from sparo_dino.eval import extraction, fewshot, linear_probe, results_table, shifted_sets
+from sparo_dino.eval import extraction, fewshot, interruption, linear_probe, results_table, shifted_sets
 from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.eval.shifted_sets import VAL_NAME, EvalSet, RestrictedHead
 from sparo_dino.eval.subsets import seeded_split
 from sparo_dino.io import provenance, weights
+from sparo_dino.io.checkpoint import load_checkpoint
 from sparo_dino.model import registry
 from sparo_dino.run_config import args_to_dict
+from sparo_dino.stop_signals import ignore_stop_signals
 from sparo_dino.train.schedules import scaled_lr
 
 DEFAULT_N_LAST_BLOCKS = 4
@@ -46,22 +48,21 @@ DEFAULT_N_LAST_BLOCKS = 4
 DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 INIT_BASELINE_DIR = "init_baseline"
 FEWSHOT_DIR = "fewshot"  # in a probe's output folder: one resumable head per (n, try)
-TABLE_COLUMN = "linear"
+PROBES = ("linear", "attentive")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = eval_flags.evaluation_parser(__doc__)
     group = parser.add_argument_group("linear probe")
     group.add_argument("--n_last_blocks", type=int, default=None,
-                       help=f"CLS archs: concatenate the CLS of the last n blocks; other read-outs with --sparo_features "
-                            f"encoding+cls: the CLS of the n-1 blocks before the read-out (default "
+                       help=f"CLS archs: concatenate the CLS of the last n blocks; other read-outs with "
+                            f"--sparo_features encoding+cls: the CLS of the n-1 blocks before the read-out (default "
                             f"{DEFAULT_N_LAST_BLOCKS})")
     group.add_argument("--avgpool_patchtokens", type=config.bool_flag, default=False,
                        help="baselines: also the mean of the last block's patch tokens")
     group.add_argument("--sparo_features", type=str, default="encoding", choices=extraction.SPARO_FEATURES,
-                       help="read-outs (paper C.2 for SPARO): the encoding alone, or, for a read-out replacing the "
-                            "last block, the final-norm CLS of the n_last_blocks-1 blocks before the read-out followed "
-                            "by the encoding")
+                       help="the encoding alone, or (read-outs replacing the last block; paper C.2) the final-norm "
+                            "CLS of the n_last_blocks-1 blocks before the read-out, then the encoding")
     group.add_argument("--num_labels", type=int, default=None,
                        help="official flag: outputs of the classifier; default: the data's classes (another "
                             "value is an error)")
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "a train hold-out is reported; one value trains one head on all train features")
     group.add_argument("--holdout_fraction", type=float, default=0.1,
                        help="--fast with several --lr_grid values: share of the train features that chooses the lr")
+    group.add_argument("--probe", type=str, default="linear", choices=PROBES,
+                       help="linear: a linear classifier on the features above; attentive (with --fast): one "
+                            "cross-attention pooling layer and a linear classifier on all final-norm tokens of the "
+                            "trunk, cached like the features (docs/evaluation.md, Attentive probe)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--init_baseline", action="store_true",
                        help="--fast: also probe the network the run started from (same config and seed, random init) "
@@ -93,6 +98,8 @@ def kind_resolver(args: argparse.Namespace) -> Callable[[str], str]:
     n_last_blocks = args.n_last_blocks or DEFAULT_N_LAST_BLOCKS
 
     def kind_for(arch: str) -> str:
+        if args.probe == "attentive":  # every arch: the trunk's tokens (checked against the flags in check_args)
+            return extraction.TOKENS_KIND
         if registry.readout_of(arch) != "cls":
             if args.avgpool_patchtokens or (args.n_last_blocks is not None and args.sparo_features == "encoding"):
                 raise ValueError(f"--n_last_blocks/--avgpool_patchtokens apply to CLS archs; {arch} is probed "
@@ -124,7 +131,7 @@ class ProbeTestSet:
 @dataclass
 class Probe:
     """What training and --evaluate need, built the same way for both protocols."""
-    classifier: nn.Module  # a LinearClassifier, or LinearHeads for --fast's lr grid
+    classifier: nn.Module  # a LinearClassifier (or AttentiveClassifier), or a HeadGrid of them for --fast's lr grid
     model: nn.Module  # what gets optimized (the DDP wrapper of classifier when distributed)
     featurize: Callable[[torch.Tensor], torch.Tensor]
     train_batches: Callable[[int], linear_probe.Batches]
@@ -136,12 +143,13 @@ class Probe:
     holdout_batches: Callable[[], linear_probe.Batches] | None = None  # --fast lr grid: chooses the head
     test_sets: dict[str, ProbeTestSet] = field(default_factory=dict)
     features: FeatureSet | None = None  # --fast: every extracted feature (few-shot heads draw from its train split)
+    make_head: Callable[[], nn.Module] | None = None  # --fast: one fresh head of the probe (few-shot heads)
 
 
 def _output_dir(args: argparse.Namespace, tag: str, protocol: str) -> str:
     if args.output_dir is not None:
         return args.output_dir
-    prefix = "linear_fast" if protocol == "fast" else "linear"
+    prefix = f"{args.probe}_fast" if protocol == "fast" else "linear"
     return os.path.join(eval_flags.default_output_dir(args), f"{prefix}_{tag}")
 
 
@@ -168,10 +176,11 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
                                  seed=args.seed)
     pin = info.device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=args.batch_size_per_gpu, sampler=sampler,
-                              num_workers=args.num_workers, pin_memory=pin)
+                              num_workers=args.num_workers, pin_memory=pin, worker_init_fn=ignore_stop_signals)
 
     def eval_loader(dataset: torch.utils.data.Dataset) -> DataLoader:  # each rank its shard, metrics summed
         return DataLoader(dataset, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                          worker_init_fn=ignore_stop_signals,
                           sampler=extraction.ShardSampler(len(dataset), info.rank, info.world_size), pin_memory=pin)
     val_loader = eval_loader(val_set)
     tests = shifted_sets.build(shifted_sets.parse_specs(args.test_sets), train_set.classes,
@@ -180,18 +189,19 @@ def official_probe(args: argparse.Namespace, info: distributed.DistInfo) -> Prob
     def train_batches(epoch: int) -> linear_probe.Batches:
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        return train_loader
+        return interruption.guarded(train_loader)
 
     total_batch = args.batch_size_per_gpu * info.world_size
     run = {"protocol": "official", "kind": kind, "dim": dim, "num_classes": classes, "tag": tag,
            "epochs": args.epochs, "lr": scaled_lr(args.lr, total_batch), "total_batch_size": total_batch,
            "options": options}
-    probe = Probe(classifier, model, featurize, train_batches, lambda: val_loader, run,
+    probe = Probe(classifier, model, featurize, train_batches, lambda: interruption.guarded(val_loader), run,
                   _output_dir(args, tag, "official"), info.device, reduce=True)
     for test in tests:
         loader = eval_loader(test.dataset)
-        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: loader, test.present, shifted_sets.describe(
-            test.spec.path, len(test.dataset), test.present, classes))
+        described = shifted_sets.describe(test.spec.path, len(test.dataset), test.present, classes)
+        probe.test_sets[test.spec.name] = ProbeTestSet(lambda loader=loader: interruption.guarded(loader),
+                                                       test.present, described)
     return probe
 
 
@@ -224,9 +234,10 @@ def probe_on_features(args: argparse.Namespace, data: FeatureSet, device: torch.
         held, kept = seeded_split(len(train_labels), cut, args.seed)
         holdout = (train_features[held], train_labels[held])
         train_features, train_labels = train_features[kept], train_labels[kept]
+    make_head = head_factory(args, data, train_features.shape[1], classes)
     torch.manual_seed(args.seed)
-    classifier: nn.Module = (linear_probe.LinearHeads(train_features.shape[1], classes, lrs) if holdout is not None
-                             else linear_probe.LinearClassifier(train_features.shape[1], classes)).to(device)
+    classifier: nn.Module = (linear_probe.HeadGrid(make_head, lrs) if holdout is not None else make_head()
+                             ).to(device)
 
     train_batches = _shuffled_batches(train_features, train_labels, args)
 
@@ -238,10 +249,13 @@ def probe_on_features(args: argparse.Namespace, data: FeatureSet, device: torch.
            "total_batch_size": args.batch_size_per_gpu, "options": data.meta["options"]}
     if at_init:
         run["at_init"] = True  # a resumed head must come from the same network
+    if args.probe != "linear":
+        run["probe"] = args.probe  # (absent for the linear probe, whose earlier checkpoints did not record it)
     if "pca" in data.meta:
         run["pca_dim"] = data.meta["pca"]["dim"]  # at the features' own width, the same "dim" as without PCA
     probe = Probe(classifier, classifier, lambda x: x, train_batches, val_batches, run,
-                  _output_dir(args, data.meta["tag"], "fast"), device, reduce=False, features=data)
+                  _output_dir(args, data.meta["tag"], "fast"), device, reduce=False, features=data,
+                  make_head=make_head)
     for name, test in data.test_sets.items():
         probe.test_sets[name] = ProbeTestSet(_feature_batches(test, args.batch_size_per_gpu), test.present,
                                              test.describe(classes))
@@ -249,6 +263,14 @@ def probe_on_features(args: argparse.Namespace, data: FeatureSet, device: torch.
         probe.run["holdout_fraction"] = args.holdout_fraction
         probe.holdout_batches = lambda: linear_probe.tensor_batches(*holdout, args.batch_size_per_gpu)
     return probe
+
+
+def head_factory(args: argparse.Namespace, data: FeatureSet, dim: int, classes: int) -> Callable[[], nn.Module]:
+    """A function building one fresh head of --probe for features of width `dim`."""
+    if args.probe == "linear":
+        return lambda: linear_probe.LinearClassifier(dim, classes)
+    num_tokens, embed_dim = extraction.token_shape(data.meta["options"], data.meta["crop_size"], dim)
+    return lambda: linear_probe.AttentiveClassifier(embed_dim, num_tokens, classes)
 
 
 def _shuffled_batches(features: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace
@@ -288,14 +310,14 @@ def fewshot_probes(args: argparse.Namespace, probe: Probe, lr: float) -> dict[st
 
     def evaluate(n: int, attempt: int, indices: torch.Tensor) -> fewshot.TryResult:
         torch.manual_seed(args.seed)
-        head = linear_probe.LinearClassifier(probe.run["dim"], classes).to(probe.device)
+        head = probe.make_head().to(probe.device)
         run = {**probe.run, "lr": lr, "fewshot": {"n_per_class": n, "try": attempt, "seed": args.seed}}
         linear_probe.fit(head, _shuffled_batches(data.train_features[indices], data.train_labels[indices], args),
                          _feature_batches(sets[VAL_NAME], args.batch_size_per_gpu), lambda x: x,
                          num_classes=classes, epochs=args.epochs, lr=lr, val_freq=args.epochs,
                          output_dir=os.path.join(probe.output_dir, FEWSHOT_DIR, f"n{n}_try{attempt}"), run=run,
                          device=probe.device, reduce=False)
-        return {name: {TABLE_COLUMN: linear_probe.evaluate(
+        return {name: {probe_name(probe.run): linear_probe.evaluate(
                     RestrictedHead(head, test.present), linear_probe.tensor_batches(test.features, test.labels,
                                                                                     args.batch_size_per_gpu),
                     lambda x: x, classes, probe.device, reduce=False)["top1"]}
@@ -320,10 +342,12 @@ def evaluate_extras(args: argparse.Namespace, probe: Probe, trained: dict[str, A
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The closing table (sparo_dino/eval/results_table.py): the final head's top-1 on val and each test set, few-shot
     means, and the random-init probe's beside them when asked."""
+    column = probe_name(results["run"])
+
     def top1(probed: dict[str, Any]) -> dict[str, dict[str, float]]:
         val = probed["final"] if "final" in probed else probed["evaluate"]
-        return {VAL_NAME: {TABLE_COLUMN: val["top1"]},
-                **{name: {TABLE_COLUMN: test["top1"]} for name, test in probed.get("test_sets", {}).items()}}
+        return {VAL_NAME: {column: val["top1"]},
+                **{name: {column: test["top1"]} for name, test in probed.get("test_sets", {}).items()}}
 
     val = results["final"] if "final" in results else results["evaluate"]
     sizes = {VAL_NAME: (val["num_samples"], results["run"]["num_classes"]),
@@ -349,15 +373,22 @@ def evaluate_head(args: argparse.Namespace, probe: Probe) -> dict[str, Any] | No
     if tests:
         results["test_sets"] = tests
         results["table"] = table_rows(results)
-        print("\n".join(results_table.format_rows(results["table"], results_table.title("linear probe (this head)"))))
+        print("\n".join(results_table.format_rows(results["table"], results_table.title(
+            f"{probe_name(probe.run)} probe (this head)"))))
     return results
+
+
+def probe_name(run: dict[str, Any]) -> str:
+    """Which probe a run trained: "linear" or "attentive" (the table's column and the printed lines say it)."""
+    return run.get("probe", "linear")
 
 
 def summary_line(results: dict[str, Any]) -> str:
     """The headline is the best top-1 over the validations (official DINO's "Max accuracy"); final beside it."""
     final, best = results["final"], results["best"]
     protocol = linear_probe.PROTOCOLS[results["run"]["protocol"]]
-    line = (f"Linear probe result [{protocol}]: best Top1: {best['top1']:.2f} (epoch {best['epoch']}, "
+    name = probe_name(results["run"]).capitalize()
+    line = (f"{name} probe result [{protocol}]: best Top1: {best['top1']:.2f} (epoch {best['epoch']}, "
             f"Top5 {best['top5']:.2f}), final Top1: {final['top1']:.2f}, Top5: {final['top5']:.2f}")
     if "lr_grid" in results:
         grid = results["lr_grid"]
@@ -372,7 +403,8 @@ def init_baseline_line(results: dict[str, Any]) -> str:
     choice is made on the train hold-out, so final is what both report)."""
     initial = results["init_baseline"]
     protocol = linear_probe.PROTOCOLS[results["run"]["protocol"]]
-    line = (f"Linear probe at random init (same arch, seed and images) [{protocol}]: final Top1: "
+    line = (f"{probe_name(results['run']).capitalize()} probe at random init (same arch, seed and images) "
+            f"[{protocol}]: final Top1: "
             f"{initial['final']['top1']:.2f}, Top5: {initial['final']['top5']:.2f}")
     if "lr_grid" in initial:
         line += f"; lr {initial['lr_grid']['chosen_lr']:g} chosen on the same hold-out"
@@ -383,6 +415,7 @@ def init_baseline_line(results: dict[str, Any]) -> str:
 def train(args: argparse.Namespace, probe: Probe) -> dict[str, Any]:
     """Train `probe`'s head (every head of an lr grid) and validate it; resumes from its output folder."""
     os.makedirs(probe.output_dir, exist_ok=True)
+    interruption.note_saved(probe.output_dir, lambda: saved_probe(probe, args.epochs))
     if probe.holdout_batches is not None:
         return linear_probe.fit_lr_grid(probe.classifier, probe.train_batches, probe.holdout_batches,
                                         probe.val_batches, num_classes=probe.run["num_classes"], epochs=args.epochs,
@@ -391,6 +424,14 @@ def train(args: argparse.Namespace, probe: Probe) -> dict[str, Any]:
                             num_classes=probe.run["num_classes"], epochs=args.epochs, lr=probe.run["lr"],
                             val_freq=args.val_freq, output_dir=probe.output_dir, run=probe.run, device=probe.device,
                             reduce=probe.reduce, model=probe.model)
+
+
+def saved_probe(probe: Probe, epochs: int) -> str | None:
+    """What a rerun of an interrupted probe continues from: its checkpoint and the epochs it holds."""
+    path = os.path.join(probe.output_dir, linear_probe.CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        return None
+    return f"the linear probe's checkpoint {path} ({load_checkpoint(path)['epoch']} of {epochs} epochs)"
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -409,14 +450,20 @@ def check_args(args: argparse.Namespace) -> None:
     if args.init_baseline and (not args.fast or args.evaluate or args.load_features):
         raise ValueError("--init_baseline needs --fast training from --pretrained_weights (a training checkpoint), "
                          "not the official protocol, --evaluate or --load_features")
-    if min(args.lr_grid) <= 0 or not 0 < args.holdout_fraction < 1:
-        raise ValueError("--lr_grid values must be > 0 and --holdout_fraction in (0, 1)")
+    if args.lr <= 0 or min(args.lr_grid) <= 0 or not 0 < args.holdout_fraction < 1:
+        raise ValueError("--lr and --lr_grid values must be > 0 and --holdout_fraction in (0, 1)")
     if args.n_per_class and (not args.fast or args.evaluate):
         raise ValueError("--n_per_class trains few-shot heads on cached centre-crop features: it needs --fast "
                          "training, not the official protocol or --evaluate")
+    if args.probe == "attentive" and (not args.fast or args.n_last_blocks is not None or args.avgpool_patchtokens
+                                      or args.sparo_features != "encoding"):
+        raise ValueError("--probe attentive trains on cached tokens: it needs --fast, and reads all final-norm tokens "
+                         "(not --n_last_blocks, --avgpool_patchtokens or --sparo_features)")
     eval_flags.check_robustness_args(args)
-    eval_flags.check_pca_args(args, {"the official protocol": "" if args.fast else "the components are fitted on "
-                                     "cached train features (--fast), not on augmented crops"})
+    eval_flags.check_pca_args(args, {
+        "the official protocol": "" if args.fast else "the components are fitted on cached train features (--fast), "
+        "not on augmented crops",
+        "--probe attentive": "it reads tokens, not one feature vector" if args.probe == "attentive" else ""})
     distributed.check_launcher_args(args)
 
 
@@ -448,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if args.test_sets or args.n_per_class:
             results["table"] = table_rows(results)
             print("\n".join(results_table.format_rows(results["table"], results_table.title(
-                f"linear probe [{results['run']['protocol']}], final head", results.get("fewshot")))), flush=True)
+                f"{probe_name(results['run'])} probe [{results['run']['protocol']}], final head",
+                results.get("fewshot")))), flush=True)
         provenance.save_config(args_to_dict(args), probe.output_dir, name="config_linear.yaml")
         eval_flags.write_results(results, os.path.join(probe.output_dir, "results_linear.json"))
         return results

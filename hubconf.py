@@ -3,11 +3,13 @@
     backbone = torch.hub.load("/path/to/this/repo", "vit_small_sparo", source="local", weights="run/checkpoint.pth")
     student = torch.hub.load(REPO, "vit_small_sparo", source="local", weights="run/checkpoint.pth",
                              checkpoint_key="student")
+    exported = torch.hub.load(REPO, "vit_small_sparo", source="local", weights="export/DIR")  # export_model.py
     fresh = torch.hub.load(REPO, "vit_small_sparo", source="local", num_slots=32)  # weights=None: random init
 
 A training checkpoint is read through the evaluation scripts' loader (sparo_dino.io.weights), so the backbone is
 built from the checkpoint's own `config` (patch size, img_size, SPARO sizes) exactly as eval_knn.py builds it, and
-the weights load strictly. Plain backbone state dicts (such as official DINO's published ViT weights) work too;
+the weights load strictly; a folder written by export_model.py (`weights="export/DIR"`) is read through its
+config.json the same way. Plain backbone state dicts (such as official DINO's published ViT weights) work too;
 their patch size is 16 unless `patch_size=` says otherwise. No weights are published for this repository, so no
 entry point ever downloads anything: `pretrained=True` without `weights=` is an error. The file is read with
 weights_only=True (official DINO checkpoints through sparo_dino.io.checkpoint's allow-list), so a crafted `weights=`

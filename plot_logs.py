@@ -8,7 +8,6 @@ random-init value (knn_top1_init) is the first point of the knn_top1 curve, at e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sparo_dino.cli import errors as cli_errors  # noqa: E402
 from sparo_dino.cli.errors import OutputDirError, require_writable_dirs  # noqa: E402
 from sparo_dino.train.progress import LOG_NAME  # noqa: E402
 
@@ -29,7 +29,7 @@ def read_log(run_dir: str) -> list[dict[str, float]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {LOG_NAME} in {run_dir}")
     records = []
-    with open(path) as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:  # a binary file holds no records, not a crash
         for line in handle:
             try:
                 record = json.loads(line)
@@ -38,7 +38,7 @@ def read_log(run_dir: str) -> list[dict[str, float]]:
             if isinstance(record, dict):
                 records.append(record)
     if not records:
-        raise ValueError(f"{path} holds no epoch records yet")
+        raise ValueError(f"{path} holds no epoch records (JSON lines of main_dino.py's {LOG_NAME})")
     return records
 
 
@@ -90,13 +90,16 @@ def check_output(path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="output dirs (or log.txt files) of training runs")
     parser.add_argument("--keys", nargs="*", default=None, help="metrics to draw (default: every numeric one)")
     parser.add_argument("--output", type=str, default="training_curves.png")
     args = parser.parse_args(argv)
     check_output(args.output)
-    runs = {os.path.basename(os.path.normpath(run)) or run: read_log(run) for run in args.runs}
+    try:
+        runs = {os.path.basename(os.path.normpath(run)) or run: read_log(run) for run in args.runs}
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     available = numeric_keys(runs)
     keys = args.keys or available
     missing = [key for key in keys if key not in available]

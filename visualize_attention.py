@@ -7,8 +7,9 @@ Writes what the official script writes to --output_dir: `img.png` (the resized i
 CLS attention over the patches in the last block, upsampled by the patch size) and, with --threshold t,
 `mask_th<t>_head<j>.png` (the smallest set of patches that holds a fraction t of that attention, over the image).
 For a slot read-out (*_sparo; *_mhca averaged over its heads) the last attention is the read-out's, so the files are
-`attn-slot<j>.png` and `mask_th<t>_slot<j>.png`, one per slot. The model comes from the checkpoint's config; --arch and --patch_size (official
-defaults vit_small and 8) apply to plain state dicts. Nothing is downloaded: weights and image must be given.
+`attn-slot<j>.png` and `mask_th<t>_slot<j>.png`, one per slot. The model comes from the checkpoint's config; --arch
+and --patch_size (official defaults vit_small and 8) apply to plain state dicts. Nothing is downloaded: weights and
+image must be given.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 import sparo_vit  # noqa: E402
+from sparo_dino.cli import errors as cli_errors  # noqa: E402
 from sparo_dino.cli import eval_flags  # noqa: E402
 from sparo_dino.cli.errors import require_writable_dirs  # noqa: E402
 from sparo_dino.io import weights
@@ -37,7 +39,7 @@ OFFICIAL_PLAIN_DEFAULTS = {"arch": "vit_small", "patch_size": 8}  # official fla
 
 def build_parser() -> argparse.ArgumentParser:
     """Official flags, names and defaults; arch and patch size are read from a checkpoint's config instead."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=str, default=None, choices=sparo_vit.ARCHS,
                         help="for a plain state dict (default vit_small); else read from the checkpoint's config")
     parser.add_argument("--patch_size", type=int, default=None,

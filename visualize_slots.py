@@ -35,6 +35,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import sparo_vit  # noqa: E402
 from sparo_dino.cli import config, eval_flags  # noqa: E402
+from sparo_dino.cli import errors as cli_errors  # noqa: E402
 from sparo_dino.data import datasets
 from sparo_dino.eval import feature_cache
 from sparo_dino.io import weights
@@ -44,8 +45,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     eval_flags.add_feature_args(parser)
     group = parser.add_argument_group("images")
     group.add_argument("--images", type=str, nargs="*", default=None, help="image files and/or folders of images")
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dataset split to draw images from when --images is not given")
     group.add_argument("--num_images", type=int, default=8, help="columns of the grid")
     group = parser.add_argument_group("slot selection")
-    group.add_argument("--slots", type=int, nargs="*", default=None, help="slot indices to show (overrides --select_by)")
+    group.add_argument("--slots", type=int, nargs="*", default=None,
+                       help="slot indices to show (overrides --select_by)")
     group.add_argument("--select_by", type=str, default="entropy", choices=("index", "knn", "entropy"),
                        help="index: first slots; knn: best per-slot k-NN top-1; entropy: sharpest attention")
     group.add_argument("--num_slots_shown", type=int, default=8)

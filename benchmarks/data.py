@@ -2,10 +2,11 @@
 
 - per_image (`--augmentation per_image`, the reference): a data-loader worker decodes each image with PIL and makes
   its 2 global + N local crops (augmentation.MultiCropAugmentation).
-- batched (`--augmentation batched`, the default on GPUs): a worker only decodes (batched_data: PIL, large JPEGs at a
-  reduced DCT scale) and packs the batch into one uint8 tensor; the device makes the crops (batched_data.DeviceMultiCrop).
+- batched (`--augmentation batched`, the default on GPUs): a worker only decodes (batched_data: PIL, large JPEGs at
+  a reduced DCT scale) and packs the batch into one uint8 tensor; the device makes the crops
+  (batched_data.DeviceMultiCrop).
 
-Three measurements:
+Four measurements:
 1. worker CPU time per image, in this process with one thread (CPU time, so other jobs on the machine count less
    than in wall time): everything a data-loader worker does per image in each pipeline, the img/s one core feeds
    and the ratio of the two pipelines. This is what decides whether a machine's cores can feed its GPUs.
@@ -14,6 +15,10 @@ Three measurements:
    so its number there says nothing about a GPU.
 3. the device multi-crop alone (random pixels already on the device) and the price of its blur's fixed shapes:
    blurring every sample of a crop-size group vs only the samples that drew a blur (ratio and share of the crops).
+4. what a batch of the device multi-crop costs the host (benchmarks/crop_host_cost.py): the aten ops it issues
+   (`aten ops per batch`, machine-independent) and its host CPU ms per batch on this CPU, against --baseline, the
+   revision before issue 27.6 cut the ops, in the same run (its package from git archive, in its own process;
+   the two alternate --host_rounds times, so a load on the machine falls on both).
 With CUDA, a third pipeline for comparison: workers only read the JPEG bytes, nvjpeg decodes the batch on the GPU
 (torchvision.io.decode_jpeg), then the same device crops (not wired into the trainer).
 
@@ -22,8 +27,12 @@ With CUDA, a third pipeline for comparison: workers only read the JPEG bytes, nv
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -40,6 +49,11 @@ from sparo_dino.data.batched_data import collate_decoded  # noqa: E402
 from sparo_dino.data.loader import TrainingData  # noqa: E402
 
 PIPELINES = ("per_image", "batched")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST_COST = os.path.join(REPO, "benchmarks", "crop_host_cost.py")
+# The last revision before issue 27.6 (2,716 aten ops per batch), and where its package kept the multi-crop.
+BASELINE = "67e4f2f058745a1d5a7b2246a975852d25ba38c8"
+BASELINE_MODULE = "sparo_dino.batched_augmentation"
 
 
 def training_config(args: argparse.Namespace, root: str, pipeline: str, workers: int) -> dict[str, Any]:
@@ -124,6 +138,64 @@ def blur_cost(args: argparse.Namespace, device: torch.device) -> list[Row]:
                        "samples only", f"{blur_ms['all']:.1f} vs {blur_ms['drawn']:.1f} (x{ratio:.2f})")]
 
 
+def host_cost_of(tree: str, module: str, args: argparse.Namespace) -> dict[str, Any]:
+    """crop_host_cost.py's measurement of the multi-crop in `module` of the package in `tree`, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, HOST_COST, "--module", module, "--batch_size", str(args.batch_size),
+               "--local_crops_number", str(args.local_crops_number), "--batches", str(args.host_batches)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{HOST_COST} on {tree} failed: {result.stderr.strip()[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def extract_package(revision: str, folder: str) -> None:
+    """This repository's sparo_dino/ at `revision` in `folder` (git archive); CalledProcessError if git cannot."""
+    archive = subprocess.run(["git", "-C", REPO, "archive", "--format=tar", revision, "sparo_dino"],
+                             capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, capture_output=True, check=True)
+
+
+def host_cost(args: argparse.Namespace) -> list[Row]:
+    """Aten ops and host ms per batch of this checkout's multi-crop against --baseline's (module BASELINE_MODULE
+    there), alternating --host_rounds times; without git history or with --baseline '', this checkout's alone."""
+    runs: dict[str, list[dict[str, Any]]] = {"new": [], "baseline": []}
+    with tempfile.TemporaryDirectory(prefix="sparo_baseline_") as folder:
+        trees = {"new": (REPO, BatchedMultiCrop.__module__)}
+        if args.baseline:
+            try:
+                extract_package(args.baseline, folder)
+                trees["baseline"] = (folder, BASELINE_MODULE)
+            except (OSError, subprocess.CalledProcessError) as error:
+                detail = error.stderr.decode().strip() if isinstance(error, subprocess.CalledProcessError) else error
+                print(f"baseline {args.baseline:.7}: not measured (git archive: {detail})", flush=True)
+        for _ in range(args.host_rounds):
+            for name, (tree, module) in trees.items():
+                runs[name].append(host_cost_of(tree, module, args))
+    views = f"batch {args.batch_size}, 2 + {args.local_crops_number} views"
+    measured = {name: {"ops_padded": done[0]["ops_padded"], "ops_list": done[0]["ops_list"],
+                       "ms": statistics.median(ms for run in done for ms in run["ms"])}
+                for name, done in runs.items() if done}
+    new, old = measured["new"], measured.get("baseline")
+
+    def against(key: str, unit: str) -> str:
+        return f"; baseline {args.baseline:.7}: {old[key]:.{unit}f}, x{old[key] / new[key]:.2f}" if old else ""
+
+    print(f"aten ops per batch: {new['ops_padded']} ({views}, the padded batch the trainer passes"
+          f"{against('ops_padded', '0')})", flush=True)
+    print(f"aten ops per batch from a list of images: {new['ops_list']} ({views}{against('ops_list', '0')})",
+          flush=True)
+    timed = args.host_rounds * args.host_batches
+    print(f"host ms per batch: {new['ms']:.1f} ({views}, CPU time, median of {timed} batches, pixel work shrunk to "
+          f"4/2 px crops{against('ms', '1')})", flush=True)
+    baseline = f" (baseline {args.baseline:.7})" if old else ""
+    return [Row("data", f"{views}, device multi-crop", f"aten ops per batch{baseline}",
+                f"{new['ops_padded']}" + (f" ({old['ops_padded']})" if old else "")),
+            Row("data", f"{views}, device multi-crop, pixel work shrunk", f"host ms per batch{baseline}",
+                f"{new['ms']:.1f}" + (f" ({old['ms']:.1f}, x{old['ms'] / new['ms']:.2f})" if old else ""))]
+
+
 def nvjpeg_rate(args: argparse.Namespace, root: str, device: torch.device, data: TrainingData) -> float:
     """img/s of the GPU-decode variant: workers read bytes, nvjpeg decodes the batch, the device crops it."""
     from torchvision.datasets import ImageFolder
@@ -161,6 +233,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_crops_number", type=int, default=10)
     parser.add_argument("--patch_size", type=int, default=16, help="only to satisfy the CLI's size checks")
     parser.add_argument("--device", default="auto", help="where the gpu pipeline crops: auto, cuda, cpu")
+    parser.add_argument("--baseline", default=BASELINE,
+                        help="git revision whose multi-crop host cost is measured too ('' for none)")
+    parser.add_argument("--host_batches", type=int, default=20, help="timed batches per host cost run")
+    parser.add_argument("--host_rounds", type=int, default=2, help="alternating runs of this checkout and --baseline")
     return parser
 
 
@@ -217,12 +293,14 @@ def run(args: argparse.Namespace, root: str) -> list[Row]:
         print(f"pipeline=nvjpeg img/s={rate:.2f}", flush=True)
         rows.append(Row("data", f"{setting}, nvjpeg decode on the GPU, {args.workers} workers read bytes", "img/s",
                         f"{rate:.2f}"))
-    return rows + blur_cost(args, device)
+    return rows + blur_cost(args, device) + host_cost(args)
 
 
 def measure(args: argparse.Namespace) -> list[Row]:
-    if min(args.batch_size, args.batches, args.cost_images) < 1 or args.warmup < 0 or args.workers < 0:
-        raise SystemExit("error: --batch_size, --batches and --cost_images must be >= 1, --warmup and --workers >= 0")
+    if (min(args.batch_size, args.batches, args.cost_images, args.host_batches, args.host_rounds) < 1
+            or args.warmup < 0 or args.workers < 0):
+        raise SystemExit("error: --batch_size, --batches, --cost_images, --host_batches and --host_rounds must be "
+                         ">= 1, --warmup and --workers >= 0")
     return on_image_folder(args.data_path, args.synthetic, args.synthetic_size, lambda root: run(args, root))
 
 

@@ -2,7 +2,8 @@
 
 On a GPU: the benchmark recipe (vit_small and vit_small_sparo, 64 images per GPU, 2x224 + 10x96 crops, out_dim 65536;
 a 1.28M x 4096 k-NN bank, and its search's peak memory at 1/4; ImageNet-sized synthetic JPEGs, a data-loader worker
-per core up to 16).
+per core up to 16), and the Fashion-MNIST GPU profile shortened to one epoch. Longer than a device loan: `make
+gpu-check` runs step and data of these in its two calls, the rest needs a longer GPU session.
 On a CPU: small sizes that finish in minutes and show the scripts and the fast/reference ratios work; they say
 nothing about GPU speed. The k-NN search's peak memory is measured on that bank's shape at 1/64.
 
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import data  # noqa: E402
 import file_index  # noqa: E402
+import fmnist  # noqa: E402
 import knn  # noqa: E402
 import step  # noqa: E402
 import train  # noqa: E402
@@ -41,7 +43,8 @@ def plans(on_gpu: bool, images: str, workers: int) -> list[tuple[str, object, li
                 ("train", train, ["--data_path", images, "--workers", str(workers)]),
                 ("knn", knn, []),
                 ("knn", knn, ["--memory", "--scale", "4"]),  # unchunked fp32 at full scale needs ~93 GB
-                ("file_index", file_index, [])]
+                ("file_index", file_index, []),
+                ("fmnist", fmnist, [])]
     small_model = ["--patch_size", "8", "--global_size", "32", "--local_size", "16", "--local_crops_number", "2"]
     return [("step", step, ["--device", "cpu", "--archs", "vit_tiny", "vit_tiny_sparo", "--batch_size_per_gpu", "4",
                             *small_model, "--out_dim", "256", "--steps", "3", "--warmup", "1", "--compile", "false"]),
@@ -59,7 +62,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
-    parser.add_argument("--only", nargs="+", choices=["step", "data", "train", "knn", "file_index"],
+    parser.add_argument("--only", nargs="+", choices=["step", "data", "train", "knn", "file_index", "fmnist"],
                         help="run only these")
     parser.add_argument("--images", type=int, default=None,
                         help="synthetic JPEGs for data and train (default 1536 on a GPU, 96 on a CPU)")
@@ -74,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="sparo_bench_images_") as images:
-        write_synthetic_jpegs(images, args.images or (1536 if on_gpu else 96), JPEG_SIZE)
+        write_synthetic_jpegs(images, args.images or (1536 if on_gpu else 96), JPEG_SIZE, processes=workers)
         for name, module, module_argv in plans(on_gpu, images, workers):
             if args.only and name not in args.only:
                 continue

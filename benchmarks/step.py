@@ -7,13 +7,17 @@ model's limit, not the data pipeline's (benchmarks/train.py measures the whole t
 
 - reference path: --precision (fp32 by default), eager (main_dino.py --compile false --precision fp32).
 - fast path: autocast to --fast_precision (bf16), torch.compile of student, teacher and loss (--compile), fused
-  AdamW on CUDA: what main_dino.py runs on a GPU by default. Everything else (foreach clipping and EMA, no host
-  sync inside a step) is shared by both paths.
+  AdamW on CUDA, crops handed over in the autocast dtype as the trainer's device crops are: what main_dino.py runs
+  on a GPU by default. Everything else (foreach clipping and EMA, no host sync inside a step) is shared by both
+  paths. A compiled path that ran no compiled graph is an error ("not compiled"), not a slow number.
 
 Reported per arch and path: img/s (images, each with all its crops), ms/step, peak memory (CUDA: max allocated;
 CPU: the process's peak resident set size so far, which only grows), TFLOP/s from torch.utils.flop_counter on one
 step and its share of a bf16 (GPU) / fp32 (CPU) matmul peak measured in the same run; then fast/reference ratios and
 a check that the fast path's loss and gradients match the reference within stated tolerances.
+
+--check_only skips the timing: the fast path's loss and gradients against the reference's, and that it ran compiled
+(`make gpu-check`'s part compiled-step, at a tiny size).
 
 GPU (the benchmark recipe, 2x224 + 10x96 crops as measured for official DINO): python benchmarks/step.py
 CPU smoke size: python benchmarks/step.py --device cpu --archs vit_tiny vit_tiny_sparo --batch_size_per_gpu 4
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,7 +90,7 @@ def synthetic_crops(config: dict[str, Any], device: torch.device, seed: int = 0)
 
 
 def build_step_model(config: dict[str, Any], device: torch.device, precision: str, compile_models: bool,
-                     fused_optimizer: bool = False) -> TrainingStep:
+                     fused_optimizer: bool = False, compile_backend: str = "inductor") -> TrainingStep:
     """A fresh student, teacher, loss and optimizer of `config` (the same weights for every call) in one step."""
     torch.manual_seed(config["seed"])
     student, teacher = build_student_teacher(config)
@@ -94,7 +99,22 @@ def build_step_model(config: dict[str, Any], device: torch.device, precision: st
                     config["teacher_temp"], config["warmup_teacher_temp_epochs"], config["epochs"]).to(device)
     optimizer = build_optimizer(config["optimizer"], param_groups(student), fused=fused_optimizer)
     return TrainingStep(student, student, teacher, loss, optimizer, precision, device, compiled=compile_models,
-                        clip_grad=config["clip_grad"], freeze_last_layer=config["freeze_last_layer"])
+                        clip_grad=config["clip_grad"], freeze_last_layer=config["freeze_last_layer"],
+                        compile_backend=compile_backend)
+
+
+def require_compiled(model: TrainingStep, what: str) -> None:
+    """A path asked to compile must have run compiled graphs: an eager fallback would time or check the wrong code."""
+    if not model.ran_compiled:
+        raise RuntimeError(f"{what}: not compiled: torch.compile ran no compiled graph (see the warning above)")
+
+
+def compile_counts() -> str:
+    """torch's own tallies for this process: graphs compiled, and Inductor's FX graph cache hits and misses (hits
+    in a later process show that the compile cache it shares with others works)."""
+    inductor = counters["inductor"]
+    return (f"compiled graphs: {counters['stats']['unique_graphs']}; Inductor FX graph cache: "
+            f"{inductor['fxgraph_cache_hit']} hits, {inductor['fxgraph_cache_miss']} misses")
 
 
 def forward_loss(model: TrainingStep, crops: Sequence[torch.Tensor], epoch: int) -> torch.Tensor:
@@ -157,15 +177,20 @@ def time_path(model: TrainingStep, crops: Sequence[torch.Tensor], steps: int, wa
 
 
 def compare_paths(config: dict[str, Any], device: torch.device, reference_precision: str, fast_precision: str,
-                  compile_models: bool, reference_compiled: bool = False) -> dict[str, float]:
+                  compile_models: bool, reference_compiled: bool = False,
+                  compile_backend: str = "inductor") -> dict[str, float]:
     """Loss and gradients of the fast path vs the reference path from the same weights and crops (no drop-path,
-    which would draw different masks): loss relative difference, cosine and relative L2 error of all gradients."""
+    which would draw different masks): loss relative difference, cosine and relative L2 error of all gradients.
+    RuntimeError if a path asked to compile ran no compiled graph."""
     config = {**config, "drop_path_rate": 0.0}
     crops = synthetic_crops(config, device, seed=1)
     results = []
-    for precision, compiled in ((reference_precision, reference_compiled), (fast_precision, compile_models)):
-        model = build_step_model(config, device, precision, compiled)
+    for name, precision, compiled in (("reference", reference_precision, reference_compiled),
+                                      ("fast", fast_precision, compile_models)):
+        model = build_step_model(config, device, precision, compiled, compile_backend=compile_backend)
         loss = forward_loss(model, crops, epoch=1)
+        if compiled:
+            require_compiled(model, f"{config['arch']} {name} path ({precision}, {compile_backend})")
         loss.backward()
         grads = torch.cat([p.grad.flatten().double() for p in model.trainable_params])
         results.append((loss.detach().double(), grads))
@@ -196,6 +221,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fast_precision", default="bf16", choices=sorted(DTYPES), help="fast path autocast")
     parser.add_argument("--compile", type=bool_flag, default=True, help="torch.compile student, teacher, loss "
                         "on the fast path")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend (aot_eager: dynamo and AOTAutograd without Inductor's code "
+                             "generation, which takes minutes per graph on small CPUs)")
+    parser.add_argument("--check_only", action="store_true",
+                        help="no timing: only the fast vs reference loss and gradients, and that the fast path ran "
+                             "compiled")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
@@ -205,12 +236,32 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_rows(arch: str, config: dict[str, Any], device: torch.device, args: argparse.Namespace,
+               setting: str) -> list[Row]:
+    """The fast path's loss and gradients against the reference's: within COMPILE_TOLERANCE where only compiling
+    differs, PRECISION_TOLERANCE where the precision does too. One row saying PASS or FAIL."""
+    tolerance = COMPILE_TOLERANCE if args.fast_precision == args.precision else PRECISION_TOLERANCE
+    result = compare_paths(config, device, args.precision, args.fast_precision, args.compile,
+                           compile_backend=args.compile_backend)
+    passed = check_passes(result, tolerance)
+    verdict = (f"loss_rel_diff={result['loss_rel_diff']:.2e} grad_cosine={result['grad_cosine']:.5f} "
+               f"grad_rel_l2={result['grad_rel_l2']:.2e} (tolerance: {tolerance}) {'PASS' if passed else 'FAIL'}")
+    print(f"arch={arch} check: {verdict}", flush=True)
+    return [Row("step", f"{arch}, {setting}", "fast vs reference loss and gradients", verdict)]
+
+
 def measure(args: argparse.Namespace) -> list[Row]:
     """Time both paths per arch, print one line per result, and return them as rows (a check row per arch says
-    PASS or FAIL)."""
+    PASS or FAIL); with --check_only the check rows alone."""
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"error: --steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     device = pick_device(args.device)
+    setting = (f"batch {args.batch_size_per_gpu}, 2x{args.global_size} + {args.local_crops_number}x{args.local_size}, "
+               f"patch {args.patch_size}, out_dim {args.out_dim}")
+    if args.check_only:
+        rows = [row for arch in args.archs for row in check_rows(arch, run_config(arch, args), device, args, setting)]
+        print(compile_counts(), flush=True)
+        return rows
     on_gpu = device.type == "cuda"
     peak_dtype = torch.bfloat16 if on_gpu else torch.float32
     name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
@@ -219,8 +270,6 @@ def measure(args: argparse.Namespace) -> list[Row]:
     print(f"matmul peak: {peak:.3f} TFLOP/s ({str(peak_dtype).removeprefix('torch.')}, measured)", flush=True)
     memory_kind = "cuda max allocated" if on_gpu else "cpu process peak RSS"
     fused = on_gpu and args.fast_precision != "fp16"  # fp16 needs a GradScaler, not benchmarked here
-    setting = (f"batch {args.batch_size_per_gpu}, 2x{args.global_size} + {args.local_crops_number}x{args.local_size}, "
-               f"patch {args.patch_size}, out_dim {args.out_dim}")
     rows = [Row("step", "matmul probe", f"peak TFLOP/s ({str(peak_dtype).removeprefix('torch.')})", f"{peak:.3f}")]
     for arch in args.archs:
         config = run_config(arch, args)
@@ -230,8 +279,12 @@ def measure(args: argparse.Namespace) -> list[Row]:
         timings = {}
         for path, precision, compiled in (("reference", args.precision, False),
                                           ("fast", args.fast_precision, args.compile)):
-            model = build_step_model(config, device, precision, compiled, fused_optimizer=fused and path == "fast")
-            timing = time_path(model, crops, args.steps, args.warmup)
+            model = build_step_model(config, device, precision, compiled, fused_optimizer=fused and path == "fast",
+                                     compile_backend=args.compile_backend)
+            path_crops = crops if path == "reference" else [crop.to(DTYPES[precision]) for crop in crops]
+            timing = time_path(model, path_crops, args.steps, args.warmup)
+            if compiled:
+                require_compiled(model, f"{arch} {path} path")
             timings[path] = timing
             tflops = flops / (timing.ms_per_step / 1000) / 1e12
             print(f"arch={arch} path={path} precision={precision} compile={compiled} img/s={timing.images_per_s:.2f} "
@@ -249,13 +302,8 @@ def measure(args: argparse.Namespace) -> list[Row]:
         print(f"arch={arch} ratio fast/reference: img/s x{ratio:.2f} peak_mem x{memory_ratio:.2f}", flush=True)
         rows.append(Row("step", f"{arch}, {setting}", "fast/reference img/s", f"x{ratio:.2f}"))
         if args.check:
-            result = compare_paths(config, device, args.precision, args.fast_precision, args.compile)
-            passed = check_passes(result)
-            verdict = (f"loss_rel_diff={result['loss_rel_diff']:.2e} grad_cosine={result['grad_cosine']:.5f} "
-                       f"grad_rel_l2={result['grad_rel_l2']:.2e} (tolerance: {PRECISION_TOLERANCE}) "
-                       f"{'PASS' if passed else 'FAIL'}")
-            print(f"arch={arch} check: {verdict}", flush=True)
-            rows.append(Row("step", f"{arch}, {setting}", "fast vs reference loss and gradients", verdict))
+            rows += check_rows(arch, config, device, args, setting)
+    print(compile_counts(), flush=True)
     return rows
 
 

@@ -11,7 +11,6 @@ learning), though still below raw pixels. It says which side of the bar a run la
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,6 +22,7 @@ import torch
 
 import eval_knn
 import main_dino
+from sparo_dino.cli import errors as cli_errors
 from sparo_dino.data import datasets
 from sparo_dino.eval import knn
 from sparo_dino.eval.feature_cache import FeatureSet
@@ -189,7 +189,7 @@ def run(output_dir: Path, profile: Profile, num_workers: int, arch: str = "vit_t
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--profile", choices=("auto", *PROFILES), default="auto",
                         help="auto: gpu when CUDA is available, else cpu")

@@ -14,16 +14,15 @@ run it for two seeds. When it wins, make it demo.PROFILES["cpu"] and the "cpu" e
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 from pathlib import Path
 
 from experiments import demo
-
-# The fields a candidate changes start from these, written out rather than read from the demo's profile, so that a
+from sparo_dino.cli import errors as cli_errors
 from sparo_dino.io import provenance
 
+# The fields a candidate changes start from these, written out rather than read from the demo's profile, so that a
 # recorded candidate keeps its meaning when the demo's profile changes.
 BASE = demo.Profile("search", num_train=4096, num_test=2000, epochs=3, warmup_epochs=1, batch_size=32, local_crops=2)
 CPU = demo.PROFILES["cpu"]
@@ -46,14 +45,15 @@ def record(table: Path, name: str, seed: int, changes: dict, flags: tuple[str, .
     row = (f"| {name} | {seed} | {changes or '-'} | `{' '.join(flags) or '-'}` | {summary['train_seconds'] / 60:.1f} | "
            f"{summary['total_seconds'] / 60:.1f} | {images_per_s:.1f} | {summary['init_top1']:.2f} | "
            f"{summary['trained_top1']:.2f} | {summary['trained_top1'] - summary['init_top1']:+.2f} | "
-           f"{summary['teacher_entropy']:.3f} | {summary['kl']:.3f} | {summary['loss']:.3f} | {provenance.machine()} |\n")
+           f"{summary['teacher_entropy']:.3f} | {summary['kl']:.3f} | {summary['loss']:.3f} | "
+           f"{provenance.machine()} |\n")
     with table.open("a") as handle:
         handle.write(row)
     print(row, end="", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", nargs="+", choices=tuple(CANDIDATES), default=list(CANDIDATES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--table", type=Path, default=demo.REPO_ROOT / "docs" / "demo_recipes.md")

@@ -22,7 +22,6 @@ markers) and the figure (docs/readouts_fmnist_<profile>.png) are rewritten from 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -40,6 +39,7 @@ import eval_knn
 import eval_linear
 import sparo_vit
 from experiments import demo, readout_stats
+from sparo_dino.cli import errors as cli_errors
 from sparo_dino.cli import eval_flags
 from sparo_dino.cli.config import parse_args as parse_flags
 from sparo_dino.cli.train_flags import get_args_parser
@@ -762,7 +762,7 @@ def run_all(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int],
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli_errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=tuple(PROFILES), required=True)
     parser.add_argument("--output_dir", type=Path, default=Path("runs/reproduce"),
                         help="runs go to OUTPUT_DIR/<profile>/; finished ones there are skipped on a rerun")

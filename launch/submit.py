@@ -16,7 +16,9 @@ resubmission of the same command, which resumes from `output_dir/checkpoint.pth`
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -29,7 +31,10 @@ if str(REPO_ROOT) not in sys.path:  # lets `python launch/submit.py` work from a
     sys.path.insert(0, str(REPO_ROOT))
 
 import main_dino  # noqa: E402
-from sparo_dino.cli.train_flags import parse_train_args  # noqa: E402
+from sparo_dino.cli import errors as cli_errors  # noqa: E402
+from sparo_dino.cli.config import parse_args  # noqa: E402
+from sparo_dino.cli.train_flags import get_args_parser, parse_train_args  # noqa: E402
+from sparo_dino.data.datasets import FASHION_MNIST_DIR  # noqa: E402
 from sparo_dino.train.preemption import StopRequest  # noqa: E402
 
 SAVE_WAIT_SECONDS = 600.0  # longest we wait in checkpoint() for the trainer to reach a step boundary and save
@@ -40,13 +45,15 @@ VOLTA32_CONSTRAINT = "volta32gb"  # what official DINO's --use_volta32 asks SLUR
 
 def build_parser() -> argparse.ArgumentParser:
     """Launcher flags; official run_with_submitit.py flags keep their names and defaults (docs/compatibility.md
-    lists the few that differ). No abbreviations, so a training flag is never mistaken for a prefix of a launcher flag."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    lists the few that differ). No abbreviations, so a training flag is never mistaken for a prefix of a launcher
+    flag."""
+    parser = cli_errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                       allow_abbrev=False)
     parser.add_argument("--nodes", type=int, default=None,
                         help="number of nodes to request (default 2, as official; 1 with --cluster local)")
     parser.add_argument("--ngpus", type=int, default=8, help="GPUs per node; one task per GPU")
-    parser.add_argument("--cpus_per_task", type=int, default=10, help="data-loader workers + main thread")
+    parser.add_argument("--cpus_per_task", type=int, default=None,
+                        help="CPUs per task (default: --num_workers + 1, the main process needs a core of its own)")
     parser.add_argument("--timeout", type=int, default=2800, help="minutes per job; the run requeues itself")
     parser.add_argument("--partition", type=str, default=None, help="default: the cluster's default partition")
     parser.add_argument("--use_volta32", action="store_true", help=f"ask for the {VOLTA32_CONSTRAINT} constraint")
@@ -79,7 +86,20 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         ns, train_argv = parser.parse_known_args(argv)
     if ns.nodes is None:
         ns.nodes = 1 if ns.cluster == "local" else 2
+    ns.cpus_per_task = cpus_per_task(ns.cpus_per_task, train_argv)
     return ns, train_argv
+
+
+def cpus_per_task(requested: int | None, train_argv: Sequence[str]) -> int:
+    """The CPUs each task asks for: one per data-loader worker plus one for the main process, which feeds the GPU
+    (official DINO asks for 10 with 10 workers, so one worker or the main process always waits for a core)."""
+    workers = parse_train_args(train_argv).num_workers
+    if requested is None:
+        return workers + 1
+    if requested < workers + 1:
+        raise SystemExit(f"error: --cpus_per_task {requested} leaves the main process no core of its own next to "
+                         f"--num_workers {workers}; ask for {workers + 1} or lower --num_workers")
+    return requested
 
 
 def with_absolute_output_dir(train_argv: list[str]) -> tuple[list[str], Path]:
@@ -190,10 +210,43 @@ def check_launcher_flags(ns: argparse.Namespace, output_dir: Path) -> None:
         raise SystemExit(f"error: {JOB_ID} in --output_dir needs a SLURM job id; give --cluster local a plain folder")
 
 
+# Launcher numbers and the least each may be: a value below makes an sbatch line SLURM rejects, or no job at all.
+# (--cpus_per_task has its own check against the training's --num_workers: cpus_per_task above.)
+LAUNCHER_MINIMA = {"nodes": 1, "ngpus": 1, "timeout": 1, "mem_gb": 0, "max_requeues": 0, "signal_delay_s": 0}
+SLURM_COMMANDS = ("sbatch", "srun")  # what submitit's SlurmExecutor calls to submit and to start the tasks
+
+
+def validate_launcher_args(ns: argparse.Namespace, train_argv: Sequence[str]) -> None:
+    """One line for each launcher value that cannot work, before anything is submitted: numbers below their least
+    value, no SLURM on this machine, training data that is not there (found now instead of inside the job)."""
+    for name, least in LAUNCHER_MINIMA.items():
+        value = getattr(ns, name)
+        if value is not None and value < least:
+            raise SystemExit(f"error: --{name} must be >= {least}, got {value}")
+    data_path = _training_data_path(train_argv)
+    if not os.path.exists(data_path):
+        missing = f"--data_path {data_path} does not exist on this machine"
+        if not ns.dry_run:
+            raise SystemExit(f"error: {missing}; the job would fail at its start")
+        print(f"warning: {missing}", file=sys.stderr)
+    absent = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+    if ns.cluster == "slurm" and not ns.dry_run and absent:
+        raise SystemExit(f"error: --cluster slurm needs a SLURM cluster ({' and '.join(absent)} not found on this "
+                         "machine): submit from a SLURM login node, or use --cluster local to run here")
+
+
+def _training_data_path(train_argv: Sequence[str]) -> str:
+    """The --data_path the tasks will read (flag, --config, or the Fashion-MNIST default); the flags were already
+    validated by with_absolute_output_dir."""
+    args = parse_args(get_args_parser(), list(train_argv))
+    return args.data_path or FASHION_MNIST_DIR
+
+
 def submit(argv: Sequence[str] | None = None) -> submitit.Job | None:
     ns, train_argv = split_argv(sys.argv[1:] if argv is None else argv)
     train_argv, output_dir = with_absolute_output_dir(train_argv)
     check_launcher_flags(ns, output_dir)
+    validate_launcher_args(ns, train_argv)
     folder = output_dir / "submitit"  # submitit resolves a %j in it and creates it at submission
     if ns.dry_run:
         print(describe(ns, train_argv, folder))

@@ -1,18 +1,21 @@
 """Process-group setup and the few collectives the trainer and evaluators need.
 
 One code path serves a single process (no process group at all), torchrun (env:// rendezvous from RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and SLURM through submitit (the launcher exports the same
-variables with submitit's TorchDistributedEnvironment, so no shared folder is needed for the rendezvous).
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), SLURM through submitit (the launcher exports the same
+variables with submitit's TorchDistributedEnvironment, so no shared folder is needed for the rendezvous) and a
+plain `srun python main_dino.py` (srun_environment derives the same variables from SLURM's, as official DINO does).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import itertools
 import os
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -34,7 +37,64 @@ def _pick_device(local_rank: int) -> torch.device:
 
 
 DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's default for collectives and the rendezvous
+DEFAULT_MASTER_PORT = 29500  # official DINO's and torchrun's, for an srun launch without MASTER_PORT
+# where an srun task finds the job's hosts: its own step's first, then the allocation's
+NODE_LIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+_HOST_GROUP = r"(?:[^,\[\]]|\[[^\[\]]*\])+"  # one comma-separated entry of a node list: text and [ranges]
 _store: dist.Store | None = None  # this attempt's rendezvous store, kept to ask which ranks are alive after a failure
+
+
+class LaunchError(ValueError):
+    """A launch whose process group cannot be derived from the environment; the message says what to set."""
+
+
+def parse_node_list(node_list: str) -> list[str]:
+    """SLURM's compressed host list, e.g. `node[01-03,07],gpu-b5` or `rack[1-2]-n[001-002]x`, as host names in
+    order (zero padding kept). Raises LaunchError on a list that is not in this form."""
+    if re.fullmatch(rf"{_HOST_GROUP}(?:,{_HOST_GROUP})*", node_list) is None:
+        raise LaunchError(f"cannot read the SLURM node list {node_list!r}; set MASTER_ADDR to the first node's host")
+    hosts: list[str] = []
+    for group in re.findall(_HOST_GROUP, node_list):
+        parts = re.split(r"\[([^\[\]]*)\]", group)  # literal, bracket, literal, bracket, ..., literal
+        choices = [[text] if index % 2 == 0 else _expand_ranges(text, node_list) for index, text in enumerate(parts)]
+        hosts.extend("".join(host) for host in itertools.product(*choices))
+    return hosts
+
+
+def _expand_ranges(ranges: str, node_list: str) -> list[str]:
+    """`01-03,07` -> 01 02 03 07: the numbers of one bracket, each as wide as its range's first bound."""
+    numbers: list[str] = []
+    for item in ranges.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise LaunchError(f"cannot read {item!r} in the SLURM node list {node_list!r}; set MASTER_ADDR to the "
+                              "first node's host")
+        first, last = match[1], match[2] or match[1]
+        numbers.extend(str(number).zfill(len(first)) for number in range(int(first), int(last) + 1))
+    return numbers
+
+
+def srun_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables for a task that `srun` started without a launcher; empty where there is nothing to
+    derive: a launcher's RANK is set (torchrun, submitit: theirs win), no SLURM task, or a single task.
+
+    Rank, world size and local rank come from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; the master address
+    from MASTER_ADDR or else the first host of the step's node list, the port from MASTER_PORT or
+    DEFAULT_MASTER_PORT. Without them the N tasks would be N independent runs writing into one output dir."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return {}
+    world_size = int(env["SLURM_NTASKS"])
+    master_addr = env.get("MASTER_ADDR")
+    if not master_addr:
+        node_list = next((env[name] for name in NODE_LIST_VARIABLES if env.get(name)), None)
+        if node_list is None:
+            raise LaunchError(f"srun started {world_size} tasks but neither MASTER_ADDR nor SLURM_JOB_NODELIST is "
+                              "set; export MASTER_ADDR=<host of task 0> (and MASTER_PORT) before srun")
+        master_addr = parse_node_list(node_list)[0]
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world_size), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(-(-world_size // nodes)), "MASTER_ADDR": master_addr,
+            "MASTER_PORT": env.get("MASTER_PORT") or str(DEFAULT_MASTER_PORT)}
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
@@ -45,6 +105,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = DEFAUL
     if dist.is_available() and dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, _pick_device(local_rank))
+    os.environ.update(srun_environment(os.environ))  # as submitit's export: env:// reads them
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1 or "RANK" not in os.environ:
         return DistInfo(0, 1, 0, _pick_device(0))
@@ -117,6 +178,11 @@ def describe_collective_failure(error: BaseException, where: str, timeout_minute
     reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     return (f"rank {get_rank()}: a collective failed {where} (--dist_timeout_minutes {timeout_minutes:g}); "
             f"{who}; torch: {reason}")
+
+
+def local_world_size() -> int:
+    """The ranks on this node, as torchrun, submitit's export and srun_environment set LOCAL_WORLD_SIZE; 1 alone."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def is_dist() -> bool:

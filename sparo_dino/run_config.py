@@ -21,6 +21,7 @@ class ModelConfig:
     norm_last_layer: bool
     drop_path_rate: float
     grad_checkpointing: bool
+    pretrained_trunk: str | None
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class OptimConfig:
     warmup_teacher_temp_epochs: int
     clip_grad: float
     freeze_last_layer: int
+    freeze_trunk_epochs: int
     batch_size_per_gpu: int
     epochs: int
     precision: str
@@ -62,6 +64,7 @@ class RunSettings:
     """Data, output, checkpoints, logging and the periodic k-NN monitor."""
     dataset: str
     data_path: str
+    train_subset: int | None
     output_dir: str
     seed: int
     num_workers: int
@@ -71,6 +74,7 @@ class RunSettings:
     skip_bad_images: bool
     resume: str | None
     tensorboard: bool
+    wandb_project: str | None
     knn_every: int
     knn_data_path: str | None
     knn_subset: int

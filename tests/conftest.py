@@ -75,7 +75,7 @@ def no_leaked_workers() -> Iterator[None]:
 
     A test that fails inside a training step leaves the trainer, and so its persistent workers, referenced by the
     traceback pytest keeps. The workers ignore SIGTERM (they must survive SLURM's signal, see
-    preemption.ignore_stop_signals), so multiprocessing's exit handler, which terminates and then joins them,
+    stop_signals.ignore_stop_signals), so multiprocessing's exit handler, which terminates and then joins them,
     would hang the whole pytest process after it printed its summary."""
     yield
     if not multiprocessing.active_children():

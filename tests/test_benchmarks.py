@@ -138,7 +138,7 @@ def test_knn_benchmark_refuses_a_bank_that_does_not_fit():
 
 TINY_DATA = ["--synthetic", "12", "--synthetic_size", "48", "--batch_size", "4", "--batches", "2", "--warmup", "1",
              "--global_size", "32", "--local_size", "16", "--local_crops_number", "2", "--workers", "0",
-             "--device", "cpu", "--cost_images", "8"]
+             "--device", "cpu", "--cost_images", "8", "--host_batches", "1", "--host_rounds", "1", "--baseline", ""]
 
 
 def test_data_benchmark_prints_worker_cost_and_throughput_of_both_pipelines(capsys):
@@ -157,6 +157,26 @@ def test_data_benchmark_prints_worker_cost_and_throughput_of_both_pipelines(caps
     batched = _field(out, rf"pipeline=batched img/s={NUMBER} crops_on=device cpu")[0]
     assert _field(out, rf"ratio batched/per_image pipeline: img/s x{NUMBER}")[0] == pytest.approx(batched / per_image,
                                                                                               rel=0.01)
+
+
+def test_data_benchmark_counts_the_host_cost_of_a_batch_against_the_revision_before_issue_27_6(capsys):
+    """At the official shape (64 images, 2 + 10 views) this checkout issues at most 700 aten ops per batch; the
+    baseline revision, run from git history in its own process, issued 2,198 (2,716 from a list of images), and
+    the ratios printed are those of the printed numbers."""
+    data = _load("data")
+    args = data.get_parser().parse_args(["--synthetic", "1", "--host_batches", "2", "--host_rounds", "1"])
+    rows = data.host_cost(args)
+    out = capsys.readouterr().out
+    ops, baseline_ops, ratio = _field(out, rf"aten ops per batch: {NUMBER} \(batch 64, 2 \+ 10 views, the padded "
+                                           rf"batch the trainer passes; baseline 67e4f2f: {NUMBER}, x{NUMBER}\)")
+    assert ops <= 700 and baseline_ops == 2198 and ratio == pytest.approx(baseline_ops / ops, abs=0.005)
+    listed, baseline_listed = _field(out, rf"aten ops per batch from a list of images: {NUMBER} \(batch 64, 2 \+ 10 "
+                                          rf"views; baseline 67e4f2f: {NUMBER}, x")
+    assert ops < listed <= 700 and baseline_listed == 2716
+    ms, baseline_ms, ratio = _field(out, rf"host ms per batch: {NUMBER} \(.*baseline 67e4f2f: {NUMBER}, x{NUMBER}\)")
+    assert ratio == pytest.approx(baseline_ms / ms, rel=0.01 + 0.05 / ms)  # ms printed to 0.1
+    assert [row.metric for row in rows] == ["aten ops per batch (baseline 67e4f2f)",
+                                            "host ms per batch (baseline 67e4f2f)"]
 
 
 def test_data_benchmark_needs_enough_images():

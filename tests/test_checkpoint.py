@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import random
 import warnings
 
@@ -106,3 +107,19 @@ def test_rng_state_round_trip_through_a_file(tmp_path) -> None:
 def test_rng_state_of_a_missing_rank_is_reported() -> None:
     rng = capture_rng_state(torch.device("cpu"))
     assert not restore_rng_state(rng, rank=1, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_plain_pickle_is_named_as_such_not_corrupt(tmp_path, protocol: int) -> None:
+    """Before: "corrupt or truncated (Unsupported operand 149)" for a file pickle.dump wrote intact, and torch's
+    warning about pickle protocols on stderr."""
+    path = str(tmp_path / "weights.pkl")
+    with open(path, "wb") as handle:
+        pickle.dump({"student": {"w": [1.0, 2.0]}, "epoch": 3}, handle, protocol=protocol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+    assert str(info.value) == (f"{path} is a plain Python pickle, not a checkpoint this tool loads (it reads files "
+                               "written by torch.save)")
+

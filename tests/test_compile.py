@@ -93,6 +93,67 @@ def test_a_failing_compilation_falls_back_to_eager_with_one_warning() -> None:
     torch.testing.assert_close(torch.stack(fallen_back), torch.stack(run_epochs(pooled_step())))
 
 
+def test_a_step_that_compiled_nothing_says_not_compiled_and_runs_eagerly() -> None:
+    """torch._dynamo.config.disable (what TORCH_COMPILE_DISABLE=1 sets) and a backend error that suppress_errors
+    hides: torch.compile raises nothing and runs the modules eagerly. The first step's autograd graph shows it: one
+    warning naming "not compiled", eager results, and ran_compiled False. A compiled step says True, also when its
+    graphs came from dynamo's cache (a second step object of the same model: torch's global counters see nothing
+    new then)."""
+    assert pooled_step("aot_eager").ran_compiled is None  # before the first step: not known yet
+    torch._dynamo.reset()
+    first, second = pooled_step("aot_eager"), pooled_step("aot_eager")
+    run_epochs(first, 1)
+    graphs = counters["stats"]["unique_graphs"]
+    run_epochs(second, 1)
+    assert first.ran_compiled is True and second.ran_compiled is True and second.compiled
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing new compiled for the second
+    eager = torch.stack(run_epochs(pooled_step()))
+    for setting, backend in (("disable", "aot_eager"), ("suppress_errors", _raising_backend)):
+        torch._dynamo.reset()
+        step = pooled_step(backend)
+        with warnings.catch_warnings(record=True) as caught, torch._dynamo.config.patch(**{setting: True}):
+            warnings.simplefilter("always")
+            results = run_epochs(step)
+        messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+        assert len(messages) == 1 and "not compiled" in messages[0], (setting, messages)
+        assert step.compiled is False and step.ran_compiled is False, setting
+        torch.testing.assert_close(torch.stack(results), eager)
+
+
+def test_provenance_is_written_after_the_first_step_and_says_whether_it_ran_compiled(images, tmp_path,
+                                                                                       monkeypatch) -> None:
+    """--compile true while dynamo is disabled: before the first step only the flag is known, so the record comes
+    after it and says compiled false (written before, it said true); a launch that runs no step says null."""
+    import json
+
+    from test_train import TINY
+
+    import main_dino
+    from sparo_dino.train.trainer import DinoTrainer
+
+    out = tmp_path / "run"
+    existed_at_first_step = []
+    train_step = DinoTrainer.train_step
+
+    def first_step_sees_no_record(self, crops, epoch, global_iteration):
+        if not existed_at_first_step:
+            existed_at_first_step.append((out / "provenance.jsonl").exists())
+        return train_step(self, crops, epoch, global_iteration)
+
+    monkeypatch.setattr(DinoTrainer, "train_step", first_step_sees_no_record)
+    argv = [*TINY, "--data_path", images, "--output_dir", str(out), "--epochs", "1", "--compile", "true"]
+    with warnings.catch_warnings(record=True) as caught, torch._dynamo.config.patch(disable=True):
+        warnings.simplefilter("always")
+        assert main_dino.main(argv) == 0
+    assert existed_at_first_step == [False]
+    assert any("not compiled" in str(w.message) for w in caught)
+    assert main_dino.main(argv) == 0  # all epochs done: nothing to do, no step
+    first, nothing_to_do = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
+    assert first["config"]["compile"] == "true" and first["compiled"] is False
+    assert (first["start_epoch"], first["start_iteration"]) == (0, 0)
+    assert nothing_to_do["compiled"] is None and nothing_to_do["start_epoch"] == 1
+
+
 # ------------------------------------------------------------------------------ torch.compile(DDP(student))
 class PooledMLP(PooledLinear):
     """PooledLinear with a 4-layer head whose 512 x 512 layers fill DDP's 1 MB gradient buckets one each, so that

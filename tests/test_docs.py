@@ -63,31 +63,35 @@ def test_every_relative_link_resolves() -> None:
 
 def test_every_make_target_shown_exists() -> None:
     targets = set(re.findall(r"^([a-z][\w-]*):", _read(os.path.join(REPO, "Makefile")), flags=re.MULTILINE))
-    shown = {name for page in _pages() for name in re.findall(r"(?:`|^)make ([a-z][\w-]*)", _read(page), flags=re.MULTILINE)}
+    shown = {name for page in _pages()
+             for name in re.findall(r"(?:`|^)make ([a-z][\w-]*)", _read(page), flags=re.MULTILINE)}
     assert shown, "the README shows no make command"
     assert shown <= targets, f"make targets shown in the docs but missing from the Makefile: {shown - targets}"
 
 
-def test_layout_table_names_every_module() -> None:
-    layout = _section(_read(README), "Layout")
-    named = set(re.findall(r"([\w/]+\.py)`", layout))
+ARCHITECTURE = os.path.join(REPO, "docs", "architecture.md")
+
+
+def test_the_architecture_layout_names_every_module() -> None:
+    named = set(re.findall(r"([\w/]+\.py)`", _section(_read(ARCHITECTURE), "Layout")))
     named_files = {os.path.basename(name) for name in named}
-    modules = [os.path.relpath(path, REPO) for path in sorted(glob.glob(os.path.join(REPO, "*.py")))
-               + sorted(glob.glob(os.path.join(REPO, "sparo_dino", "*.py")))]
+    modules = [os.path.relpath(path, REPO) for pattern in ("*.py", "sparo_dino/**/*.py", "experiments/*.py")
+               for path in sorted(glob.glob(os.path.join(REPO, pattern), recursive=True))]
     missing = [module for module in modules
                if os.path.basename(module) != "__init__.py" and os.path.basename(module) not in named_files]
-    assert not missing, f"modules missing from the README's Layout table: {missing}"
+    assert not missing, f"modules missing from docs/architecture.md's Layout table: {missing}"
 
 
-def test_layout_table_names_only_existing_modules() -> None:
+def test_layout_tables_name_only_existing_modules() -> None:
     """A row names its first module with its folder (`sparo_dino/a.py`, `b.py`); the others share that folder."""
     stale = []
-    for row in _section(_read(README), "Layout").splitlines():
-        names = re.findall(r"`([\w/]+\.py)`", row)
-        folder = os.path.dirname(names[0]) if names else ""
-        stale += [name for name in names
-                  if not os.path.isfile(os.path.join(REPO, name if "/" in name else os.path.join(folder, name)))]
-    assert not stale, f"the README's Layout table names modules that do not exist: {stale}"
+    for page in (README, ARCHITECTURE):
+        for row in _section(_read(page), "Layout").splitlines():
+            names = re.findall(r"`([\w/]+\.py)`", row)
+            folder = os.path.dirname(names[0]) if names else ""
+            stale += [name for name in names
+                      if not os.path.isfile(os.path.join(REPO, name if "/" in name else os.path.join(folder, name)))]
+    assert not stale, f"Layout tables name modules that do not exist: {stale}"
 
 
 def test_true_false_flags_are_shown_with_their_value() -> None:
@@ -101,3 +105,13 @@ def test_true_false_flags_are_shown_with_their_value() -> None:
             for match in re.finditer(re.escape(flag) + r"\b(?!\s+(true|false))", text):
                 shown_alone.append(f"{where}: {text[match.start():match.end() + 20]!r}")
     assert not shown_alone, "true/false flags shown without a value:\n" + "\n".join(shown_alone)
+
+
+def test_every_test_named_in_reliability_md_exists() -> None:
+    """The fault and bad-input tables name the test that holds each row; a renamed or deleted test must not leave
+    a row claiming a guard that no longer runs."""
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", _read(os.path.join(REPO, "docs", "reliability.md")))
+    assert len(named) >= 20
+    missing = [f"{path}::{name}" for path, name in named
+               if not re.search(rf"^def {name}\(", _read(os.path.join(REPO, path)), re.M)]
+    assert not missing, missing

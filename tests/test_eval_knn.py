@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +25,8 @@ from sparo_dino.eval import feature_cache
 from sparo_dino.io import weights
 
 SUMMARY = re.compile(r"^(\d+)-NN classifier result: Top1: ([\d.]+), Top5: ([\d.]+)$", re.M)
+# a k larger than the train bank: the line says the k the search used and the one asked for
+CLIPPED = re.compile(r"^(\d+)-NN \(asked (\d+)\) classifier result: Top1: ([\d.]+), Top5: ([\d.]+)$", re.M)
 SMALL_IMAGES = ["--resize_size", "32", "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,9 +50,15 @@ def test_knn_on_separable_images_with_slot_analysis(image_folder, sparo_checkpoi
     results = eval_knn.main(["--pretrained_weights", sparo_checkpoint, "--data_path", image_folder, *SMALL_IMAGES,
                              "--nb_knn", "1", "5", "20", "100", "--per_slot", "--select_slots", "2",
                              "--holdout_fraction", "0.25", "--slot_knn", "5"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     printed = {int(k): (float(top1), float(top5)) for k, top1, top5 in SUMMARY.findall(out)}
-    assert sorted(printed) == [1, 5, 20, 100]  # k=100 > 24 train images is clipped, not a crash
+    clipped = {(int(used), int(asked)): float(top1) for used, asked, top1, _ in CLIPPED.findall(out)}
+    assert sorted(printed) == [1, 5, 20]
+    # k=100 > 24 train images is clipped to all 24, not a crash, and the summary says so instead of "100-NN"
+    assert list(clipped) == [(24, 100)] and "100-NN classifier" not in out
+    assert results["knn"]["100"]["k"] == 24 and results["knn"]["20"]["k"] == 20
+    assert "warning: --nb_knn 100 asks for more neighbours than the 24 train features" in captured.err
     assert printed[5][0] >= 90.0, out
     assert all(top5 == 100.0 for _, top5 in printed.values())  # 3 classes: top-5 is top-3
     assert results["num_classes"] == 3 and results["num_train"] == 24 and results["num_test"] == 24
@@ -344,3 +354,80 @@ def test_fp16_bank_flag_gives_the_fp32_result():
     assert fp16["knn"] == fp32["knn"] and fp16["per_slot"] == fp32["per_slot"]
     with pytest.raises(ValueError, match="--bank_dtype fp16 needs the torch backend"):
         eval_knn.run_knn(data, parse(["--knn_backend", "faiss", "--bank_dtype", "fp16"]))
+
+
+# Runs an evaluation script (argv[1], then its flags) with every image of its train/val splits delayed by SLOW_S
+# seconds in the loader workers, so that a signal lands while it extracts features or trains.
+SLOW_EVALUATION = '''
+import os, runpy, sys, time
+from sparo_dino.eval import extraction
+
+
+class Slow:
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index):
+        time.sleep(float(os.environ["SLOW_S"]))
+        return self.dataset[index]
+
+
+splits = extraction.build_splits
+extraction.build_splits = lambda *args: tuple(Slow(split) for split in splits(*args))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def slow_evaluation(spawn, tmp_path, script: str, *flags: str, slow_s: float = 0.1):
+    """`script` with `flags` in its own process group, its images delayed (SLOW_EVALUATION), 2 loader workers."""
+    driver = tmp_path / "slow_evaluation.py"
+    driver.write_text(SLOW_EVALUATION)
+    return spawn([sys.executable, str(driver), os.path.join(REPO, script), *flags, "--num_workers", "2"],
+                 cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "SLOW_S": str(slow_s)})
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    """PIDs of the processes of a process group that are still running (zombies, which only await their reaper,
+    are not counted)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            alive.append(int(entry))
+    return alive
+
+
+def assert_group_ends(group: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while live_processes_in_group(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_processes_in_group(group) == []
+
+
+def test_sigterm_during_extraction_says_nothing_was_saved(image_folder, sparo_checkpoint, tmp_path, spawn):
+    """scancel's SIGTERM to the whole job while eval_knn.py extracts features: the loader workers survive it, the
+    main process ends them, says in one line that nothing was saved and how to go on, and exits 143 (before: a
+    silent death by the signal)."""
+    job = slow_evaluation(spawn, tmp_path, "eval_knn.py", "--pretrained_weights", sparo_checkpoint, "--data_path",
+                          image_folder, "--resize_size", "32", "--crop_size", "32", "--batch_size_per_gpu", "4",
+                          "--output_dir", str(tmp_path / "out"))
+    assert job.wait_for("train features: 1/6"), job.text
+    os.killpg(job.process.pid, signal.SIGTERM)
+    assert job.wait_exit(timeout=60) == 128 + signal.SIGTERM == 143, job.text
+    assert job.lines[-1] == ("stopped by SIGTERM: nothing was saved; run the same command again to start over\n"), \
+        job.text
+    assert "Traceback" not in job.text, job.text
+    assert_group_ends(job.process.pid)

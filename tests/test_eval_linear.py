@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 
 import pytest
 import torch
-from test_eval_knn import SMALL_IMAGES, initial_network_checkpoint, trained_sparo_run, write_checkpoint
+from test_eval_knn import (
+    SMALL_IMAGES,
+    assert_group_ends,
+    initial_network_checkpoint,
+    slow_evaluation,
+    trained_sparo_run,
+    write_checkpoint,
+)
 from test_features import SPARO_TINY
 
 import eval_linear
@@ -256,7 +264,7 @@ def test_init_baseline_is_the_same_probe_on_the_runs_initial_network(image_folde
     folder = tmp_path / "run" / "linear_fast_checkpoint_teacher"
     assert (folder / eval_linear.INIT_BASELINE_DIR / linear_probe.CHECKPOINT_NAME).exists()
     gain = results["final"]["top1"] - at_init["final"]["top1"]
-    assert (f"Linear probe at random init (same arch, seed and images) [FAST MODE" in out
+    assert ("Linear probe at random init (same arch, seed and images) [FAST MODE" in out
             and f"final Top1: {at_init['final']['top1']:.2f}" in out and f"trained minus init: {gain:+.2f}" in out)
     saved = json.loads((folder / "results_linear.json").read_text())
     assert saved["init_baseline"]["final"]["top1"] == at_init["final"]["top1"]
@@ -283,3 +291,49 @@ def test_fast_mode_keeps_features_in_host_memory_and_moves_one_batch_per_step(tm
     for batches in (probe.train_batches(0), probe.holdout_batches(), probe.val_batches()):
         inputs, labels = next(iter(batches))
         assert (inputs.device.type, labels.device.type) == ("cpu", "cpu")
+
+
+def test_a_probe_of_another_run_in_the_output_folder_names_the_keys_that_differ(tmp_path):
+    """Before: both whole run records (two dicts of about 400 characters each) in one line."""
+    run = {"protocol": "fast", "kind": "sparo_encoding", "dim": 64, "num_classes": 3, "tag": "checkpoint_teacher",
+           "epochs": 100, "lr": 0.001, "total_batch_size": 256,
+           "options": {"arch": "vit_tiny_sparo", "patch_size": 8, "num_slots": 4}}
+    other = {**run, "epochs": 10, "options": {**run["options"], "num_slots": 8}}
+    head = linear_probe.LinearClassifier(64, 3)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10)
+    path = str(tmp_path / linear_probe.CHECKPOINT_NAME)
+    torch.save({"classifier": head.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": 3, "run": other}, path)
+    with pytest.raises(ValueError) as info:
+        linear_probe._resume(path, run, head, optimizer, scheduler)
+    assert str(info.value) == (f"{path} belongs to another linear probe: epochs=10 (this probe: 100); "
+                               "options.num_slots=8 (this probe: 4); use another --output_dir (or remove the file "
+                               "to start over)")
+
+
+def test_negative_lr_is_an_error(capsys):
+    """Before: the official protocol trained with a negative learning rate."""
+    with pytest.raises(ValueError, match="--lr and --lr_grid values must be > 0"):
+        eval_linear.main(["--lr", "-0.001", "--pretrained_weights", "x.pth", "--data_path", "d"])
+
+
+def test_sigterm_during_the_probe_names_its_checkpoint_and_the_rerun_continues(image_folder, tmp_path, spawn,
+                                                                                capsys):
+    """SIGTERM to the whole job in the official probe's second epoch: one line names the checkpoint of the first
+    epoch and says to run the same command again, exit 143, no process left; the rerun continues from epoch 1
+    (before: a silent death by the signal)."""
+    checkpoint = write_checkpoint(tmp_path / "base", BASELINE)
+    flags = ["--pretrained_weights", checkpoint, "--data_path", image_folder, "--resize_size", "32", "--crop_size",
+             "32", "--batch_size_per_gpu", "8", "--epochs", "3", "--output_dir", str(tmp_path / "probe")]
+    job = slow_evaluation(spawn, tmp_path, "eval_linear.py", *flags)
+    assert job.wait_for('{"epoch": 0'), job.text  # printed after the epoch's checkpoint
+    os.killpg(job.process.pid, signal.SIGTERM)
+    assert job.wait_exit(timeout=60) == 143, job.text
+    saved = tmp_path / "probe" / linear_probe.CHECKPOINT_NAME
+    assert job.lines[-1] == (f"stopped by SIGTERM: saved the linear probe's checkpoint {saved} (1 of 3 epochs); "
+                             "run the same command again to continue from there\n"), job.text
+    assert "Traceback" not in job.text, job.text
+    assert_group_ends(job.process.pid)
+    eval_linear.main([*flags, "--num_workers", "0"])
+    assert f"resumed linear probe from {saved} after epoch 1" in capsys.readouterr().out

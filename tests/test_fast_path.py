@@ -344,7 +344,8 @@ def test_on_a_gpu_crops_and_step_make_the_host_wait_for_nothing(images, tmp_path
     eager, so that compilation does not count) raises on any blocking copy or device read."""
     args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"), "--epochs", "1",
                              "--compile", "false"])
-    trainer = DinoTrainer(RunConfig.from_flags(args), DistInfo(0, 1, 0, torch.device("cuda", torch.cuda.current_device())))
+    device = torch.device("cuda", torch.cuda.current_device())
+    trainer = DinoTrainer(RunConfig.from_flags(args), DistInfo(0, 1, 0, device))
     assert trainer.data.pipeline == "batched" and trainer.precision == "bf16" and trainer.optimizer.defaults["fused"]
     trainer.data.start_epoch(0, 0)
     for iteration, batch in enumerate(trainer.data.loader):

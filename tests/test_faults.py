@@ -98,7 +98,7 @@ sys.exit(code)
 # failure inside a training step does.
 FAILS_WITH_WORKERS = '''
 from torch.utils.data import DataLoader
-from sparo_dino.train.preemption import ignore_stop_signals
+from sparo_dino.stop_signals import ignore_stop_signals
 
 
 def test_fails_while_workers_run():
@@ -259,7 +259,7 @@ def test_unreadable_image_error_names_the_file(tmp_path, capsys, damage: bytes) 
 
 
 def test_a_test_failing_with_data_loader_workers_running_ends_pytest(tmp_path, spawn) -> None:
-    """The workers ignore SIGTERM (see preemption.ignore_stop_signals), so without conftest's no_leaked_workers
+    """The workers ignore SIGTERM (see stop_signals.ignore_stop_signals), so without conftest's no_leaked_workers
     pytest would print "1 failed" and then hang in multiprocessing's exit handler, which terminates and joins them."""
     (tmp_path / "test_leak.py").write_text(FAILS_WITH_WORKERS)
     tests = os.path.join(REPO, "tests")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shutil
 import socket
 
@@ -12,8 +13,10 @@ import torch.multiprocessing as mp
 from test_sparo_vit import intermediate_cls
 from torch.utils.data import Dataset
 
+import eval_knn
 import sparo_vit
 from sparo_dino import distributed
+from sparo_dino.cli import eval_flags
 from sparo_dino.eval import extraction, feature_cache, linear_probe
 from sparo_dino.io import weights
 
@@ -256,3 +259,58 @@ def test_build_splits_takes_the_dataset_and_its_path_and_refuses_splits_with_oth
     shutil.rmtree(os.path.join(root, "val", "class_1"))  # ImageFolder would renumber class_2 as 1
     with pytest.raises(ValueError, match="different classes \\(only in train: \\['class_1'\\]"):
         extraction.build_splits("imagefolder", root, None, None)
+
+
+def _write_plain_pickle(path: str) -> None:
+    with open(path, "wb") as handle:
+        pickle.dump({"features": [[0.0, 1.0]], "labels": [0]}, handle)
+
+
+def _truncate(path: str) -> None:
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+class _RunsCode:
+    """Unpickling this object would run `touch <marker>`: what a crafted feature file does."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+DAMAGED_FEATURE_FILES = {  # name: (damage train_features.pth, words of the one line)
+    "garbage": (lambda path: open(path, "wb").write(b"not a feature file" * 8), "is corrupt or truncated"),
+    "truncated": (_truncate, "is corrupt or truncated"),
+    "empty": (lambda path: open(path, "wb").close(), "is corrupt or truncated"),
+    "plain pickle": (_write_plain_pickle, "is a plain Python pickle, not a feature file this tool loads"),
+    "foreign": (lambda path: torch.save({"model": {"w": torch.zeros(2)}}, path),
+                "not a feature file written by --dump_features (it holds model)"),
+    "wrong shapes": (lambda path: torch.save({"features": torch.zeros(6), "labels": torch.zeros(6, 2),
+                                              "classes": ["a"], "meta": {}}, path),
+                     "features and labels are not an (N, D) and an (N,) tensor"),
+    "bad labels": (lambda path: torch.save({"features": torch.zeros(6, 8), "labels": torch.full((6,), 7),
+                                            "classes": ["a", "b", "c"],
+                                            "meta": {"kind": "sparo_encoding", "options": {}, "tag": "t"}}, path),
+                   "labels outside the 3 classes"),
+    "crafted": (lambda path: torch.save({"features": _RunsCode(os.path.join(os.path.dirname(path), "marker"))}, path),
+                "holds objects that are not allowed in a feature file"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_FEATURE_FILES)
+def test_load_features_on_a_damaged_foreign_or_crafted_file_is_one_line(tmp_path, damage):
+    """Before: torch's UnpicklingError (with its advice to retry with weights_only=False), KeyError or shape errors
+    as tracebacks."""
+    cache = str(tmp_path / "cache")
+    feature_cache.save_features(_feature_set(), cache)
+    path = os.path.join(cache, "train_features.pth")
+    damage_file, words = DAMAGED_FEATURE_FILES[damage]
+    damage_file(path)
+    with pytest.raises(SystemExit) as info:
+        eval_flags.run_cli(lambda: eval_knn.main(["--load_features", cache, "--nb_knn", "1"]))
+    line = str(info.value.code)
+    assert line.startswith("error: ") and "\n" not in line and path in line and words in line, line
+    assert "weights_only" not in line and not os.path.exists(os.path.join(cache, "marker"))

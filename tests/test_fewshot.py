@@ -8,10 +8,11 @@ import statistics
 
 import pytest
 import torch
+from conftest import make_image_folder
 from test_eval_knn import SMALL_IMAGES, trained_sparo_run, write_checkpoint
 from test_features import SPARO_TINY
 from test_knn import brute_force_scores
-from test_test_sets import wnid_folder
+from test_shifted_sets import wnid_folder
 
 import eval_knn
 import eval_linear
@@ -38,8 +39,8 @@ def test_draws_repeat_with_the_seed_and_differ_between_tries_and_seeds():
 
 def test_summary_is_the_mean_and_sample_std_over_tries():
     values = [50.0, 62.5, 75.0]
-    assert fewshot.summarize(values) == {"mean": statistics.mean(values), "std": pytest.approx(statistics.stdev(values)),
-                                         "values": values}
+    assert fewshot.summarize(values) == {"mean": statistics.mean(values),
+                                         "std": pytest.approx(statistics.stdev(values)), "values": values}
     assert fewshot.summarize([40.0])["std"] is None  # one try measures no spread
 
 
@@ -151,3 +152,26 @@ def test_linear_fewshot_heads_train_on_drawn_train_features_only(tmp_path, monke
     assert (row["set"], row["train"]) == ("val", "2/class") and set(row["top1"]) == {"linear", "linear at init"}
     with pytest.raises(ValueError, match="--n_per_class trains few-shot heads on cached centre-crop features"):
         eval_linear.main(["--pretrained_weights", checkpoint, "--data_path", data, "--n_per_class", "1"])
+
+
+@pytest.mark.parametrize("script, extra", [(eval_knn, ["--nb_knn", "1"]), (eval_linear, ["--fast", "--epochs", "1"])],
+                         ids=["eval_knn", "eval_linear"])
+def test_a_class_too_small_for_n_per_class_fails_before_any_extraction(tmp_path, monkeypatch, script, extra):
+    """Before: the error came after the whole extraction (eval_knn) or the whole probe (eval_linear), with nothing
+    written."""
+    data = make_image_folder(tmp_path / "data", num_classes=3, per_class=8, splits=("train", "val"))
+    checkpoint = write_checkpoint(tmp_path / "run", SPARO_TINY)
+    extracted = _count_extractions(monkeypatch)
+    with pytest.raises(ValueError, match="--n_per_class 100: class 'class_0' has only 8 training images"):
+        script.main(["--pretrained_weights", checkpoint, "--data_path", data, *SMALL_IMAGES, *extra,
+                     "--n_per_class", "2", "100", "--output_dir", str(tmp_path / "out")])
+    assert extracted == []
+
+
+def test_a_class_too_small_for_n_per_class_fails_at_once_on_cached_features(tmp_path):
+    cache = str(tmp_path / "cache")
+    feature_cache.save_features(feature_cache.FeatureSet(
+        torch.randn(6, 8), torch.tensor([0, 0, 0, 1, 1, 2]), torch.randn(3, 8), torch.tensor([0, 1, 2]),
+        ["a", "b", "c"], {"kind": "sparo_encoding", "options": dict(SPARO_TINY), "tag": "t"}), cache)
+    with pytest.raises(ValueError, match="--n_per_class 2: class 'c' has only 1 training images"):
+        eval_knn.main(["--load_features", cache, "--nb_knn", "1", "--n_per_class", "2"])

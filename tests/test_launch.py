@@ -78,10 +78,11 @@ def test_official_command_form_submits_what_the_dash_form_submits(tmp_path, caps
 
 
 def test_official_launcher_defaults(tmp_path, capsys):
-    """Official: 2 nodes x 8 GPUs, 10 CPUs per task, 2800 min, 40 GB per GPU, signal 120 s early, 30 requeues."""
+    """Official: 2 nodes x 8 GPUs, 2800 min, 40 GB per GPU, signal 120 s early, 30 requeues; 11 CPUs per task for
+    the default 10 loader workers and the main process (official asks for 10)."""
     out = _dry_run(["--output_dir", str(tmp_path), "--data_path", "/d", "--dry_run"], capsys)
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --cpus-per-task=10", "#SBATCH --time=2800", "#SBATCH --mem=320GB",
+                 "#SBATCH --cpus-per-task=11", "#SBATCH --time=2800", "#SBATCH --mem=320GB",
                  "#SBATCH --signal=USR2@120", "#SBATCH --job-name=dino", "up to 30 times"):
         assert line in out, line
     assert "--partition" not in out and "--comment" not in out and "--constraint" not in out
@@ -121,7 +122,8 @@ def test_percent_j_log_folder_is_created_for_the_real_job_id(tmp_path, monkeypat
         (bin_dir / command).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     runs = tmp_path / "runs"
-    job = submit.submit(["--partition", "gpu", "--arch", "vit_tiny", "--data_path", "/d",
+    (tmp_path / "data").mkdir()
+    job = submit.submit(["--partition", "gpu", "--arch", "vit_tiny", "--data_path", str(tmp_path / "data"),
                          "--output_dir", str(runs / "%j")])
     assert job.job_id == "4242"
     assert f"logs in {runs}/4242/submitit; checkpoints in {runs}/4242" in capsys.readouterr().out
@@ -134,6 +136,17 @@ def test_percent_j_log_folder_is_created_for_the_real_job_id(tmp_path, monkeypat
     assert pickled.train_argv[-2:] == ["--output_dir", str(runs / "%j")]
 
 
+def test_each_task_asks_for_a_core_per_loader_worker_and_one_for_the_main_process(tmp_path, capsys):
+    training = ["--output_dir", str(tmp_path), "--data_path", "/d", "--dry_run"]
+    assert "#SBATCH --cpus-per-task=5\n" in _dry_run([*training, "--num_workers", "4"], capsys)
+    config = os.path.join(REPO, "configs", "fmnist_vit_tiny.yaml")  # num_workers: 8
+    assert "#SBATCH --cpus-per-task=9\n" in _dry_run(["--dry_run", "--", "--config", config, *training[:4]], capsys)
+    assert "#SBATCH --cpus-per-task=16\n" in _dry_run(["--cpus_per_task", "16", *training], capsys)
+    with pytest.raises(SystemExit, match=r"^error: --cpus_per_task 10 leaves the main process no core of its own "
+                                         r"next to --num_workers 10; ask for 11 or lower --num_workers$"):
+        submit.submit(["--cpus_per_task", "10", *training])
+
+
 def test_launcher_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--use_volta32 sets the constraint volta32gb"):
         submit.submit(["--use_volta32", "--constraint", "a100", "--output_dir", "x", "--data_path", "/d"])
@@ -141,6 +154,64 @@ def test_launcher_errors_are_one_line(tmp_path):
         submit.submit(["--cluster", "local", "--nodes", "2", "--", "--output_dir", "x", "--data_path", "/d"])
     with pytest.raises(SystemExit, match="%j in --output_dir needs a SLURM job id"):
         submit.submit(["--cluster", "local", "--output_dir", str(tmp_path / "%j"), "--data_path", "/d"])
+
+
+def fake_slurm(folder, monkeypatch) -> str:
+    """sbatch and srun on PATH that answer like SLURM; sbatch leaves `submitted` in `folder` when called."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    marker = folder / "submitted"
+    for command, script in (("sbatch", f"touch {marker}; echo 'Submitted batch job 4242'"), ("srun", "exit 1")):
+        (bin_dir / command).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / command).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return str(marker)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nodes", "-2"], "--nodes must be >= 1, got -2"),
+    (["--ngpus", "0"], "--ngpus must be >= 1, got 0"),
+    (["--ngpus", "-1", "--cluster", "local"], "--ngpus must be >= 1, got -1"),  # before: an AttributeError
+    (["--timeout", "-5"], "--timeout must be >= 1, got -5"),
+    (["--mem_gb", "-4"], "--mem_gb must be >= 0, got -4"),
+    (["--max_requeues", "-1"], "--max_requeues must be >= 0, got -1"),
+])
+def test_launcher_numbers_are_one_line_before_anything_is_submitted(tmp_path, monkeypatch, flags, message):
+    """Before: invalid #SBATCH lines (--nodes=-2, --mem=-4GB) went to sbatch."""
+    marker = fake_slurm(tmp_path, monkeypatch)
+    (tmp_path / "data").mkdir()
+    for dry_run in ([], ["--dry_run"]):
+        with pytest.raises(SystemExit) as info:
+            submit.submit([*flags, *dry_run, "--data_path", str(tmp_path / "data"), "--output_dir",
+                           str(tmp_path / "run")])
+        assert str(info.value) == f"error: {message}"
+    assert not os.path.exists(marker) and not (tmp_path / "run").exists()
+
+
+def test_no_slurm_on_this_machine_is_one_line(tmp_path, monkeypatch):
+    """Before: submitit's RuntimeError traceback ('Could not detect "srun"')."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit) as info:
+        submit.submit(["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run")])
+    assert str(info.value) == ("error: --cluster slurm needs a SLURM cluster (sbatch and srun not found on this "
+                               "machine): submit from a SLURM login node, or use --cluster local to run here")
+
+
+def test_missing_data_path_is_one_line_before_submitting(tmp_path, monkeypatch, capsys):
+    """Before: submitted, and the job failed at its start on the cluster. A dry run only warns: the data may live
+    on the cluster alone."""
+    marker = fake_slurm(tmp_path, monkeypatch)
+    missing = str(tmp_path / "no_such_data")
+    with pytest.raises(SystemExit) as info:
+        submit.submit(["--data_path", missing, "--output_dir", str(tmp_path / "run")])
+    assert str(info.value) == (f"error: --data_path {missing} does not exist on this machine; the job would fail "
+                               "at its start")
+    assert not os.path.exists(marker)
+    assert submit.submit(["--dry_run", "--data_path", missing, "--output_dir", str(tmp_path / "run")]) is None
+    assert capsys.readouterr().err == f"warning: --data_path {missing} does not exist on this machine\n"
 
 
 def _task_pids(controller_pid: int) -> list[int]:

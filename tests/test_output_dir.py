@@ -1,10 +1,14 @@
 """An output folder that cannot receive files (a file in its place or above it, a folder this user may not write
 to) ends every script that writes output with one line at start-up: before any process group, weights, data or
-feature extraction, which today can run for minutes before the first write fails with a traceback."""
+feature extraction, which today can run for minutes before the first write fails with a traceback. So does a
+training output folder that another run holds."""
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import sys
 
 import pytest
 import torch
@@ -21,6 +25,9 @@ import visualize_slots
 from sparo_dino import distributed
 from sparo_dino.cli import eval_flags
 from sparo_dino.cli.errors import OutputDirError, one_line, require_writable_dirs
+from sparo_dino.train import output_lock
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EVAL_IMAGES = ["--arch", "vit_tiny", "--patch_size", "8", "--img_size", "32", "--resize_size", "32",
                "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "4"]
@@ -166,3 +173,58 @@ def test_plot_logs_creates_the_folder_of_its_png(tmp_path) -> None:
     (run / "log.txt").write_text(json.dumps({"epoch": 0, "train_loss": 1.0}) + "\n")
     path = plot_logs.main([str(run), "--output", str(tmp_path / "plots" / "curves.png")])
     assert os.path.isfile(path)
+
+
+# Holds the lock of the output dir given as argument, as a running main_dino.py does, with a forked child that
+# inherits the open lock file (as data-loader workers do), until it is killed.
+HOLDER = '''
+import os, sys, time
+from sparo_dino.train.output_lock import OutputLock
+
+OutputLock.acquire(sys.argv[1])
+if os.fork() == 0:
+    time.sleep(300)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(300)
+'''
+
+
+def test_a_second_run_into_a_busy_output_dir_stops_naming_the_holder(images, tmp_path, spawn, capsys) -> None:
+    """While another process holds the folder, main_dino.py stops with one line naming its host and PID and writes
+    nothing; once the holder dies (kill -9: no clean-up), the OS has released the lock, also while a forked child
+    of the holder lives on, and the same command runs, then leaves no lock file behind (before: both runs trained
+    into the same checkpoint.pth and log.txt)."""
+    out = str(tmp_path / "run")
+    holder = spawn([sys.executable, "-c", HOLDER, out], cwd=tmp_path,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
+    assert holder.wait_for("locked"), holder.text
+    argv = [*TINY, "--data_path", images, "--output_dir", out, "--epochs", "1"]
+    assert main_dino.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} is in use by another run ({socket.gethostname()} PID "
+                          f"{holder.process.pid}, started "), err
+    assert err.count("\n") == 1 and "--output_dir" in err
+    assert os.listdir(out) == [output_lock.LOCK_NAME]
+
+    os.kill(holder.process.pid, signal.SIGKILL)
+    holder.process.wait(timeout=30)
+    assert main_dino.main(argv) == 0
+    assert "checkpoint.pth" in os.listdir(out) and output_lock.LOCK_NAME not in os.listdir(out)
+
+
+def test_a_lock_is_held_once_per_process_and_rank_1_gets_rank_0s_answer(tmp_path, monkeypatch) -> None:
+    """Record locks never conflict inside one process, so the process also remembers what it holds. Under DDP only
+    rank 0 locks; the others take its answer from the broadcast, so they raise the same line instead of waiting in
+    a collective for a rank 0 that stopped, and touch no file."""
+    out = str(tmp_path / "run")
+    with output_lock.locked_output_dir(out):
+        with pytest.raises(output_lock.OutputDirBusy, match=rf"another run \(this process, PID {os.getpid()}\)"):
+            output_lock.OutputLock.acquire(out)
+    assert os.listdir(out) == []
+    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda mine: "run is in use by another run (x)")
+    with pytest.raises(output_lock.OutputDirBusy, match=r"^run is in use by another run \(x\)$"):
+        with output_lock.locked_output_dir(str(tmp_path / "other")):
+            pass
+    assert not os.path.exists(tmp_path / "other")

@@ -19,7 +19,7 @@ from sparo_dino.train.run_state import RunState
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 CHECKPOINT_KEYS = ["student", "teacher", "optimizer", "dino_loss", "epoch", "iteration", "config", "rng",
-                   "epoch_sums", "world_size"]
+                   "epoch_sums", "world_size", "data"]
 
 
 def new_state(output_dir: str, seed: int, *flags: str) -> RunState:
@@ -89,6 +89,44 @@ def test_a_position_past_this_runs_epoch_length_is_refused(tmp_path) -> None:
     trained_state(str(tmp_path)).save()
     with pytest.raises(CheckpointError, match="stopped at iteration 2 of an epoch, but this run has 2 iterations"):
         new_state(str(tmp_path), seed=1).resume(iters_per_epoch=2)
+
+
+def test_a_rerun_on_other_images_stops_unless_data_path_is_overridden(tmp_path, capsys) -> None:
+    """The checkpoint records the data's size and fingerprint: a rerun whose --data_path now holds other images
+    (added, removed, renamed) stops with one line naming both and the way on; --resume_overrides data_path
+    continues on purpose, and the next checkpoint records the new data (before: resumed silently)."""
+    saved = trained_state(str(tmp_path))
+    saved.data = {"images": 16, "fingerprint": "sha256:" + "a" * 64}
+    saved.save()
+    rerun = new_state(str(tmp_path), seed=1)
+    rerun.data = {"images": 38, "fingerprint": "sha256:" + "b" * 64}
+    with pytest.raises(CheckpointError) as refused:
+        rerun.resume(iters_per_epoch=4)
+    assert str(refused.value) == (
+        f"{tmp_path / 'checkpoint.pth'} was trained on other data: 16 images (fingerprint aaaaaaaaaaaa), --data_path "
+        "x now holds 38 (fingerprint bbbbbbbbbbbb); to start afresh use another --output_dir, to continue on these "
+        "images on purpose add --resume_overrides data_path")
+    data = rerun.data
+    rerun = new_state(str(tmp_path), 1, "--resume_overrides", "data_path")
+    rerun.data = data
+    assert rerun.resume(iters_per_epoch=4) and (rerun.epoch, rerun.iteration) == (1, 2)
+    rerun.save()
+    assert load(str(tmp_path / "checkpoint.pth"))["data"] == rerun.data
+    same = new_state(str(tmp_path), seed=1)
+    same.data = dict(rerun.data)
+    assert same.resume(iters_per_epoch=4)
+
+
+def test_a_checkpoint_that_predates_the_data_record_resumes_with_a_note(tmp_path, capsys) -> None:
+    old = trained_state(str(tmp_path))
+    state = old.state_dict()
+    del state["data"]
+    torch.save(state, tmp_path / "checkpoint.pth")
+    rerun = new_state(str(tmp_path), seed=1)
+    rerun.data = {"images": 16, "fingerprint": "sha256:" + "a" * 64}
+    assert rerun.resume(iters_per_epoch=4) and (rerun.epoch, rerun.iteration) == (1, 2)
+    assert (f"note: {tmp_path / 'checkpoint.pth'} does not record its training data (written by an older version): "
+            "not checked against the images at --data_path") in capsys.readouterr().out
 
 
 def test_training_and_the_linear_probe_scale_the_lr_by_one_rule() -> None:

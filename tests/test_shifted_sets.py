@@ -57,7 +57,8 @@ def test_class_folders_map_to_training_classes_by_name_then_as_integer_indices()
     assert shifted_sets.class_indices(["0", "1", "10", "2"], [f"n{i:02d}" for i in range(11)], "v2") == [0, 1, 10, 2]
     # a training set whose own folders are integers is matched by name: ImageFolder sorted "10" before "2" there too
     integer_train = sorted(str(i) for i in range(11))
-    assert shifted_sets.class_indices(["10", "2"], integer_train, "t") == [integer_train.index("10"), integer_train.index("2")]
+    assert shifted_sets.class_indices(["10", "2"], integer_train, "t") == [integer_train.index("10"),
+                                                                            integer_train.index("2")]
     with pytest.raises(ValueError, match=r"test set r: class folder 'n9' is not a class of the training set "
                                          r"\(1 of its 2 folders"):
         shifted_sets.class_indices(["n1", "n9"], train, "r")

@@ -20,7 +20,7 @@ def reference_sparo(module: SPARO, tokens: torch.Tensor) -> tuple[torch.Tensor, 
     """Eq. (1) slot by slot: y_l = W K_g H^T softmax(H K_g^T q_l / sqrt(D)), g = l // group_size."""
     d = module.attn_dim
     slots, weights = [], []
-    for l in range(module.num_slots):
+    for l in range(module.num_slots):  # noqa: E741 (the paper's slot index)
         g = l // module.group_size
         k_weight = module.key.weight[g * d:(g + 1) * d]
         k_bias = module.key.bias[g * d:(g + 1) * d]
@@ -248,19 +248,30 @@ def test_load_pretrained_trunk_from_a_timm_vit_file(tmp_path) -> None:
     path = tmp_path / "vit_tiny.pth"
     torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
     model = build_backbone("vit_tiny_sparo", patch_size=16, img_size=32, num_slots=8, slot_dim=8)
-    missing = load_pretrained_trunk(model, str(path))
-    assert sorted(missing) == ["sparo.key.bias", "sparo.key.weight", "sparo.proj.bias", "sparo.proj.weight",
+    loaded = load_pretrained_trunk(model, str(path))
+    assert loaded.missing == ["sparo.key.bias", "sparo.key.weight", "sparo.proj.bias", "sparo.proj.weight",
                                "sparo.query"]
     torch.testing.assert_close(model.blocks[10].attn.qkv.weight, source.blocks[10].attn.qkv.weight)
     torch.testing.assert_close(model.norm.weight, source.norm.weight)
     assert model.pos_embed.shape == (1, 1 + 4, 192)  # resampled from the 4x4 grid to 2x2
+    assert loaded.not_loaded == [f"blocks.11.{name}" for name in sorted(source.blocks[11].state_dict())] + [
+        "head.bias", "head.weight"]
+    assert loaded.summary() == (
+        f"pretrained trunk {path}: {11 * 12 + 6} tensors loaded, pos_embed resampled 4x4 -> 2x2 patches; not loaded: "
+        "blocks.11.* (12): the block the sparo read-out replaces, head.* (2); missing (fresh init): sparo.* (5)")
 
 
 def test_load_pretrained_trunk_rejects_another_arch(tmp_path) -> None:
     path = tmp_path / "small.pth"
     torch.save(build_backbone("vit_small", patch_size=16, img_size=32).state_dict(), path)
-    with pytest.raises(ValueError, match="do not fit this backbone"):
+    with pytest.raises(ValueError, match="width 384 and depth 12; this backbone has width 192 and depth 12"):
         load_pretrained_trunk(build_backbone("vit_tiny_sparo", patch_size=16, img_size=32), str(path))
+    shallow = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=6, num_classes=0)
+    with pytest.raises(ValueError, match="width 192 and depth 6; this backbone has width 192 and depth 12"):
+        load_pretrained_trunk(build_backbone("vit_tiny_sparo", patch_size=16, img_size=32), shallow.state_dict())
+    with pytest.raises(ValueError, match="another patch size"):
+        load_pretrained_trunk(build_backbone("vit_tiny", patch_size=8, img_size=32),
+                              build_backbone("vit_tiny", patch_size=16, img_size=32).state_dict())
     with pytest.raises(FileNotFoundError, match="not found"):
         load_pretrained_trunk(build_backbone("vit_tiny"), str(tmp_path / "missing.pth"))
 

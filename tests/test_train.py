@@ -21,6 +21,9 @@ from conftest import make_image_folder
 
 import main_dino
 from sparo_dino.cli.train_flags import parse_train_args
+from sparo_dino.data.loader import TrainingData
+from sparo_dino.distributed import DistInfo
+from sparo_dino.run_config import RunConfig
 from sparo_dino.train.preemption import REQUEUE_EXIT_CODE, StopRequest
 from sparo_dino.train.step import TrainingStep
 from sparo_dino.train.trainer import DinoTrainer, build_student_teacher
@@ -454,6 +457,30 @@ def test_rerun_with_other_data_or_another_number_of_processes_is_refused(images,
     assert code == 1 and "world_size=8 (this run: 1)" in error_line(err) and "--resume_overrides world_size" in err
 
 
+def test_rerun_after_images_were_added_and_removed_is_refused(images, tmp_path, capsys) -> None:
+    """The same --data_path with 4 images added and 2 removed: one line (before: resumed silently, with another
+    epoch length); --resume_overrides data_path continues on purpose."""
+    data = str(shutil.copytree(images, tmp_path / "data"))
+    out = str(tmp_path / "run")
+    assert run(data, out, "--epochs", "1").code == 0
+    make_image_folder(tmp_path / "more", num_classes=2, per_class=2, size=32, seed=1)
+    for label in range(2):
+        shutil.copy(tmp_path / "more" / f"class_{label}" / "img_000.png", f"{data}/class_{label}/new_{label}.png")
+        shutil.copy(tmp_path / "more" / f"class_{label}" / "img_001.png", f"{data}/class_{label}/more_{label}.png")
+    os.remove(f"{data}/class_0/img_000.png")
+    os.remove(f"{data}/class_1/img_007.png")
+    before = _files(out)
+    code, _, err = run(data, out, "--epochs", "2", "--resume_overrides", "epochs", capsys=capsys)
+    assert code == 1
+    line = error_line(err)
+    assert "was trained on other data: 16 images (fingerprint " in line and f"--data_path {data} now holds 18 " in line
+    assert line.endswith("to continue on these images on purpose add --resume_overrides data_path"), line
+    assert _files(out) == before
+    code, console, _ = run(data, out, "--epochs", "2", "--resume_overrides", "epochs", "data_path", capsys=capsys)
+    assert code == 0 and "resumed from" in console and logged_epochs(out) == [0, 1]
+    assert load(os.path.join(out, "checkpoint.pth"))["data"]["images"] == 18
+
+
 def test_resume_overrides_continue_with_the_new_values_and_cosmetic_flags_pass(images, tmp_path, capsys) -> None:
     out = str(tmp_path / "run")
     assert run(images, out, "--epochs", "1", capsys=capsys).code == 0
@@ -469,3 +496,111 @@ def test_resume_overrides_must_name_flags(images, tmp_path, capsys) -> None:
         run(images, str(tmp_path / "run"), "--resume_overrides", "learning_rate")
     err = capsys.readouterr().err
     assert "--resume_overrides: unknown flag(s) learning_rate; valid: " in err and " lr," in err
+
+
+def _sampled(data: TrainingData, epoch: int, start: int = 0) -> list[int]:
+    data.start_epoch(epoch, start // data.batch_size)
+    return list(data.sampler)
+
+
+@pytest.mark.parametrize("dataset", ["imagefolder", "fashion_mnist"])
+def test_train_subset_is_a_fixed_seeded_subset_that_every_epoch_and_resume_sees(images, tmp_path, dataset) -> None:
+    if dataset == "fashion_mnist":
+        data_path = tmp_path / "fmnist"
+        data_path.mkdir()
+        rng = np.random.default_rng(0)
+        _write_idx(str(data_path / "train-images-idx3-ubyte.gz"), rng.integers(0, 256, (16, 28, 28)))
+        _write_idx(str(data_path / "train-labels-idx1-ubyte.gz"), rng.integers(0, 10, (16,)))
+        source = ["--dataset", "fashion_mnist", "--data_path", str(data_path)]
+    else:
+        source = ["--data_path", images]
+
+    def training_data(*extra: str) -> TrainingData:
+        args = parse_train_args([*TINY, *source, "--output_dir", str(tmp_path / "run"), *extra])
+        return TrainingData(vars(args), 0, 1, torch.device("cpu"))
+
+    whole, subset = training_data(), training_data("--train_subset", "8")
+    assert (whole.iters_per_epoch, subset.iters_per_epoch) == (4, 2)
+    epochs = [_sampled(subset, epoch) for epoch in range(3)]
+    chosen = set(epochs[0])
+    assert len(chosen) == 8 and chosen < set(range(16))
+    assert all(set(order) == chosen for order in epochs) and epochs[0] != epochs[1]  # reshuffled, same images
+    assert set(_sampled(training_data("--train_subset", "8"), 0)) == chosen  # a rerun draws the same subset
+    assert _sampled(training_data("--train_subset", "8"), 1, start=4) == epochs[1][4:]  # a mid-epoch resume
+    assert set(_sampled(training_data("--train_subset", "8", "--seed", "1"), 0)) != chosen
+    assert training_data("--train_subset", "100").iters_per_epoch == 4  # at most N: all 16
+
+
+def test_train_subset_is_recorded_and_a_rerun_with_another_is_refused(images, tmp_path, capsys) -> None:
+    out = str(tmp_path / "run")
+    code, stdout, _ = run(images, out, "--epochs", "1", "--train_subset", "8", "--print_freq", "1", capsys=capsys)
+    assert code == 0 and executed_steps(stdout) == [(0, 1), (0, 2)]
+    assert yaml.safe_load(open(os.path.join(out, "config.yaml")))["train_subset"] == 8
+    assert load(os.path.join(out, "checkpoint.pth"))["config"]["train_subset"] == 8
+    code, _, err = run(images, out, "--epochs", "1", "--train_subset", "12", capsys=capsys)
+    assert code == 1 and "train_subset=8 (this run: 12)" in error_line(err)
+
+
+def test_fp16_on_a_cpu_warns_in_one_line(images, tmp_path, capsys) -> None:
+    """Before: fp16 autocast on a CPU ran about 10x slower than fp32 without a word."""
+    args = parse_train_args([*TINY, "--data_path", images, "--output_dir", str(tmp_path / "run"),
+                             "--precision", "fp16"])
+    DinoTrainer(RunConfig.from_flags(args), DistInfo(0, 1, 0, torch.device("cpu"))).data.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert lines == ["warning: fp16 on a CPU: float16 autocast has no fast CPU kernels, so training runs several "
+                     "times slower than in fp32 (--precision auto picks fp32 on CPUs)"]
+
+
+def wandb_history(path: str) -> tuple[list[dict[str, float]], dict[str, str]]:
+    """(logged rows, config as JSON strings) of an offline W&B run file: LevelDB-log framed records (7-byte headers,
+    32 KiB blocks) of W&B's own protobuf schema, read with wandb's generated classes."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending, rows, config = open(path, "rb").read(), 7, b"", [], {}
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if length == 0 and kind == 0:
+            break
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                             for item in record.history.item})
+            elif record.WhichOneof("record_type") == "config":
+                config.update({item.key: item.value_json for item in record.config.update})
+    return rows, config
+
+
+def test_wandb_project_flag(images, tmp_path, monkeypatch) -> None:
+    """--wandb_project: offline, the run logs TensorBoard's scalars (step/ and epoch/ names on their own axes) and its
+    config and provenance under OUTPUT_DIR/wandb; a resumed run continues the same W&B run. Without wandb: one line."""
+    out = str(tmp_path / "run")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="--wandb_project needs the wandb package"):
+            run(images, out, "--epochs", "1", "--wandb_project", "sparo-test")
+        assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
+        return
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert run(images, out, "--epochs", "1", "--wandb_project", "sparo-test").code == 0
+    run_id = open(os.path.join(out, "wandb_run_id.txt")).read().strip()
+    (folder,) = [name for name in os.listdir(os.path.join(out, "wandb")) if name.startswith("offline-run-")]
+    rows, config = wandb_history(os.path.join(out, "wandb", folder, f"run-{run_id}.wandb"))
+    record = json.loads(open(os.path.join(out, "log.txt")).readline())
+    steps = [row for row in rows if "global_step" in row]
+    assert [row["global_step"] for row in steps] == [1, 3]  # TensorBoard's steps: every --print_freq 2
+    assert {"step/loss", "step/lr", "step/teacher_entropy", "step/kl"} <= set(steps[0])
+    (epoch,) = [row for row in rows if "epoch" in row]
+    assert epoch["epoch"] == 0 and epoch["epoch/train_loss"] == pytest.approx(record["train_loss"])
+    assert json.loads(config["arch"]) == "vit_tiny" and json.loads(config["provenance"])["world_size"] == 1
+    assert run(images, out, "--epochs", "2", "--resume_overrides", "epochs", "--wandb_project", "sparo-test").code == 0
+    assert open(os.path.join(out, "wandb_run_id.txt")).read().strip() == run_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -33,11 +34,14 @@ def torchrun(script: str, data: str, out, cwd, env=ENV, *extra: str) -> subproce
 
 @pytest.fixture(scope="module")
 def two_process_run(data, tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
-    """2 epochs, with the k-NN monitor after the last one (both ranks extract features)."""
+    """2 epochs, with the k-NN monitor after the last one (both ranks extract features). torchrun runs inside a
+    simulated SLURM allocation of another size, as an sbatch script would start it: torchrun's variables win."""
     out = tmp_path_factory.mktemp("run")
     labelled = make_image_folder(tmp_path_factory.mktemp("labelled"), num_classes=3, per_class=5, size=32,
                                  splits=("train", "val"))
-    return str(out), torchrun(os.path.join(REPO, "main_dino.py"), data, out, out, ENV, "--knn_every", "2",
+    in_allocation = {**ENV, "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0",
+                     "SLURM_JOB_NODELIST": "nosuchnode[1-4]"}
+    return str(out), torchrun(os.path.join(REPO, "main_dino.py"), data, out, out, in_allocation, "--knn_every", "2",
                               "--knn_data_path", labelled)
 
 
@@ -83,3 +87,31 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step_and_resumes_exactly(
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "epochs done, iteration 1" in resumed.stdout
     assert_same_training_state(two_process_run[0], str(out))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_srun_tasks_train_as_one_job(data, tmp_path) -> None:
+    """`srun --ntasks=2 python main_dino.py` as SLURM starts it, no torchrun (RANK and WORLD_SIZE unset): the two
+    tasks join one 2-rank job instead of training twice into the same output dir."""
+    out = tmp_path / "run"
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    task_env = {key: value for key, value in ENV.items() if key not in launcher and not key.startswith("SLURM_")}
+    task_env.update(SLURM_NTASKS="2", SLURM_JOB_ID="77", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    command = [sys.executable, os.path.join(REPO, "main_dino.py"), *TINY, "--data_path", data,
+               "--output_dir", str(out), "--epochs", "1"]
+    tasks = [subprocess.Popen(command, env={**task_env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    logs = [task.communicate(timeout=300)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["world_size"] == 2 and state["epoch"] == 1
+    assert state["rng"]["torch"].shape[0] == 2  # one RNG stream per rank
+    provenance = [json.loads(line) for line in open(out / "provenance.jsonl")]
+    assert [record["world_size"] for record in provenance] == [2]  # one run, written once
+    assert "it [2/2]" in logs[0] and "it [" not in logs[1]  # 16 images / (2 x 4): 2 steps, logged by rank 0

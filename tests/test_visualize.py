@@ -239,3 +239,15 @@ def test_plot_logs_starts_the_knn_curve_at_the_random_init(tmp_path):
     assert plot_logs.curve(records, "knn_top1") == [(-1, 54.0), (0, 60.0), (1, 62.0)]
     assert plot_logs.curve(records, "train_loss") == [(0, 5.0), (1, 4.0)]
     assert plot_logs.numeric_keys({"run": records}) == ["knn_top1", "train_loss"]  # no separate init panel
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 8, b"", b"hello\nnot json\n"], ids=["binary", "empty", "text"])
+def test_plot_logs_on_a_file_that_is_not_a_log_is_one_line(tmp_path, content):
+    """Before: a UnicodeDecodeError traceback for a binary file, a ValueError traceback for a text file."""
+    path = tmp_path / "log.txt"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as info:
+        plot_logs.main([str(path), "--output", str(tmp_path / "c.png")])
+    assert str(info.value) == f"error: {path} holds no epoch records (JSON lines of main_dino.py's log.txt)"
+    with pytest.raises(SystemExit, match=f"error: no log.txt in {tmp_path / 'missing'}"):
+        plot_logs.main([str(tmp_path / "missing"), "--output", str(tmp_path / "c.png")])

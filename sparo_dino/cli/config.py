@@ -26,7 +26,7 @@ def bool_flag(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def read_config(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise SystemExit(f"error: config file not found: {path}")
     with open(path) as handle:
@@ -37,6 +37,16 @@ def _read_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SystemExit(f"error: config file {path} must hold a mapping of flag: value, got {type(data).__name__}")
     return data
+
+
+def _typed(convert: Any, value: Any) -> Any:
+    """A YAML value as the flag's type. Text converts as on the command line; a number must already be of the
+    flag's kind, since int(16.5) would silently train with a batch of 16 (an int is a fine float)."""
+    if convert is int and (isinstance(value, bool) or not isinstance(value, (int, str))):
+        raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
+    if convert is float and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+        raise TypeError(f"expected a number, got {type(value).__name__} {value!r}")
+    return convert(value)
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
@@ -66,7 +76,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     args = parser.parse_args(argv)
     if args.config is None:
         return args
-    values = _read_yaml(args.config)
+    values = read_config(args.config)
     valid = sorted(action.dest for action in parser._actions
                    if action.option_strings and action.dest not in {"help", "config"})
     unknown = sorted(key for key in values if key not in valid)
@@ -78,10 +88,16 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         if key in explicit:
             continue
         action = actions[key]
+        takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+        if takes_list and value is not None and not isinstance(value, list):
+            value = [value]  # `scale: 0.4` reads as the command line's `--scale 0.4`, and is checked as that is
+        if not takes_list and isinstance(value, (list, dict)):
+            raise SystemExit(f"error: bad value {value!r} for key {key} in {args.config}: it takes one value")
         if action.type is not None and value is not None:
             try:
-                value = ([action.type(v) for v in value] if isinstance(value, list) else action.type(value))
-            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+                value = ([_typed(action.type, v) for v in value] if isinstance(value, list)
+                         else _typed(action.type, value))
+            except (TypeError, ValueError, AttributeError, argparse.ArgumentTypeError) as err:
                 raise SystemExit(f"error: bad value {value!r} for key {key} in {args.config}: {err}") from err
         if action.choices is not None and value not in action.choices:
             raise SystemExit(f"error: bad value {value!r} for key {key} in {args.config}; "

@@ -5,6 +5,7 @@ extraction, tells a user less than one line at start-up; every entry point share
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Mapping, NoReturn
@@ -12,6 +13,21 @@ from typing import Mapping, NoReturn
 
 class OutputDirError(ValueError):
     """An output folder that cannot receive files; the message names it and why."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a mistake on the command line ends with one line and where to look, not the usage
+    block of every flag before it (46 lines for main_dino.py); every entry point builds its parser from this."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def warn(message: str) -> None:
+    """`warning: <message>` on stderr, once per job: a flag that is legal but likely not what the user meant is
+    said by the process that prints the run's output (RANK 0, or a process that is not part of a group)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def one_line(error: BaseException) -> str:

@@ -1,8 +1,8 @@
 """What eval_knn.py and eval_linear.py share: their flags, the features they evaluate, their output and errors.
 
 The features of both splits come from --load_features (a cache, checked against the flags) or from the backbone of
---pretrained_weights (sparo_dino.io.weights) run over the dataset (sparo_dino.eval.extraction), optionally dumped for later
-(sparo_dino.eval.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
+--pretrained_weights (io.weights) run over the dataset (eval.extraction), optionally dumped for later
+(eval.feature_cache). --test_sets are extracted in the same pass (never cached). Results go next to the
 checkpoint unless --output_dir says otherwise; a user's mistake ends the script with one line instead of a traceback.
 """
 from __future__ import annotations
@@ -17,10 +17,12 @@ import torch
 
 from sparo_dino import distributed
 from sparo_dino.cli import config
+from sparo_dino.cli import errors as cli_errors
 from sparo_dino.cli.errors import exit_with, print_once, require_writable_dirs
 from sparo_dino.data import augmentation, datasets
-from sparo_dino.eval import extraction, feature_cache, pca, shifted_sets
+from sparo_dino.eval import extraction, feature_cache, fewshot, pca, shifted_sets
 from sparo_dino.eval.feature_cache import FeatureSet
+from sparo_dino.eval.interruption import end_workers_of, interruptible, note_saved
 from sparo_dino.io import weights
 from sparo_dino.io.checkpoint import CheckpointError
 from sparo_dino.model import registry
@@ -29,19 +31,20 @@ from sparo_dino.model import registry
 def evaluation_parser(doc: str) -> argparse.ArgumentParser:
     """The parser eval_knn.py and eval_linear.py start from: the script's docstring as description, the shared
     feature flags and the official launcher flags."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli_errors.ArgumentParser(description=doc.split("\n\n")[0],
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_feature_args(parser)
     add_robustness_args(parser)
     distributed.add_launcher_args(parser)
     return parser
 
 
-def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags every evaluation shares: weights, architecture, data, preprocessing, caching, output."""
+def add_weight_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags naming a backbone's weights and, for a plain state dict, its architecture (evaluations, export)."""
     group = parser.add_argument_group("weights and architecture")
     group.add_argument("--pretrained_weights", type=str, default=None,
-                       help="training checkpoint (with teacher/student/config) or a plain backbone state dict")
+                       help="training checkpoint (with teacher/student/config), export_model.py folder or a plain "
+                            "backbone state dict")
     group.add_argument("--checkpoint_key", type=str, default="teacher", choices=weights.TRAINING_KEYS,
                        help="which network of a training checkpoint to evaluate")
     group.add_argument("--arch", type=str, default=None, choices=registry.archs(),
@@ -54,6 +57,12 @@ def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         group.add_argument(f"--{name}", type=config.bool_flag if isinstance(option.default, bool) else int,
                            default=None, help="read-out option, read from the checkpoint's config (plain state dict: "
                                               f"{option.default})")
+    return parser
+
+
+def add_feature_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags every evaluation shares: weights, architecture, data, preprocessing, caching, output."""
+    add_weight_args(parser)
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", type=str, default="imagefolder", choices=datasets.DATASETS)
     group.add_argument("--data_path", type=str, default=None,
@@ -168,8 +177,9 @@ def compute_features(args: argparse.Namespace, device: torch.device,
                              "--load_features")
         if not distributed.is_main_process():
             return None
-        return reduce_width(_check_cached(feature_cache.load_features(args.load_features), args, kind_for,
-                                          accept_official_dump), args.pca_dim)
+        cached = _check_cached(feature_cache.load_features(args.load_features), args, kind_for, accept_official_dump)
+        fewshot.require_shots(cached.train_labels, getattr(args, "n_per_class", None) or [], cached.classes)
+        return reduce_width(cached, args.pca_dim)
     backbone, options, tag = weights.load_backbone(args, at_init)
     backbone.to(device)
     kind = kind_for(options["arch"])
@@ -177,6 +187,9 @@ def compute_features(args: argparse.Namespace, device: torch.device,
     transform = augmentation.eval_transform(args.resize_size, args.crop_size)
     splits = dict(zip(feature_cache.SPLITS,
                       extraction.build_splits(args.dataset, data_path(args), transform, transform)))
+    # before the extraction: a class too small for --n_per_class would otherwise fail after it
+    fewshot.require_shots(splits["train"].targets, getattr(args, "n_per_class", None) or [],
+                          splits["train"].classes)
     tests = shifted_sets.build(shifted_sets.parse_specs(args.test_sets), splits["train"].classes, transform)
     scopes = {"train": "local", "val": "all"} if shard_train else {"train": "main", "val": "main"}
     results = {split: extraction.extract_features(fn, dataset, args.batch_size_per_gpu, args.num_workers, device,
@@ -197,6 +210,9 @@ def compute_features(args: argparse.Namespace, device: torch.device,
                           for test in tests}
     if args.dump_features is not None and not at_init:
         feature_cache.save_features(features, args.dump_features, args.dump_format)
+        folder = args.dump_features
+        note_saved("features", lambda: f"the features in {folder} (--load_features {folder} instead of "
+                                       "--pretrained_weights skips their extraction)")
     return reduce_width(features, args.pca_dim)
 
 
@@ -248,10 +264,13 @@ USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, datasets.BadImage
 
 def run_cli(main: Callable[[], Any]) -> None:
     """Run an evaluation entry point; bad input ends with one line naming the problem instead of a traceback (also
-    when a data-loader worker raised it and the message carries the worker's traceback)."""
+    when a data-loader worker raised it and the message carries the worker's traceback), SIGTERM and Ctrl-C with
+    one line saying what was saved (sparo_dino/eval/interruption.py)."""
     try:
-        main()
+        with interruptible():
+            main()
     except USER_ERRORS as error:
+        end_workers_of(error)
         exit_with(error)
 
 

@@ -6,11 +6,12 @@ Flags are declared once here so that main_dino.py, the submitit launcher and the
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import torch
 
-from sparo_dino.cli.config import bool_flag, parse_args
+from sparo_dino.cli import errors as cli_errors
+from sparo_dino.cli.config import bool_flag, parse_args, read_config
 from sparo_dino.cli.errors import require_writable_dirs
 from sparo_dino.data import augmentation
 from sparo_dino.data.datasets import DATASETS, FASHION_MNIST_DIR
@@ -32,9 +33,9 @@ def auto_or_bool(value: str | bool) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main_dino.py", allow_abbrev=False,
-                                     description="DINO self-supervised training with a SPARO read-out",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli_errors.ArgumentParser(prog="main_dino.py", allow_abbrev=False,
+                                       description="DINO self-supervised training with a SPARO read-out",
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="vit_small", choices=registry.archs(),
                        help="backbone: vit_<size>[_<read-out>]; *_sparo replaces the last block with SPARO")
@@ -58,6 +59,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth of the student")
     model.add_argument("--grad_checkpointing", default=False, type=bool_flag,
                        help="recompute block activations in backward to save memory")
+    model.add_argument("--pretrained_trunk", default=None, type=str, metavar="FILE",
+                       help="start a fresh run from this ViT's trunk (official DINO checkpoint or backbone, timm state "
+                            "dict or .safetensors, this repository's checkpoint: its teacher): blocks 1..N-1 and the "
+                            "final norm load, the block a read-out replaces is dropped, read-out and head start fresh")
     suffixes = ", ".join(f"_{name}" for name in registry.names() if name != "cls")
     readout = parser.add_argument_group(f"read-out options (the read-out is the arch's suffix: {suffixes}; none = CLS)")
     for name, option in registry.OPTIONS.items():
@@ -90,6 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--epochs", default=100, type=int, help="number of training epochs")
     optim.add_argument("--freeze_last_layer", default=1, type=int,
                        help="epochs during which the head's last layer is not updated")
+    optim.add_argument("--freeze_trunk_epochs", default=0, type=int,
+                       help="with --pretrained_trunk: train only the read-out and the DINO head in the first N epochs")
     optim.add_argument("--lr", default=0.0005, type=float,
                        help="peak learning rate for a total batch of 256 (scaled linearly with the batch)")
     optim.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear learning-rate warmup")
@@ -133,11 +140,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="continue this output dir's run with new values of these flags (names without --, e.g. "
                           "epochs lr, or world_size for another number of processes); without it a rerun whose "
                           "recipe differs from its checkpoint's stops and lists the differences")
+    run.add_argument("--train_subset", default=None, type=int, metavar="N",
+                     help="train on at most N images of --data_path: a fixed random subset drawn from --seed, the "
+                          "same at every resume (small runs on a CPU); default: all")
     run.add_argument("--seed", default=0, type=int, help="random seed")
     run.add_argument("--num_workers", default=10, type=int, help="data-loading workers per process")
     run.add_argument("--print_freq", default=10, type=int, help="console log every N iterations")
     run.add_argument("--tensorboard", default=False, type=bool_flag,
                      help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard (needs `tensorboard`)")
+    run.add_argument("--wandb_project", default=None, type=str, metavar="NAME",
+                     help="also log what TensorBoard gets, and the run's config and provenance, to this Weights & "
+                          "Biases project (needs `wandb`; WANDB_MODE=offline keeps it in OUTPUT_DIR/wandb)")
     knn = parser.add_argument_group("periodic k-NN monitor (weighted 20-NN of the teacher, as eval_knn.py)")
     knn.add_argument("--knn_every", default=0, type=int,
                      help="run the k-NN after every N-th epoch and the last one, logged as knn_top1; 0 disables")
@@ -155,8 +168,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(parser: argparse.ArgumentParser, message: str) -> None:
-    parser.error(message)  # prints usage and "error: message", exits with status 2
+def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """A flag value the validation refuses: one line naming it, exit status 2 as for argparse's own errors (whose
+    line adds where to look, `--help`; this message already says what to change)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+# (flag, lowest allowed value, whether the lowest value itself is allowed): values outside make no run at all. lr 0
+# is a run that does not learn, on purpose: --pretrained_trunk's check that a run keeps the file's trunk exactly.
+_FLOAT_BOUNDS = (("lr", 0.0, True), ("min_lr", 0.0, True), ("weight_decay", 0.0, True),
+                 ("weight_decay_end", 0.0, True), ("clip_grad", 0.0, True), ("teacher_temp", 0.0, False),
+                 ("warmup_teacher_temp", 0.0, False), ("drop_path_rate", 0.0, True))
 
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -174,11 +196,25 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         if args.dataset != "fashion_mnist":
             _fail(parser, "--data_path is required for --dataset imagefolder")
         args.data_path = FASHION_MNIST_DIR
+    _drop_config_readout_options(args)
     try:
         registry.reject_readout_options(args.arch, [f"--{key}" for key, option in registry.OPTIONS.items()
                                                     if getattr(args, key) != option.default])
+        registry.check_readout_sizes(vars(args), prefix="--")
     except ValueError as error:
         _fail(parser, str(error))
+    for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size", "img_size", "knn_subset"):
+        if getattr(args, name) < 1:
+            _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.train_subset is not None and args.train_subset < 1:
+        _fail(parser, f"--train_subset must be >= 1, got {args.train_subset}")
+    for name, lowest, inclusive in _FLOAT_BOUNDS:
+        value = getattr(args, name)
+        if not (value >= lowest if inclusive else value > lowest):
+            _fail(parser, f"--{name} must be {'>=' if inclusive else '>'} {lowest:g}, got {value:g}")
+    if args.drop_path_rate >= 1:
+        _fail(parser, f"--drop_path_rate must be < 1 (the share of residual branches dropped), got "
+                      f"{args.drop_path_rate:g}")
     try:
         scales = augmentation.check_multicrop_args(**augmentation.multicrop_kwargs(vars(args)))
     except ValueError as error:
@@ -197,26 +233,61 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             _fail(parser, str(error))
     if args.knn_every and args.knn_data_path is None:
         args.knn_data_path = args.data_path  # the IDX folder holds the labelled train and test splits too
-    for name in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "patch_size", "knn_subset",
-                 "knn_crop_size", "knn_resize_size"):
+    for name in ("knn_crop_size", "knn_resize_size"):
         if getattr(args, name) < 1:
             _fail(parser, f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("num_workers", "saveckp_freq", "warmup_epochs", "freeze_last_layer",
-                 "warmup_teacher_temp_epochs", "ckpt_every_iters", "knn_every"):
+                 "warmup_teacher_temp_epochs", "ckpt_every_iters", "knn_every", "freeze_trunk_epochs"):
         if getattr(args, name) < 0:
             _fail(parser, f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
         _fail(parser, f"warmup epochs (lr {args.warmup_epochs}, teacher temp {args.warmup_teacher_temp_epochs}) "
                       f"cannot exceed --epochs {args.epochs}")
+    if args.freeze_trunk_epochs and args.pretrained_trunk is None:
+        _fail(parser, "--freeze_trunk_epochs needs --pretrained_trunk (a random trunk would stay random)")
+    if args.freeze_trunk_epochs > args.epochs:
+        _fail(parser, f"--freeze_trunk_epochs {args.freeze_trunk_epochs} cannot exceed --epochs {args.epochs}")
+    if args.pretrained_trunk is not None and args.resume is not None:
+        _fail(parser, "--pretrained_trunk starts a run from a trunk, --resume continues a checkpoint: give one")
     for name in ("momentum_teacher", "final_momentum_teacher"):
         if not 0 <= getattr(args, name) <= 1:
             _fail(parser, f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    _warn_surprising(args)
     try:
         resolve_precision(args.precision, args.use_fp16, torch.device("cpu"))
         require_writable_dirs({"--output_dir": args.output_dir})
     except ValueError as error:
         _fail(parser, str(error))
     return args
+
+
+def _drop_config_readout_options(args: argparse.Namespace) -> None:
+    """`--config sparo.yaml --arch vit_tiny` (a baseline from a SPARO recipe): the YAML's read-out options do not
+    apply to the arch given on the command line; they go back to their defaults, and one line says so. A YAML whose
+    own arch rejects its options stays an error (reject_readout_options)."""
+    if args.config is None:
+        return
+    values = read_config(args.config)
+    if values.get("arch", args.arch) == args.arch:
+        return
+    takes = registry.split_arch(args.arch)[1].options
+    dropped = [key for key in registry.OPTIONS
+               if key in values and key not in takes and getattr(args, key) == values[key]]
+    if dropped:
+        cli_errors.warn(f"--arch {args.arch} overrides {args.config}'s arch {values['arch']}; its "
+                        f"{', '.join(dropped)} do not apply to {args.arch} and are ignored")
+        for key in dropped:
+            setattr(args, key, registry.OPTIONS[key].default)
+
+
+def _warn_surprising(args: argparse.Namespace) -> None:
+    """One line for each flag value that is legal but likely a mistake; the run goes on."""
+    if args.freeze_last_layer > args.epochs:
+        cli_errors.warn(f"--freeze_last_layer {args.freeze_last_layer} exceeds --epochs {args.epochs}: the head's "
+                        "last layer is never trained")
+    if args.local_crops_number and args.local_crop_size > args.global_crop_size:
+        cli_errors.warn(f"--local_crop_size {args.local_crop_size} is larger than --global_crop_size "
+                        f"{args.global_crop_size}: DINO's local crops are the small views")
 
 
 def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

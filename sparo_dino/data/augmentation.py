@@ -1,15 +1,7 @@
 """DINO's multi-crop augmentation, the evaluation transforms, and per-sample seeding of their randomness.
 
-The recipe is the official one, with its strengths and probabilities read from crop_recipe (flip 0.5; colour
-jitter (0.4, 0.4, 0.2, 0.1) with p=0.8; grayscale p=0.2; global crop 1 blur p=1; global crop 2 blur p=0.1 and
-solarize p=0.2; local crops blur p=0.5; bicubic RandomResizedCrop; ImageNet mean/std), built from
-torchvision.transforms.v2 on PIL images, with PIL's Gaussian blur. Blur sigma is uniform in the official [0.1, 2.0] px
-times global_crop_size / 224, the same range for every crop of a run: exactly official for the 224/96 px recipe, and
-a 32/16 px Fashion-MNIST run is blurred in proportion instead of wiped out.
-
-All randomness comes from torch's global generator, which SeededDataset reseeds per sample; that is what makes a
-resumed run (or one with a different number of workers) see exactly the same crops.
-"""
+The official recipe (numbers from crop_recipe) on PIL images; blur sigma scales with global_crop_size / 224
+(docs/training.md, The recipe). SeededDataset reseeds per sample, so resumes and worker counts see the same crops."""
 from __future__ import annotations
 
 import random
@@ -46,8 +38,7 @@ def blur_sigma_range(global_crop_size: int) -> tuple[float, float]:
     """The blur sigma range of every crop (global and local) of a run with `global_crop_size` px global crops.
 
     The official range scaled by global_crop_size / 224: a run's scale is set by its global crops, so local crops
-    keep the official sigma in pixels (as in the paper's 224/96 recipe) rather than a range shrunk to their size.
-    """
+    keep the official sigma in pixels (as in the paper's 224/96 recipe) rather than a range shrunk to their size."""
     if global_crop_size <= 0:
         raise ValueError(f"global_crop_size must be positive, got {global_crop_size}")
     scale = global_crop_size / BLUR_REFERENCE_SIZE

@@ -1,19 +1,7 @@
 """The data path of `--augmentation batched`: data-loader workers only decode, the training device builds every crop.
 
-The PIL pipeline spends most of a worker's time on twelve crops per image (resampling, colour jitter, blur), about
-41 images/s per core, so 16 cores cannot feed a GPU that trains at 1,500 images/s. Here a worker decodes an image
-to uint8 (with PIL, the decoder of the reference pipeline, so both paths see the same pixels) and packs a batch
-into one padded uint8 tensor in PIL's channels-last layout (row copies, no transpose); the main process moves it to
-the device, puts the channels first there, and batched_augmentation.BatchedMultiCrop makes all crops of the batch.
-
-The crops' randomness comes from a generator seeded by (seed, epoch, iteration, rank): a batch gets the same crops
-whatever the number of workers, and a run resumed in the middle of an epoch continues with exactly the crops the
-uninterrupted run would have made.
-
-A JPEG much larger than any crop needs is decoded at a reduced DCT scale (PIL's `draft`, 1/2 to 1/8), which is
-cheaper than a full decode; it keeps at least `min_decode_area` pixels, so no crop has fewer source pixels than
-output pixels because of it.
-"""
+Crops are seeded by (seed, epoch, iteration, rank), so neither the worker count nor a resume changes them; large
+JPEGs are decoded at a reduced DCT scale, never below `min_decode_area` (why: docs/architecture.md, design notes)."""
 from __future__ import annotations
 
 import functools
@@ -39,6 +27,17 @@ def min_decode_area(config: Mapping[str, Any]) -> int:
     return max(math.ceil(size * size / scale) for size, scale in views)
 
 
+def _draft_reduced(image: Image.Image, min_area: int) -> bool:
+    """Set an opened, not yet decoded JPEG of at least 4 x `min_area` pixels to decode at the smallest DCT scale
+    that keeps at least `min_area` pixels (its size changes at once); whether it was."""
+    area = image.width * image.height
+    if image.format != "JPEG" or area < 4 * min_area:
+        return False
+    scale = math.sqrt(min_area / area)
+    image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+    return True
+
+
 def load_rgb_image_reduced(path: str, min_area: int) -> Image.Image:
     """The RGB image at `path`; a JPEG of at least 4 x `min_area` pixels is decoded at the smallest DCT scale that
     keeps at least `min_area` pixels. Anything else, unreadable files included, goes through
@@ -46,14 +45,25 @@ def load_rgb_image_reduced(path: str, min_area: int) -> Image.Image:
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
-            area = image.width * image.height
-            if image.format == "JPEG" and area >= 4 * min_area:
-                scale = math.sqrt(min_area / area)
-                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+            if _draft_reduced(image, min_area):
                 return image.convert("RGB")
     except Exception:  # noqa: BLE001 - decided again by load_rgb_image, which reports the file
         pass
     return load_rgb_image(path)
+
+
+def decoded_sizes(paths: Sequence[str], min_area: int) -> list[tuple[int, int]]:
+    """(height, width) at which load_rgb_image_reduced decodes each file, read from the headers alone; files that
+    cannot be opened are left out."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                _draft_reduced(image, min_area)
+                sizes.append((image.height, image.width))
+        except Exception:  # noqa: BLE001 - an unreadable file is the loader's to report
+            continue
+    return sizes
 
 
 def rgb_to_uint8_tensor(image: Image.Image) -> torch.Tensor:

@@ -1,25 +1,10 @@
 """The training images of `--dataset imagefolder`: what `--data_path` holds, its index, and the index cache.
 
-`--data_path` is one of three kinds, told apart by `detect_kind` in this order:
-- a file: a list of images, one path per line, relative to the list's folder (absolute paths stay as they are);
-  blank lines and lines starting with `#` are skipped; the images keep the list's order;
-- a folder with an image file directly inside it: unlabeled images, every image below it at any depth (names
-  starting with "." skipped), in sorted order of their paths relative to the folder;
-- any other folder: an ImageFolder tree, read as torchvision's ImageFolder reads it (same samples, same order,
-  class sub-folders as labels), so runs that trained on ImageFolders before train on the same images now.
-Training ignores labels: unlabeled images get label -1 (NO_LABEL).
-
-Listing ImageNet's 1.28M files takes seconds from a local disk's page cache but can take minutes on a network file
-system or a cold disk, on every start and every requeue. The main process therefore keeps the index in
-OUTPUT_DIR/data_index.json, with the modification and status-change times and the size of every folder it listed
-(of the list file, for a list): a later start reuses it when none of them changed, and lists again otherwise.
-Adding, removing or renaming an image changes its folder's modification time; rewriting an image in place does not,
-and needs no new index. Only the main process lists or
-reads the cache, and the other ranks receive its index, so every rank trains on the same images in the same order
-whatever the file system shows each of them.
-"""
+A list file, a folder of unlabeled images or an ImageFolder tree (`detect_kind`; docs/training.md, Your own data).
+Only the main process lists or reads the cache; the other ranks receive its index, so all train on the same images."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -27,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sparo_dino import distributed
@@ -72,6 +58,15 @@ class ImageIndex:
         labels = self.labels if self.labels is not None else [NO_LABEL] * len(self.files)
         samples = [(os.path.join(self.base, name), label) for name, label in zip(self.files, labels)]
         return CheckedImages(self.source, samples, self.classes, transform, skip_bad_images)
+
+    def fingerprint(self) -> str:
+        """sha256 of the images' names and labels in training order (the order the sampler indexes): it changes
+        when an image is added, removed, renamed or moved; about a second for ImageNet's 1.28M names."""
+        digest = hashlib.sha256("\0".join(self.files).encode())  # no file name holds a NUL
+        labels = self.labels if self.labels is not None else [NO_LABEL] * len(self.files)
+        digest.update(b"\0\0labels")
+        digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+        return "sha256:" + digest.hexdigest()
 
     def describe(self) -> str:
         classes = f", {len(self.classes)} class folders, labels unused" if self.kind == "imagefolder" else ""

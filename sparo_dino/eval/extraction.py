@@ -19,11 +19,17 @@ from sparo_dino import distributed
 
 # What the linear probe of a read-out that replaces the last block reads (paper C.2, two readings for SPARO): the
 from sparo_dino.data import datasets
+from sparo_dino.data.loader import batches_of
+from sparo_dino.eval.interruption import guarded
 from sparo_dino.model import registry
+from sparo_dino.stop_signals import ignore_stop_signals
 
 # encoding alone, or the encoding after the final-norm CLS of the n-1 trunk blocks before it (official DINO's
 # n_last_blocks idea).
 SPARO_FEATURES: tuple[str, ...] = ("encoding", "encoding+cls")
+# The attentive probe's features: every final-norm token of the trunk (CLS first), flattened to one row per image so
+# the caches and the gathering treat them like any feature vector.
+TOKENS_KIND = "tokens"
 # Rows per rank and per collective when gathering features: bounds the extra (GPU) memory of the gather.
 _GATHER_ROWS = 4096
 # Where extracted features end up: gathered on the main process, gathered on every rank, or each rank's own shard.
@@ -55,6 +61,15 @@ def feature_kind(arch: str, n_last_blocks: int = 1, avgpool: bool = False, sparo
 _KIND = re.compile(r"cls_last(\d+)(_avgpool|\+[a-z0-9]+_encoding)?")
 
 
+def token_shape(options: dict, crop_size: int, width: int) -> tuple[int, int]:
+    """(tokens, embed_dim) of a row of TOKENS_KIND features of `width` values: CLS plus the crop's patches."""
+    num_tokens = 1 + (crop_size // int(options.get("patch_size", 16))) ** 2
+    if width % num_tokens:
+        raise ValueError(f"token features of width {width} do not split into {num_tokens} tokens "
+                         f"({crop_size} px crops, patch {options.get('patch_size')})")
+    return num_tokens, width // num_tokens
+
+
 def feature_function(backbone: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """images -> features for a feature kind, in one pass through the trunk.
 
@@ -63,7 +78,10 @@ def feature_function(backbone: nn.Module, kind: str) -> Callable[[torch.Tensor],
     - `_avgpool`: plus the mean final-norm patch token, interleaved with the last CLS dim by dim as official DINO
       lays it out (its reshape of the pair), so official linear heads (ViT-B: n=1 + avgpool) read it correctly.
     - `+<readout>_encoding`: the CLS of the last n trunk blocks (the ones before the read-out), then the encoding.
+    - `tokens` (TOKENS_KIND): all final-norm tokens of the trunk, (B, tokens * embed_dim): what the read-out reads.
     """
+    if kind == TOKENS_KIND:
+        return lambda images: backbone.tokens(images).flatten(1)
     if kind == f"{backbone.readout}_encoding" or (kind == "cls_last1" and backbone.readout == "cls"):
         return backbone
     match = _KIND.fullmatch(kind)
@@ -136,16 +154,23 @@ def gather_shards(local: torch.Tensor, num_samples: int, device: torch.device, e
     return output
 
 
+class ExtractionStopped(Exception):
+    """A stop request (`extract_features`'s `stop`) ended an extraction before its last batch."""
+
+
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
-                     num_workers: int, device: torch.device, name: str = "features", scope: str = "main"
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     num_workers: int, device: torch.device, name: str = "features", scope: str = "main",
+                     stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(features (N, D) float32 CPU, labels (N,)) of the whole dataset in order on the main process, None elsewhere.
 
     Each rank runs its ShardSampler shard; results are gathered by position, so no sample is duplicated or lost.
     `scope` (GATHER_SCOPES): "all" gathers on every rank, "local" returns this rank's shard ungathered.
     The backbone runs in fp32 whatever autocast the caller is under: the training k-NN monitor (inside the
     trainer's bf16/fp16 autocast) and eval_knn.py must report the same number for the same network.
+    `stop` (a collective when distributed: every rank calls it before each of the batches all shards have) ends
+    the extraction with ExtractionStopped when it says so; the loader's workers ignore SIGTERM and SIGINT, so a
+    signal to the whole job reaches the caller's handler instead of killing them.
     """
     if len(dataset) == 0:
         raise ValueError(f"cannot extract {name}: the dataset is empty")
@@ -154,15 +179,20 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], dataset
     rank, world = distributed.get_rank(), distributed.get_world_size()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
                         num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=ignore_stop_signals)
+    polled = -(-len(ShardSampler(len(dataset), world - 1, world)) // batch_size)  # batches of the smallest shard
     features, labels = [], []
     started, report_every = time.time(), max(1, len(loader) // 10)
-    for step, (images, targets) in enumerate(loader):
-        with torch.autocast(device.type, enabled=False):
-            features.append(feature_fn(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(torch.as_tensor(targets).long())
-        if distributed.is_main_process() and ((step + 1) % report_every == 0 or step + 1 == len(loader)):
-            print(f"{name}: {step + 1}/{len(loader)} batches on rank 0 ({time.time() - started:.0f}s)", flush=True)
+    with batches_of(loader) as batches:
+        for step, (images, targets) in enumerate(guarded(batches)):
+            if stop is not None and step < polled and stop():
+                raise ExtractionStopped(f"{name} stopped after {step} of {len(loader)} batches")
+            with torch.autocast(device.type, enabled=False):
+                features.append(feature_fn(images.to(device, non_blocking=True)).float().cpu())
+            labels.append(torch.as_tensor(targets).long())
+            if distributed.is_main_process() and ((step + 1) % report_every == 0 or step + 1 == len(loader)):
+                print(f"{name}: {step + 1}/{len(loader)} batches on rank 0 ({time.time() - started:.0f}s)",
+                      flush=True)
     local = torch.cat(features) if features else torch.empty(0, 0)
     local_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
     if scope == "local":

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sparo_dino.io.checkpoint import load_plain_data
+
 SPLITS: tuple[str, ...] = ("train", "val")
 # --dump_features formats: this repository's (raw features, classes, what produced them), official DINO's
 # (L2-normalized features and labels as plain tensors, what official eval_knn.py --load_features reads), or both.
@@ -68,9 +70,32 @@ def save_features(features: FeatureSet, folder: str, dump_format: str = "own") -
 
 
 def _load_tensor(path: str) -> torch.Tensor:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = load_plain_data(path, "feature file")
     if not isinstance(loaded, torch.Tensor):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a tensor as official DINO dumps do")
+    return loaded
+
+
+def _load_split(path: str) -> dict[str, Any]:
+    """One split of this repository's format, checked field by field: a file of another tool (or a damaged one)
+    is a one-line error here instead of a KeyError or a shape error deep in an evaluation."""
+    loaded = load_plain_data(path, "feature file")
+    problem = None
+    if not isinstance(loaded, dict) or not {"features", "labels", "classes", "meta"} <= set(loaded):
+        keys = ", ".join(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
+        problem = f"not a feature file written by --dump_features (it holds {keys or 'nothing'})"
+    elif not (isinstance(loaded["features"], torch.Tensor) and loaded["features"].ndim == 2
+              and isinstance(loaded["labels"], torch.Tensor) and loaded["labels"].ndim == 1
+              and len(loaded["labels"]) == len(loaded["features"])):
+        problem = "features and labels are not an (N, D) and an (N,) tensor"
+    elif not (isinstance(loaded["classes"], (list, tuple)) and isinstance(loaded["meta"], dict)
+              and {"kind", "options", "tag"} <= set(loaded["meta"])):
+        problem = "its classes or meta (kind, options, tag) are missing"
+    elif len(loaded["labels"]) and not 0 <= int(loaded["labels"].min()) <= int(loaded["labels"].max()) < len(
+            loaded["classes"]):
+        problem = f"labels outside the {len(loaded['classes'])} classes"
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
     return loaded
 
 
@@ -95,8 +120,10 @@ def load_official_dump(folder: str) -> FeatureSet:
 def load_features(folder: str) -> FeatureSet:
     """Features saved by save_features in this repository's format, else an official DINO dump in `folder`."""
     if all(map(os.path.isfile, _own_files(folder))):
-        splits = {split: torch.load(path, map_location="cpu", weights_only=True)
-                  for split, path in zip(SPLITS, _own_files(folder))}
+        splits = {split: _load_split(path) for split, path in zip(SPLITS, _own_files(folder))}
+        if splits["train"]["features"].shape[1] != splits["val"]["features"].shape[1]:
+            raise ValueError(f"cached features in {folder}: train and val features have other widths "
+                             f"({splits['train']['features'].shape[1]} and {splits['val']['features'].shape[1]})")
         return FeatureSet(splits["train"]["features"], splits["train"]["labels"], splits["val"]["features"],
                           splits["val"]["labels"], list(splits["train"]["classes"]), dict(splits["train"]["meta"]))
     if all(map(os.path.isfile, _official_files(folder))):

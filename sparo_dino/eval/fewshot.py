@@ -25,17 +25,30 @@ def draw_per_class(train_labels: torch.Tensor, n: int, seed: int, attempt: int,
     would not be n-shot)."""
     if n < 1 or seed < 0 or attempt < 0:
         raise ValueError(f"few-shot draws need n >= 1, seed >= 0 and try >= 0, got {n}, {seed}, {attempt}")
+    require_shots(train_labels, [n], classes)
     labels = np.asarray(train_labels, dtype=np.int64)
     rng = np.random.default_rng([seed, n, attempt])
     order = np.argsort(labels, kind="stable")
     values, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
     chosen = []
     for label, start, count in zip(values, starts, counts):
+        chosen.append(order[start + rng.choice(count, n, replace=False)])
+    return torch.from_numpy(np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64))
+
+
+def require_shots(train_labels: Sequence[int] | torch.Tensor, n_per_class: Sequence[int],
+                  classes: Sequence[str] | None = None) -> None:
+    """Raise ValueError when a class of the training split has fewer images than the largest n asked for.
+    Evaluations call it with the split's labels before extracting any feature, so the mistake costs seconds."""
+    labels = np.asarray(train_labels, dtype=np.int64)
+    if not n_per_class or not labels.size:
+        return
+    n = max(n_per_class)
+    values, counts = np.unique(labels, return_counts=True)
+    for label, count in zip(values, counts):
         if count < n:
             name = classes[label] if classes is not None else str(label)
             raise ValueError(f"--n_per_class {n}: class {name!r} has only {count} training images")
-        chosen.append(order[start + rng.choice(count, n, replace=False)])
-    return torch.from_numpy(np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64))
 
 
 def summarize(values: Sequence[float]) -> dict[str, float | list[float] | None]:

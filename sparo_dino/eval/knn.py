@@ -1,23 +1,7 @@
 """Weighted k-nearest-neighbour classification on frozen encodings (the DINO k-NN protocol) and SPARO slot analysis.
 
-DINO's k-NN score is the cosine top-k of L2-normalized features with votes exp(sim / T) (T = 0.07). One exact
-search with the largest k serves every k, because the top-k of a sorted top-k_max are its first k columns.
-faiss (IndexFlatIP, exact) does the search when installed, a chunked torch matmul is the reference and the fallback.
-`device` says where the search runs (eval_knn's official --use_cuda): the torch backend moves the features there,
-faiss uses a GPU index (on that GPU) only when allowed and it has one; plan_search says what really runs.
-
-Memory at ImageNet scale (1.28M x 4096 SPARO bank, 21 GB fp32): the torch backend holds ONE normalized bank on the
-device (built chunk by chunk, optionally fp16) and searches query chunks x bank chunks, merging top-k across bank
-chunks, so beyond the bank the peak is bounded by the chunk sizes. Chunked by default rather than sharded over
-ranks: the slot analysis, slot selection, feature dumps and --load_features need the whole bank in one process, and
-the main process's host memory (where the gathered bank lives) holds 21 GB easily where a GPU may not. Where no
-process should hold it, sharded_knn_scores (eval_knn --shard_bank) searches each rank's shard and merges the
-ranks' top-k. Features are L2-normalized here, so already normalized
-ones (an official DINO dump) give the same neighbours. SPARO encodings are L2-normalized as a whole (not per slot);
-per-slot analysis views the encoding as (num_slots, slot_dim) and scores each slot alone, and slot selection ranks
-slots on a held-out part of the TRAIN set only, so the test set never influences which slots are kept (paper
-Sec. 5.1, adapted).
-"""
+One exact search with the largest k serves every k (faiss IndexFlatIP when installed; chunked torch, the reference,
+otherwise). Memory at ImageNet scale, sharding and slot selection: docs/evaluation.md and docs/architecture.md."""
 from __future__ import annotations
 
 import functools
@@ -336,8 +320,7 @@ def select_slots(train_features: torch.Tensor, train_labels: torch.Tensor, num_s
     """Rank slots by their k-NN top-1 on a held-out part of the train set and keep the best `num_select`.
 
     Takes the train set only, by design: the test set cannot leak into the choice of slots.
-    Returns (selected slots best first, held-out top-1 of every slot).
-    """
+    Returns (selected slots best first, held-out top-1 of every slot)."""
     if not 1 <= num_select <= num_slots:
         raise ValueError(f"--select_slots must lie in [1, {num_slots}] (the number of slots), got {num_select}")
     train_labels = torch.as_tensor(train_labels).long().cpu()

@@ -1,25 +1,17 @@
 """Linear classifier on frozen features: the official DINO protocol and a fast mode on cached features.
 
-One training loop serves both modes; they differ only in what a batch holds. The official protocol feeds
-RandomResizedCrop + flip images through the frozen backbone every step (SGD momentum 0.9, weight decay 0, cosine
-schedule over the epochs, lr scaled by total batch / 256). The fast mode trains the same classifier with the same
-optimizer on features extracted once from the centre crop, so it has no augmentation and is labelled as such
-everywhere its numbers appear. Every epoch ends with an atomic checkpoint, so an interrupted probe resumes.
-
-Validation follows official DINO: on the 0-based epochs that are multiples of val_freq and after the last one, with
-its console lines ("Accuracy at epoch ...", "Max accuracy so far: ..."); the headline of a probe is the best top-1
-over those validations, as official DINO reports it, and the final one is kept beside it. A trained head (this
-probe's checkpoint or official DINO's linear weights) can be validated again without training (load_head).
-"""
+One loop for both (fast: centre-crop features, no augmentation, labelled as such); validation and the best-top-1
+headline as official DINO, an atomic checkpoint every epoch (docs/evaluation.md, Linear probe)."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import AttentionPoolLatent
 
 from sparo_dino import distributed
 from sparo_dino.io.checkpoint import load_checkpoint, save_checkpoint
@@ -46,14 +38,32 @@ class LinearClassifier(nn.Module):
         return self.linear(features.flatten(1))
 
 
-class LinearHeads(nn.Module):
-    """One LinearClassifier per learning rate, trained side by side on the same batches (DINOv2's lr grid): a
-    short probe of unfamiliar features then does not hinge on one guessed lr."""
+class AttentiveClassifier(nn.Module):
+    """The attentive probe (DINOv2, V-JEPA, CAPI): one cross-attention pooling layer, timm's AttentionPoolLatent
+    (a learned query over all tokens, then an MLP), and a linear classifier initialised as LinearClassifier.
 
-    def __init__(self, dim: int, num_classes: int, lrs: Iterable[float]) -> None:
+    It reads the flattened final-norm tokens a cache holds, (B, tokens * embed_dim), so the probe trains on cached
+    features like the linear one; heads of 64 dims, as the ViT's own attention."""
+
+    def __init__(self, embed_dim: int, num_tokens: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_tokens, self.embed_dim = num_tokens, embed_dim
+        self.pool = AttentionPoolLatent(embed_dim, num_heads=max(1, embed_dim // 64), mlp_ratio=4.0)
+        self.classifier = LinearClassifier(embed_dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = features.reshape(len(features), self.num_tokens, self.embed_dim)
+        return self.classifier(self.pool(tokens))
+
+
+class HeadGrid(nn.Module):
+    """One head per learning rate, trained side by side on the same batches (DINOv2's lr grid): a short probe of
+    unfamiliar features then does not hinge on one guessed lr. `make_head` builds one head."""
+
+    def __init__(self, make_head: Callable[[], nn.Module], lrs: Iterable[float]) -> None:
         super().__init__()
         self.lrs = [float(lr) for lr in lrs]
-        self.heads = nn.ModuleList(LinearClassifier(dim, num_classes) for _ in self.lrs)
+        self.heads = nn.ModuleList(make_head() for _ in self.lrs)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, ...) -> logits (num_heads, B, num_classes)."""
@@ -61,6 +71,13 @@ class LinearHeads(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(head.parameters()), "lr": lr} for head, lr in zip(self.heads, self.lrs)]
+
+
+class LinearHeads(HeadGrid):
+    """The lr grid of LinearClassifiers (--fast's default probe)."""
+
+    def __init__(self, dim: int, num_classes: int, lrs: Iterable[float]) -> None:
+        super().__init__(lambda: LinearClassifier(dim, num_classes), lrs)
 
 
 def _per_head(logits: torch.Tensor) -> torch.Tensor:
@@ -98,7 +115,7 @@ def evaluate_heads(classifier: nn.Module, batches: Batches, featurize: Callable[
     """Per head: top-1/top-5 (top-min(5, classes)) in percent and mean loss; `reduce` sums the counts of all ranks,
     which is exact when each rank saw a disjoint shard (extraction.ShardSampler)."""
     classifier.eval()
-    num_heads = len(classifier.heads) if isinstance(classifier, LinearHeads) else 1
+    num_heads = len(classifier.heads) if isinstance(classifier, HeadGrid) else 1
     # per head: correct@1, correct@5, loss, samples; zeros on a rank whose shard is empty, which still all-reduces
     sums = torch.zeros(num_heads, 4, dtype=torch.float64, device=device)
     for inputs, labels in batches:
@@ -154,6 +171,19 @@ def load_head(path: str, classifier: LinearClassifier, run: dict[str, Any]) -> N
     classifier.load_state_dict(head)
 
 
+def run_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`key=saved (this probe: current)` for each key whose value differs, nested dicts (the backbone's options)
+    key by key: a user sees what changed instead of two whole run records."""
+    lines = []
+    for key in sorted(set(saved) | set(current), key=str):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            lines += run_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}={old!r} (this probe: {new!r})")
+    return lines
+
+
 def _resume(path: str, run: dict[str, Any], classifier: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler, key: str = "classifier"
             ) -> tuple[int, dict[str, Any] | None]:
@@ -163,8 +193,9 @@ def _resume(path: str, run: dict[str, Any], classifier: nn.Module, optimizer: to
         return 0, None
     state = load_checkpoint(path)
     if state.get("run") != run:
-        raise ValueError(f"{path} belongs to another linear probe ({state.get('run')}); "
-                         f"this one is {run}; use another --output_dir")
+        differences = "; ".join(run_differences(state.get("run") or {}, run))
+        raise ValueError(f"{path} belongs to another linear probe: {differences}; use another --output_dir "
+                         "(or remove the file to start over)")
     classifier.load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -178,8 +209,8 @@ def fit(classifier: nn.Module, train_batches: Callable[[int], Batches], val_batc
         val_freq: int, output_dir: str, run: dict[str, Any], device: torch.device, reduce: bool,
         model: nn.Module | None = None) -> dict[str, Any]:
     """Train `classifier` for `epochs` with the official optimizer and schedule; resume from and checkpoint to
-    output_dir/checkpoint_linear.pth, append one JSON line per epoch to output_dir/log_linear.txt, and return the final and
-    best validation results (best: the highest top-1, official DINO's headline). `model` is what gets optimized
+    output_dir/checkpoint_linear.pth, append one JSON line per epoch to output_dir/log_linear.txt, and return the final
+    and best validation results (best: the highest top-1, official DINO's headline). `model` is what gets optimized
     (e.g. the DDP wrapper of `classifier`)."""
     model = model or classifier
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
@@ -218,7 +249,7 @@ def _end_epoch(output_dir: str, record: dict[str, Any], state: dict[str, Any]) -
     print(json.dumps(record), flush=True)
 
 
-def fit_lr_grid(heads: LinearHeads, train_batches: Callable[[int], Batches], holdout_batches: Callable[[], Batches],
+def fit_lr_grid(heads: HeadGrid, train_batches: Callable[[int], Batches], holdout_batches: Callable[[], Batches],
                 test_batches: Callable[[], Batches], *, num_classes: int, epochs: int, output_dir: str,
                 run: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Train every head of the grid in one pass over the same batches (official optimizer and cosine schedule, each

@@ -1,16 +1,7 @@
 """Shifted test sets (ImageNet-V2, -R, -A, -Sketch, ...) evaluated against the training set's classes.
 
-A test set is an ImageFolder whose class folders name training classes (ImageNet's WordNet ids such as
-n01440764). Each folder is mapped to the training class index it names, so the same k-NN bank or the same trained
-head evaluates it. ImageNet-R and -A hold 200 of the 1000 classes; their standard protocol predicts among the
-present classes only, so the scores of absent classes are masked before any top-k (`restrict`). A set holding every
-class (ImageNet-V2, -Sketch) is evaluated unchanged.
-
-ImageNet-V2's release names its folders 0..999 (class indices, not WordNet ids). A set whose folder names are not
-all training class names but are all integers is read as class indices: name matching goes first, so a training set
-whose own folders are integers is matched by name (ImageFolder sorts "10" before "2", so the two readings differ).
-A folder that is neither is an error naming it: a silently dropped class would inflate the accuracy.
-"""
+Class folders map to training classes by name, else as class indices (ImageNet-V2); a set holding only some classes
+predicts among those (`restrict`). An unmatched folder is an error (docs/evaluation.md, Robustness evaluation)."""
 from __future__ import annotations
 
 import os

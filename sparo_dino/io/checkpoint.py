@@ -1,14 +1,7 @@
 """Checkpoint files that survive crashes and load with torch.load(weights_only=True).
 
-A checkpoint is written to a temporary file in the same folder, fsynced and renamed over the target, so a kill
-during the write leaves the previous checkpoint intact. Everything in it is plain data (state dicts, a config
-dict, RNG states as tensors and ints), so it loads with torch >= 2.6's safe default instead of failing on a
-pickled argparse Namespace like the official DINO checkpoints.
-
-Every file is loaded with weights_only=True, also one the user names: unpickling arbitrary objects would let a
-crafted checkpoint run code. Official DINO checkpoints load through an allow-list of the few value classes they
-pickle, scoped to the one load call.
-"""
+Written to a temporary file, fsynced and renamed; every file loads weights-only, official DINO checkpoints through
+an allow-list scoped to that one load, so a crafted file cannot run code (docs/training.md, Checkpoints and resume)."""
 from __future__ import annotations
 
 import argparse
@@ -169,41 +162,71 @@ def _refused_global(error: Exception) -> str | None:
 
 
 def _reason(error: Exception) -> str:
-    """The first line that says what is wrong, past the advice torch puts before its unpickler's own words."""
+    """The first line that says what is wrong, past the advice torch puts before its unpickler's own words (its
+    advice to retry with weights_only=False would let a crafted file run code, so it never reaches the user)."""
     text = str(error).split("WeightsUnpickler error:", 1)[-1]
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = line.split(". ")[0]  # torch's zip reader goes on with guesses about how the file was damaged
+    return line if line and "weights_only" not in line else type(error).__name__
 
 
-def _load_error(path: str, error: Exception, allow_official: bool) -> CheckpointError:
+# How files begin: torch.save's zip archive, torch's legacy format (a protocol-2 pickle of its magic number), and
+# any other pickle of protocol 2 or later.
+_ZIP_HEADER = b"PK\x03\x04"
+_LEGACY_HEADER = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+_PICKLE_OPCODE = b"\x80"
+
+
+def _file_kind_problem(path: str, what: str) -> str | None:
+    """What is wrong with a file that is not torch.save output at all, or None when it starts as torch.save's do
+    (then it is damaged). A pickle written by pickle.dump is not damaged: this tool does not load those."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(_LEGACY_HEADER))
+    if head.startswith(_ZIP_HEADER) or head == _LEGACY_HEADER:
+        return None
+    if head.startswith(_PICKLE_OPCODE):
+        return f"{path} is a plain Python pickle, not a {what} this tool loads (it reads files written by torch.save)"
+    return None
+
+
+def _load_error(path: str, error: Exception, allow_official: bool, what: str = "checkpoint") -> CheckpointError:
     """The one line a user sees for a file torch.load refused."""
     refused = _refused_global(error)
     if refused is None:
-        return CheckpointError(f"checkpoint {path} is corrupt or truncated ({_reason(error)})")
+        problem = _file_kind_problem(path, what)
+        if problem is not None:
+            return CheckpointError(problem)
+        return CheckpointError(f"{what} {path} is corrupt or truncated ({_reason(error)})")
     if refused in {name for _, name in _official_dino_globals()}:
         if not allow_official:
-            return CheckpointError(f"checkpoint {path} holds pickled Python objects ({refused}: an official DINO "
+            return CheckpointError(f"{what} {path} holds pickled Python objects ({refused}: an official DINO "
                                    "checkpoint?); name it explicitly (--resume, --pretrained_weights) to load it")
-        return CheckpointError(f"checkpoint {path} names {refused}, which torch {torch.__version__} can only "
+        return CheckpointError(f"{what} {path} names {refused}, which torch {torch.__version__} can only "
                                "allow under its current name; loading it needs torch >= 2.6")
-    return CheckpointError(f"checkpoint {path} holds objects that are not allowed in a checkpoint ({refused}); it "
+    return CheckpointError(f"{what} {path} holds objects that are not allowed in a {what} ({refused}); it "
                            "was not loaded, since unpickling them could run code")
 
 
-def load_checkpoint(path: str, allow_official: bool = False) -> dict[str, Any]:
-    """Load a checkpoint dict on CPU with weights_only=True, or raise a one-line CheckpointError saying what is
-    wrong with the file.
+def load_plain_data(path: str, what: str = "checkpoint", allow_official: bool = False) -> Any:
+    """Whatever torch.save wrote to `path` (tensors and plain data only, weights_only=True), on CPU, or a one-line
+    CheckpointError naming the file as `what` ("checkpoint", "feature file") and what is wrong with it.
 
     Nothing is ever unpickled beyond tensors and plain data, so a crafted file cannot run code. `allow_official`
     also accepts the few safe classes official DINO checkpoints pickle (see _official_dino_globals); pass it for
-    a file the user named, while this run's own checkpoints must be plain data.
-    """
+    a file the user named, while this run's own checkpoints must be plain data."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     try:
-        with _allowing(_official_dino_globals() if allow_official else []):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with _allowing(_official_dino_globals() if allow_official else []), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols say nothing the error does not
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
-        raise _load_error(path, error, allow_official) from error
+        raise _load_error(path, error, allow_official, what) from error
+
+
+def load_checkpoint(path: str, allow_official: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict (see load_plain_data), or raise a one-line CheckpointError saying what is wrong."""
+    state = load_plain_data(path, "checkpoint", allow_official)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state

@@ -1,11 +1,14 @@
 """What produced an output directory: command line, resolved config (config.yaml), code version, package versions.
 
 Each launch (first start and every resume) appends one JSON line to OUTPUT_DIR/provenance.jsonl, so a run that
-was requeued on other machines or resumed after a code change still says which commit trained which epochs.
+was requeued on other machines or resumed after a code change still says which commit trained which epochs. The
+trainer writes it after the launch's first step, so that `compiled` says whether the step really ran compiled
+graphs, not whether --compile asked for them.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -56,6 +59,15 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores{gpu}, torch {torch.__version__.split('+')[0]}"
 
 
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file the run started from (--pretrained_trunk): a path says where it was, not what it held."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def collect(config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One provenance record; `extra` holds run facts that are not flags (world size, effective precision)."""
     return {
@@ -70,13 +82,14 @@ def collect(config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -
     }
 
 
-def append_provenance(output_dir: str, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
-    """Append this launch's record to OUTPUT_DIR/provenance.jsonl and return the file's path."""
+def append_provenance(output_dir: str, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """Append this launch's record to OUTPUT_DIR/provenance.jsonl and return it (experiment trackers keep it too)."""
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, PROVENANCE_NAME)
-    with open(path, "a") as handle:
-        handle.write(json.dumps(collect(config, extra), sort_keys=True) + "\n")
-    return path
+    record = collect(config, extra)
+    with open(os.path.join(output_dir, PROVENANCE_NAME), "a") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+    return record
 
 
 def save_config(config: Mapping[str, Any], output_dir: str, name: str = "config.yaml") -> str:

@@ -70,22 +70,19 @@ class DinoVisionTransformer(VisionTransformer):
                          **{"global_pool": "token", **spec.vit_kwargs})
         trunc_normal_(self.cls_token, std=0.02)  # official DINO init (timm uses 1e-6)
         self.readout = readout
+        self.readout_spec = spec  # kept, so a forward reads no registry
         self.num_heads = num_heads
         self.pos_embed_interpolation = pos_embed_interpolation
         # Registered under the read-out's name, so checkpoints say which read-out their weights belong to.
-        setattr(self, spec.module_name, spec.build(self, **options))
+        setattr(self, spec.attribute, spec.build(self, **options))
         slots = self.slot_readout
         self.num_features = slots.num_slots * slots.slot_dim if slots is not None else \
             getattr(self.readout_module, "num_features", embed_dim)
 
     @property
-    def readout_spec(self) -> registry.Readout:
-        return registry.get(self.readout)
-
-    @property
     def readout_module(self) -> nn.Module:
         """The module that turns the final-norm tokens into the encoding."""
-        return getattr(self, self.readout_spec.module_name)
+        return getattr(self, self.readout_spec.attribute)
 
     @property
     def slot_readout(self) -> nn.Module | None:
@@ -138,6 +135,8 @@ def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224, drop_pa
                         f"{', '.join(registry.OPTIONS)}")
     registry.reject_readout_options(arch, sorted(readout_options))
     options = {key: type(registry.OPTIONS[key].default)(value) for key, value in readout_options.items()}
+    if min(patch_size, img_size) < 1:
+        raise ValueError(f"patch_size and img_size must be >= 1, got {patch_size} and {img_size}")
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
     embed_dim, depth, num_heads = registry.SIZES[size]

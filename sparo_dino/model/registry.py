@@ -6,7 +6,7 @@ read this registry; adding a read-out is one module under readouts/ plus its `re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -16,6 +16,7 @@ from sparo_dino.model.readouts import pooling
 from sparo_dino.model.readouts.mhca import MultiHeadCrossAttention
 from sparo_dino.model.readouts.mhmix import MixedHeadCrossAttention
 from sparo_dino.model.readouts.sparo import SPARO, SPARO_DEFAULTS
+from sparo_dino.model.readouts.sparo import check_readout_sizes as check_readout_sizes  # the options' size rules
 
 if TYPE_CHECKING:
     from sparo_dino.model.backbone import DinoVisionTransformer
@@ -60,10 +61,6 @@ class Readout:
     attribute: str = ""
     vit_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def module_name(self) -> str:
-        return self.attribute or self.name
-
 
 _READOUTS: dict[str, Readout] = {}
 # Trunk sizes (embed_dim, depth, num_heads) by arch prefix.
@@ -81,6 +78,7 @@ def register(readout: Readout) -> Readout:
     if undeclared:
         raise ValueError(f"read-out {readout.name} takes undeclared option(s) {', '.join(undeclared)}; declare them "
                          "in sparo_dino.model.registry.OPTIONS")
+    readout = replace(readout, attribute=readout.attribute or readout.name)
     _READOUTS[readout.name] = readout
     return readout
 

@@ -9,6 +9,7 @@ after it, would diverge.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -69,11 +70,13 @@ class PeriodicKnn:
         self.device = device
 
     @torch.no_grad()
-    def top1(self, backbone: nn.Module, arch: str, label: str = "") -> float | None:
+    def top1(self, backbone: nn.Module, arch: str, label: str = "", stop: Callable[[], bool] | None = None
+             ) -> float | None:
         """Weighted 20-NN top-1 (percent) of `backbone`'s evaluation features on the main process, None elsewhere.
 
         Extracted by eval_knn.py's own path (extraction.extract_features), so in its fp32 whatever the trainer's
-        precision: under bf16 the monitor would otherwise report another number than eval_knn.py."""
+        precision: under bf16 the monitor would otherwise report another number than eval_knn.py. `stop` (asked
+        between batches on every rank) ends it early with extraction.ExtractionStopped."""
         feature_fn = extraction.feature_function(backbone, extraction.feature_kind(arch))
         was_training = backbone.training
         backbone.eval()
@@ -81,9 +84,9 @@ class PeriodicKnn:
         try:
             with torch.random.fork_rng(devices=forked):
                 train = extraction.extract_features(feature_fn, self.train, self.batch_size, self.num_workers,
-                                                    self.device, name="k-NN train features")
+                                                    self.device, name="k-NN train features", stop=stop)
                 val = extraction.extract_features(feature_fn, self.val, self.batch_size, self.num_workers,
-                                                  self.device, name="k-NN val features")
+                                                  self.device, name="k-NN val features", stop=stop)
         finally:
             backbone.train(was_training)
         if not distributed.is_main_process():

@@ -110,8 +110,21 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer:
             param.grad = None
 
 
+def cancel_trunk_gradients(trunk_params: Sequence[torch.Tensor], epoch: int, freeze_trunk_epochs: int) -> None:
+    """Drop the pretrained trunk's gradients during the first `freeze_trunk_epochs` epochs (--freeze_trunk_epochs):
+    the read-out and head learn to read the trunk before the trunk moves. None, as for the last layer, so the
+    optimizer skips them (no moments, no weight decay) and their first update after the freeze is Adam's first."""
+    if epoch >= freeze_trunk_epochs:
+        return
+    for param in trunk_params:
+        param.grad = None
+
+
 @torch.no_grad()
 def ema_update_(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, over all parameters in two fused kernels."""
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    """teacher <- momentum * teacher + (1 - momentum) * student, over all parameters in one fused kernel.
+
+    As a lerp (teacher + (1 - momentum) * (student - teacher)), a teacher that equals its student stays bit for
+    bit what it is: the mul-then-add form rounds it by an ulp each step, so a trunk frozen in both (--lr 0,
+    --freeze_trunk_epochs) would drift away from the file it was loaded from."""
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)

@@ -1,13 +1,15 @@
 """Stop requests that end training at a step boundary with a checkpoint, instead of losing the epoch.
 
-A request comes from SIGTERM/SIGUSR1 (what SLURM sends before a kill, outside submitit) or from submitit's
-`checkpoint()` callback. Only the ranks that got the signal know about it, so the trainer asks all ranks at each
-step boundary (`StopPoll`) and they all stop after the same step. The process then exits with REQUEUE_EXIT_CODE,
-which tells a launcher "resume me" rather than "failed" or "done".
+A request comes from SIGTERM/SIGUSR1 (what SLURM sends before a kill, outside submitit), from a first Ctrl-C
+(SIGINT; a second one exits at once), or from submitit's `checkpoint()` callback. Only the ranks that got the signal
+know about it, so the trainer asks all ranks at each step boundary (`StopPoll`) and they all stop after the same
+step. The process then exits with REQUEUE_EXIT_CODE, which tells a launcher "resume me" rather than "failed" or
+"done", or after Ctrl-C with INTERRUPT_EXIT_CODE, what a shell reports for a command the user interrupted.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from types import FrameType
@@ -17,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from sparo_dino import distributed
+from sparo_dino.stop_signals import DEFAULT_SIGNALS
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: the run is incomplete but healthy; run the same command again to resume
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERRUPT_EXIT_CODE = 128 + signal.SIGINT  # 130, a shell's status for Ctrl-C; the run is saved as for a requeue
 
 
 class StopRequest:
@@ -28,10 +31,17 @@ class StopRequest:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
+        self.signal: signal.Signals | None = None  # the signal behind the first request, if one was
 
-    def request(self, reason: str) -> None:
-        self.reason = self.reason or reason
+    def request(self, reason: str, signum: signal.Signals | None = None) -> None:
+        if not self.requested:
+            self.reason, self.signal = reason, signum
         self._event.set()
+
+    @property
+    def exit_code(self) -> int:
+        """What a process stopped by this request exits with: 130 after Ctrl-C, else 75 (resume me)."""
+        return INTERRUPT_EXIT_CODE if self.signal == signal.SIGINT else REQUEUE_EXIT_CODE
 
     @property
     def requested(self) -> bool:
@@ -40,9 +50,23 @@ class StopRequest:
     def install_signal_handlers(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> dict:
         """Turn the given signals into stop requests; only possible from the main thread.
 
+        A second SIGINT ends the process at once (status 130) without saving: the user pressed Ctrl-C twice because
+        the step boundary is too far away. The lines go to stderr with os.write, which, unlike print, is safe
+        inside a handler that may interrupt a print of the main thread.
         Returns the previous handlers, so a caller can put them back (see `stop_on_signals`)."""
+        interrupts = 0
+
         def handler(signum: int, frame: FrameType | None) -> None:
-            self.request(f"received {signal.Signals(signum).name}")
+            nonlocal interrupts
+            if signum == signal.SIGINT:
+                interrupts += 1
+                if interrupts > 1:
+                    os.write(2, b"second Ctrl-C: exiting now without saving; the last checkpoint is kept\n")
+                    os._exit(INTERRUPT_EXIT_CODE)
+                if distributed.is_main_process():
+                    os.write(2, b"Ctrl-C: saving at the next step boundary, then exiting (press Ctrl-C again to "
+                                b"exit at once without saving)\n")
+            self.request(f"received {signal.Signals(signum).name}", signal.Signals(signum))
         return {sig: signal.signal(sig, handler) for sig in signals}
 
     def agreed_to_stop(self, device: torch.device) -> bool:
@@ -64,20 +88,10 @@ class StopRequest:
 
 
 class StopPoll:
-    """Asks all ranks at every step boundary whether any was asked to stop; every rank gets the same answer at the
-    same boundary, so they all save the same position.
+    """Asks all ranks at each step boundary whether any was asked to stop, so they all save the same position.
 
-    - one process: its own flag, read at each boundary (no collective): a request during step k stops after step k.
-    - several processes on CPUs (gloo): `agreed_to_stop` at each boundary, the same answer at once.
-    - several processes on GPUs (`asynchronous`): reading a device flag would stall the host until the GPU finished
-      the step, and the GPU would idle while the host prepares the next one. Instead each boundary launches the
-      all-reduce of this rank's flag (and its copy to pinned host memory) behind the step on the device, and reads
-      the poll launched at the previous boundary, which the GPU has normally finished by then (the host runs about
-      one step ahead). A request during step k therefore stops every rank after step k + 1.
-
-    Requests are never withdrawn, so a poll dropped by `reset` (at epoch ends, where the trainer asks
-    synchronously anyway) loses nothing.
-    """
+    On GPUs (`asynchronous`) the poll is read one boundary after it was launched: a request during step k stops every
+    rank after step k + 1 (docs/architecture.md, design notes). `reset` loses nothing: requests are never withdrawn."""
 
     def __init__(self, stop: StopRequest | None, device: torch.device, asynchronous: bool | None = None) -> None:
         self.stop = stop
@@ -126,11 +140,10 @@ class StopPoll:
 
 @contextlib.contextmanager
 def stop_on_signals(signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> Iterator[StopRequest | None]:
-    """A StopRequest fed by SIGTERM/SIGUSR1 while the block runs, then the previous handlers again.
+    """A StopRequest fed by SIGTERM/SIGUSR1/SIGINT while the block runs, then the previous handlers again.
 
     Yields None outside the main thread (Python only delivers signals there): whoever runs training in a worker
-    thread, like the submitit launcher, owns the signals and passes its own StopRequest instead.
-    """
+    thread, like the submitit launcher, owns the signals and passes its own StopRequest instead."""
     if threading.current_thread() is not threading.main_thread():
         yield None
         return
@@ -141,10 +154,3 @@ def stop_on_signals(signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> It
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """Data-loader `worker_init_fn`: workers survive the SIGTERM that SLURM sends to every process of the job,
-    so the main process can finish its step and save; it shuts the workers down itself afterwards."""
-    for sig in DEFAULT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)

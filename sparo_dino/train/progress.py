@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import secrets
 import time
 from typing import Any, Callable, Mapping
 
@@ -113,7 +114,8 @@ class ProgressLogger:
     `teacher_temp` gives an epoch's teacher temperature (DINOLoss.teacher_temp, which owns that schedule)."""
 
     def __init__(self, output_dir: str, epochs: int, schedules: Schedules, teacher_temp: Callable[[int], float],
-                 images_per_step: int, device: torch.device, tensorboard: bool = False) -> None:
+                 images_per_step: int, device: torch.device, tensorboard: bool = False,
+                 wandb_project: str | None = None) -> None:
         self.enabled = distributed.is_main_process()
         self.output_dir = output_dir
         self.epochs = epochs
@@ -126,6 +128,7 @@ class ProgressLogger:
         if tensorboard and self.enabled:
             from torch.utils.tensorboard import SummaryWriter  # checked at startup: see require_tensorboard
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self.wandb = WandbRun(wandb_project, output_dir) if wandb_project and self.enabled else None
         self.start_epoch(0)
 
     def start_epoch(self, first_iteration: int) -> None:
@@ -155,10 +158,12 @@ class ProgressLogger:
               f"eta {_format_duration(eta)} | loss {means['loss']:.4f} | lr {hyper['lr']:.3e} "
               f"wd {hyper['wd']:.4f} temp {hyper['teacher_temp']:.4f} mom {hyper['momentum']:.5f} | "
               f"{diagnostics} | {images_per_s:.1f} img/s | mem {memory_mb(self.device):.0f} MB", flush=True)
+        step = epoch * self.iters_per_epoch + iteration
         if self.writer is not None:
-            step = epoch * self.iters_per_epoch + iteration
             for key, value in {**means, **hyper}.items():
                 self.writer.add_scalar(f"step/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log("step", {**means, **hyper}, step)
 
     def epoch_record(self, epoch: int, means: Mapping[str, float], loss_state: Mapping[str, float],
                      evaluation: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -183,16 +188,93 @@ class ProgressLogger:
         print(f"Epoch [{epoch}/{self.epochs}] done in {_format_duration(record['epoch_time_s'])} | "
               + " | ".join(f"{k} {v:.4g}" for k, v in record.items()
                            if k not in ("epoch", "epoch_time_s") and isinstance(v, (int, float))), flush=True)
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
-            self.writer.flush()
+        self._epoch_scalars({key: value for key, value in record.items() if key != "epoch"}, epoch)
         return record
+
+    def amend_epoch(self, epoch: int, values: Mapping[str, Any]) -> None:
+        """Add `values` (the k-NN monitor's result, which comes after the epoch's checkpoint) to `epoch`'s log.txt
+        record, the last one, and to TensorBoard. The file is rewritten atomically: a kill leaves the record with or
+        without them, never half of it."""
+        if not self.enabled or not values:
+            return
+        path = os.path.join(self.output_dir, LOG_NAME)
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+        record = json.loads(lines[-1])
+        if record.get("epoch") != epoch:
+            raise RuntimeError(f"{path} ends with epoch {record.get('epoch')}'s record, not epoch {epoch}'s")
+        lines[-1] = json.dumps({**record, **values})
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+        os.replace(temporary, path)
+        self._epoch_scalars(values, epoch)
+
+    def _epoch_scalars(self, values: Mapping[str, Any], epoch: int) -> None:
+        """The numbers among `values` to TensorBoard and Weights & Biases, on the epoch axis."""
+        scalars = {key: value for key, value in values.items() if isinstance(value, (int, float))}
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"epoch/{key}", value, epoch)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log("epoch", scalars, epoch)
+
+    def record_run(self, config: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
+        """The run's flags and this launch's provenance record, for the experiment trackers that keep them."""
+        if self.wandb is not None:
+            self.wandb.record_run(config, provenance)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+WANDB_ID_NAME = "wandb_run_id.txt"  # in the output dir: a resumed run logs into the same W&B run
+
+
+class WandbRun:
+    """--wandb_project: the scalars TensorBoard gets, under the same `step/` and `epoch/` names, each family on its
+    own axis (global step, epoch), plus the run's config and provenance. The run id is kept in the output dir, so
+    a resumed or requeued run continues the same W&B run; WANDB_MODE=offline logs to OUTPUT_DIR/wandb only."""
+
+    def __init__(self, project: str, output_dir: str) -> None:
+        import wandb  # checked at start-up: see require_wandb
+
+        id_path = os.path.join(output_dir, WANDB_ID_NAME)
+        if os.path.isfile(id_path):
+            with open(id_path) as handle:
+                run_id = handle.read().strip()
+        else:
+            run_id = secrets.token_hex(4)  # W&B ids: lower-case letters and digits
+            os.makedirs(output_dir, exist_ok=True)
+            with open(id_path, "w") as handle:
+                handle.write(run_id + "\n")
+        self.run = wandb.init(project=project, dir=output_dir, id=run_id, resume="allow",
+                              name=os.path.basename(os.path.abspath(output_dir)))
+        self.run.define_metric("step/*", step_metric="global_step")
+        self.run.define_metric("epoch/*", step_metric="epoch")
+
+    def log(self, family: str, values: Mapping[str, float], step: int) -> None:
+        self.run.log({**{f"{family}/{key}": value for key, value in values.items()},
+                      "global_step" if family == "step" else "epoch": step})
+
+    def record_run(self, config: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
+        self.run.config.update({**config, "provenance": dict(provenance)}, allow_val_change=True)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def require_wandb() -> None:
+    """Fail at startup with one line when --wandb_project is given but wandb is not installed."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError as error:
+        raise SystemExit("error: --wandb_project needs the wandb package (pip install wandb, or the extra "
+                         "sparo-dino[wandb])") from error
 
 
 def require_tensorboard() -> None:

@@ -3,8 +3,8 @@ reading them back.
 
 checkpoint.py knows files (atomic writes, safe loads, RNG states); this module knows what a DINO run puts in them
 and what must hold before a checkpoint may continue this run: which file wins (the run's own over --resume), that
-it belongs to the same model, that a rerun in the same output dir keeps its recipe, and then weights, optimizer,
-position inside the epoch, the epoch's running metric sums and every rank's RNG streams.
+it belongs to the same model, that a rerun in the same output dir keeps its recipe and its images, and then weights,
+optimizer, position inside the epoch, the epoch's running metric sums and every rank's RNG streams.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ RESUME_MUST_MATCH_KEYS = (*BACKBONE_OPTION_KEYS, "out_dim", "use_bn_in_head", "n
 # other flag, and the number of processes (the total batch), changes the run's meaning: continuing with another
 # value needs --resume_overrides.
 RESUME_FREE_KEYS = frozenset({
-    "config", "output_dir", "resume", "resume_overrides", "num_workers", "print_freq", "tensorboard",
+    "config", "output_dir", "resume", "resume_overrides", "num_workers", "print_freq", "tensorboard", "wandb_project",
     "saveckp_freq", "ckpt_every_iters", "skip_bad_images", "precision", "use_fp16", "compile", "fused_adamw",
     "augmentation", "grad_checkpointing", "knn_every", "knn_data_path", "knn_subset", "knn_crop_size",
     "knn_resize_size", "dist_url", "local_rank", "dist_timeout_minutes"})
@@ -94,6 +94,26 @@ def _check_same_recipe(path: str, saved: Mapping[str, Any], ours: Mapping[str, A
             f"--output_dir, to continue with the new values on purpose add --resume_overrides {' '.join(changes)}")
 
 
+def _check_same_data(path: str, saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None,
+                     ours: Mapping[str, Any]) -> None:
+    """Stop a rerun whose training images changed since the checkpoint (added, removed, renamed: the same
+    --data_path holding other images), unless --resume_overrides data_path says so on purpose. A checkpoint
+    written before checkpoints recorded their data resumes unchecked, with a note."""
+    if current is None or "data_path" in ours["resume_overrides"]:
+        return
+    if saved is None:
+        if distributed.is_main_process():
+            print(f"note: {path} does not record its training data (written by an older version): not checked "
+                  "against the images at --data_path", flush=True)
+        return
+    if dict(saved) != dict(current):
+        raise CheckpointError(
+            f"{path} was trained on other data: {saved['images']} images (fingerprint {saved['fingerprint'][7:19]}),"
+            f" --data_path {ours['data_path']} now holds {current['images']} (fingerprint "
+            f"{current['fingerprint'][7:19]}); to start afresh use another --output_dir, to continue on these "
+            "images on purpose add --resume_overrides data_path")
+
+
 @dataclass
 class RunState:
     """The objects a checkpoint captures and the run's position: `epoch` completed epochs, `iteration` steps done
@@ -111,6 +131,7 @@ class RunState:
     epoch_sums: MetricSums = field(default_factory=MetricSums)
     epoch: int = 0
     iteration: int = 0
+    data: dict[str, Any] | None = None  # the training data's size and fingerprint (TrainingData.identity)
 
     @property
     def checkpoint_path(self) -> str:
@@ -129,6 +150,7 @@ class RunState:
             "rng": capture_rng_state(self.info.device),
             "epoch_sums": self.epoch_sums.gathered() if self.iteration else None,
             "world_size": self.info.world_size,  # with batch_size_per_gpu, the total batch (lr scaling, epoch length)
+            "data": self.data,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -166,8 +188,9 @@ class RunState:
         config = _saved_config(state, path)
         _check_same_model(path, config, self.config.flat)
         if not named_by_user:  # a rerun in the same output dir; a named --resume seeds a new run on purpose
-            _check_same_recipe(path, {**config, **{k: state[k] for k in ("world_size",) if k in state}}, self.config.flat,
-                               self.info.world_size)
+            saved = {**config, **{k: state[k] for k in ("world_size",) if k in state}}
+            _check_same_recipe(path, saved, self.config.flat, self.info.world_size)
+            _check_same_data(path, state.get("data"), self.data, self.config.flat)
         self._load_weights(state, path)
         self._load_optimizer_state(state, path)
         self._load_position(state, path, iters_per_epoch)

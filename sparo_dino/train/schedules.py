@@ -18,7 +18,8 @@ def cosine_schedule(base_value: float, final_value: float, epochs: int, iters_pe
     official DINO curve; keeping it makes runs comparable to published logs.
     """
     if epochs < 1 or iters_per_epoch < 1:
-        raise ValueError(f"schedules need epochs >= 1 and iterations per epoch >= 1, got {epochs} and {iters_per_epoch}")
+        raise ValueError(f"schedules need epochs >= 1 and iterations per epoch >= 1, got {epochs} and "
+                         f"{iters_per_epoch}")
     if not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
     warmup_iters = warmup_epochs * iters_per_epoch

@@ -1,17 +1,7 @@
 """One DINO optimisation step, eager (the reference) or compiled, with no host synchronisation inside it.
 
-teacher on the 2 global crops -> student on all crops -> DINO loss -> backward -> per-parameter clipping -> last
-layer frozen in the first epochs -> optimizer step -> EMA of the teacher. The trainer and benchmarks/step.py run
-this same object, so what the benchmark times is what training runs.
-
-`compiled` wraps student, teacher and loss in torch.compile (Inductor fuses the ViT's element-wise work and the
-loss over the 65536-way head); the optimizer stays eager and, on GPUs, is the fused AdamW (optim.build_optimizer).
-Nothing here reads a device value on the host: the schedule values arrive as Python floats, clipping and EMA are
-foreach kernels, and the step returns its metrics as a device tensor, read by the trainer at the logging interval
-(fp16's GradScaler is the exception: its inf check reads the device unless the optimizer is the fused AdamW, which
-takes the check's result on the device; bf16 needs no scaler). A compiled step reads one value on its first step
-only: whether every rank compiled (TrainingStep._settle_compilation).
-"""
+The trainer and benchmarks/step.py run this same object; its parts and the device reads it avoids:
+docs/architecture.md (one training step, design notes)."""
 from __future__ import annotations
 
 import contextlib
@@ -21,10 +11,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from sparo_dino import distributed
+from sparo_dino import distributed, node_limits
 from sparo_dino.train.loss import DINOLoss, LossOutput
 from sparo_dino.train.optim import (
     cancel_last_layer_gradients,
+    cancel_trunk_gradients,
     clip_gradients_per_parameter,
     ema_update_,
     set_hyperparameters,
@@ -78,6 +69,24 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def ran_compiled_graph(tensor: torch.Tensor, stop_at: torch.Tensor | None = None) -> bool:
+    """Whether `tensor` was computed by a graph that torch.compile compiled: its autograd graph holds the node of
+    AOTAutograd's CompiledFunction (every backend that trains, Inductor and aot_eager, runs through AOTAutograd; the
+    class has had this name since torch 2.0). The search does not go past `stop_at`'s node (the network whose
+    output fed this one, checked on its own)."""
+    seen = {stop_at.grad_fn} if stop_at is not None and stop_at.grad_fn is not None else set()
+    stack = [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == "CompiledFunctionBackward":
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 class _EagerIfCompilationFails:
     """A compiled module on its first step: a torch._dynamo error (tracing, or the backend's compilation, which
     dynamo wraps as BackendCompilerFailed; Inductor's errors derive from it) runs the eager module instead and is
@@ -111,14 +120,16 @@ class TrainingStep:
     optimizer; the modules keep their state (checkpoints read them directly, not the compiled wrappers).
 
     `compiled` wraps student, teacher and loss in torch.compile with `compile_backend` (tests pass "aot_eager", which
-    traces the same graphs without Inductor's code generation). If compiling fails on the first step, on any rank,
-    every rank continues eagerly after one warning: an 8-GPU job loses speed, not its allocation, and no two ranks
-    run different graphs."""
+    traces the same graphs without Inductor's code generation). If compiling fails on the first step, or compiles
+    nothing, on any rank, every rank continues eagerly after one warning: an 8-GPU job loses speed, not its
+    allocation, and no two ranks run different graphs. `ran_compiled` says what the first step really ran (None
+    before it): provenance and `make gpu-check` read it, not the flag."""
 
     def __init__(self, student: nn.Module, student_module: nn.Module, teacher: nn.Module, loss: DINOLoss,
                  optimizer: torch.optim.Optimizer, precision: str, device: torch.device, compiled: bool = False,
                  clip_grad: float = 3.0, freeze_last_layer: int = 1,
-                 scaler: torch.amp.GradScaler | None = None, compile_backend: str | Callable = "inductor") -> None:
+                 scaler: torch.amp.GradScaler | None = None, compile_backend: str | Callable = "inductor",
+                 freeze_trunk_epochs: int = 0, trunk_params: Sequence[torch.Tensor] = ()) -> None:
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
         self.student_module = student_module
@@ -129,9 +140,12 @@ class TrainingStep:
         self.compiled = compiled
         self.clip_grad = clip_grad
         self.freeze_last_layer = freeze_last_layer
+        self.freeze_trunk_epochs, self.trunk_params = freeze_trunk_epochs, list(trunk_params)
         self.scaler = scaler
+        self.ran_compiled: bool | None = None
         self.networks: tuple[Callable, Callable, Callable] = (student, teacher, loss)
         if compiled:
+            node_limits.bound_compile_threads()  # before the first step compiles: a share of the node per rank
             self.networks = tuple(_EagerIfCompilationFails(torch.compile(module, backend=compile_backend), module)
                                   for module in self.networks)
         self.student_params = list(student_module.parameters())
@@ -152,33 +166,45 @@ class TrainingStep:
         """Loss and diagnostics of the crops (updates the loss's center, as every training forward does)."""
         if isinstance(self.networks[0], _EagerIfCompilationFails):
             with _backward_compiled_with_forward():
-                output = self._forward(crops, epoch)
-            self._settle_compilation()
+                student_output, output = self._forward(crops, epoch)
+            self._settle_compilation(student_output, output)
             return output
-        return self._forward(crops, epoch)
+        self.ran_compiled = False
+        return self._forward(crops, epoch)[1]
 
-    def _forward(self, crops: Sequence[torch.Tensor], epoch: int) -> LossOutput:
+    def _forward(self, crops: Sequence[torch.Tensor], epoch: int) -> tuple[torch.Tensor, LossOutput]:
+        """The student's output (for the compiled-or-not check) and the loss."""
         student, teacher, loss = self.networks
         with self.autocast():
             with torch.no_grad():
                 teacher_output = teacher(list(crops[:NUM_GLOBAL_CROPS]))
             student_output = student(list(crops))
         # the temperature is looked up here, outside the compiled loss (see DINOLoss)
-        return loss(student_output, teacher_output, self.loss_module.teacher_temp_tensor(epoch))
+        return student_output, loss(student_output, teacher_output, self.loss_module.teacher_temp_tensor(epoch))
 
-    def _settle_compilation(self) -> None:
-        """After the first compiled forward: keep the compiled modules if every rank compiled all three, else run all
-        eagerly on every rank. One all-reduce and host read, on this step only (each rank's fallback ran the eager
-        module in place of the compiled one, so their collectives still matched up to here)."""
+    def _settle_compilation(self, student_output: torch.Tensor, output: LossOutput) -> None:
+        """After the first compiled forward: keep the compiled modules if every rank ran the student and the loss as
+        compiled graphs, else run all eagerly on every rank. One all-reduce and host read, on this step only (each
+        rank's fallback ran the eager module in place of the compiled one, so their collectives still matched up to
+        here). The teacher, run without autograd, leaves no node to check: a compile error of its own still counts."""
         guards = self.networks
         errors = [guard.error for guard in guards if guard.error is not None]
-        failed = torch.tensor(float(len(errors)), device=self.device)
+        nothing_compiled = not errors and not (ran_compiled_graph(student_output)
+                                               and ran_compiled_graph(output.loss, stop_at=student_output))
+        failed = torch.tensor(float(len(errors) + nothing_compiled), device=self.device)
         if not distributed.all_reduce_sum_(failed).item():
             self.networks = tuple(guard.compiled for guard in guards)
+            self.ran_compiled = True
             return
         self.networks = tuple(guard.eager for guard in guards)
-        self.compiled = False
-        cause = _first_line(errors[0]) if errors else "on another rank"
+        self.compiled = self.ran_compiled = False
+        if errors:
+            cause = _first_line(errors[0])
+        elif nothing_compiled:
+            cause = ("not compiled: no compiled graph ran, and torch raised nothing (TORCH_COMPILE_DISABLE=1? an "
+                     "error hidden by torch._dynamo.config.suppress_errors?)")
+        else:
+            cause = "on another rank"
         warnings.warn(f"torch.compile failed ({cause}); training continues eagerly on every rank (slower, same "
                       "results; --compile false skips compiling)", RuntimeWarning, stacklevel=3)
 
@@ -197,6 +223,7 @@ class TrainingStep:
         if self.clip_grad:
             clip_gradients_per_parameter(self.trainable_params, self.clip_grad)
         cancel_last_layer_gradients(self.student_module, epoch, self.freeze_last_layer)
+        cancel_trunk_gradients(self.trunk_params, epoch, self.freeze_trunk_epochs)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparo_dino.model.readouts.sparo import SPARO_DEFAULTS
+from sparo_dino.model.readouts.sparo import SPARO_DEFAULTS, check_readout_sizes
 
 
 class MixedHeadCrossAttention(nn.Module):
@@ -27,9 +27,9 @@ class MixedHeadCrossAttention(nn.Module):
                  slot_dim: int = SPARO_DEFAULTS["slot_dim"], attn_dim: int = SPARO_DEFAULTS["attn_dim"],
                  slot_wise: bool = True) -> None:
         super().__init__()
-        if min(embed_dim, num_slots, slot_dim, attn_dim) < 1:
-            raise ValueError("mixed-head cross-attention sizes must be positive: "
-                             f"embed_dim={embed_dim} num_slots={num_slots} slot_dim={slot_dim} attn_dim={attn_dim}")
+        if embed_dim < 1:
+            raise ValueError(f"mixed-head cross-attention needs a positive embed_dim, got {embed_dim}")
+        check_readout_sizes({"num_slots": num_slots, "slot_dim": slot_dim, "attn_dim": attn_dim})
         self.num_slots, self.slot_dim, self.attn_dim, self.slot_wise = num_slots, slot_dim, attn_dim, slot_wise
         width = num_slots * attn_dim
         self.query = nn.Parameter(torch.empty(num_slots, attn_dim))

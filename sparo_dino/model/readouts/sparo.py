@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,19 @@ import torch.nn.functional as F
 # flags all read this one table (read-only, so no caller can change the defaults of the others).
 SPARO_DEFAULTS: Mapping[str, int] = MappingProxyType({"num_slots": 64, "slot_dim": 64, "attn_dim": 64,
                                                       "group_size": 1})
+
+
+def check_readout_sizes(sizes: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise ValueError unless the given read-out sizes (num_slots, slot_dim, attn_dim, group_size; None: not given)
+    are >= 1 and num_slots is a multiple of group_size: the modules check their arguments, the scripts their flags
+    before any model is built (`prefix` "--" names them as the user wrote them)."""
+    for key in SPARO_DEFAULTS:
+        value = sizes.get(key)
+        if value is not None and value < 1:
+            raise ValueError(f"{prefix}{key} must be >= 1, got {value}")
+    num_slots, group_size = sizes.get("num_slots"), sizes.get("group_size")
+    if num_slots is not None and group_size is not None and num_slots % group_size:
+        raise ValueError(f"{prefix}num_slots {num_slots} must be a multiple of {prefix}group_size {group_size}")
 
 
 class SPARO(nn.Module):
@@ -28,12 +41,10 @@ class SPARO(nn.Module):
                  slot_dim: int = SPARO_DEFAULTS["slot_dim"], attn_dim: int = SPARO_DEFAULTS["attn_dim"],
                  group_size: int = SPARO_DEFAULTS["group_size"], slot_norm: bool = False) -> None:
         super().__init__()
-        if min(embed_dim, num_slots, slot_dim, attn_dim, group_size) < 1:
-            raise ValueError("SPARO sizes must be positive: "
-                             f"embed_dim={embed_dim} num_slots={num_slots} slot_dim={slot_dim} "
-                             f"attn_dim={attn_dim} group_size={group_size}")
-        if num_slots % group_size:
-            raise ValueError(f"num_slots ({num_slots}) must be a multiple of group_size ({group_size})")
+        if embed_dim < 1:
+            raise ValueError(f"SPARO needs a positive embed_dim, got {embed_dim}")
+        check_readout_sizes({"num_slots": num_slots, "slot_dim": slot_dim, "attn_dim": attn_dim,
+                             "group_size": group_size})
         self.num_slots, self.slot_dim, self.attn_dim, self.group_size = num_slots, slot_dim, attn_dim, group_size
         self.num_groups = num_slots // group_size
         self.query = nn.Parameter(torch.empty(num_slots, attn_dim))
