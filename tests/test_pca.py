@@ -101,6 +101,9 @@ def test_flags_it_cannot_go_with(tmp_path) -> None:
     with pytest.raises(ValueError, match="--pca_dim cannot go with the official protocol"):
         eval_linear.main(["--pretrained_weights", str(tmp_path / "run.pth"), "--pca_dim", "4",
                           "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--pca_dim cannot go with --probe attentive: it reads tokens"):
+        eval_linear.main(["--pretrained_weights", str(tmp_path / "run.pth"), "--fast", "--probe", "attentive",
+                          "--pca_dim", "4", "--output_dir", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="--pca_dim cannot go with --per_slot/--select_slots: principal components "
                                          "mix the slots"):
         eval_knn.main(["--load_features", folder, "--pca_dim", "4", "--per_slot", "--output_dir", str(tmp_path)])
