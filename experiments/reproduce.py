@@ -669,6 +669,7 @@ def report(records: Sequence[Mapping[str, Any]], profile: Profile, pixels: Mappi
     rows = row_records(records, lrs)
     summaries = summarize_runs(rows)
     tests = comparisons(summaries)
+    tested = sum(1 for test in tests if test.adjusted_p is not None)
     figure = docs_dir / f"readouts_fmnist_{profile.name}.png"
     seeds = len({record["seed"] for runs in rows.values() for record in runs})
     num_train = profile.train.num_train or 60000
@@ -693,8 +694,9 @@ def report(records: Sequence[Mapping[str, Any]], profile: Profile, pixels: Mappi
             + f"Cells: mean ± std [standard error] over the seeds; @{PCA_DIM}: the first {PCA_DIM} principal "
               "components, fitted on the train split.\n\n"
             + results_table(summaries, pixels)
-            + (f"\nComparisons (Welch's t-test, Holm's correction across all {len(tests)}; verdict at "
-               f"{readout_stats.ALPHA:g} after Holm):\n\n" + comparisons_table(tests, summaries) if tests else
+            + (f"\nComparisons (Welch's t-test, Holm's correction across the {tested} with 2 seeds or more on both "
+               f"sides; verdict at {readout_stats.ALPHA:g} after Holm):\n\n" + comparisons_table(tests, summaries)
+               if tests else
                "\nNo comparisons yet: they need `cls` or `sparo` and another row.\n")
             + f"\n![read-outs, {profile.name} profile]({figure.name})\n")
     replace_section(docs_dir / DOC_NAME, profile.name, text)
