@@ -15,6 +15,7 @@ from conftest import make_image_folder
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from sparo_dino.data import datasets
 from sparo_dino.data.datasets import (
     DATASETS,
     FASHION_MNIST_DIR,
@@ -221,3 +222,27 @@ def test_real_fashion_mnist_files(tmp_path):
         with (gzip.open if source.endswith(".gz") else open)(source, "rb") as src, open(tmp_path / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
         assert torch.equal(reader(str(tmp_path / name)), ours)
+
+
+def _rewrite_subset(source: str, destination: str, times: int) -> None:
+    for _ in range(times):
+        datasets.write_fashion_mnist_subset(source, destination, 30, 10)
+
+
+def test_a_subset_rewritten_while_read_is_never_seen_half_written(tmp_path):
+    """Two drivers sharing an output folder both write its data subset (experiments.reproduce, two processes):
+    each file goes through a temporary name and a rename, so a reader meets a whole file every time."""
+    import multiprocessing
+
+    source, destination = tmp_path / "source", tmp_path / "subset"
+    write_fashion(source, compress=False, n_train=40, n_test=20)
+    datasets.write_fashion_mnist_subset(str(source), str(destination), 30, 10)
+    writer = multiprocessing.get_context("spawn").Process(target=_rewrite_subset,
+                                                          args=(str(source), str(destination), 300))
+    writer.start()
+    reads = 0
+    while writer.is_alive() or reads == 0:
+        assert datasets.read_idx_ubyte(str(destination / "train-images-idx3-ubyte"), 3).shape == (30, 28, 28)
+        reads += 1
+    writer.join()
+    assert writer.exitcode == 0 and not list(destination.glob("*.partial"))

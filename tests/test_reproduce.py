@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +284,52 @@ def test_the_shipped_page_takes_the_tables_and_the_record() -> None:
     for profile in reproduce.PROFILES:
         assert all(page.count(marker) == 1 for marker in reproduce.markers(profile))
     assert page.count(reproduce.RECORD_HEADER) == 1 and page.rstrip().endswith("|")
+
+
+def test_the_lrs_of_a_sweep_share_one_evaluation_of_the_init(monkeypatch, tmp_path) -> None:
+    """The network a run starts from depends on the read-out and the seed, not the lr: a second lr of the same
+    (variant, seed) reads the first one's init scores; another seed or other read-out options evaluate again."""
+    evaluated = []
+
+    def fake_evaluate(features, seed, linear_epochs, output_dir):
+        evaluated.append((features, seed))
+        return {"knn_top1": 60.0 + len(evaluated)}
+
+    monkeypatch.setattr(reproduce, "extract", lambda checkpoint, data_path, workers, at_init: f"init of {checkpoint}")
+    monkeypatch.setattr(reproduce, "evaluate", fake_evaluate)
+    profile = reproduce.Profile("cpu", TINY, linear_epochs=1, tokens="5")
+    sparo = Variant("sparo", "vit_tiny_sparo", ("--num_slots", "64"))
+
+    def scores(variant, seed, checkpoint):
+        return reproduce.initial_scores(variant, seed, profile, tmp_path / checkpoint, "data", tmp_path, 0)
+
+    assert scores(sparo, 0, "lr0.001") == {"knn_top1": 61.0}
+    assert scores(sparo, 0, "lr0.002") == {"knn_top1": 61.0}  # read back, not evaluated
+    assert scores(sparo, 1, "lr0.001") == {"knn_top1": 62.0}
+    assert scores(Variant("sparo", "vit_tiny_sparo", ("--num_slots", "3")), 0, "lr0.001") == {"knn_top1": 63.0}
+    assert [seed for _, seed in evaluated] == [0, 1, 0]
+    assert evaluated[0][0] == f"init of {tmp_path / 'lr0.001'}"
+
+
+def _append_rows(doc: str, worker: int, count: int) -> None:
+    for seed in range(count):
+        reproduce.append_record(Path(doc), _record("sparo", seed, 70.0, 80.0, date=f"worker-{worker}"))
+
+
+def test_two_drivers_sharing_the_page_keep_every_run_record_row(tmp_path) -> None:
+    """Two drivers on disjoint --variants append to one docs/readouts.md at once (docs/readouts.md, "Two
+    processes"): the page lock keeps every row of both."""
+    import multiprocessing
+
+    doc = tmp_path / "readouts.md"
+    reproduce.ensure_document(doc)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_append_rows, args=(str(doc), worker, 60)) for worker in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    page = doc.read_text()
+    assert [page.count(f"| worker-{worker} | cpu | sparo |") for worker in range(2)] == [60, 60]
+    assert page.count(reproduce.RECORD_HEADER) == 1

@@ -143,11 +143,14 @@ def read_idx_ubyte(path: str, ndim: int) -> np.ndarray:
 
 
 def write_idx_ubyte(path: str, array: np.ndarray) -> None:
-    """Write an unsigned-byte IDX file (plain), the inverse of read_idx_ubyte."""
+    """Write an unsigned-byte IDX file (plain), the inverse of read_idx_ubyte. Through a temporary file and a
+    rename, so that a reader (another driver sharing the folder) sees the old file or the new one, never half."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    with open(path, "wb") as handle:
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "wb") as handle:
         handle.write(header + array.tobytes())
+    os.replace(partial, path)
 
 
 def write_fashion_mnist_subset(source: str, destination: str, num_train: int, num_test: int) -> str:
