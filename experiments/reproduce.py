@@ -311,15 +311,15 @@ def initial_scores(variant: Variant, seed: int, profile: Profile, checkpoint: Pa
                    output_dir: Path, num_workers: int) -> dict[str, float]:
     """Both evaluations of the network a run started from. The init depends on the read-out and the seed, not the
     lr, so the lrs of a sweep share one evaluation: the first run computes it, the others read
-    `<variant>_seed<N>_init.json` (which names the flags it holds for)."""
-    path = output_dir / f"{variant.name}_seed{seed}_init.json"
+    `init/<variant>_seed<N>.json` (which names the flags it holds for; a folder of its own, not a run record)."""
+    path = output_dir / "init" / f"{variant.name}_seed{seed}.json"
     flags = [*variant.flags, "--seed", str(seed)]
     if path.exists():
         cached = json.loads(path.read_text())
         if cached["arch"] == variant.arch and cached["flags"] == flags:
             return cached["scores"]
     scores = evaluate(extract(checkpoint, data_path, num_workers, at_init=True), seed, profile.linear_epochs,
-                      output_dir / f"{variant.name}_seed{seed}_init")
+                      output_dir / "init" / f"{variant.name}_seed{seed}")
     write_json({"arch": variant.arch, "flags": flags, "scores": scores}, path)
     return scores
 

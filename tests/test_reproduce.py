@@ -309,6 +309,7 @@ def test_the_lrs_of_a_sweep_share_one_evaluation_of_the_init(monkeypatch, tmp_pa
     assert scores(Variant("sparo", "vit_tiny_sparo", ("--num_slots", "3")), 0, "lr0.001") == {"knn_top1": 63.0}
     assert [seed for _, seed in evaluated] == [0, 1, 0]
     assert evaluated[0][0] == f"init of {tmp_path / 'lr0.001'}"
+    assert not list(tmp_path.glob("*_seed*.json"))  # where the finished runs are: a cache file is not one of them
 
 
 def _append_rows(doc: str, worker: int, count: int) -> None:
