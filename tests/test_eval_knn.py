@@ -431,3 +431,22 @@ def test_sigterm_during_extraction_says_nothing_was_saved(image_folder, sparo_ch
         job.text
     assert "Traceback" not in job.text, job.text
     assert_group_ends(job.process.pid)
+
+
+def test_a_results_file_cut_short_while_written_keeps_the_previous_one(tmp_path, monkeypatch) -> None:
+    """write_results goes through a temporary name and a rename: a failure in the middle of the JSON (a kill, a full
+    disk) leaves the earlier results whole for the scripts that parse them."""
+    from sparo_dino.cli import eval_flags
+
+    path = str(tmp_path / "results.json")
+    eval_flags.write_results({"knn": {"20": {"top1": 70.0}}}, path)
+
+    def cut_short(results, handle, **kwargs):
+        handle.write('{"knn": ')
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(eval_flags.json, "dump", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        eval_flags.write_results({"knn": {"20": {"top1": 71.0}}}, path)
+    assert json.loads(open(path).read()) == {"knn": {"20": {"top1": 70.0}}}
+    assert os.listdir(tmp_path) == ["results.json"]  # no half file left beside it

@@ -250,10 +250,17 @@ def check_output_dirs(args: argparse.Namespace) -> None:
 
 
 def write_results(results: Mapping[str, Any], path: str) -> str:
-    """Write an evaluation's results JSON (the file scripts parse) and say where it went."""
+    """Write an evaluation's results JSON (the file scripts parse) and say where it went. Through a temporary name
+    and a rename: a kill while writing leaves the previous file whole, never a half JSON that a script chokes on."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(partial, "w") as handle:
+            json.dump(results, handle, indent=2)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     print(f"results written to {path}", flush=True)
     return path
 

@@ -16,14 +16,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sparo_dino import distributed
-
-# What the linear probe of a read-out that replaces the last block reads (paper C.2, two readings for SPARO): the
 from sparo_dino.data import datasets
 from sparo_dino.data.loader import batches_of
 from sparo_dino.eval.interruption import guarded
 from sparo_dino.model import registry
 from sparo_dino.stop_signals import ignore_stop_signals
 
+# What the linear probe of a read-out that replaces the last block reads (paper C.2, two readings for SPARO): the
 # encoding alone, or the encoding after the final-norm CLS of the n-1 trunk blocks before it (official DINO's
 # n_last_blocks idea).
 SPARO_FEATURES: tuple[str, ...] = ("encoding", "encoding+cls")
