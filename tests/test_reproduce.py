@@ -84,7 +84,8 @@ def test_table_cells_and_welch_verdicts_by_hand() -> None:
     assert tests[0].adjusted_p >= tests[0].test.p and max(t.adjusted_p for t in tests) <= 1.0
     text = reproduce.comparisons_table(tests, summaries)
     first = text.splitlines()[2]
-    assert first.startswith("| sparo | cls | 20-NN | 3 / 3 | +4.00 [") and first.endswith(" | no difference |")
+    assert first.startswith("| sparo | cls | 20-NN | 3 / 3 | +4.00 [") and first.endswith(
+        " | no difference (undecided: p in (0.01, 0.2), fewer than 5 seeds) |")
 
 
 def test_rows_of_undecided_comparisons_get_more_seeds() -> None:
@@ -101,6 +102,17 @@ def test_rows_of_undecided_comparisons_get_more_seeds() -> None:
         assert reproduce.rows_needing_seeds(reproduce.comparisons(rows), rows, 5) == expected, sparo_knn
     rows = summaries((74.0, 76.0, 78.0))
     assert reproduce.rows_needing_seeds(reproduce.comparisons(rows), rows, 3) == []  # they have 3 already
+    # an undecided comparison without sparo (gap against cls, p = 0.07) adds no seeds; its verdict says so
+    records = [_record(name, seed, knn, 80.0 + seed) for name, values in (("cls", (70.0, 72.0, 74.0)),
+                                                                          ("gap", (74.0, 76.0, 78.0)),
+                                                                          ("sparo", (90.0, 91.0, 92.0)))
+               for seed, knn in enumerate(values)]
+    rows = reproduce.summarize_runs(reproduce.row_records(records, {}))
+    tests = reproduce.comparisons(rows)
+    assert reproduce.rows_needing_seeds(tests, rows, 5) == []
+    gap = reproduce.comparisons_table(tests, rows).splitlines()[2]  # p = 0.07 as in the by-hand test above
+    assert gap.startswith("| gap | cls | 20-NN | 3 / 3 | +4.00 [-0.53, +8.53] | 0.070 |")
+    assert gap.endswith("| no difference (undecided: p in (0.01, 0.2), fewer than 5 seeds) |")
 
 
 def test_the_swept_lr_is_chosen_on_the_train_hold_out() -> None:
