@@ -560,13 +560,14 @@ def ensure_document(doc: Path) -> None:
 @contextlib.contextmanager
 def locked(doc: Path) -> Iterator[None]:
     """Hold an exclusive lock on the page while it is read and rewritten: two drivers sharing it (disjoint
-    --variants, docs/readouts.md) must not lose each other's run record rows."""
+    --variants, docs/readouts.md) must not lose each other's run record rows. flock, not a POSIX record lock
+    (lockf): closing any descriptor of the file, as read_text and write_text do, drops a process's record locks."""
     with doc.open("a") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def replace_section(doc: Path, profile: str, text: str) -> None:

@@ -346,3 +346,28 @@ def test_two_drivers_sharing_the_page_keep_every_run_record_row(tmp_path) -> Non
     page = doc.read_text()
     assert [page.count(f"| worker-{worker} | cpu | sparo |") for worker in range(2)] == [60, 60]
     assert page.count(reproduce.RECORD_HEADER) == 1
+
+
+def _append_when_ready(doc: str, ready) -> None:
+    ready.set()  # imports done: what follows is the append alone
+    _append_rows(doc, 1, 1)
+
+
+def test_the_page_lock_holds_while_its_holder_reads_and_writes_the_page(tmp_path) -> None:
+    """A POSIX record lock would be dropped the moment the holder's read_text closes its own descriptor of the page;
+    the lock holds until the holder leaves the block, so another driver's row waits for it."""
+    import multiprocessing
+
+    doc = tmp_path / "readouts.md"
+    reproduce.ensure_document(doc)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    other = context.Process(target=_append_when_ready, args=(str(doc), ready))
+    with reproduce.locked(doc):
+        doc.write_text(doc.read_text())  # the holder opens and closes the page, as replace_section does
+        other.start()
+        assert ready.wait(120)
+        other.join(3)
+        assert other.is_alive() and "| worker-1 |" not in doc.read_text()  # still waiting for the lock
+    other.join(60)
+    assert other.exitcode == 0 and doc.read_text().count("| worker-1 | cpu | sparo |") == 1
