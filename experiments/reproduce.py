@@ -47,8 +47,8 @@ from sparo_dino.cli.config import parse_args as parse_flags
 from sparo_dino.cli.train_flags import get_args_parser
 from sparo_dino.data import datasets
 from sparo_dino.eval.feature_cache import FeatureSet
+from sparo_dino.io import atomic, provenance
 from sparo_dino.io import checkpoint as checkpoints
-from sparo_dino.io import provenance
 from sparo_dino.train.progress import LOG_NAME
 from sparo_dino.train.schedules import scaled_lr
 
@@ -257,10 +257,8 @@ def run_path(output_dir: Path, variant: str, lr: float, seed: int) -> Path:
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:
     """Written to a temporary name, then renamed: a kill never leaves a half file that a rerun would skip on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2))
-    os.replace(partial, path)
+    with atomic.replaced(path) as handle:
+        handle.write(json.dumps(data, indent=2))
 
 
 def run_flags(variant: Variant, seed: int, lr: float) -> tuple[str, ...]:

@@ -245,4 +245,4 @@ def test_a_subset_rewritten_while_read_is_never_seen_half_written(tmp_path):
         assert datasets.read_idx_ubyte(str(destination / "train-images-idx3-ubyte"), 3).shape == (30, 28, 28)
         reads += 1
     writer.join()
-    assert writer.exitcode == 0 and not list(destination.glob("*.partial"))
+    assert writer.exitcode == 0 and not list(destination.glob(".*.tmp.*"))  # no temporary left behind

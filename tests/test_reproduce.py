@@ -198,8 +198,8 @@ def test_a_rerun_skips_finished_runs_and_records_each_run_once(monkeypatch, tmp_
                      ("cls", 0.001, 3), ("cls", 0.001, 4), ("sparo", 0.002, 3), ("sparo", 0.002, 4)]
     assert json.loads((runs / "sparo_lr0.002_seed1.json").read_text())["flags"] == [
         "--arch", "vit_tiny_sparo", "--lr", "0.002", "--seed", "1"]
-    (runs / "sparo_lr0.002_seed1.json").unlink()  # as if killed in that run (a half-written file stays .partial)
-    (runs / "sparo_lr0.002_seed1.json.partial").write_text("{")
+    (runs / "sparo_lr0.002_seed1.json").unlink()  # as if killed in that run (a half-written file stays a temporary)
+    (runs / ".sparo_lr0.002_seed1.json.tmp.99999").write_text("{")
     calls.clear()
     records = reproduce.run_all(profile, variants, [0, 1, 2], runs, docs, data_path=data)
     assert calls == [("sparo", 0.002, 1)] and len(records) == 14

@@ -23,7 +23,7 @@ from sparo_dino.data import augmentation, datasets
 from sparo_dino.eval import extraction, feature_cache, fewshot, pca, shifted_sets
 from sparo_dino.eval.feature_cache import FeatureSet
 from sparo_dino.eval.interruption import end_workers_of, interruptible, note_saved
-from sparo_dino.io import weights
+from sparo_dino.io import atomic, weights
 from sparo_dino.io.checkpoint import CheckpointError
 from sparo_dino.model import registry
 
@@ -252,15 +252,8 @@ def check_output_dirs(args: argparse.Namespace) -> None:
 def write_results(results: Mapping[str, Any], path: str) -> str:
     """Write an evaluation's results JSON (the file scripts parse) and say where it went. Through a temporary name
     and a rename: a kill while writing leaves the previous file whole, never a half JSON that a script chokes on."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(partial, "w") as handle:
-            json.dump(results, handle, indent=2)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with atomic.replaced(path) as handle:
+        json.dump(results, handle, indent=2)
     print(f"results written to {path}", flush=True)
     return path
 

@@ -20,6 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from sparo_dino.io import atomic
+
 DATASETS: tuple[str, ...] = ("imagefolder", "fashion_mnist")
 # Where `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) puts the IDX files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -147,10 +149,8 @@ def write_idx_ubyte(path: str, array: np.ndarray) -> None:
     rename, so that a reader (another driver sharing the folder) sees the old file or the new one, never half."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    partial = f"{path}.{os.getpid()}.partial"
-    with open(partial, "wb") as handle:
+    with atomic.replaced(path, "wb") as handle:
         handle.write(header + array.tobytes())
-    os.replace(partial, path)
 
 
 def write_fashion_mnist_subset(source: str, destination: str, num_train: int, num_test: int) -> str:

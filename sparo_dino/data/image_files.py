@@ -17,6 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from sparo_dino import distributed
 from sparo_dino.data.datasets import CheckedImages, Transform
+from sparo_dino.io import atomic
 
 INDEX_NAME = "data_index.json"
 NO_LABEL = -1
@@ -263,21 +264,15 @@ def read_cache(cache_path: str, kind: str, source: str) -> ImageIndex | None:
 
 
 def write_cache(index: ImageIndex, cache_path: str) -> None:
-    """Write `index` to `cache_path` atomically (a temporary file renamed over it, named as checkpoint.py's, so a
+    """Write `index` to `cache_path` atomically (io/atomic.py: a temporary file renamed over it, so a
     killed writer's leftover is removed at the next start). A failure only costs the next start a new listing:
     it is reported as a warning line, not an error."""
-    folder = os.path.dirname(os.path.abspath(cache_path))
-    temporary = os.path.join(folder, f".{os.path.basename(cache_path)}.tmp.{os.getpid()}")
     payload = {"key": _cache_key(index.kind, index.source), "stamps": index.stamps, "classes": index.classes,
                "files": index.files, "labels": index.labels}
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(temporary, "w", encoding="utf-8") as handle:
+        with atomic.replaced(cache_path) as handle:
             json.dump(payload, handle, separators=(",", ":"))
-        os.replace(temporary, cache_path)
     except OSError as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
         print(f"warning: could not write the image index {cache_path} ({error.strerror or error}); the next start "
               f"lists the images again", flush=True)
 

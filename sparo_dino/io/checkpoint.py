@@ -19,47 +19,30 @@ import numpy as np
 import torch
 
 from sparo_dino import distributed
+from sparo_dino.io import atomic
 
 CHECKPOINT_NAME = "checkpoint.pth"
 _PERIODIC = re.compile(r"checkpoint(\d+)\.pth")  # checkpointNNNN.pth, NNNN = 0-based epoch index
-_TEMPORARY = re.compile(r"\..+\.tmp\.\d+")  # what save_checkpoint writes before its rename
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, truncated, or of another model."""
 
 
-def _temporary_name(path: str) -> str:
-    return f".{os.path.basename(path)}.tmp.{os.getpid()}"
-
-
 def save_checkpoint(state: Mapping[str, Any], path: str) -> None:
-    """Write `state` to `path` atomically (temporary file + fsync + rename).
+    """Write `state` to `path` atomically and durably (temporary file, fsync, rename: io/atomic.py).
 
     A failed write (full disk, quota, I/O error) removes the temporary file, leaves the previous checkpoint as it
     was and raises a one-line CheckpointError."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, _temporary_name(path))
     try:
-        with open(temporary, "wb") as handle:
+        with atomic.replaced(path, "wb", durable=True) as handle:
             torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
     except BaseException as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
         cause = _os_error(error)
         if cause is not None:
             kept = "the previous checkpoint is kept" if os.path.isfile(path) else "no checkpoint was written"
             raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}") from error
         raise
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 def _os_error(error: BaseException) -> OSError | None:
@@ -70,19 +53,6 @@ def _os_error(error: BaseException) -> OSError | None:
             return error
         error = error.__cause__ or error.__context__
     return None
-
-
-def remove_stale_temporaries(folder: str) -> list[str]:
-    """Delete temporary files that killed writers left behind (they can be as large as a checkpoint); returns them.
-
-    Call before this run writes anything into `folder`: it assumes no other process is writing there."""
-    if not os.path.isdir(folder):
-        return []
-    stale = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
-             if _TEMPORARY.fullmatch(name) and not name.endswith(f".tmp.{os.getpid()}")]
-    for path in stale:
-        os.remove(path)
-    return stale
 
 
 def periodic_checkpoints(folder: str) -> list[str]:

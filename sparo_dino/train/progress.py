@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from sparo_dino import distributed
+from sparo_dino.io import atomic
 from sparo_dino.train.loss import STEP_METRICS
 from sparo_dino.train.schedules import Schedules
 
@@ -86,10 +87,8 @@ def trim_log(output_dir: str, epochs_done: int) -> int:
         if isinstance(record, dict) and record.get("epoch", epochs_done) < epochs_done:
             kept.append(line)
     if len(kept) < len(lines):
-        temporary = f"{path}.tmp"
-        with open(temporary, "w") as handle:
+        with atomic.replaced(path) as handle:
             handle.write("".join(line + "\n" for line in kept))
-        os.replace(temporary, path)
     return len(lines) - len(kept)
 
 
@@ -204,10 +203,8 @@ class ProgressLogger:
         if record.get("epoch") != epoch:
             raise RuntimeError(f"{path} ends with epoch {record.get('epoch')}'s record, not epoch {epoch}'s")
         lines[-1] = json.dumps({**record, **values})
-        temporary = f"{path}.tmp"
-        with open(temporary, "w") as handle:
+        with atomic.replaced(path) as handle:
             handle.write("".join(line + "\n" for line in lines))
-        os.replace(temporary, path)
         self._epoch_scalars(values, epoch)
 
     def _epoch_scalars(self, values: Mapping[str, Any], epoch: int) -> None:

@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from sparo_dino import distributed
 from sparo_dino.data.loader import TrainingData
 from sparo_dino.eval.extraction import ExtractionStopped
-from sparo_dino.io.checkpoint import CheckpointError, remove_stale_temporaries
+from sparo_dino.io.atomic import remove_stale_temporaries
+from sparo_dino.io.checkpoint import CheckpointError
 from sparo_dino.io.provenance import append_provenance, file_sha256, save_config
 from sparo_dino.io.weights import TrunkLoad, fresh_parameter_names, load_pretrained_trunk
 from sparo_dino.model.networks import build_student_teacher, parameter_line, seed_everything

@@ -231,6 +231,10 @@ MUTATIONS: tuple[Mutation, ...] = (
              "last = self.schedule_values(epoch, self.iters_per_epoch - 1)", "last = self.schedule_values(epoch, 0)",
              ("tests/test_progress.py::test_the_epoch_record_and_console_line_read_the_schedules_themselves",),
              "log.txt's lr_last / wd_last / momentum are the epoch's first step's, not its last step's"),
+    Mutation("write-in-place", "sparo_dino/io/atomic.py",
+             "    temporary = temporary_path(path)\n", "    temporary = os.fspath(path)\n",
+             ("tests/test_atomic.py::test_a_failure_midway_keeps_the_old_file_and_removes_the_temporary",),
+             "a write cut short (full disk, kill) destroys the checkpoint, log.txt or results file it was replacing"),
     # ------------------------------------------------------------------------- checkpoints a user names
     Mutation("checkpoint-unpickles", "sparo_dino/io/checkpoint.py",
              "torch.load(path, map_location=\"cpu\", weights_only=True)",
