@@ -258,7 +258,7 @@ def run_path(output_dir: Path, variant: str, lr: float, seed: int) -> Path:
 def write_json(data: Mapping[str, Any], path: Path) -> None:
     """Written to a temporary name, then renamed: a kill never leaves a half file that a rerun would skip on."""
     with atomic.replaced(path) as handle:
-        handle.write(json.dumps(data, indent=2))
+        json.dump(data, handle, indent=2)
 
 
 def run_flags(variant: Variant, seed: int, lr: float) -> tuple[str, ...]:
