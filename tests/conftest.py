@@ -6,6 +6,7 @@ import gc
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -61,6 +62,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def free_module_temporaries(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                            ) -> Iterator[None]:
+    """Remove what a module's shared fixtures wrote (vit_tiny checkpoints: 168 MB apiece) once its tests passed:
+    CI machines may have a few GB of disk, and pytest keeps tmp_path_factory folders to the end of the session.
+    Folders of a module with a failure stay for reading. (tmp_path folders: tmp_path_retention_policy.)"""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
